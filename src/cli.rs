@@ -1,0 +1,189 @@
+//! Command-line interface (clap). Each command becomes one call in `commands`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::endpoint::OnExisting;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmig",
+    version,
+    about = "Move vector tables (FastGPT modeldata and others) between PostgreSQL/pgvector and Parquet staging, exactly and resumably",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Copy a table from the source straight to the target (optionally teeing through staging files).
+    Migrate(RunArgs),
+    /// Copy a table from the source into a staging directory of Parquet chunk files.
+    Export(RunArgs),
+    /// Load a staging directory into the target (no access to the source needed).
+    Import(RunArgs),
+    /// Show a job's plan, committed chunks, rows, failures and last error (works while it runs).
+    Status(StatusArgs),
+    /// Compare two sides chunk by chunk (row counts and content hashes); exit 1 on any difference.
+    Verify(VerifyArgs),
+    /// Show a staging directory's manifest, schema and chunks, checking every chunk file's sha256.
+    Inspect(InspectArgs),
+    /// Forget a job's progress (ledger rows in the target, local state, staged chunks).
+    Reset(ResetArgs),
+    /// Create a FastGPT-shaped modeldata table filled with deterministic synthetic rows.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// Pipeline file (JSON) holding any of these settings; flags win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Source URL (postgresql://…), or an env name: PG_URL, env:NAME, $NAME. Env: VMIG_FROM.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Target URL (postgresql://…), or an env name. Env: VMIG_TO.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Source table (schema.table or table). Default: modeldata.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Target table name, when it differs from the source's.
+    #[arg(long)]
+    pub target_table: Option<String>,
+    /// Staging directory (one job's chunk files and manifest).
+    #[arg(long)]
+    pub staging: Option<PathBuf>,
+    /// Job id (default: derived from source and target, or the staging manifest's).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Chunks in flight at once, each with its own connections. Default: 2.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Rows per chunk (the unit of commit and resume). Default: 20000.
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Rows per Arrow batch between stages. Default: 1000.
+    #[arg(long)]
+    pub batch_rows: Option<usize>,
+    /// A target that has rows but no ledger for this job: fail (default), upsert or truncate.
+    #[arg(long, value_enum)]
+    pub on_existing: Option<OnExisting>,
+    /// Rejected rows allowed before the run counts as failed. Default: 0.
+    #[arg(long)]
+    pub max_rejects: Option<u64>,
+    /// Read at most this many rows per second (protects a production source).
+    #[arg(long)]
+    pub rate_limit: Option<u64>,
+    /// Do not build secondary and vector indexes after the load.
+    #[arg(long)]
+    pub no_indexes: bool,
+    /// Write the final report as JSON to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Directory holding jobs' local state when no --staging is given. Default: staging.
+    #[arg(long, env = "VMIG_STATE_ROOT")]
+    pub state_root: Option<PathBuf>,
+    /// No progress display (the final summary is still printed).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Staging (job) directory.
+    #[arg(long, conflicts_with = "job")]
+    pub staging: Option<PathBuf>,
+    /// Job id (its state lives in STATE_ROOT/JOB).
+    #[arg(long)]
+    pub job: Option<String>,
+    #[arg(long, env = "VMIG_STATE_ROOT")]
+    pub state_root: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// One side: a URL, an env name, or a staging directory.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The other side: a URL, an env name, or a staging directory.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// A staging directory standing for whichever of --from/--to is missing.
+    #[arg(long)]
+    pub staging: Option<PathBuf>,
+    #[arg(long)]
+    pub table: Option<String>,
+    #[arg(long)]
+    pub target_table: Option<String>,
+    /// Rows per compared chunk when neither side is staging. Default: 20000.
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Chunks compared at once. Default: 2.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Write the verify report as JSON to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Staging directory.
+    pub dir: PathBuf,
+    /// Also decode every chunk and recompute its row count and content hash.
+    #[arg(long)]
+    pub deep: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ResetArgs {
+    /// Staging (job) directory to clear.
+    #[arg(long)]
+    pub staging: Option<PathBuf>,
+    /// Job id whose local state (STATE_ROOT/JOB) to clear.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Target whose ledger rows for the job are deleted too (the copied rows stay).
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, env = "VMIG_STATE_ROOT")]
+    pub state_root: Option<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Database URL to create the table in (or an env name).
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub rows: u64,
+    #[arg(long, default_value_t = 1536)]
+    pub dim: u32,
+    #[arg(long, default_value = "modeldata")]
+    pub table: String,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Store vectors as halfvec instead of vector.
+    #[arg(long)]
+    pub halfvec: bool,
+    /// Do not create the HNSW vector index (bulk demos and benchmarks).
+    #[arg(long)]
+    pub no_vector_index: bool,
+    /// Drop the table first if it exists.
+    #[arg(long)]
+    pub replace: bool,
+}

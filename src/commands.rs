@@ -1,0 +1,373 @@
+//! One function per command: resolve settings, open endpoints, call the pipeline.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::runtime::Handle;
+
+use crate::cli::{InspectArgs, ResetArgs, RunArgs, StatusArgs};
+use crate::config::{Endpoint, PipelineFile};
+use crate::endpoint::postgres::{LEDGER_TABLE, PgSink, PgSource, connect};
+use crate::endpoint::staging::{Manifest, StagingSink, StagingSource, check_chunk_file, read_markers};
+use crate::endpoint::{OnExisting, Sink, Source};
+use crate::hash::ContentHash;
+use crate::ledger::JobDir;
+use crate::pipeline::{JobConfig, run};
+use crate::progress::{Report, Status};
+
+pub const DEFAULT_TABLE: &str = "modeldata";
+pub const DEFAULT_STATE_ROOT: &str = "staging";
+
+/// Exit code for a run that was cancelled (Ctrl+C).
+pub const EXIT_CANCELLED: i32 = 130;
+
+/// Flags merged over the pipeline file, over the environment.
+pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
+    let file = match &a.config {
+        Some(p) => PipelineFile::load(p)?,
+        None => PipelineFile::default(),
+    };
+    a.from = a.from.or(file.from).or_else(|| std::env::var("VMIG_FROM").ok());
+    a.to = a.to.or(file.to).or_else(|| std::env::var("VMIG_TO").ok());
+    a.table = a.table.or(file.table);
+    a.target_table = a.target_table.or(file.target_table);
+    a.staging = a.staging.or(file.staging);
+    a.job = a.job.or(file.job);
+    a.workers = a.workers.or(file.workers);
+    a.chunk_rows = a.chunk_rows.or(file.chunk_rows);
+    a.batch_rows = a.batch_rows.or(file.batch_rows);
+    if a.on_existing.is_none() {
+        a.on_existing = match file.on_existing.as_deref() {
+            None => None,
+            Some("fail") => Some(OnExisting::Fail),
+            Some("upsert") => Some(OnExisting::Upsert),
+            Some("truncate") => Some(OnExisting::Truncate),
+            Some(o) => bail!("pipeline file: on_existing must be fail, upsert or truncate, not {o:?}"),
+        };
+    }
+    a.max_rejects = a.max_rejects.or(file.max_rejects);
+    a.rate_limit = a.rate_limit.or(file.rate_limit);
+    a.report = a.report.or(file.report);
+    Ok(a)
+}
+
+pub fn open_source(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dyn Source>> {
+    Ok(match ep {
+        Endpoint::Postgres(u) => Arc::new(PgSource::open(u.clone(), table, handle.clone())?),
+        Endpoint::Staging(dir) => Arc::new(StagingSource::open(dir.clone())?),
+    })
+}
+
+pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dyn Sink>> {
+    Ok(match ep {
+        Endpoint::Postgres(u) => Arc::new(PgSink::open(u.clone(), table, handle.clone())?),
+        Endpoint::Staging(dir) => Arc::new(StagingSink::new(dir.clone())),
+    })
+}
+
+/// Parses a verify/inspect side: an existing directory is a staging area.
+pub fn parse_side(arg: &str) -> Result<Endpoint> {
+    let p = Path::new(arg);
+    if p.is_dir() {
+        return Ok(Endpoint::Staging(p.to_path_buf()));
+    }
+    Endpoint::parse(arg)
+}
+
+/// A stable job id from what is copied where (no secrets in it).
+pub fn derive_job_id(table: &str, from: &str, to: &str) -> String {
+    let h = xxhash_rust::xxh3::xxh3_64(format!("{from}\n{to}").as_bytes());
+    let t: String = table.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("{t}-{:08x}", h as u32)
+}
+
+fn state_root(a: &Option<PathBuf>) -> PathBuf {
+    a.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
+}
+
+/// `migrate`, `export` and `import`.
+pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    let a = resolve_run_args(args)?;
+    let table = a.table.clone().unwrap_or_else(|| DEFAULT_TABLE.to_string());
+    let need = |v: &Option<String>, flag: &str| -> Result<Endpoint> {
+        Endpoint::parse(v.as_deref().ok_or_else(|| anyhow!("{command} needs --{flag} (or VMIG_{})", flag.to_uppercase()))?)
+    };
+    let staging = a.staging.clone();
+    let (source_ep, target_ep) = match command {
+        "migrate" => (need(&a.from, "from")?, Some(need(&a.to, "to")?)),
+        "export" => (need(&a.from, "from")?, None),
+        "import" => (
+            Endpoint::Staging(staging.clone().ok_or_else(|| anyhow!("import needs --staging DIR"))?),
+            Some(need(&a.to, "to")?),
+        ),
+        _ => unreachable!(),
+    };
+    if command == "export" && staging.is_none() {
+        bail!("export needs --staging DIR");
+    }
+    let source = open_source(&source_ep, &table, handle)?;
+    let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
+
+    let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
+    if command != "import" {
+        if let Some(dir) = &staging {
+            sinks.push(("staging".into(), Arc::new(StagingSink::new(dir.clone()))));
+        }
+    }
+    if let Some(t) = &target_ep {
+        sinks.push(("target".into(), open_sink(t, &target_table, handle)?));
+    }
+
+    let (job, job_dir) = match command {
+        "import" => {
+            let dir = staging.clone().unwrap();
+            let m = Manifest::load(&dir)?.ok_or_else(|| anyhow!("{} has no manifest.json", dir.display()))?;
+            (a.job.clone().unwrap_or(m.job), dir)
+        }
+        _ => {
+            let to_desc = match (&target_ep, &staging) {
+                (Some(t), _) => format!("{} {}", t.describe(), target_table),
+                (None, Some(d)) => format!("staging {}", d.display()),
+                _ => unreachable!(),
+            };
+            let job = match (&a.job, staging.as_ref().map(|d| Manifest::load(d))) {
+                (Some(j), _) => j.clone(),
+                (None, Some(Ok(Some(m)))) => m.job,
+                _ => derive_job_id(&table, &source.describe(), &to_desc),
+            };
+            let dir = staging.clone().unwrap_or_else(|| state_root(&a.state_root).join(&job));
+            (job, dir)
+        }
+    };
+    let ready = match command {
+        "import" => Some(StagingSource::open(job_dir.clone())?.ready_chunks()?),
+        _ => None,
+    };
+    let vectors_exact = match &source_ep {
+        Endpoint::Staging(d) => Manifest::load(d)?.map(|m| m.vectors_exact).unwrap_or(true),
+        _ => true,
+    };
+    let cfg = JobConfig {
+        command: command.to_string(),
+        job,
+        job_dir,
+        workers: a.workers.unwrap_or(2).max(1),
+        chunk_rows: a.chunk_rows.unwrap_or(20_000).max(1),
+        batch_rows: a.batch_rows.unwrap_or(1000).max(1),
+        channel_batches: 4,
+        on_existing: a.on_existing.unwrap_or_default(),
+        max_rejects: a.max_rejects.unwrap_or(0),
+        rate_limit: a.rate_limit,
+        create_indexes: !a.no_indexes,
+        retries: 2,
+        quiet: a.quiet,
+        vectors_exact,
+    };
+    let report = run(&cfg, source, sinks, ready, cancel)?;
+    eprintln!("{}", report.table());
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    if let Some(path) = &a.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing report {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn job_dir_of(staging: &Option<PathBuf>, job: &Option<String>, root: &Option<PathBuf>) -> Result<PathBuf> {
+    match (staging, job) {
+        (Some(d), _) => Ok(d.clone()),
+        (None, Some(j)) => Ok(state_root(root).join(j)),
+        (None, None) => bail!("give --staging DIR or --job ID"),
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+pub fn status(a: StatusArgs) -> Result<()> {
+    let dir = job_dir_of(&a.staging, &a.job, &a.state_root)?;
+    let manifest = Manifest::load(&dir)?
+        .ok_or_else(|| anyhow!("no job state in {} (nothing planned yet)", dir.display()))?;
+    let markers = read_markers(&dir)?;
+    let mut runs: Vec<Status> = Vec::new();
+    for cmd in ["export", "migrate", "import"] {
+        let p = JobDir::new(&dir).status(cmd);
+        if let Ok(bytes) = std::fs::read(&p) {
+            let mut s: Status = serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", p.display()))?;
+            if s.state == "running" && !process_alive(s.pid) {
+                s.state = "interrupted (process gone)".into();
+            }
+            runs.push(s);
+        }
+    }
+    let rejects = std::fs::read_dir(JobDir::new(&dir).rejects()).map(|d| d.count()).unwrap_or(0);
+    if a.json {
+        let v = serde_json::json!({
+            "job": manifest.job, "source": manifest.source, "created_at": manifest.created_at,
+            "chunks_planned": manifest.plan.len(), "rows_planned": manifest.plan.iter().map(|c| c.rows).sum::<u64>(),
+            "staged_chunks": markers.len(), "staged_rows": markers.values().map(|r| r.rows).sum::<u64>(),
+            "staged_bytes": markers.values().map(|r| r.bytes).sum::<u64>(), "reject_files": rejects, "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("job {}  (planned {})", manifest.job, manifest.created_at);
+    println!("source: {}", manifest.source);
+    println!(
+        "plan: {} chunks, {} rows",
+        manifest.plan.len(),
+        manifest.plan.iter().map(|c| c.rows).sum::<u64>()
+    );
+    if !markers.is_empty() {
+        println!(
+            "staged: {}/{} chunks, {} rows, {:.1} MB",
+            markers.len(),
+            manifest.plan.len(),
+            markers.values().map(|r| r.rows).sum::<u64>(),
+            markers.values().map(|r| r.bytes).sum::<u64>() as f64 / 1e6
+        );
+    }
+    for s in &runs {
+        println!(
+            "{}: {} · {} chunks committed, {} skipped (already committed) of {} · {} rows written · {} rejected · {:.1} MB · updated {}",
+            s.command,
+            s.state,
+            s.chunks_committed,
+            s.chunks_skipped,
+            s.chunks_total,
+            s.rows_written,
+            s.rows_rejected,
+            s.bytes_written as f64 / 1e6,
+            s.updated_at
+        );
+        for f in &s.failures {
+            println!("  failed chunk {}: {}", f.chunk, f.error);
+        }
+        if let Some(e) = &s.last_error {
+            println!("  last error: {e}");
+        }
+    }
+    if rejects > 0 {
+        println!("rejects: {rejects} files in {}", JobDir::new(&dir).rejects().display());
+    }
+    Ok(())
+}
+
+/// Returns false when any chunk file fails its check.
+pub fn inspect(a: InspectArgs) -> Result<bool> {
+    let source = StagingSource::open(a.dir.clone())?;
+    let m = source.manifest().clone();
+    let markers = read_markers(&a.dir)?;
+    let mut ok = true;
+    let mut chunks = Vec::new();
+    for c in &m.plan {
+        let (state, rows, bytes) = match markers.get(&c.id) {
+            None => ("not exported".to_string(), 0, 0),
+            Some(rec) => {
+                let mut state = match check_chunk_file(&a.dir, rec) {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => {
+                        ok = false;
+                        format!("BAD: {e:#}")
+                    }
+                };
+                if a.deep && state == "ok" {
+                    let mut h = ContentHash::default();
+                    source.read_chunk(c, 4096, &mut |b| {
+                        h.add_batch(&b);
+                        Ok(())
+                    })?;
+                    if h.rows != rec.rows || h.hex() != rec.content_hash {
+                        ok = false;
+                        state = format!("BAD: content ({} rows, hash {}) differs from its marker", h.rows, h.hex());
+                    }
+                }
+                (state, rec.rows, rec.bytes)
+            }
+        };
+        chunks.push(serde_json::json!({"chunk": c.id, "lo": c.lo, "hi": c.hi, "rows": rows, "bytes": bytes, "state": state}));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "chunks": chunks, "ok": ok}))?);
+        return Ok(ok);
+    }
+    println!("staging {} · format {} · job {} · created {}", a.dir.display(), m.format_version, m.job, m.created_at);
+    println!("source: {}", m.source);
+    println!("table {} (primary key {}):", m.table.name, m.table.primary_key);
+    for c in &m.table.columns {
+        println!("  {:<16} {:?}{}", c.name, c.ty, if c.nullable { "" } else { " NOT NULL" });
+    }
+    for ix in &m.table.indexes {
+        println!("  index {} on ({}) {:?}", ix.name, ix.columns.join(", "), ix.kind);
+    }
+    println!("vectors: {}{}", m.vector_encoding, if m.vectors_exact { ", bit-exact" } else { ", NOT bit-exact" });
+    println!("{:>8} {:>21} {:>21} {:>9} {:>12}  state", "chunk", "lo", "hi", "rows", "bytes");
+    for c in &chunks {
+        println!(
+            "{:>8} {:>21} {:>21} {:>9} {:>12}  {}",
+            c["chunk"], c["lo"], c["hi"], c["rows"], c["bytes"], c["state"].as_str().unwrap()
+        );
+    }
+    println!(
+        "{} of {} chunks exported, {} rows, {:.1} MB · {}",
+        markers.len(),
+        m.plan.len(),
+        markers.values().map(|r| r.rows).sum::<u64>(),
+        markers.values().map(|r| r.bytes).sum::<u64>() as f64 / 1e6,
+        if ok { "all chunk files intact" } else { "DAMAGED chunk files (see above)" }
+    );
+    Ok(ok)
+}
+
+pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
+    let dir = job_dir_of(&a.staging, &a.job, &a.state_root)?;
+    let job = match (&a.job, Manifest::load(&dir)?) {
+        (Some(j), _) => j.clone(),
+        (None, Some(m)) => m.job,
+        (None, None) => bail!("no job in {}", dir.display()),
+    };
+    let target = a.to.as_deref().map(Endpoint::parse).transpose()?;
+    if !a.yes {
+        eprintln!("This forgets job {job}: removes {} (manifest, chunks, status, rejects)", dir.display());
+        if let Some(t) = &target {
+            eprintln!("and its ledger rows in {} (rows already copied stay).", t.describe());
+        }
+        eprint!("Proceed? [y/N] ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        if !matches!(line.trim(), "y" | "Y" | "yes") {
+            bail!("reset aborted");
+        }
+    }
+    if let Some(Endpoint::Postgres(u)) = &target {
+        handle.block_on(async {
+            let c = connect(u).await?;
+            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE]).await?.get::<_, bool>(0) {
+                let n = c.execute(&format!("DELETE FROM {LEDGER_TABLE} WHERE job = $1"), &[&job]).await?;
+                eprintln!("deleted {n} ledger rows of job {job}");
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
+    let jd = JobDir::new(&dir);
+    for p in [jd.chunks(), jd.rejects()] {
+        if p.exists() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    for p in [jd.manifest(), jd.status("export"), jd.status("import"), jd.status("migrate")] {
+        if p.exists() {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    let _ = std::fs::remove_dir(&dir); // only if now empty
+    eprintln!("job {job} reset");
+    Ok(())
+}

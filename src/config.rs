@@ -1,0 +1,178 @@
+//! Where data comes from and goes to: URLs, pipeline files, FastGPT's env names.
+//! Precedence: command-line flag > pipeline file > environment.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// FastGPT's own environment variables; a URL argument may name one of them.
+pub const FASTGPT_ENV_NAMES: &[&str] = &["PG_URL", "OCEANBASE_URL", "SEEKDB_URL", "MILVUS_ADDRESS"];
+
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Postgres(PgUrl),
+    Staging(PathBuf),
+}
+
+/// A PostgreSQL URL, kept whole for connecting; shown only through `redacted()`.
+#[derive(Clone)]
+pub struct PgUrl {
+    url: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+}
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl PgUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
+        let decode = |s: &str| {
+            percent_decode(s).with_context(|| "invalid percent-encoding in PostgreSQL URL".to_string())
+        };
+        Ok(PgUrl {
+            url: raw.to_string(),
+            host: u.host_str().unwrap_or("localhost").to_string(),
+            port: u.port().unwrap_or(5432),
+            database: decode(u.path().trim_start_matches('/'))
+                .map(|d| if d.is_empty() { "postgres".to_string() } else { d })?,
+            user: decode(u.username())?,
+        })
+    }
+
+    pub fn connection_string(&self) -> &str {
+        &self.url
+    }
+
+    /// The same database under another name (tests and `generate` use this).
+    pub fn with_database(&self, db: &str) -> Result<PgUrl> {
+        let mut u = url::Url::parse(&self.url)?;
+        u.set_path(&format!("/{db}"));
+        PgUrl::parse(u.as_str())
+    }
+
+    pub fn redacted(&self) -> String {
+        format!("postgresql://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let h = std::str::from_utf8(&bytes[i + 1..i + 3])?;
+            out.push(u8::from_str_radix(h, 16)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(String::from_utf8(out)?)
+}
+
+impl Endpoint {
+    /// Parses an endpoint argument: a URL, a FastGPT env name (`PG_URL`),
+    /// `env:NAME` / `$NAME`, or for staging a directory.
+    pub fn parse(arg: &str) -> Result<Endpoint> {
+        let raw = resolve_env_reference(arg)?;
+        let scheme = raw.split("://").next().unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => Ok(Endpoint::Postgres(PgUrl::parse(&raw)?)),
+            "staging" | "file" => Ok(Endpoint::Staging(PathBuf::from(raw.split_once("://").unwrap().1))),
+            _ if !raw.contains("://") => bail!(
+                "not a database URL: {:?} (expected postgresql://…; use --staging DIR for staging directories)",
+                redact_free_text(&raw)
+            ),
+            other => bail!("unsupported URL scheme {other}:// (supported: postgresql://)"),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Endpoint::Postgres(u) => u.redacted(),
+            Endpoint::Staging(p) => format!("staging:{}", p.display()),
+        }
+    }
+}
+
+fn resolve_env_reference(arg: &str) -> Result<String> {
+    let name = arg
+        .strip_prefix("env:")
+        .or_else(|| arg.strip_prefix('$'))
+        .or_else(|| FASTGPT_ENV_NAMES.contains(&arg).then_some(arg));
+    match name {
+        Some(n) => std::env::var(n).with_context(|| format!("environment variable {n} is not set")),
+        None => Ok(arg.to_string()),
+    }
+}
+
+/// Hides anything that looks like `user:password@` in text we echo back.
+pub fn redact_free_text(s: &str) -> String {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(a), Some(b)) if b > a => format!("{}://***{}", &s[..a], &s[b..]),
+        _ => s.to_string(),
+    }
+}
+
+/// Pipeline file: the same settings as the flags, in JSON. Values may be
+/// `env:NAME` / `$NAME` / FastGPT env names, so files need not hold secrets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    #[serde(default)]
+    pub description: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub table: Option<String>,
+    pub target_table: Option<String>,
+    pub staging: Option<PathBuf>,
+    pub job: Option<String>,
+    pub workers: Option<usize>,
+    pub chunk_rows: Option<u64>,
+    pub batch_rows: Option<usize>,
+    pub on_existing: Option<String>,
+    pub max_rejects: Option<u64>,
+    pub rate_limit: Option<u64>,
+    pub report: Option<PathBuf>,
+}
+
+impl PipelineFile {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading pipeline file {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("pipeline file {} is not valid", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password_everywhere() {
+        let e = Endpoint::parse("postgresql://u%40t:s3cr%2Ft@db.example:5433/fast").unwrap();
+        let d = e.describe();
+        assert_eq!(d, "postgresql://u@t@db.example:5433/fast");
+        assert!(!d.contains("s3cr"));
+        assert!(!format!("{e:?}").contains("s3cr"));
+        assert!(!redact_free_text("mysql://root:pw@h/db").contains("pw"));
+    }
+
+    #[test]
+    fn env_names_resolve() {
+        unsafe { std::env::set_var("VMIG_TEST_CFG_URL", "postgresql://a:b@h/d") };
+        assert!(matches!(Endpoint::parse("env:VMIG_TEST_CFG_URL").unwrap(), Endpoint::Postgres(_)));
+        assert!(Endpoint::parse("env:VMIG_NOT_SET_ANYWHERE").is_err());
+        assert!(Endpoint::parse("mysql://x@h/db").unwrap_err().to_string().contains("unsupported"));
+    }
+}

@@ -1,0 +1,392 @@
+//! PostgreSQL binary COPY format <-> Arrow. The fastest exact path in both
+//! directions: pgvector's binary form is `u16 dim, u16 unused, dim × f32 BE`
+//! (halfvec: f16 BE), so vectors round-trip bit for bit.
+
+use std::sync::Arc;
+
+use anyhow::{Result, bail};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, FixedSizeListArray, Float32Array, Float32Builder,
+    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
+};
+use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type};
+use arrow::record_batch::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use bytes::{BufMut, BytesMut};
+use half::f16;
+
+use crate::schema::{ColumnType, vector_item_field};
+
+pub const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+pub fn pg_to_unix_us(v: i64) -> i64 {
+    if v == i64::MAX || v == i64::MIN { v } else { v + PG_EPOCH_OFFSET_US }
+}
+
+pub fn unix_to_pg_us(v: i64) -> i64 {
+    if v == i64::MAX || v == i64::MIN { v } else { v - PG_EPOCH_OFFSET_US }
+}
+
+pub fn copy_header() -> BytesMut {
+    let mut b = BytesMut::with_capacity(19);
+    b.put_slice(COPY_SIGNATURE);
+    b.put_i32(0);
+    b.put_i32(0);
+    b
+}
+
+pub fn copy_trailer() -> BytesMut {
+    let mut b = BytesMut::with_capacity(2);
+    b.put_i16(-1);
+    b
+}
+
+enum ColBuilder {
+    I16(Int16Builder),
+    I32(Int32Builder),
+    I64(Int64Builder),
+    F32(Float32Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Text { b: StringBuilder, jsonb: bool },
+    Ts(Vec<i64>, Vec<bool>),
+    /// Vector column; `fixed` = the catalog declares the dimension, so every
+    /// row has it and the column is a FixedSizeList, else a List.
+    Vector { dim: usize, fixed: bool, half: bool, values: Vec<f32>, offsets: Vec<i32>, valid: Vec<bool> },
+}
+
+/// Incremental decoder of a binary COPY OUT stream into record batches.
+pub struct CopyDecoder {
+    schema: SchemaRef,
+    types: Vec<ColumnType>,
+    fixed_dims: Vec<bool>,
+    cols: Vec<ColBuilder>,
+    buf: BytesMut,
+    header_done: bool,
+    rows: usize,
+    pub finished: bool,
+}
+
+impl CopyDecoder {
+    /// `fixed_dims[i]` tells whether vector column i has a declared dimension.
+    pub fn new(schema: SchemaRef, types: Vec<ColumnType>, fixed_dims: Vec<bool>) -> Self {
+        let mut d = CopyDecoder {
+            schema,
+            cols: Vec::new(),
+            types,
+            fixed_dims,
+            buf: BytesMut::new(),
+            header_done: false,
+            rows: 0,
+            finished: false,
+        };
+        d.reset_builders();
+        d
+    }
+
+    fn reset_builders(&mut self) {
+        self.rows = 0;
+        self.cols = self
+            .types
+            .iter()
+            .zip(&self.fixed_dims)
+            .map(|(t, &fixed)| match t {
+                ColumnType::Int16 => ColBuilder::I16(Int16Builder::new()),
+                ColumnType::Int32 => ColBuilder::I32(Int32Builder::new()),
+                ColumnType::Int64 => ColBuilder::I64(Int64Builder::new()),
+                ColumnType::Float32 => ColBuilder::F32(Float32Builder::new()),
+                ColumnType::Float64 => ColBuilder::F64(Float64Builder::new()),
+                ColumnType::Bool => ColBuilder::Bool(BooleanBuilder::new()),
+                ColumnType::Text { .. } => ColBuilder::Text { b: StringBuilder::new(), jsonb: false },
+                ColumnType::Json { binary } => ColBuilder::Text { b: StringBuilder::new(), jsonb: *binary },
+                ColumnType::Timestamp { .. } => ColBuilder::Ts(Vec::new(), Vec::new()),
+                ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => ColBuilder::Vector {
+                    dim: *dim as usize,
+                    fixed,
+                    half: matches!(t, ColumnType::HalfVec { .. }),
+                    values: Vec::new(),
+                    offsets: vec![0],
+                    valid: Vec::new(),
+                },
+            })
+            .collect();
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Feeds bytes; decodes every complete row, calling `emit` whenever
+    /// `batch_rows` rows are ready.
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        batch_rows: usize,
+        emit: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        self.buf.extend_from_slice(data);
+        let mut pos = 0usize;
+        let buf = std::mem::take(&mut self.buf);
+        if !self.header_done {
+            if buf.len() < 19 {
+                self.buf = buf;
+                return Ok(());
+            }
+            if &buf[..11] != COPY_SIGNATURE {
+                bail!("not a binary COPY stream");
+            }
+            let ext = i32::from_be_bytes(buf[15..19].try_into().unwrap()) as usize;
+            if buf.len() < 19 + ext {
+                self.buf = buf;
+                return Ok(());
+            }
+            pos = 19 + ext;
+            self.header_done = true;
+        }
+        while let Some(used) = self.decode_row(&buf[pos..])? {
+            pos += used;
+            if self.finished {
+                break;
+            }
+            if self.rows >= batch_rows {
+                let b = self.take_batch()?;
+                emit(b)?;
+            }
+        }
+        self.buf = BytesMut::from(&buf[pos..]);
+        Ok(())
+    }
+
+    /// Decodes one row if complete; returns bytes consumed.
+    fn decode_row(&mut self, b: &[u8]) -> Result<Option<usize>> {
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let n = i16::from_be_bytes([b[0], b[1]]);
+        if n == -1 {
+            self.finished = true;
+            return Ok(Some(2));
+        }
+        if n as usize != self.cols.len() {
+            bail!("COPY row has {n} fields, expected {}", self.cols.len());
+        }
+        // Check completeness first so builders never hold half a row.
+        let mut p = 2usize;
+        for _ in 0..n {
+            if b.len() < p + 4 {
+                return Ok(None);
+            }
+            let len = i32::from_be_bytes(b[p..p + 4].try_into().unwrap());
+            p += 4 + len.max(0) as usize;
+            if b.len() < p {
+                return Ok(None);
+            }
+        }
+        let mut p = 2usize;
+        for col in self.cols.iter_mut() {
+            let len = i32::from_be_bytes(b[p..p + 4].try_into().unwrap());
+            p += 4;
+            let field = if len < 0 { None } else { Some(&b[p..p + len as usize]) };
+            p += len.max(0) as usize;
+            append_field(col, field)?;
+        }
+        self.rows += 1;
+        Ok(Some(p))
+    }
+
+    /// Builds a batch from the rows decoded so far (possibly empty).
+    pub fn take_batch(&mut self) -> Result<RecordBatch> {
+        let cols = std::mem::take(&mut self.cols);
+        let types = self.types.clone();
+        let arrays: Vec<ArrayRef> = cols.into_iter().zip(&types).map(|(c, t)| finish_builder(c, t)).collect();
+        self.reset_builders();
+        let fields: Vec<_> = self
+            .schema
+            .fields()
+            .iter()
+            .zip(&arrays)
+            .map(|(f, a)| f.as_ref().clone().with_data_type(a.data_type().clone()))
+            .collect();
+        Ok(RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), arrays)?)
+    }
+}
+
+fn be_f32(b: &[u8]) -> f32 {
+    f32::from_be_bytes(b.try_into().unwrap())
+}
+
+fn append_field(col: &mut ColBuilder, field: Option<&[u8]>) -> Result<()> {
+    match col {
+        ColBuilder::I16(x) => x.append_option(field.map(|f| i16::from_be_bytes(f.try_into().unwrap()))),
+        ColBuilder::I32(x) => x.append_option(field.map(|f| i32::from_be_bytes(f.try_into().unwrap()))),
+        ColBuilder::I64(x) => x.append_option(field.map(|f| i64::from_be_bytes(f.try_into().unwrap()))),
+        ColBuilder::F32(x) => x.append_option(field.map(be_f32)),
+        ColBuilder::F64(x) => x.append_option(field.map(|f| f64::from_be_bytes(f.try_into().unwrap()))),
+        ColBuilder::Bool(x) => x.append_option(field.map(|f| f[0] != 0)),
+        ColBuilder::Text { b, jsonb } => match field {
+            None => b.append_null(),
+            Some(f) => {
+                let f = if *jsonb { &f[1..] } else { f };
+                b.append_value(std::str::from_utf8(f).map_err(|_| anyhow::anyhow!("text value is not UTF-8"))?)
+            }
+        },
+        ColBuilder::Ts(v, valid) => {
+            v.push(field.map(|f| pg_to_unix_us(i64::from_be_bytes(f.try_into().unwrap()))).unwrap_or(0));
+            valid.push(field.is_some());
+        }
+        ColBuilder::Vector { dim, fixed, half, values, offsets, valid } => {
+            match field {
+                None => {
+                    if *fixed {
+                        values.extend(std::iter::repeat_n(0.0, *dim));
+                    }
+                    valid.push(false);
+                }
+                Some(f) => {
+                    let n = u16::from_be_bytes([f[0], f[1]]) as usize;
+                    if *fixed && n != *dim {
+                        bail!("vector has {n} dimensions, column declares {dim}");
+                    }
+                    let body = &f[4..];
+                    if *half {
+                        values.extend(body.chunks_exact(2).map(|c| f16::from_be_bytes([c[0], c[1]]).to_f32()));
+                    } else {
+                        values.extend(body.chunks_exact(4).map(be_f32));
+                    }
+                    valid.push(true);
+                }
+            }
+            offsets.push(values.len() as i32);
+        }
+    }
+    Ok(())
+}
+
+fn nulls(valid: Vec<bool>) -> Option<NullBuffer> {
+    if valid.iter().all(|v| *v) { None } else { Some(NullBuffer::from(valid)) }
+}
+
+fn finish_builder(c: ColBuilder, t: &ColumnType) -> ArrayRef {
+    match c {
+        ColBuilder::I16(mut x) => Arc::new(x.finish()),
+        ColBuilder::I32(mut x) => Arc::new(x.finish()),
+        ColBuilder::I64(mut x) => Arc::new(x.finish()),
+        ColBuilder::F32(mut x) => Arc::new(x.finish()),
+        ColBuilder::F64(mut x) => Arc::new(x.finish()),
+        ColBuilder::Bool(mut x) => Arc::new(x.finish()),
+        ColBuilder::Text { mut b, .. } => Arc::new(b.finish()),
+        ColBuilder::Ts(v, valid) => {
+            let a = TimestampMicrosecondArray::new(v.into(), nulls(valid));
+            match t {
+                ColumnType::Timestamp { utc: true } => Arc::new(a.with_timezone("UTC")),
+                _ => Arc::new(a),
+            }
+        }
+        ColBuilder::Vector { dim, fixed, values, offsets, valid, .. } => {
+            let values = Arc::new(Float32Array::from(values));
+            if fixed {
+                Arc::new(FixedSizeListArray::new(vector_item_field(), dim as i32, values, nulls(valid)))
+            } else {
+                Arc::new(ListArray::new(vector_item_field(), OffsetBuffer::new(offsets.into()), values, nulls(valid)))
+            }
+        }
+    }
+}
+
+/// Appends `batch`'s rows to `out` in binary COPY row format, writing each
+/// column as the target type `types[i]` (e.g. float32 -> halfvec).
+pub fn encode_rows(batch: &RecordBatch, types: &[ColumnType], out: &mut BytesMut) -> Result<()> {
+    let ncols = batch.num_columns();
+    for row in 0..batch.num_rows() {
+        out.put_i16(ncols as i16);
+        for (col, ty) in batch.columns().iter().zip(types) {
+            encode_field(col, ty, row, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn put_len_prefixed(out: &mut BytesMut, len: usize, f: impl FnOnce(&mut BytesMut)) {
+    out.put_i32(len as i32);
+    f(out);
+}
+
+fn encode_field(col: &ArrayRef, ty: &ColumnType, row: usize, out: &mut BytesMut) -> Result<()> {
+    if col.is_null(row) {
+        out.put_i32(-1);
+        return Ok(());
+    }
+    // Integers are widened or narrowed to the target width (validated upstream).
+    let as_i64 = || -> i64 {
+        match col.data_type() {
+            DataType::Int16 => col.as_primitive::<Int16Type>().value(row) as i64,
+            DataType::Int32 => col.as_primitive::<Int32Type>().value(row) as i64,
+            _ => col.as_primitive::<Int64Type>().value(row),
+        }
+    };
+    match ty {
+        ColumnType::Int16 => put_len_prefixed(out, 2, |o| o.put_i16(as_i64() as i16)),
+        ColumnType::Int32 => put_len_prefixed(out, 4, |o| o.put_i32(as_i64() as i32)),
+        ColumnType::Int64 => put_len_prefixed(out, 8, |o| o.put_i64(as_i64())),
+        ColumnType::Float32 => put_len_prefixed(out, 4, |o| o.put_f32(col.as_primitive::<Float32Type>().value(row))),
+        ColumnType::Float64 => put_len_prefixed(out, 8, |o| o.put_f64(col.as_primitive::<Float64Type>().value(row))),
+        ColumnType::Bool => put_len_prefixed(out, 1, |o| o.put_u8(col.as_boolean().value(row) as u8)),
+        ColumnType::Text { .. } | ColumnType::Json { binary: false } => {
+            let s = col.as_any().downcast_ref::<StringArray>().unwrap().value(row);
+            put_len_prefixed(out, s.len(), |o| o.put_slice(s.as_bytes()));
+        }
+        ColumnType::Json { binary: true } => {
+            let s = col.as_any().downcast_ref::<StringArray>().unwrap().value(row);
+            put_len_prefixed(out, s.len() + 1, |o| {
+                o.put_u8(1);
+                o.put_slice(s.as_bytes())
+            });
+        }
+        ColumnType::Timestamp { .. } => {
+            let v = col.as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().value(row);
+            put_len_prefixed(out, 8, |o| o.put_i64(unix_to_pg_us(v)));
+        }
+        ColumnType::Vector { .. } | ColumnType::HalfVec { .. } => {
+            let values = vector_values(col, row);
+            let half = matches!(ty, ColumnType::HalfVec { .. });
+            let n = values.len();
+            let len = 4 + n * if half { 2 } else { 4 };
+            out.put_i32(len as i32);
+            out.put_u16(n as u16);
+            out.put_u16(0);
+            if half {
+                for &x in values {
+                    out.put_slice(&f16::from_f32(x).to_be_bytes());
+                }
+            } else {
+                for &x in values {
+                    out.put_f32(x);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The float32 values of one vector cell (FixedSizeList or List).
+pub fn vector_values(col: &ArrayRef, row: usize) -> &[f32] {
+    match col.data_type() {
+        DataType::FixedSizeList(_, n) => {
+            let l = col.as_fixed_size_list();
+            let n = *n as usize;
+            let all = l.values().as_primitive::<Float32Type>().values();
+            let start = (l.offset() + row) * n;
+            &all[start..start + n]
+        }
+        _ => {
+            let l = col.as_list::<i32>();
+            let offs = l.value_offsets();
+            let all = l.values().as_primitive::<Float32Type>().values();
+            &all[offs[row] as usize..offs[row + 1] as usize]
+        }
+    }
+}

@@ -1,0 +1,881 @@
+//! PostgreSQL + pgvector endpoint. Reads by binary COPY OUT of each chunk's key
+//! range (inside one exported snapshot per run); writes by binary COPY IN, the
+//! chunk's rows and its ledger row in one transaction.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::record_batch::RecordBatch;
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use tokio::runtime::Handle;
+use tokio_postgres::{Client, CopyInSink, NoTls};
+
+use super::pgcopy::{CopyDecoder, copy_header, copy_trailer, encode_rows};
+use super::{ChunkWriter, OnExisting, Sink, SinkOptions, Source};
+use crate::config::PgUrl;
+use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
+use crate::plan::{ChunkRange, ranges_from_bounds};
+use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
+
+pub const LEDGER_TABLE: &str = "vmig_ledger";
+
+/// Quotes an identifier for SQL.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table` or `table` (in the connection's current schema).
+#[derive(Clone, Debug)]
+pub struct TableName {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn parse(s: &str) -> Self {
+        match s.split_once('.') {
+            Some((a, b)) => TableName { schema: Some(a.into()), name: b.into() },
+            None => TableName { schema: None, name: s.into() },
+        }
+    }
+    pub fn sql(&self) -> String {
+        match &self.schema {
+            Some(s) => format!("{}.{}", ident(s), ident(&self.name)),
+            None => ident(&self.name),
+        }
+    }
+}
+
+pub async fn connect(url: &PgUrl) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url.connection_string(), NoTls)
+        .await
+        .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), pg_error_text(&e)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The most useful one-line text of a driver error (the server's message if any).
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s = format!("{s}: {inner}");
+        src = inner.source();
+    }
+    s
+}
+
+trait PgContext<T> {
+    fn pg(self, what: &str) -> Result<T>;
+}
+
+impl<T> PgContext<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn pg(self, what: &str) -> Result<T> {
+        self.map_err(|e| anyhow!("{what}: {}", pg_error_text(&e)))
+    }
+}
+
+/// A few connections kept open and reused by the worker threads.
+struct Pool {
+    url: PgUrl,
+    idle: Mutex<Vec<Client>>,
+}
+
+impl Pool {
+    async fn get(&self) -> Result<Client> {
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(c) if !c.is_closed() => Ok(c),
+            _ => connect(&self.url).await,
+        }
+    }
+    fn put(&self, c: Client) {
+        self.idle.lock().unwrap().push(c);
+    }
+}
+
+/// What the catalog says about a table.
+pub struct Discovered {
+    pub spec: TableSpec,
+    /// Per column: the vector dimension is declared (typmod) and so enforced.
+    pub fixed_dims: Vec<bool>,
+    /// Indexes we could not translate (kept for the report).
+    pub skipped_indexes: Vec<String>,
+}
+
+pub async fn discover(client: &Client, table: &TableName, url: &PgUrl) -> Result<Option<Discovered>> {
+    let qualified = match &table.schema {
+        Some(s) => format!("{}.{}", ident(s), ident(&table.name)),
+        None => ident(&table.name),
+    };
+    let oid: Option<u32> = client
+        .query_one("SELECT to_regclass($1)::oid", &[&qualified])
+        .await
+        .pg("catalog lookup")?
+        .get(0);
+    let Some(oid) = oid else { return Ok(None) };
+    let rows = client
+        .query(
+            "SELECT a.attname::text, t.typname::text, a.atttypmod, a.attnotnull, \
+                    coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attidentity::text \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .pg("reading columns")?;
+    let mut columns = Vec::new();
+    let mut fixed_dims = Vec::new();
+    for r in &rows {
+        let name: String = r.get(0);
+        let typ: String = r.get(1);
+        let typmod: i32 = r.get(2);
+        let not_null: bool = r.get(3);
+        let default: String = r.get(4);
+        let identity: String = r.get(5);
+        let mut fixed = true;
+        let ty = match typ.as_str() {
+            "int2" => ColumnType::Int16,
+            "int4" => ColumnType::Int32,
+            "int8" => ColumnType::Int64,
+            "float4" => ColumnType::Float32,
+            "float8" => ColumnType::Float64,
+            "bool" => ColumnType::Bool,
+            "text" => ColumnType::Text { max_chars: None },
+            "varchar" | "bpchar" => ColumnType::Text { max_chars: (typmod > 4).then(|| (typmod - 4) as u32) },
+            "json" => ColumnType::Json { binary: false },
+            "jsonb" => ColumnType::Json { binary: true },
+            "timestamp" => ColumnType::Timestamp { utc: false },
+            "timestamptz" => ColumnType::Timestamp { utc: true },
+            "vector" | "halfvec" => {
+                let dim = if typmod > 0 {
+                    typmod as u32
+                } else {
+                    fixed = false;
+                    infer_dim(client, &qualified, &name).await?
+                };
+                if typ == "vector" { ColumnType::Vector { dim } } else { ColumnType::HalfVec { dim } }
+            }
+            other => bail!(
+                "table {} column {name}: type {other} is not supported (supported: integers, floats, bool, text, \
+                 varchar, json, jsonb, timestamp, timestamptz, vector, halfvec)",
+                table.name
+            ),
+        };
+        columns.push(ColumnSpec {
+            name,
+            ty,
+            nullable: !not_null,
+            auto_increment: default.starts_with("nextval(") || identity == "a" || identity == "d",
+            default_now: matches!(default.to_lowercase().as_str(), "current_timestamp" | "now()"),
+        });
+        fixed_dims.push(fixed);
+    }
+    let pk_rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a \
+               ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1 AND i.indisprimary",
+            &[&oid],
+        )
+        .await
+        .pg("reading primary key")?;
+    if pk_rows.len() != 1 {
+        bail!(
+            "table {} in {} must have a single-column primary key (found {} columns)",
+            table.name,
+            url.redacted(),
+            pk_rows.len()
+        );
+    }
+    let idx_rows = client
+        .query(
+            "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indisunique FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1 AND NOT i.indisprimary ORDER BY c.relname",
+            &[&oid],
+        )
+        .await
+        .pg("reading indexes")?;
+    let mut indexes = Vec::new();
+    let mut skipped_indexes = Vec::new();
+    for r in &idx_rows {
+        let name: String = r.get(0);
+        let def: String = r.get(1);
+        match parse_index_def(&name, &def, r.get(2)) {
+            Some(ix) => indexes.push(ix),
+            None => skipped_indexes.push(def),
+        }
+    }
+    let spec = TableSpec { name: table.name.clone(), columns, primary_key: pk_rows[0].get(0), indexes };
+    spec.validate()?;
+    Ok(Some(Discovered { spec, fixed_dims, skipped_indexes }))
+}
+
+async fn infer_dim(client: &Client, table: &str, col: &str) -> Result<u32> {
+    let row = client
+        .query_opt(&format!("SELECT vector_dims({}) FROM {table} WHERE {} IS NOT NULL LIMIT 1", ident(col), ident(col)), &[])
+        .await
+        .pg("inferring vector dimension")?;
+    match row {
+        Some(r) => Ok(r.get::<_, i32>(0) as u32),
+        None => bail!("column {col} declares no dimension and holds no vectors; cannot tell its dimension"),
+    }
+}
+
+/// Parses `CREATE [UNIQUE] INDEX name ON tbl USING method (cols) [WITH (...)]`.
+pub fn parse_index_def(name: &str, def: &str, unique: bool) -> Option<IndexSpec> {
+    let after_using = def.split(" USING ").nth(1)?;
+    let (method, rest) = after_using.split_once(' ')?;
+    let open = rest.find('(')?;
+    let close = rest.find(')')?;
+    let cols_text = &rest[open + 1..close];
+    if cols_text.contains('(') {
+        return None; // expression index
+    }
+    let mut columns = Vec::new();
+    let mut opclass = None;
+    for part in cols_text.split(',') {
+        let mut words = part.split_whitespace();
+        columns.push(words.next()?.trim_matches('"').to_string());
+        opclass = words.next().map(str::to_string).or(opclass);
+    }
+    let with = rest[close + 1..].split("WITH (").nth(1).unwrap_or("");
+    let param = |key: &str| -> Option<u32> {
+        with.split([',', ')'])
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .and_then(|(_, v)| v.trim().trim_matches('\'').parse().ok())
+    };
+    let kind = match method {
+        "btree" => IndexKind::Btree { unique },
+        "hnsw" => {
+            let op = opclass.unwrap_or_default();
+            let metric = if op.ends_with("_ip_ops") {
+                Metric::InnerProduct
+            } else if op.ends_with("_cosine_ops") {
+                Metric::Cosine
+            } else if op.ends_with("_l2_ops") {
+                Metric::L2
+            } else {
+                return None;
+            };
+            IndexKind::Hnsw { metric, m: param("m").unwrap_or(16), ef_construction: param("ef_construction").unwrap_or(64) }
+        }
+        _ => return None,
+    };
+    Some(IndexSpec { name: name.to_string(), columns, kind })
+}
+
+fn column_sql_type(c: &ColumnSpec) -> String {
+    match &c.ty {
+        ColumnType::Int16 => "SMALLINT".into(),
+        ColumnType::Int32 if c.auto_increment => "SERIAL".into(),
+        ColumnType::Int32 => "INTEGER".into(),
+        ColumnType::Int64 if c.auto_increment => "BIGSERIAL".into(),
+        ColumnType::Int64 => "BIGINT".into(),
+        ColumnType::Float32 => "REAL".into(),
+        ColumnType::Float64 => "DOUBLE PRECISION".into(),
+        ColumnType::Bool => "BOOLEAN".into(),
+        ColumnType::Text { max_chars: Some(n) } => format!("VARCHAR({n})"),
+        ColumnType::Text { max_chars: None } => "TEXT".into(),
+        ColumnType::Json { binary: true } => "JSONB".into(),
+        ColumnType::Json { binary: false } => "JSON".into(),
+        ColumnType::Timestamp { utc: false } => "TIMESTAMP".into(),
+        ColumnType::Timestamp { utc: true } => "TIMESTAMPTZ".into(),
+        ColumnType::Vector { dim } => format!("VECTOR({dim})"),
+        ColumnType::HalfVec { dim } => format!("HALFVEC({dim})"),
+    }
+}
+
+pub fn create_table_sql(table: &TableName, spec: &TableSpec) -> String {
+    let cols: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| {
+            let mut s = format!("{} {}", ident(&c.name), column_sql_type(c));
+            if c.name == spec.primary_key {
+                s.push_str(" PRIMARY KEY");
+            } else if !c.nullable {
+                s.push_str(" NOT NULL");
+            }
+            if c.default_now {
+                s.push_str(" DEFAULT CURRENT_TIMESTAMP");
+            }
+            s
+        })
+        .collect();
+    format!("CREATE TABLE {} ({})", table.sql(), cols.join(", "))
+}
+
+pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> String {
+    let cols: Vec<String> = ix.columns.iter().map(|c| ident(c)).collect();
+    match &ix.kind {
+        IndexKind::Btree { unique } => format!(
+            "CREATE {}INDEX IF NOT EXISTS {} ON {} USING btree ({})",
+            if *unique { "UNIQUE " } else { "" },
+            ident(&ix.name),
+            table.sql(),
+            cols.join(", ")
+        ),
+        IndexKind::Hnsw { metric, m, ef_construction } => {
+            let half = matches!(spec.column(&ix.columns[0]).map(|c| &c.ty), Some(ColumnType::HalfVec { .. }));
+            let op = match metric {
+                Metric::InnerProduct => "ip",
+                Metric::Cosine => "cosine",
+                Metric::L2 => "l2",
+            };
+            format!(
+                "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw ({} {}_{op}_ops) WITH (m = {m}, ef_construction = {ef_construction})",
+                ident(&ix.name),
+                table.sql(),
+                cols[0],
+                if half { "halfvec" } else { "vector" }
+            )
+        }
+    }
+}
+
+fn column_list(spec: &TableSpec) -> String {
+    spec.columns.iter().map(|c| ident(&c.name)).collect::<Vec<_>>().join(", ")
+}
+
+// ---------------------------------------------------------------- source
+
+pub struct PgSource {
+    url: PgUrl,
+    table: TableName,
+    handle: Handle,
+    discovered: Discovered,
+    pool: Pool,
+    /// A transaction held open for the whole run whose snapshot every chunk
+    /// reader imports, so all chunks see the same consistent state.
+    snapshot: Mutex<Option<(Client, String)>>,
+}
+
+impl PgSource {
+    pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
+        let table = TableName::parse(table);
+        let (discovered, client) = handle.block_on(async {
+            let client = connect(&url).await?;
+            let enc: String = client.query_one("SHOW server_encoding", &[]).await.pg("server encoding")?.get(0);
+            if enc != "UTF8" {
+                bail!("{}: server encoding is {enc}; vmig reads UTF8 databases only", url.redacted());
+            }
+            let d = discover(&client, &table, &url)
+                .await?
+                .ok_or_else(|| anyhow!("table {} does not exist in {}", table.name, url.redacted()))?;
+            Ok::<_, anyhow::Error>((d, client))
+        })?;
+        let pool = Pool { url: url.clone(), idle: Mutex::new(vec![client]) };
+        Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None) })
+    }
+
+    pub fn skipped_indexes(&self) -> &[String] {
+        &self.discovered.skipped_indexes
+    }
+
+    async fn snapshot_id(&self) -> Result<String> {
+        if let Some((_, id)) = self.snapshot.lock().unwrap().as_ref() {
+            return Ok(id.clone());
+        }
+        let c = connect(&self.url).await?;
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.pg("starting snapshot")?;
+        let id: String = c.query_one("SELECT pg_export_snapshot()", &[]).await.pg("exporting snapshot")?.get(0);
+        let mut g = self.snapshot.lock().unwrap();
+        if g.is_none() {
+            *g = Some((c, id));
+        }
+        Ok(g.as_ref().unwrap().1.clone())
+    }
+
+    async fn begin_in_snapshot(&self, client: &Client) -> Result<()> {
+        let snap = self.snapshot_id().await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snap}'"
+            ))
+            .await
+            .pg("joining snapshot")
+    }
+}
+
+impl Source for PgSource {
+    fn describe(&self) -> String {
+        format!("{} table {}", self.url.redacted(), self.table.name)
+    }
+
+    fn spec(&self) -> &TableSpec {
+        &self.discovered.spec
+    }
+
+    fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
+        let pk = ident(&self.spec().primary_key);
+        let t = self.table.sql();
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            self.begin_in_snapshot(&c).await?;
+            let total: i64 = c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.pg("counting rows")?.get(0);
+            let bounds: Vec<i64> = c
+                .query(
+                    &format!(
+                        "SELECT k FROM (SELECT {pk}::int8 AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}) s \
+                         WHERE rn % $1 = 0 ORDER BY k"
+                    ),
+                    &[&(chunk_rows as i64)],
+                )
+                .await
+                .pg("planning chunks")?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            c.batch_execute("COMMIT").await.pg("planning")?;
+            self.pool.put(c);
+            Ok(ranges_from_bounds(&bounds, total as u64, chunk_rows))
+        })
+    }
+
+    fn read_chunk(
+        &self,
+        chunk: &ChunkRange,
+        batch_rows: usize,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let spec = self.spec();
+        let pk = ident(&spec.primary_key);
+        let sql = format!(
+            "COPY (SELECT {} FROM {} WHERE {pk} BETWEEN {} AND {} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
+            column_list(spec),
+            self.table.sql(),
+            chunk.lo,
+            chunk.hi
+        );
+        let mut decoder = CopyDecoder::new(
+            spec.arrow_schema(),
+            spec.columns.iter().map(|c| c.ty.clone()).collect(),
+            self.discovered.fixed_dims.clone(),
+        );
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            self.begin_in_snapshot(&c).await?;
+            let stream = c.copy_out(&sql).await.pg(&format!("reading chunk {}", chunk.id))?;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(data) = stream.next().await {
+                let data = data.pg(&format!("reading chunk {}", chunk.id))?;
+                decoder
+                    .feed(&data, batch_rows, out)
+                    .with_context(|| format!("decoding chunk {}", chunk.id))?;
+            }
+            if decoder.rows() > 0 {
+                out(decoder.take_batch()?)?;
+            }
+            c.batch_execute("COMMIT").await.pg("ending read")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------- sink
+
+pub struct PgSink {
+    url: PgUrl,
+    table: TableName,
+    handle: Handle,
+    pool: Arc<Pool>,
+    target: Mutex<Option<TableSpec>>,
+    upsert: Mutex<bool>,
+    ledger: Mutex<bool>,
+}
+
+impl PgSink {
+    pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
+        let client = handle.block_on(connect(&url))?;
+        let pool = Arc::new(Pool { url: url.clone(), idle: Mutex::new(vec![client]) });
+        Ok(PgSink {
+            url,
+            table: TableName::parse(table),
+            handle,
+            pool,
+            target: Mutex::new(None),
+            upsert: Mutex::new(false),
+            ledger: Mutex::new(true),
+        })
+    }
+
+    fn target_spec(&self) -> TableSpec {
+        self.target.lock().unwrap().clone().expect("prepare() before writing")
+    }
+
+    pub fn drop_table(&self) -> Result<()> {
+        let sql = format!("DROP TABLE IF EXISTS {}", self.table.sql());
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            c.batch_execute(&sql).await.pg("dropping table")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+
+    async fn create_indexes(&self, c: &Client, spec: &TableSpec, progress: &dyn Fn(&str)) -> Result<()> {
+        let existing: Vec<String> = c
+            .query(
+                "SELECT indexname::text FROM pg_indexes WHERE tablename = $1",
+                &[&self.table.name],
+            )
+            .await
+            .pg("listing target indexes")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        c.batch_execute("SET maintenance_work_mem = '1GB'").await.pg("setting maintenance_work_mem")?;
+        for ix in &spec.indexes {
+            if existing.contains(&ix.name) {
+                continue;
+            }
+            let sql = create_index_sql(&self.table, spec, ix);
+            progress(&format!("building index {} …", ix.name));
+            let started = std::time::Instant::now();
+            let watcher = self.watch_index_build(ix.name.clone(), progress);
+            let build = c.batch_execute(&sql);
+            let res = {
+                tokio::pin!(build);
+                tokio::pin!(watcher);
+                tokio::select! {
+                    r = &mut build => r,
+                    _ = &mut watcher => unreachable!(),
+                }
+            };
+            res.pg(&format!("building index {}", ix.name))?;
+            progress(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
+        }
+        Ok(())
+    }
+
+    /// Reports CREATE INDEX progress from pg_stat_progress_create_index until dropped.
+    async fn watch_index_build(&self, name: String, progress: &dyn Fn(&str)) {
+        let Ok(c) = connect(&self.url).await else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            if let Ok(Some(r)) = c
+                .query_opt(
+                    "SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total FROM pg_stat_progress_create_index \
+                     WHERE relid = to_regclass($1)",
+                    &[&self.table.sql()],
+                )
+                .await
+            {
+                let phase: String = r.get(0);
+                let (td, tt, bd, bt): (i64, i64, i64, i64) = (r.get(1), r.get(2), r.get(3), r.get(4));
+                let pct = if tt > 0 { 100.0 * td as f64 / tt as f64 } else if bt > 0 { 100.0 * bd as f64 / bt as f64 } else { 0.0 };
+                progress(&format!("index {name}: {phase} {pct:.0}%"));
+            }
+        }
+    }
+}
+
+impl Sink for PgSink {
+    fn describe(&self) -> String {
+        format!("{} table {}", self.url.redacted(), self.table.name)
+    }
+
+    fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
+        *self.upsert.lock().unwrap() = opts.on_existing == OnExisting::Upsert;
+        *self.ledger.lock().unwrap() = !opts.job.is_empty();
+        let spec = self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let has_vector: bool = c
+                .query_one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')", &[])
+                .await
+                .pg("checking pgvector")?
+                .get(0);
+            if !has_vector {
+                bail!(
+                    "target database {} has no pgvector extension; run `CREATE EXTENSION vector` there first",
+                    self.url.redacted()
+                );
+            }
+            let spec = match discover(&c, &self.table, &self.url).await? {
+                Some(d) => {
+                    d.spec.same_columns_as(source)?;
+                    d.spec
+                }
+                None => {
+                    let mut spec = source.clone();
+                    spec.name = self.table.name.clone();
+                    c.batch_execute(&create_table_sql(&self.table, &spec)).await.pg("creating target table")?;
+                    spec.indexes = source.indexes.clone();
+                    spec
+                }
+            };
+            if !opts.job.is_empty() {
+                c.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (job TEXT NOT NULL, chunk INT NOT NULL, lo BIGINT NOT NULL, \
+                     hi BIGINT NOT NULL, rows BIGINT NOT NULL, rejected BIGINT NOT NULL, content_hash TEXT NOT NULL, \
+                     bytes BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (job, chunk))"
+                ))
+                .await
+                .pg("creating ledger table")?;
+                let ledger_rows: i64 = c
+                    .query_one(&format!("SELECT count(*) FROM {LEDGER_TABLE} WHERE job = $1"), &[&opts.job])
+                    .await
+                    .pg("reading ledger")?
+                    .get(0);
+                let non_empty: bool = c
+                    .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {})", self.table.sql()), &[])
+                    .await
+                    .pg("checking target")?
+                    .get(0);
+                if ledger_rows == 0 && non_empty {
+                    match opts.on_existing {
+                        OnExisting::Fail => bail!(
+                            "target table {} in {} already has rows and no vmig ledger for job {}; \
+                             choose --on-existing upsert (keep them, replace equal ids) or truncate (empty it first)",
+                            self.table.name,
+                            self.url.redacted(),
+                            opts.job
+                        ),
+                        OnExisting::Truncate => {
+                            c.batch_execute(&format!("TRUNCATE {}", self.table.sql())).await.pg("truncating target")?
+                        }
+                        OnExisting::Upsert => {}
+                    }
+                }
+            }
+            self.pool.put(c);
+            Ok::<_, anyhow::Error>(spec)
+        })?;
+        *self.target.lock().unwrap() = Some(spec.clone());
+        Ok(spec)
+    }
+
+    fn committed(&self, job: &str) -> Result<Ledger> {
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let exists: bool = c
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE])
+                .await
+                .pg("reading ledger")?
+                .get(0);
+            let mut ledger = Ledger::new();
+            if exists {
+                for r in c
+                    .query(
+                        &format!(
+                            "SELECT chunk, lo, hi, rows, rejected, content_hash, bytes, committed_at::text \
+                             FROM {LEDGER_TABLE} WHERE job = $1"
+                        ),
+                        &[&job],
+                    )
+                    .await
+                    .pg("reading ledger")?
+                {
+                    let chunk = r.get::<_, i32>(0) as u32;
+                    ledger.insert(
+                        chunk,
+                        CommitRecord {
+                            chunk,
+                            lo: r.get(1),
+                            hi: r.get(2),
+                            rows: r.get::<_, i64>(3) as u64,
+                            rejected: r.get::<_, i64>(4) as u64,
+                            content_hash: r.get(5),
+                            bytes: r.get::<_, i64>(6) as u64,
+                            sha256: None,
+                            committed_at: r.get(7),
+                        },
+                    );
+                }
+            }
+            self.pool.put(c);
+            Ok(ledger)
+        })
+    }
+
+    fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>> {
+        let spec = self.target_spec();
+        let upsert = *self.upsert.lock().unwrap();
+        let record_ledger = *self.ledger.lock().unwrap();
+        let t = self.table.sql();
+        let cols = column_list(&spec);
+        let pk = ident(&spec.primary_key);
+        let handle = self.handle.clone();
+        let (client, sink) = self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            c.batch_execute("BEGIN").await.pg("begin")?;
+            let copy_target = if upsert {
+                c.batch_execute(&format!(
+                    "CREATE TEMP TABLE vmig_chunk ON COMMIT DROP AS SELECT {cols} FROM {t} WITH NO DATA"
+                ))
+                .await
+                .pg("creating chunk table")?;
+                "vmig_chunk".to_string()
+            } else if record_ledger {
+                // A retried chunk replaces whatever an earlier attempt left.
+                c.batch_execute(&format!("DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}", chunk.lo, chunk.hi))
+                    .await
+                    .pg(&format!("clearing chunk {}", chunk.id))?;
+                t.clone()
+            } else {
+                t.clone()
+            };
+            let sink: CopyInSink<Bytes> = c
+                .copy_in(&format!("COPY {copy_target} ({cols}) FROM STDIN (FORMAT binary)"))
+                .await
+                .pg(&format!("writing chunk {}", chunk.id))?;
+            let mut sink = Box::pin(sink);
+            sink.send(copy_header().freeze()).await.pg("writing")?;
+            Ok::<_, anyhow::Error>((c, sink))
+        })?;
+        Ok(Box::new(PgChunkWriter {
+            handle,
+            pool: self.pool.clone(),
+            job: job.to_string(),
+            client: Some(client),
+            sink: Some(sink),
+            types: spec.columns.iter().map(|c| c.ty.clone()).collect(),
+            merge_sql: upsert.then(|| {
+                format!(
+                    "DELETE FROM {t} USING vmig_chunk s WHERE {t}.{pk} = s.{pk}; INSERT INTO {t} ({cols}) SELECT {cols} FROM vmig_chunk"
+                )
+            }),
+            record_ledger,
+            chunk: *chunk,
+            bytes: 0,
+            buf: BytesMut::new(),
+        }))
+    }
+
+    fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+        let mut spec = self.target_spec();
+        spec.indexes = source.indexes.clone();
+        let t = self.table.sql();
+        let _ = plan;
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            if opts.create_indexes {
+                self.create_indexes(&c, &spec, progress).await?;
+            }
+            // Move the id sequence past max(id) so the application's next insert does not collide.
+            let pk = &spec.primary_key;
+            let seq: Option<String> = c
+                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t, pk])
+                .await
+                .pg("finding id sequence")?
+                .get(0);
+            if let Some(seq) = seq {
+                c.query_one(
+                    &format!("SELECT setval($1::text::regclass, GREATEST((SELECT max({}) FROM {t}), 1))", ident(pk)),
+                    &[&seq],
+                )
+                .await
+                .pg("setting id sequence")?;
+            }
+            c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
+            if !opts.job.is_empty() {
+                let target_rows: i64 =
+                    c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.pg("counting target")?.get(0);
+                let ledger_rows: i64 = c
+                    .query_one(
+                        &format!("SELECT coalesce(sum(rows), 0)::int8 FROM {LEDGER_TABLE} WHERE job = $1"),
+                        &[&opts.job],
+                    )
+                    .await
+                    .pg("reading ledger")?
+                    .get(0);
+                if target_rows > ledger_rows {
+                    let msg = format!(
+                        "target table {} has {target_rows} rows but this job wrote {ledger_rows}: {} rows did not come from the source",
+                        self.table.name,
+                        target_rows - ledger_rows
+                    );
+                    if opts.on_existing == OnExisting::Upsert {
+                        progress(&format!("warning: {msg} (kept, --on-existing upsert)"));
+                    } else {
+                        bail!("{msg}");
+                    }
+                }
+            }
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+}
+
+struct PgChunkWriter {
+    handle: Handle,
+    pool: Arc<Pool>,
+    job: String,
+    client: Option<Client>,
+    sink: Option<Pin<Box<CopyInSink<Bytes>>>>,
+    types: Vec<ColumnType>,
+    merge_sql: Option<String>,
+    record_ledger: bool,
+    chunk: ChunkRange,
+    bytes: u64,
+    buf: BytesMut,
+}
+
+impl ChunkWriter for PgChunkWriter {
+    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.buf.clear();
+        encode_rows(batch, &self.types, &mut self.buf)?;
+        self.bytes += self.buf.len() as u64;
+        let data = self.buf.split().freeze();
+        let sink = self.sink.as_mut().unwrap();
+        let id = self.chunk.id;
+        self.handle.block_on(async { sink.send(data).await.pg(&format!("writing chunk {id}")) })
+    }
+
+    fn commit(mut self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {
+        record.bytes = self.bytes;
+        record.committed_at = now_rfc3339();
+        let mut sink = self.sink.take().unwrap();
+        let client = self.client.take().unwrap();
+        let id = self.chunk.id;
+        let job_and_ledger = self.record_ledger;
+        let merge = self.merge_sql.take();
+        let rec = record.clone();
+        let job = std::mem::take(&mut self.job);
+        self.handle.block_on(async {
+            sink.send(copy_trailer().freeze()).await.pg(&format!("writing chunk {id}"))?;
+            sink.as_mut().finish().await.pg(&format!("writing chunk {id}"))?;
+            if let Some(m) = merge {
+                client.batch_execute(&m).await.pg(&format!("merging chunk {id}"))?;
+            }
+            if job_and_ledger {
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {LEDGER_TABLE} (job, chunk, lo, hi, rows, rejected, content_hash, bytes) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                        ),
+                        &[
+                            &job,
+                            &(rec.chunk as i32),
+                            &rec.lo,
+                            &rec.hi,
+                            &(rec.rows as i64),
+                            &(rec.rejected as i64),
+                            &rec.content_hash,
+                            &(rec.bytes as i64),
+                        ],
+                    )
+                    .await
+                    .pg(&format!("recording chunk {id}"))?;
+            }
+            client.batch_execute("COMMIT").await.pg(&format!("committing chunk {id}"))?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        self.pool.put(client);
+        Ok(record)
+    }
+}

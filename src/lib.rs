@@ -1,0 +1,17 @@
+//! vmig: move vector tables between databases, exactly and resumably.
+//! Export → transform → import over Arrow batches; any stage boundary can be a
+//! Parquet staging directory; every chunk commit is recorded in a ledger.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod endpoint;
+pub mod generate;
+pub mod hash;
+pub mod ledger;
+pub mod pipeline;
+pub mod plan;
+pub mod progress;
+pub mod schema;
+pub mod transform;
+pub mod verify;

@@ -1,0 +1,128 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+
+use vmig::cli::{Cli, Command};
+use vmig::commands::{self, EXIT_CANCELLED, open_sink, open_source, parse_side};
+use vmig::config::{Endpoint, redact_free_text};
+use vmig::endpoint::postgres::PgSink;
+use vmig::endpoint::staging::Manifest;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(EXIT_CANCELLED);
+            }
+            eprintln!("\nstopping: in-flight chunks roll back, committed chunks stay (Ctrl+C again to quit now)");
+        });
+    }
+    match run(cli, runtime.handle(), cancel.clone()) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One line, no stack, no secrets.
+            eprintln!("error: {}", redact_free_text(&format!("{e:#}")).replace('\n', " "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
+    match cli.command {
+        Command::Migrate(a) | Command::Export(a) | Command::Import(a) if false => unreachable!("{a:?}"),
+        Command::Migrate(a) => job_exit("migrate", a, handle, cancel),
+        Command::Export(a) => job_exit("export", a, handle, cancel),
+        Command::Import(a) => job_exit("import", a, handle, cancel),
+        Command::Status(a) => commands::status(a).map(|_| 0),
+        Command::Inspect(a) => commands::inspect(a).map(|ok| if ok { 0 } else { 1 }),
+        Command::Reset(a) => commands::reset(a, handle).map(|_| 0),
+        Command::Verify(a) => {
+            let from = a.from.as_deref().map(parse_side).transpose()?;
+            let to = a.to.as_deref().map(parse_side).transpose()?;
+            let staging = a.staging.clone().map(Endpoint::Staging);
+            let (from, to) = match (from, to, staging) {
+                (Some(f), Some(t), None) => (f, t),
+                (Some(f), None, Some(s)) => (f, s),
+                (None, Some(t), Some(s)) => (s, t),
+                _ => bail!("verify needs two sides: --from and --to, or one of them and --staging DIR"),
+            };
+            let table = a.table.clone().unwrap_or_else(|| commands::DEFAULT_TABLE.into());
+            let from_src = open_source(&from, &table, handle)?;
+            let target_table = a.target_table.clone().unwrap_or_else(|| from_src.spec().name.clone());
+            let to_src = open_source(&to, &target_table, handle)?;
+            let plan = match (&from, &to) {
+                (Endpoint::Staging(d), _) | (_, Endpoint::Staging(d)) => {
+                    Manifest::load(d)?.map(|m| m.plan).unwrap_or_default()
+                }
+                _ => from_src.plan(a.chunk_rows.unwrap_or(20_000))?,
+            };
+            let r = vmig::verify::verify(from_src.as_ref(), to_src.as_ref(), &plan, a.workers.unwrap_or(2))?;
+            for d in &r.differing_chunks {
+                println!(
+                    "chunk {:06} [{}, {}]: source {} rows, target {} rows; missing ids {:?}; extra ids {:?}; different ids {:?}",
+                    d.chunk, d.lo, d.hi, d.source_rows, d.target_rows, d.missing, d.extra, d.different
+                );
+            }
+            println!(
+                "verify: {} chunks · source {} rows · target {} rows · {}",
+                r.chunks,
+                r.source_rows,
+                r.target_rows,
+                if r.equal { "all rows equal (ids, vectors bit-exact, every column)".to_string() } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
+            );
+            if let Some(p) = &a.report {
+                std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(if r.equal { 0 } else { 1 })
+        }
+        Command::Generate(a) => {
+            let ep = Endpoint::parse(&a.to)?;
+            let Endpoint::Postgres(url) = &ep else { bail!("generate needs a database URL") };
+            let spec = vmig::generate::fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
+            let sink = PgSink::open(url.clone(), &a.table, handle.clone())?;
+            if a.replace {
+                sink.drop_table()?;
+            } else if open_source(&ep, &a.table, handle).is_ok() {
+                bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
+            }
+            let _ = open_sink; // the generic sink is used by migrations; generate writes without a ledger
+            let started = std::time::Instant::now();
+            vmig::generate::generate(&sink, &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
+            eprintln!(
+                "generated {} rows ({}-d {}) in {} table {} in {:.1}s",
+                a.rows,
+                a.dim,
+                if a.halfvec { "halfvec" } else { "vector" },
+                ep.describe(),
+                a.table,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn job_exit(command: &str, a: vmig::cli::RunArgs, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
+    let report = commands::run_job(command, a, handle, cancel.clone())?;
+    if cancel.load(Ordering::SeqCst) {
+        eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed);
+        return Ok(EXIT_CANCELLED as u8);
+    }
+    match &report.error {
+        None => Ok(0),
+        Some(e) => bail!("{e}"),
+    }
+}

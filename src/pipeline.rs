@@ -1,0 +1,471 @@
+//! The dataflow: export → transform → import per chunk, with bounded
+//! crossbeam channels between the stages (a slow sink slows the source),
+//! `workers` chunks in flight, cancellation, retries and the final report.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use arrow::record_batch::RecordBatch;
+use crossbeam_channel::bounded;
+
+use crate::endpoint::staging::Manifest;
+use crate::endpoint::{OnExisting, Sink, SinkOptions, Source};
+use crate::hash::ContentHash;
+use crate::ledger::{CommitRecord, JobDir, Ledger, check_ledger_matches_plan, now_rfc3339};
+use crate::plan::ChunkRange;
+use crate::progress::{ChunkFailure, Progress, Report, StageReport, Status, peak_rss_mb};
+use crate::schema::TableSpec;
+use crate::transform::{Transformer, write_rejects};
+
+#[derive(Clone, Debug)]
+pub struct JobConfig {
+    /// migrate, export or import
+    pub command: String,
+    pub job: String,
+    pub job_dir: PathBuf,
+    pub workers: usize,
+    pub chunk_rows: u64,
+    pub batch_rows: usize,
+    /// Batches buffered between two stages, per worker.
+    pub channel_batches: usize,
+    pub on_existing: OnExisting,
+    pub max_rejects: u64,
+    /// Rows per second over all workers (protects a production source).
+    pub rate_limit: Option<u64>,
+    pub create_indexes: bool,
+    pub retries: u32,
+    pub quiet: bool,
+    /// Vectors are bit-exact copies of the source's storage.
+    pub vectors_exact: bool,
+}
+
+/// A sink plus what the pipeline learned about it at start.
+struct Target {
+    sink: Arc<dyn Sink>,
+    name: String,
+    transformer: Transformer,
+    committed: Mutex<Ledger>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// Rows-per-second limiter shared by all readers.
+struct RateLimit {
+    rows_per_sec: u64,
+    state: Mutex<(Instant, u64)>,
+}
+
+impl RateLimit {
+    fn wait(&self, rows: u64) {
+        let due = {
+            let mut s = self.state.lock().unwrap();
+            s.1 += rows;
+            s.0 + Duration::from_secs_f64(s.1 as f64 / self.rows_per_sec as f64)
+        };
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+}
+
+/// Loads the job's manifest (resume) or plans the job and saves it.
+pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
+    if let Some(m) = Manifest::load(&cfg.job_dir)? {
+        if m.job != cfg.job {
+            bail!(
+                "{} belongs to job {}, not {}; choose another directory or `vmig reset` it",
+                cfg.job_dir.display(),
+                m.job,
+                cfg.job
+            );
+        }
+        if m.table.columns != source.spec().columns || m.table.primary_key != source.spec().primary_key {
+            bail!(
+                "the source table's columns changed since job {} was planned; run `vmig reset` to start over",
+                cfg.job
+            );
+        }
+        return Ok(m);
+    }
+    let plan = source.plan(cfg.chunk_rows)?;
+    let m = Manifest {
+        format_version: crate::endpoint::staging::FORMAT_VERSION,
+        job: cfg.job.clone(),
+        created_at: now_rfc3339(),
+        source: source.describe(),
+        table: source.spec().clone(),
+        chunk_rows: cfg.chunk_rows,
+        plan,
+        vector_encoding: "FixedSizeList<Float32> little-endian (halfvec widened exactly)".into(),
+        vectors_exact: cfg.vectors_exact,
+    };
+    m.save(&cfg.job_dir)?;
+    Ok(m)
+}
+
+/// Runs a job to completion (or cancellation); always returns a report.
+pub fn run(
+    cfg: &JobConfig,
+    source: Arc<dyn Source>,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
+    ready: Option<BTreeSet<u32>>,
+    cancel: Arc<AtomicBool>,
+) -> Result<Report> {
+    JobDir::new(&cfg.job_dir).create()?;
+    let manifest = load_or_plan(cfg, source.as_ref())?;
+    let plan = manifest.plan.clone();
+    let spec = source.spec().clone();
+    let opts = SinkOptions { job: cfg.job.clone(), on_existing: cfg.on_existing, create_indexes: cfg.create_indexes };
+
+    let mut targets = Vec::new();
+    for (name, sink) in sinks {
+        let target_spec = sink.prepare(&spec, &plan, &opts)?;
+        let committed = sink.committed(&cfg.job)?;
+        check_ledger_matches_plan(&committed, &plan, &sink.describe())?;
+        targets.push(Arc::new(Target {
+            transformer: Transformer::new(&target_spec),
+            sink,
+            name,
+            committed: Mutex::new(committed),
+        }));
+    }
+
+    let row_bytes = estimate_row_bytes(&spec);
+    let bound = cfg.workers * 2 * cfg.channel_batches * cfg.batch_rows * row_bytes;
+    let status = Status {
+        job: cfg.job.clone(),
+        command: cfg.command.clone(),
+        state: "running".into(),
+        pid: std::process::id(),
+        source: source.describe(),
+        targets: targets.iter().map(|t| t.sink.describe()).collect(),
+        started_at: now_rfc3339(),
+        chunks_total: plan.len() as u64,
+        rows_planned: plan.iter().map(|c| c.rows).sum(),
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::new(status, JobDir::new(&cfg.job_dir).status(&cfg.command), cfg.quiet));
+    progress.println(&format!(
+        "vmig {}: job {} · {} → {} · {} chunks of ≤{} rows · {} workers · memory bound ≈ {} MB in channels \
+         ({} workers × 2 channels × {} batches × {} rows × {:.1} KB)",
+        cfg.command,
+        cfg.job,
+        source.describe(),
+        targets.iter().map(|t| t.sink.describe()).collect::<Vec<_>>().join(" + "),
+        plan.len(),
+        manifest.chunk_rows,
+        cfg.workers,
+        bound / 1_000_000,
+        cfg.workers,
+        cfg.channel_batches,
+        cfg.batch_rows,
+        row_bytes as f64 / 1000.0
+    ));
+
+    // What is left to do; chunks committed in every target are skipped.
+    let mut todo = Vec::new();
+    let mut pending = 0u64;
+    for c in &plan {
+        let done_everywhere = targets.iter().all(|t| t.committed.lock().unwrap().contains_key(&c.id));
+        if done_everywhere {
+            progress.counters.chunks_skipped.fetch_add(1, Relaxed);
+            let rows = targets[0].committed.lock().unwrap()[&c.id].rows;
+            progress.counters.rows_skipped.fetch_add(rows, Relaxed);
+        } else if ready.as_ref().is_some_and(|r| !r.contains(&c.id)) {
+            pending += 1;
+        } else {
+            todo.push(*c);
+        }
+    }
+    if progress.counters.chunks_skipped.load(Relaxed) > 0 {
+        progress.println(&format!(
+            "resuming: {} chunks ({} rows) already committed, skipped",
+            progress.counters.chunks_skipped.load(Relaxed),
+            progress.counters.rows_skipped.load(Relaxed)
+        ));
+    }
+
+    let rate = cfg.rate_limit.map(|r| RateLimit { rows_per_sec: r.max(1), state: Mutex::new((Instant::now(), 0)) });
+    let (work_tx, work_rx) = crossbeam_channel::unbounded::<ChunkRange>();
+    for c in todo {
+        work_tx.send(c).unwrap();
+    }
+    drop(work_tx);
+    let failed = AtomicBool::new(false);
+    let load_started = Instant::now();
+    std::thread::scope(|s| {
+        let ticker = {
+            let p = progress.clone();
+            s.spawn(move || p.run_ticker())
+        };
+        let mut lanes = Vec::new();
+        for _ in 0..cfg.workers.max(1) {
+            lanes.push(s.spawn(|| {
+                while let Ok(chunk) = work_rx.recv() {
+                    if cancel.load(Relaxed) || failed.load(Relaxed) {
+                        break;
+                    }
+                    let mut attempt = 0;
+                    loop {
+                        match run_chunk(cfg, source.as_ref(), &targets, &chunk, &progress, &cancel, rate.as_ref()) {
+                            Ok(()) => break,
+                            Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => break,
+                            Err(e) if attempt < cfg.retries => {
+                                attempt += 1;
+                                progress.println(&format!("chunk {}: {e:#}; retrying ({attempt}/{})", chunk.id, cfg.retries));
+                                std::thread::sleep(Duration::from_millis(500 * attempt as u64));
+                            }
+                            Err(e) => {
+                                let msg = format!("chunk {}: {e:#}", chunk.id);
+                                progress.println(&format!("error: {msg}"));
+                                let mut st = progress.status.lock().unwrap();
+                                st.failures.push(ChunkFailure { chunk: chunk.id, error: format!("{e:#}") });
+                                st.last_error = Some(msg);
+                                failed.store(true, Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        for l in lanes {
+            let _ = l.join();
+        }
+        progress.stop();
+        let _ = ticker.join();
+    });
+    let load_seconds = load_started.elapsed().as_secs_f64();
+
+    let cancelled = cancel.load(Relaxed);
+    let failed = failed.load(Relaxed);
+    let mut notes = Vec::new();
+    let finish_started = Instant::now();
+    let mut error = None;
+    if !cancelled && !failed && pending == 0 {
+        for t in &targets {
+            let p = progress.clone();
+            if let Err(e) = t.sink.finish(&spec, &plan, &opts, &move |m: &str| p.println(m)) {
+                error = Some(format!("{}: {e:#}", t.sink.describe()));
+                break;
+            }
+        }
+    }
+    let finish_seconds = finish_started.elapsed().as_secs_f64();
+
+    // Totals over the whole job (this run and earlier ones), from the ledgers.
+    let rejected_total: u64 = targets
+        .iter()
+        .map(|t| t.committed.lock().unwrap().values().map(|r| r.rejected).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    if rejected_total > 0 {
+        notes.push(format!(
+            "{rejected_total} rows were rejected; they are in {}",
+            JobDir::new(&cfg.job_dir).rejects().display()
+        ));
+    }
+    if !cfg.vectors_exact {
+        notes.push("vectors are not bit-exact copies of the source (see verify's tolerance)".into());
+    }
+    if error.is_none() {
+        error = if cancelled {
+            Some("cancelled; committed chunks are kept, run the same command again to resume".into())
+        } else if failed {
+            progress.status.lock().unwrap().last_error.clone()
+        } else if pending > 0 {
+            Some(format!("{pending} chunks are not exported yet; run import again when export has finished"))
+        } else if rejected_total > cfg.max_rejects {
+            Some(format!("{rejected_total} rows rejected, more than --max-rejects {}", cfg.max_rejects))
+        } else {
+            None
+        };
+    }
+    let state = if cancelled {
+        "cancelled"
+    } else if error.is_some() {
+        "failed"
+    } else {
+        "done"
+    };
+    if let Some(e) = &error {
+        progress.status.lock().unwrap().last_error = Some(e.clone());
+    }
+    progress.write_status(Some(state));
+
+    let c = &progress.counters;
+    let written = c.rows_written.load(Relaxed);
+    let mut stages = vec![
+        StageReport {
+            stage: "export".into(),
+            rows: c.rows_read.load(Relaxed),
+            bytes: c.bytes_read.load(Relaxed),
+            seconds: c.read_ns.load(Relaxed) as f64 / 1e9,
+            ..Default::default()
+        },
+        StageReport {
+            stage: "transform".into(),
+            rows: c.rows_transformed.load(Relaxed),
+            rejected: c.rows_rejected.load(Relaxed),
+            ..Default::default()
+        },
+    ];
+    stages.push(StageReport {
+        stage: "import".into(),
+        rows: written,
+        skipped_committed: c.rows_skipped.load(Relaxed),
+        bytes: c.bytes_written.load(Relaxed),
+        seconds: c.write_ns.load(Relaxed) as f64 / 1e9,
+        ..Default::default()
+    });
+    let total = progress.elapsed();
+    Ok(Report {
+        job: cfg.job.clone(),
+        command: cfg.command.clone(),
+        ok: error.is_none(),
+        source: source.describe(),
+        targets: targets.iter().map(|t| format!("{}: {}", t.name, t.sink.describe())).collect(),
+        stages,
+        chunks_total: plan.len() as u64,
+        chunks_committed: c.chunks_committed.load(Relaxed),
+        chunks_skipped: c.chunks_skipped.load(Relaxed),
+        chunks_pending: pending,
+        rows_rejected_total: rejected_total,
+        load_seconds,
+        finish_seconds,
+        total_seconds: total,
+        rows_per_second: written as f64 / load_seconds.max(1e-9),
+        peak_rss_mb: peak_rss_mb(),
+        vectors_exact: cfg.vectors_exact,
+        notes,
+        error,
+    })
+}
+
+fn estimate_row_bytes(spec: &TableSpec) -> usize {
+    spec.columns
+        .iter()
+        .map(|c| match c.ty.vector_dim() {
+            Some(d) => d as usize * 4,
+            None => 64,
+        })
+        .sum()
+}
+
+/// One chunk through the three stages; commits it in every target that lacks it.
+fn run_chunk(
+    cfg: &JobConfig,
+    source: &dyn Source,
+    targets: &[Arc<Target>],
+    chunk: &ChunkRange,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    rate: Option<&RateLimit>,
+) -> Result<()> {
+    let needed: Vec<&Arc<Target>> =
+        targets.iter().filter(|t| !t.committed.lock().unwrap().contains_key(&chunk.id)).collect();
+    let mut writers = needed
+        .iter()
+        .map(|t| t.sink.begin_chunk(&cfg.job, chunk))
+        .collect::<Result<Vec<_>>>()?;
+    let (raw_tx, raw_rx) = bounded::<RecordBatch>(cfg.channel_batches);
+    let (out_tx, out_rx) = bounded::<Vec<RecordBatch>>(cfg.channel_batches);
+    let counters = &progress.counters;
+
+    let (read_res, transform_res, write_res) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let started = Instant::now();
+            let r = source.read_chunk(chunk, cfg.batch_rows, &mut |batch| {
+                if cancel.load(Relaxed) {
+                    return Err(Cancelled.into());
+                }
+                if let Some(r) = rate {
+                    r.wait(batch.num_rows() as u64);
+                }
+                counters.rows_read.fetch_add(batch.num_rows() as u64, Relaxed);
+                counters.bytes_read.fetch_add(batch.get_array_memory_size() as u64, Relaxed);
+                raw_tx.send(batch).map_err(|_| anyhow!("writer stopped"))
+            });
+            counters.read_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+            r
+        });
+        let transformer = s.spawn(move || -> Result<(Vec<ContentHash>, Vec<Vec<RecordBatch>>)> {
+            let mut hashes = vec![ContentHash::default(); needed.len()];
+            let mut rejects: Vec<Vec<RecordBatch>> = vec![Vec::new(); needed.len()];
+            for batch in raw_rx {
+                let mut outs = Vec::with_capacity(needed.len());
+                for (i, t) in needed.iter().enumerate() {
+                    let tr = t.transformer.apply(chunk.id, &batch)?;
+                    hashes[i].add_batch(&tr.valid);
+                    if let Some(r) = tr.rejects {
+                        if i == 0 {
+                            counters.rows_rejected.fetch_add(r.num_rows() as u64, Relaxed);
+                        }
+                        rejects[i].push(r);
+                    }
+                    outs.push(tr.valid);
+                }
+                counters.rows_transformed.fetch_add(batch.num_rows() as u64, Relaxed);
+                if out_tx.send(outs).is_err() {
+                    bail!("writer stopped");
+                }
+            }
+            Ok((hashes, rejects))
+        });
+        let started = Instant::now();
+        let mut write_res = Ok(());
+        for outs in out_rx.iter() {
+            for (w, b) in writers.iter_mut().zip(&outs) {
+                if let Err(e) = w.write(b) {
+                    write_res = Err(e);
+                    break;
+                }
+            }
+            if write_res.is_err() {
+                break; // dropping out_rx stops the transform and then the reader
+            }
+        }
+        drop(out_rx);
+        counters.write_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        (reader.join().unwrap(), transformer.join().unwrap(), write_res)
+    });
+    // The first real cause wins over the "stopped" errors it provoked downstream.
+    write_res?;
+    let (hashes, rejects) = transform_res?;
+    read_res?;
+    if cancel.load(Relaxed) {
+        return Err(Cancelled.into());
+    }
+
+    let needed: Vec<&Arc<Target>> =
+        targets.iter().filter(|t| !t.committed.lock().unwrap().contains_key(&chunk.id)).collect();
+    for (((t, w), h), rj) in needed.iter().zip(writers).zip(hashes).zip(rejects) {
+        let rejected: u64 = rj.iter().map(|b| b.num_rows() as u64).sum();
+        write_rejects(&JobDir::new(&cfg.job_dir).rejects(), &format!("{}-{}", cfg.command, t.name), chunk.id, &rj)?;
+        let rec = w.commit(CommitRecord {
+            chunk: chunk.id,
+            lo: chunk.lo,
+            hi: chunk.hi,
+            rows: h.rows,
+            rejected,
+            content_hash: h.hex(),
+            bytes: 0,
+            sha256: None,
+            committed_at: String::new(),
+        })?;
+        counters.bytes_written.fetch_add(rec.bytes, Relaxed);
+        if Arc::ptr_eq(t, needed.last().unwrap()) {
+            counters.rows_written.fetch_add(rec.rows, Relaxed);
+        }
+        t.committed.lock().unwrap().insert(chunk.id, rec);
+    }
+    counters.chunks_committed.fetch_add(1, Relaxed);
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Counters shared by the stages, live display (bars on a terminal, plain
+//! lines otherwise), the status file `vmig status` reads, and the final report.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+#[derive(Default)]
+pub struct Counters {
+    pub rows_read: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub rows_transformed: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub chunks_committed: AtomicU64,
+    pub chunks_skipped: AtomicU64,
+    pub rows_skipped: AtomicU64,
+    pub read_ns: AtomicU64,
+    pub write_ns: AtomicU64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChunkFailure {
+    pub chunk: u32,
+    pub error: String,
+}
+
+/// The live status of one command on one job (`status-<command>.json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub job: String,
+    pub command: String,
+    /// running, done, failed, cancelled, incomplete
+    pub state: String,
+    pub pid: u32,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub started_at: String,
+    pub updated_at: String,
+    pub chunks_total: u64,
+    pub chunks_committed: u64,
+    pub chunks_skipped: u64,
+    pub rows_planned: u64,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_rejected: u64,
+    pub bytes_written: u64,
+    pub failures: Vec<ChunkFailure>,
+    pub last_error: Option<String>,
+}
+
+/// Drives the display and the status file while a job runs.
+pub struct Progress {
+    pub counters: Counters,
+    pub status: Mutex<Status>,
+    status_path: PathBuf,
+    started: Instant,
+    bars: Option<(MultiProgress, ProgressBar, ProgressBar, ProgressBar)>,
+    done: AtomicBool,
+}
+
+impl Progress {
+    pub fn new(status: Status, status_path: PathBuf, quiet: bool) -> Self {
+        let bars = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{prefix:>9} [{bar:30}] {pos}/{len} rows  {msg}  {per_sec}  eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> ");
+            let mk = |name: &str| {
+                let b = mp.add(ProgressBar::new(status.rows_planned));
+                b.set_style(style.clone());
+                b.set_prefix(name.to_string());
+                b
+            };
+            let (e, t, i) = (mk("export"), mk("transform"), mk("import"));
+            (mp, e, t, i)
+        });
+        Progress {
+            counters: Counters::default(),
+            status: Mutex::new(status),
+            status_path,
+            started: Instant::now(),
+            bars,
+            done: AtomicBool::new(false),
+        }
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// A message for the user (above the bars when there are bars).
+    pub fn println(&self, msg: &str) {
+        match &self.bars {
+            Some((mp, ..)) => {
+                let _ = mp.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn refresh(&self) {
+        let c = &self.counters;
+        if let Some((_, e, t, i)) = &self.bars {
+            e.set_position(c.rows_read.load(Relaxed));
+            e.set_message(format!("{:.1} MB", c.bytes_read.load(Relaxed) as f64 / 1e6));
+            t.set_position(c.rows_transformed.load(Relaxed));
+            t.set_message(format!("{} rejected", c.rows_rejected.load(Relaxed)));
+            i.set_position(c.rows_written.load(Relaxed) + c.rows_skipped.load(Relaxed));
+            i.set_message(format!("{:.1} MB", c.bytes_written.load(Relaxed) as f64 / 1e6));
+        }
+        self.write_status(None);
+    }
+
+    pub fn write_status(&self, state: Option<&str>) {
+        let c = &self.counters;
+        let mut s = self.status.lock().unwrap();
+        if let Some(st) = state {
+            s.state = st.to_string();
+        }
+        s.updated_at = crate::ledger::now_rfc3339();
+        s.rows_read = c.rows_read.load(Relaxed);
+        s.rows_written = c.rows_written.load(Relaxed);
+        s.rows_rejected = c.rows_rejected.load(Relaxed);
+        s.bytes_written = c.bytes_written.load(Relaxed);
+        s.chunks_committed = c.chunks_committed.load(Relaxed);
+        s.chunks_skipped = c.chunks_skipped.load(Relaxed);
+        if let Ok(bytes) = serde_json::to_vec_pretty(&*s) {
+            let _ = crate::ledger::write_atomic(&self.status_path, &bytes);
+        }
+    }
+
+    fn plain_line(&self) {
+        let c = &self.counters;
+        let secs = self.elapsed().max(1e-9);
+        let written = c.rows_written.load(Relaxed);
+        let planned = self.status.lock().unwrap().rows_planned;
+        eprintln!(
+            "progress: read {} · written {} (+{} already committed) of {planned} rows · {} rejected · {:.0} rows/s · {:.1} MB written",
+            c.rows_read.load(Relaxed),
+            written,
+            c.rows_skipped.load(Relaxed),
+            c.rows_rejected.load(Relaxed),
+            written as f64 / secs,
+            c.bytes_written.load(Relaxed) as f64 / 1e6
+        );
+    }
+
+    /// Refreshes until `stop()`; call on its own thread.
+    pub fn run_ticker(&self) {
+        let mut last_line = Instant::now();
+        while !self.done.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            self.refresh();
+            if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
+                self.plain_line();
+                last_line = Instant::now();
+            }
+        }
+    }
+
+    pub fn stop(&self) {
+        self.done.store(true, Relaxed);
+        self.refresh();
+        if let Some((mp, e, t, i)) = &self.bars {
+            for b in [e, t, i] {
+                b.abandon();
+            }
+            let _ = mp.clear();
+        }
+    }
+}
+
+/// Per-stage totals of one run, printed as a table and written with --report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StageReport {
+    pub stage: String,
+    pub rows: u64,
+    pub rejected: u64,
+    pub skipped_committed: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub job: String,
+    pub command: String,
+    pub ok: bool,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub stages: Vec<StageReport>,
+    pub chunks_total: u64,
+    pub chunks_committed: u64,
+    pub chunks_skipped: u64,
+    pub chunks_pending: u64,
+    pub rows_rejected_total: u64,
+    pub load_seconds: f64,
+    pub finish_seconds: f64,
+    pub total_seconds: f64,
+    pub rows_per_second: f64,
+    pub peak_rss_mb: f64,
+    pub vectors_exact: bool,
+    pub notes: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<10} {:>12} {:>10} {:>12} {:>12} {:>9}\n",
+            "stage", "rows", "rejected", "skipped", "MB", "seconds"
+        );
+        for st in &self.stages {
+            s += &format!(
+                "{:<10} {:>12} {:>10} {:>12} {:>12.1} {:>9.2}\n",
+                st.stage,
+                st.rows,
+                st.rejected,
+                st.skipped_committed,
+                st.bytes as f64 / 1e6,
+                st.seconds
+            );
+        }
+        s += &format!(
+            "chunks: {} total, {} committed now, {} already committed, {} pending · {:.0} rows/s · peak RSS {:.0} MB · {:.1}s",
+            self.chunks_total,
+            self.chunks_committed,
+            self.chunks_skipped,
+            self.chunks_pending,
+            self.rows_per_second,
+            self.peak_rss_mb,
+            self.total_seconds
+        );
+        s
+    }
+}
+
+/// Peak resident set size of this process, from /proc (MB).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,187 @@
+//! Table specification: what a table looks like, independent of the backend
+//! that holds it. Discovered live from a catalog, stored in manifests, and
+//! mapped to the Arrow schema that travels between stages.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use serde::{Deserialize, Serialize};
+
+/// Logical column type. Vectors travel as `FixedSizeList<Float32, dim>`;
+/// halfvec is widened to Float32 (exact) and narrowed again at a halfvec target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ColumnType {
+    Int16,
+    Int32,
+    Int64,
+    Float32,
+    Float64,
+    Bool,
+    /// Text; `max_chars` is the declared length limit (varchar(n)), if any.
+    Text { max_chars: Option<u32> },
+    Json { binary: bool },
+    /// Timestamp in microseconds; `utc` = with time zone.
+    Timestamp { utc: bool },
+    Vector { dim: u32 },
+    HalfVec { dim: u32 },
+}
+
+impl ColumnType {
+    pub fn is_vector(&self) -> bool {
+        matches!(self, ColumnType::Vector { .. } | ColumnType::HalfVec { .. })
+    }
+
+    pub fn vector_dim(&self) -> Option<u32> {
+        match self {
+            ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => Some(*dim),
+            _ => None,
+        }
+    }
+
+    pub fn arrow_type(&self) -> DataType {
+        match self {
+            ColumnType::Int16 => DataType::Int16,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float32 => DataType::Float32,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::Text { .. } | ColumnType::Json { .. } => DataType::Utf8,
+            ColumnType::Timestamp { utc } => {
+                DataType::Timestamp(TimeUnit::Microsecond, utc.then(|| Arc::from("UTC")))
+            }
+            ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => vector_arrow_type(*dim),
+        }
+    }
+}
+
+pub fn vector_item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::Float32, false))
+}
+
+pub fn vector_arrow_type(dim: u32) -> DataType {
+    DataType::FixedSizeList(vector_item_field(), dim as i32)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnSpec {
+    pub name: String,
+    #[serde(flatten)]
+    pub ty: ColumnType,
+    pub nullable: bool,
+    /// Filled by the database when omitted: a sequence / AUTO_INCREMENT.
+    #[serde(default)]
+    pub auto_increment: bool,
+    /// DEFAULT CURRENT_TIMESTAMP (FastGPT's createtime).
+    #[serde(default)]
+    pub default_now: bool,
+}
+
+/// Vector index metric, named as pgvector's opclasses / OceanBase distances / Milvus metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    InnerProduct,
+    Cosine,
+    L2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum IndexKind {
+    /// Ordinary (btree) index over `columns`.
+    Btree { unique: bool },
+    /// HNSW vector index over the single vector column.
+    Hnsw { metric: Metric, m: u32, ef_construction: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexSpec {
+    pub name: String,
+    pub columns: Vec<String>,
+    #[serde(flatten)]
+    pub kind: IndexKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSpec {
+    pub name: String,
+    pub columns: Vec<ColumnSpec>,
+    /// Single-column integer primary key (FastGPT's `id`).
+    pub primary_key: String,
+    /// Secondary indexes (not the primary key).
+    #[serde(default)]
+    pub indexes: Vec<IndexSpec>,
+}
+
+impl TableSpec {
+    pub fn column(&self, name: &str) -> Option<&ColumnSpec> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn pk_index(&self) -> usize {
+        self.columns
+            .iter()
+            .position(|c| c.name == self.primary_key)
+            .expect("primary key is one of the columns")
+    }
+
+    pub fn vector_column(&self) -> Option<&ColumnSpec> {
+        self.columns.iter().find(|c| c.ty.is_vector())
+    }
+
+    pub fn arrow_schema(&self) -> SchemaRef {
+        Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .map(|c| Field::new(&c.name, c.ty.arrow_type(), c.nullable))
+                .collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Checks the invariants the pipeline relies on, with a message a user can act on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let pk = self.column(&self.primary_key).ok_or_else(|| {
+            anyhow::anyhow!("table {}: primary key column {} not found", self.name, self.primary_key)
+        })?;
+        if !matches!(pk.ty, ColumnType::Int64 | ColumnType::Int32 | ColumnType::Int16) {
+            anyhow::bail!(
+                "table {}: primary key {} must be an integer column (string keys are not supported yet)",
+                self.name,
+                self.primary_key
+            );
+        }
+        if self.vector_column().is_none() {
+            anyhow::bail!("table {}: no vector column found", self.name);
+        }
+        Ok(())
+    }
+
+    /// Column names of `self` in the order of `other`'s columns (for comparing
+    /// two tables that hold the same data). Errors on a missing column.
+    pub fn same_columns_as(&self, other: &TableSpec) -> anyhow::Result<()> {
+        for c in &other.columns {
+            let mine = self.column(&c.name).ok_or_else(|| {
+                anyhow::anyhow!("target table {} has no column {}", self.name, c.name)
+            })?;
+            let compatible = match (&c.ty, &mine.ty) {
+                (a, b) if a == b => true,
+                (ColumnType::Text { .. }, ColumnType::Text { .. }) => true,
+                (ColumnType::Json { .. }, ColumnType::Json { .. }) => true,
+                (a, b) if a.is_vector() && b.is_vector() => a.vector_dim() == b.vector_dim(),
+                (ColumnType::Timestamp { .. }, ColumnType::Timestamp { .. }) => true,
+                _ => false,
+            };
+            if !compatible {
+                anyhow::bail!(
+                    "column {}: source type {:?} cannot be written to target type {:?}",
+                    c.name,
+                    c.ty,
+                    mine.ty
+                );
+            }
+        }
+        Ok(())
+    }
+}
