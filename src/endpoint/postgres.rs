@@ -756,7 +756,19 @@ impl Sink for PgSink {
 
     fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
         let mut spec = self.target_spec();
-        spec.indexes = source.indexes.clone();
+        // Index names are unique per schema: a renamed table gets renamed indexes.
+        spec.indexes = source
+            .indexes
+            .iter()
+            .map(|ix| {
+                let mut ix = ix.clone();
+                if source.name != self.table.name {
+                    let base = ix.name.strip_prefix(&format!("{}_", source.name)).unwrap_or(&ix.name).to_string();
+                    ix.name = format!("{}_{base}", self.table.name);
+                }
+                ix
+            })
+            .collect();
         let t = self.table.sql();
         let _ = plan;
         self.handle.block_on(async {

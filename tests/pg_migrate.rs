@@ -1,0 +1,96 @@
+//! PostgreSQL → PostgreSQL, directly and through staging, against real servers.
+mod common;
+use common::*;
+
+#[test]
+fn direct_migration_is_exact_with_indexes_and_sequence() {
+    let (src, dst) = dbs("direct1536");
+    ok(&["generate", "--to", &src, "--rows", "1500", "--dim", "1536"]);
+    let state = tempdir();
+    let report = state.path().join("report.json");
+    ok(&[
+        "migrate", "--from", &src, "--to", &dst, "--chunk-rows", "400", "--workers", "2",
+        "--state-root", state.path().to_str().unwrap(), "--report", report.to_str().unwrap(),
+    ]);
+    assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 1500);
+    let out = ok(&["verify", "--from", &src, "--to", &dst, "--chunk-rows", "333"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("all rows equal"));
+
+    // Indexes mirror the source's, HNSW parameters and opclass included.
+    let rt = rt();
+    let defs: Vec<String> = rt.block_on(async {
+        client(&dst).await.query("SELECT indexdef FROM pg_indexes WHERE tablename = 'modeldata'", &[]).await.unwrap()
+            .iter().map(|r| r.get(0)).collect()
+    });
+    assert!(defs.iter().any(|d| d.contains("hnsw") && d.contains("vector_ip_ops") && d.contains("m='32'") && d.contains("ef_construction='128'")), "{defs:?}");
+    assert!(defs.iter().any(|d| d.contains("(team_id, dataset_id, collection_id)")), "{defs:?}");
+    assert!(defs.iter().any(|d| d.contains("(createtime)")), "{defs:?}");
+
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["stages"][2]["rows"], 1500);
+    assert_eq!(r["chunks_total"], 4);
+
+
+    // A second run finds everything committed and writes nothing.
+    let out = ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "400", "--state-root", state.path().to_str().unwrap()]);
+    assert!(stderr(&out).contains("already committed"), "{}", stderr(&out));
+    // The application's next id does not collide.
+    let max = query_i64(&dst, "SELECT max(id) FROM modeldata");
+    exec(&dst, "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) SELECT vector, 't', 'd', 'c' FROM modeldata LIMIT 1");
+    assert!(query_i64(&dst, "SELECT max(id) FROM modeldata") > max);
+
+    // verify notices a changed row and names its id.
+    exec(&dst, "UPDATE modeldata SET team_id = 'changed' WHERE id = (SELECT min(id) FROM modeldata)");
+    let out = vmig(&["verify", "--from", &src, "--to", &dst]);
+    assert_eq!(out.status.code(), Some(1));
+    let min = query_i64(&src, "SELECT min(id) FROM modeldata");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("different ids [{min}]")));
+}
+
+#[test]
+fn halfvec_small_dimension_round_trips_bit_exact() {
+    let (src, dst) = dbs("halfvec8");
+    ok(&["generate", "--to", &src, "--rows", "900", "--dim", "8", "--halfvec"]);
+    let state = tempdir();
+    ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "250", "--state-root", state.path().to_str().unwrap()]);
+    assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 900);
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'modeldata'::regclass AND format_type(atttypid, atttypmod) = 'halfvec(8)'"), 1);
+    ok(&["verify", "--from", &src, "--to", &dst]);
+}
+
+#[test]
+fn non_empty_target_is_refused_unless_policy_given() {
+    let (src, dst) = dbs("guard");
+    ok(&["generate", "--to", &src, "--rows", "300", "--dim", "16"]);
+    ok(&["generate", "--to", &dst, "--rows", "10", "--dim", "16", "--seed", "7"]);
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let out = vmig(&["migrate", "--from", &src, "--to", &dst, "--state-root", sr]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--on-existing"), "{}", stderr(&out));
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 10);
+    ok(&["migrate", "--from", &src, "--to", &dst, "--state-root", sr, "--on-existing", "truncate"]);
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+}
+
+#[test]
+fn tee_through_staging_and_pipeline_file() {
+    let (src, dst) = dbs("tee");
+    ok(&["generate", "--to", &src, "--rows", "700", "--dim", "32"]);
+    let dir = tempdir();
+    let staging = dir.path().join("st");
+    let pipeline = dir.path().join("p.json");
+    std::fs::write(&pipeline, serde_json::json!({"from": "env:TEE_SRC", "to": "env:TEE_DST", "table": "modeldata",
+        "staging": staging, "chunk_rows": 200}).to_string()).unwrap();
+    let out = std::process::Command::new(VMIG).args(["migrate", "--config", pipeline.to_str().unwrap()])
+        .env("TEE_SRC", &src).env("TEE_DST", &dst).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+    ok(&["verify", "--from", &src, "--staging", staging.to_str().unwrap()]);
+    // No secret reaches the manifest or status files.
+    for f in ["manifest.json", "status-migrate.json"] {
+        let text = std::fs::read_to_string(staging.join(f)).unwrap();
+        assert!(!text.contains(":postgres@"), "{f} leaks the password");
+    }
+}
