@@ -131,3 +131,52 @@ pub fn assert_same_rows(a_url: &str, a_table: &str, b_url: &str, b_table: &str) 
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
+
+/// A throwaway PostgreSQL cluster of the test's own, so a test can stop it.
+pub struct PrivateCluster {
+    pub dir: std::path::PathBuf,
+    pub url: String,
+    bin: String,
+}
+
+fn as_pg_user(cmd: &str, args: &[&str]) -> std::process::ExitStatus {
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut c = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", &std::env::var("VMIG_PG_OS_USER").unwrap_or("vmigdb".into()), "--", cmd]);
+        c
+    } else {
+        Command::new(cmd)
+    };
+    c.args(args).stdout(std::process::Stdio::null()).status().unwrap()
+}
+
+impl PrivateCluster {
+    pub fn start(name: &str, port: u16) -> Self {
+        let bin = std::env::var("VMIG_PG_BIN").expect("VMIG_PG_BIN (run through scripts/test.sh)");
+        let dir = std::env::temp_dir().join(format!("vmig-test-{name}-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            Command::new("chown").args(["-R", "vmigdb", dir.to_str().unwrap()]).status().unwrap();
+        }
+        let data = dir.join("data");
+        assert!(as_pg_user(&format!("{bin}/initdb"), &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]).success());
+        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}", dir.display());
+        assert!(as_pg_user(&format!("{bin}/pg_ctl"), &["-D", data.to_str().unwrap(), "-o", &opts, "-l", dir.join("log").to_str().unwrap(), "-w", "start"]).success());
+        let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
+        exec(&url, "CREATE EXTENSION vector");
+        PrivateCluster { dir, url, bin }
+    }
+
+    pub fn stop(&self) {
+        as_pg_user(&format!("{}/pg_ctl", self.bin), &["-D", self.dir.join("data").to_str().unwrap(), "-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
