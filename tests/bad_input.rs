@@ -1,0 +1,120 @@
+//! Bad rows go to rejects/ with chunk, id and reason; bad settings give one clear line.
+mod common;
+use common::*;
+
+use arrow::array::{AsArray, Float32Array};
+use arrow::datatypes::Int64Type;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// (id, reason) of every rejected row under `dir`.
+fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("rejects")).unwrap() {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap() {
+            let b = b.unwrap();
+            let ids = b.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+            let reasons = b.column_by_name("vmig_reason").unwrap().as_string::<i32>().clone();
+            for i in 0..b.num_rows() {
+                out.push((ids.value(i), reasons.value(i).to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn wrong_dimension_null_vector_and_long_strings_are_rejected_not_lost() {
+    let (src, dst) = dbs("badrows");
+    exec(&src, "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR, team_id VARCHAR(50) NOT NULL, \
+        dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+        INSERT INTO modeldata (id, vector, team_id, dataset_id, collection_id)
+          SELECT i, ARRAY[i, 1, 2, 3]::real[]::vector, 'team', 'd', 'c' FROM generate_series(1, 300) i;
+        INSERT INTO modeldata (id, vector, team_id, dataset_id, collection_id) VALUES
+          (1001, '[1,2,3]', 'team', 'd', 'c'), (1002, NULL, 'team', 'd', 'c'), (1003, '[1,2,3,4]', 'team-too-long', 'd', 'c');");
+    // The target exists with a narrower team_id.
+    exec(&dst, "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR(4), team_id VARCHAR(8) NOT NULL, \
+        dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)");
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let out = vmig(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "100", "--state-root", sr, "--job", "bad"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("3 rows rejected"), "{}", stderr(&out));
+    let r = rejects(&state.path().join("bad"));
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert_eq!(r[0].0, 1001);
+    assert!(r[0].1.contains("3 dimensions"), "{r:?}");
+    assert_eq!(r[1].0, 1002);
+    assert!(r[1].1.contains("NULL"), "{r:?}");
+    assert_eq!(r[2].0, 1003);
+    assert!(r[2].1.contains("13 characters") && r[2].1.contains("allows 8"), "{r:?}");
+    // Every good row arrived; the rejected ones did not.
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 300);
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata WHERE id > 1000"), 0);
+    // Accepting the rejects makes the (resumed) run a success.
+    ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "100", "--state-root", sr, "--job", "bad", "--max-rejects", "3"]);
+}
+
+#[test]
+fn nan_in_staged_vectors_is_rejected_with_its_id() {
+    let (src, dst) = dbs("nanrows");
+    ok(&["generate", "--to", &src, "--rows", "50", "--dim", "8"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    ok(&["export", "--from", &src, "--staging", st.to_str().unwrap(), "--chunk-rows", "1000"]);
+    // Rewrite the chunk as another tool might have: row 5 gets a NaN, row 9 an infinity.
+    let path = st.join("chunks/000000.parquet");
+    let batch = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap()
+        .next().unwrap().unwrap();
+    let vec_col = batch.column_by_name("vector").unwrap().as_fixed_size_list().clone();
+    let mut values: Vec<f32> = vec_col.values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+    values[5 * 8 + 2] = f32::NAN;
+    values[9 * 8] = f32::INFINITY;
+    let new_vec = arrow::array::FixedSizeListArray::new(vmig::schema::vector_item_field(), 8, std::sync::Arc::new(Float32Array::from(values)), None);
+    let mut cols = batch.columns().to_vec();
+    cols[1] = std::sync::Arc::new(new_vec);
+    let bad = arrow::record_batch::RecordBatch::try_new(batch.schema(), cols).unwrap();
+    let manifest = vmig::endpoint::staging::Manifest::load(&st).unwrap().unwrap();
+    let props = vmig::endpoint::staging::writer_properties(&manifest.table).unwrap();
+    let mut w = vmig::endpoint::staging::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
+    w.write(&bad).unwrap();
+    let (bytes, sha) = w.finish().unwrap();
+    let marker = st.join("chunks/000000.commit.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+    m["bytes"] = bytes.into();
+    m["sha256"] = sha.into();
+    std::fs::write(&marker, m.to_string()).unwrap();
+
+    let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+    let out = vmig(&["import", "--staging", st.to_str().unwrap(), "--to", &dst]);
+    assert_eq!(out.status.code(), Some(1));
+    let r = rejects(&st);
+    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![ids.value(5), ids.value(9)]);
+    assert!(r[0].1.contains("NaN") && r[1].1.contains("inf"), "{r:?}");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 48);
+}
+
+fn one_clear_line(out: &std::process::Output, expect: &str) {
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(out);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line: {err}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains(expect), "{err}");
+    assert!(!err.contains("s3cret") && !err.contains(":postgres@"), "secret leaked: {err}");
+}
+
+#[test]
+fn unreachable_wrong_password_missing_table_missing_extension() {
+    let (src, _) = dbs("errs");
+    ok(&["generate", "--to", &src, "--rows", "5", "--dim", "4"]);
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let dst = with_db(&target_base(), "errs_dst");
+    one_clear_line(&vmig(&["migrate", "--from", "postgresql://postgres:s3cret@127.0.0.1:1/x", "--to", &dst, "--state-root", sr]), "cannot connect");
+    let wrong = src.replace("postgres:postgres@", "postgres:s3cret@");
+    one_clear_line(&vmig(&["migrate", "--from", &wrong, "--to", &dst, "--state-root", sr]), "password authentication failed");
+    one_clear_line(&vmig(&["migrate", "--from", &src, "--to", &dst, "--table", "nosuch", "--state-root", sr]), "does not exist");
+    let novector = fresh_db(&target_base(), "errs_novec", false);
+    one_clear_line(&vmig(&["migrate", "--from", &src, "--to", &novector, "--state-root", sr]), "pgvector");
+}
