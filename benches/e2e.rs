@@ -1,1 +1,133 @@
-fn main(){}
+//! End-to-end benchmark against the real local databases (scripts/dbs.sh start):
+//!
+//!     BENCH_ROWS=200000 cargo bench --bench e2e
+//!
+//! Measured in the same run: the raw ceiling (binary COPY OUT piped straight
+//! into binary COPY IN between the two clusters, no pipeline), `vmig migrate`,
+//! `vmig export`, `vmig import`; rows/s, MB/s, ratio to the ceiling, peak RSS.
+
+use std::process::Command;
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::NoTls;
+
+const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn with_db(base: &str, db: &str) -> String {
+    format!("{}/{db}", base.rsplit_once('/').unwrap().0)
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect (is scripts/dbs.sh start running?)");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+async fn fresh_db(base: &str, db: &str) -> String {
+    let c = client(base).await;
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let url = with_db(base, db);
+    client(&url).await.batch_execute("CREATE EXTENSION vector").await.unwrap();
+    url
+}
+
+/// Runs vmig, returning (seconds, peak RSS MB) from wait4's rusage.
+fn run_vmig(args: &[&str]) -> (f64, f64) {
+    let started = Instant::now();
+    let child = Command::new(VMIG).args(args).spawn().expect("spawn vmig");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "vmig {args:?} failed");
+    (started.elapsed().as_secs_f64(), usage.ru_maxrss as f64 / 1024.0)
+}
+
+fn load_seconds(report: &std::path::Path) -> f64 {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    r["load_seconds"].as_f64().unwrap()
+}
+
+fn main() {
+    let rows: u64 = env_or("BENCH_ROWS", "200000").parse().unwrap();
+    let dim: u32 = env_or("BENCH_DIM", "1536").parse().unwrap();
+    let src_base = env_or("VMIG_TEST_PG_SOURCE", "postgresql://postgres:postgres@127.0.0.1:55432/postgres");
+    let dst_base = env_or("VMIG_TEST_PG_TARGET", "postgresql://postgres:postgres@127.0.0.1:55433/postgres");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let src = rt.block_on(fresh_db(&src_base, "bench_src"));
+    let rows_s = rows.to_string();
+    let dim_s = dim.to_string();
+    eprintln!("generating {rows} rows of {dim}-d …");
+    run_vmig(&["generate", "--to", &src, "--rows", &rows_s, "--dim", &dim_s, "--no-vector-index"]);
+    let mb = rows as f64 * (dim as f64 * 4.0 + 100.0) / 1e6;
+
+    // Raw ceiling: COPY OUT (binary) piped into COPY IN (binary), one stream.
+    let raw_dst = rt.block_on(fresh_db(&dst_base, "bench_raw"));
+    let raw_secs = rt.block_on(async {
+        let s = client(&src).await;
+        let d = client(&raw_dst).await;
+        d.batch_execute(&format!(
+            "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR({dim}) NOT NULL, team_id VARCHAR(50) NOT NULL, \
+             dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
+        ))
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let out = s.copy_out("COPY (SELECT id, vector, team_id, dataset_id, collection_id, createtime FROM modeldata ORDER BY id) TO STDOUT (FORMAT binary)").await.unwrap();
+        let sink = d.copy_in::<_, bytes::Bytes>("COPY modeldata FROM STDIN (FORMAT binary)").await.unwrap();
+        let mut out = std::pin::pin!(out);
+        let mut sink = std::pin::pin!(sink);
+        while let Some(chunk) = out.next().await {
+            sink.send(chunk.unwrap()).await.unwrap();
+        }
+        let n = sink.as_mut().finish().await.unwrap();
+        assert_eq!(n, rows);
+        started.elapsed().as_secs_f64()
+    });
+
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let state_s = state.to_str().unwrap();
+    let mig_dst = rt.block_on(fresh_db(&dst_base, "bench_migrate"));
+    let mig_report = tmp.path().join("migrate.json");
+    let (mig_total, mig_rss) = run_vmig(&["migrate", "--from", &src, "--to", &mig_dst, "--state-root", state_s, "--quiet", "--report", mig_report.to_str().unwrap()]);
+    let mig_load = load_seconds(&mig_report);
+
+    let staging = tmp.path().join("st");
+    let exp_report = tmp.path().join("export.json");
+    let (exp_total, exp_rss) = run_vmig(&["export", "--from", &src, "--staging", staging.to_str().unwrap(), "--quiet", "--report", exp_report.to_str().unwrap()]);
+    let imp_dst = rt.block_on(fresh_db(&dst_base, "bench_import"));
+    let imp_report = tmp.path().join("import.json");
+    let (imp_total, imp_rss) = run_vmig(&["import", "--staging", staging.to_str().unwrap(), "--to", &imp_dst, "--quiet", "--report", imp_report.to_str().unwrap()]);
+    let staged_bytes: u64 = std::fs::read_dir(staging.join("chunks")).unwrap()
+        .filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+        .map(|e| e.metadata().unwrap().len()).sum();
+
+    println!("\nvmig e2e benchmark: {rows} rows × {dim}-d (≈{mb:.0} MB of row data), PostgreSQL 18 → PostgreSQL 18 on loopback");
+    println!("{:<34} {:>10} {:>10} {:>9} {:>12}", "path", "rows/s", "MB/s", "vs raw", "peak RSS MB");
+    let raw_rate = rows as f64 / raw_secs;
+    let line = |name: &str, secs: f64, rss: Option<f64>| {
+        let rate = rows as f64 / secs;
+        println!(
+            "{:<34} {:>10.0} {:>10.1} {:>8.2}× {:>12}",
+            name, rate, mb / secs, rate / raw_rate,
+            rss.map(|r| format!("{r:.0}")).unwrap_or("-".into())
+        );
+    };
+    line("raw COPY OUT → COPY IN (ceiling)", raw_secs, None);
+    line("vmig migrate (load phase)", mig_load, Some(mig_rss));
+    line("vmig migrate (whole command)", mig_total, None);
+    line("vmig export (to Parquet)", exp_total, Some(exp_rss));
+    line("vmig import (from Parquet)", imp_total, Some(imp_rss));
+    println!("staging size: {:.1} MB = {:.2} of raw float32 vector bytes", staged_bytes as f64 / 1e6, staged_bytes as f64 / (rows as f64 * dim as f64 * 4.0));
+    let _ = load_seconds(&exp_report) + load_seconds(&imp_report);
+}

@@ -84,6 +84,13 @@ pub fn derive_job_id(table: &str, from: &str, to: &str) -> String {
     format!("{t}-{:08x}", h as u32)
 }
 
+/// Batches of about 1 MB: small enough to keep every stage busy (the
+/// database starts on a batch while the next one is decoded), large enough
+/// to amortise per-batch work. 1536-d float32 rows give ~160 rows.
+fn auto_batch_rows(row_bytes: usize) -> usize {
+    (1_000_000 / row_bytes.max(1)).clamp(64, 4096)
+}
+
 fn state_root(a: &Option<PathBuf>) -> PathBuf {
     a.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
 }
@@ -109,6 +116,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         bail!("export needs --staging DIR");
     }
     let source = open_source(&source_ep, &table, handle)?;
+    let source_spec_row_bytes = crate::pipeline::estimate_row_bytes(source.spec());
     let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
 
     let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
@@ -156,7 +164,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         job_dir,
         workers: a.workers.unwrap_or(2).max(1),
         chunk_rows: a.chunk_rows.unwrap_or(20_000).max(1),
-        batch_rows: a.batch_rows.unwrap_or(1000).max(1),
+        batch_rows: a.batch_rows.unwrap_or_else(|| auto_batch_rows(source_spec_row_bytes)).max(1),
         channel_batches: 4,
         on_existing: a.on_existing.unwrap_or_default(),
         max_rejects: a.max_rejects.unwrap_or(0),

@@ -349,7 +349,7 @@ pub fn run(
     })
 }
 
-fn estimate_row_bytes(spec: &TableSpec) -> usize {
+pub fn estimate_row_bytes(spec: &TableSpec) -> usize {
     spec.columns
         .iter()
         .map(|c| match c.ty.vector_dim() {

@@ -287,9 +287,12 @@ impl Source for StagingSource {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()> {
-        let rec = read_markers(&self.dir)?
-            .remove(&chunk.id)
-            .ok_or_else(|| anyhow!("chunk {:06} has not been exported (no commit marker)", chunk.id))?;
+        let marker = marker_path(&self.dir, chunk.id);
+        let rec: CommitRecord = match fs::read(&marker) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("chunk {:06}: commit marker is damaged", chunk.id))?,
+            Err(_) => bail!("chunk {:06} has not been exported (no commit marker)", chunk.id),
+        };
         check_chunk_file(&self.dir, &rec)?;
         let file = fs::File::open(chunk_path(&self.dir, chunk.id))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)

