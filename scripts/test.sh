@@ -5,6 +5,14 @@ cd "$(dirname "$0")/.."
 scripts/dbs.sh start
 eval "$(scripts/dbs.sh env)"
 # pyarrow and DuckDB read the staging files in the interoperability test.
-"${VMIG_VENV:-$PWD/.venv}/bin/pip" install -q --disable-pip-version-check pyarrow duckdb
-export VMIG_TEST_PYTHON="${VMIG_VENV:-$PWD/.venv}/bin/python"
-cargo test --locked -- --test-threads 2 "$@"
+"$VMIG_VENV/bin/pip" install -q --disable-pip-version-check pyarrow duckdb
+export VMIG_TEST_PYTHON="$VMIG_VENV/bin/python"
+log="$(mktemp)"
+set +e
+cargo test --locked -- --test-threads 2 "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over all test binaries.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "vmig: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 
 use vmig::cli::{Cli, Command};
-use vmig::commands::{self, EXIT_CANCELLED, open_sink, open_source, parse_side};
+use vmig::commands::{self, EXIT_CANCELLED, open_source, parse_side};
 use vmig::config::{Endpoint, redact_free_text};
 use vmig::endpoint::postgres::PgSink;
 use vmig::endpoint::staging::Manifest;
@@ -42,7 +42,6 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
     match cli.command {
-        Command::Migrate(a) | Command::Export(a) | Command::Import(a) if false => unreachable!("{a:?}"),
         Command::Migrate(a) => job_exit("migrate", a, handle, cancel),
         Command::Export(a) => job_exit("export", a, handle, cancel),
         Command::Import(a) => job_exit("import", a, handle, cancel),
@@ -98,7 +97,6 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
             } else if open_source(&ep, &a.table, handle).is_ok() {
                 bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
             }
-            let _ = open_sink; // the generic sink is used by migrations; generate writes without a ledger
             let started = std::time::Instant::now();
             vmig::generate::generate(&sink, &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
             eprintln!(

@@ -136,3 +136,32 @@ fn export_killed_resumes_and_tampered_chunks_are_refused() {
     assert!(err.contains("chunk 000003") || err.contains("chunk 000005"), "{err}");
     assert!(err.lines().filter(|l| l.starts_with("error:")).count() >= 1);
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_job_resumes() {
+    let (src, dst) = dbs("ctrlc");
+    ok(&["generate", "--to", &src, "--rows", "3000", "--dim", "16"]);
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let child = Command::new(VMIG)
+        .args(["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "200", "--rate-limit", "1500", "--state-root", sr])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger_chunks(&dst) < 2 {
+        assert!(Instant::now() < deadline, "migrate did not progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let committed = ledger_chunks(&dst);
+    assert!(committed < 15, "stopped too late ({committed} chunks)");
+    let ledger_rows = query_i64(&dst, "SELECT coalesce(sum(rows), 0)::int8 FROM vmig_ledger");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), ledger_rows, "in-flight chunks were not rolled back");
+    let out = ok(&["status", "--job", &std::fs::read_dir(state.path()).unwrap().next().unwrap().unwrap().file_name().to_string_lossy(), "--state-root", sr]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("migrate: cancelled"));
+    ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "200", "--state-root", sr]);
+    assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 3000);
+}

@@ -754,7 +754,7 @@ impl Sink for PgSink {
         }))
     }
 
-    fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
         let mut spec = self.target_spec();
         // Index names are unique per schema: a renamed table gets renamed indexes.
         spec.indexes = source
@@ -770,7 +770,6 @@ impl Sink for PgSink {
             })
             .collect();
         let t = self.table.sql();
-        let _ = plan;
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             if opts.create_indexes {
