@@ -1,6 +1,6 @@
 //! End-to-end benchmark against the real local databases (scripts/dbs.sh start):
 //!
-//!     BENCH_ROWS=200000 cargo bench --bench e2e
+//!     BENCH_ROWS=200000 cargo bench --bench e2e      (BENCH_DIM, BENCH_WORKERS too)
 //!
 //! Measured in the same run: the raw ceiling (binary COPY OUT piped straight
 //! into binary COPY IN between the two clusters, no pipeline), `vmig migrate`,
@@ -42,7 +42,14 @@ async fn fresh_db(base: &str, db: &str) -> String {
 /// Runs vmig, returning (seconds, peak RSS MB) from wait4's rusage.
 fn run_vmig(args: &[&str]) -> (f64, f64) {
     let started = Instant::now();
-    let child = Command::new(VMIG).args(args).spawn().expect("spawn vmig");
+    let mut cmd = Command::new(VMIG);
+    cmd.args(args);
+    if args[0] != "generate" {
+        if let Ok(w) = std::env::var("BENCH_WORKERS") {
+            cmd.args(["--workers", &w]);
+        }
+    }
+    let child = cmd.spawn().expect("spawn vmig");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

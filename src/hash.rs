@@ -86,9 +86,11 @@ fn encode_value(col: &ArrayRef, row: usize, buf: &mut Vec<u8>) {
 }
 
 fn push_floats(values: &ArrayRef, buf: &mut Vec<u8>) {
-    let v = values.as_primitive::<Float32Type>();
+    let v = values.as_primitive::<Float32Type>().values();
     buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    for x in v.values().iter() {
-        buf.extend_from_slice(&x.to_le_bytes());
+    let start = buf.len();
+    buf.resize(start + v.len() * 4, 0);
+    for (dst, x) in buf[start..].chunks_exact_mut(4).zip(v.iter()) {
+        dst.copy_from_slice(&x.to_le_bytes());
     }
 }

@@ -301,6 +301,7 @@ fn finish_builder(c: ColBuilder, t: &ColumnType) -> ArrayRef {
 /// column as the target type `types[i]` (e.g. float32 -> halfvec).
 pub fn encode_rows(batch: &RecordBatch, types: &[ColumnType], out: &mut BytesMut) -> Result<()> {
     let ncols = batch.num_columns();
+    out.reserve(batch.get_array_memory_size() + batch.num_rows() * ncols * 4);
     for row in 0..batch.num_rows() {
         out.put_i16(ncols as i16);
         for (col, ty) in batch.columns().iter().zip(types) {
@@ -358,13 +359,16 @@ fn encode_field(col: &ArrayRef, ty: &ColumnType, row: usize, out: &mut BytesMut)
             out.put_i32(len as i32);
             out.put_u16(n as u16);
             out.put_u16(0);
+            let start = out.len();
+            out.resize(start + len - 4, 0);
+            let dst = &mut out[start..];
             if half {
-                for &x in values {
-                    out.put_slice(&f16::from_f32(x).to_be_bytes());
+                for (d, &x) in dst.chunks_exact_mut(2).zip(values) {
+                    d.copy_from_slice(&f16::from_f32(x).to_be_bytes());
                 }
             } else {
-                for &x in values {
-                    out.put_f32(x);
+                for (d, &x) in dst.chunks_exact_mut(4).zip(values) {
+                    d.copy_from_slice(&x.to_be_bytes());
                 }
             }
         }
@@ -379,7 +383,7 @@ pub fn vector_values(col: &ArrayRef, row: usize) -> &[f32] {
             let l = col.as_fixed_size_list();
             let n = *n as usize;
             let all = l.values().as_primitive::<Float32Type>().values();
-            let start = (l.offset() + row) * n;
+            let start = l.value_offset(row) as usize;
             &all[start..start + n]
         }
         _ => {
