@@ -116,7 +116,6 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         bail!("export needs --staging DIR");
     }
     let source = open_source(&source_ep, &table, handle)?;
-    let source_spec_row_bytes = crate::pipeline::estimate_row_bytes(source.spec());
     let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
 
     let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
@@ -164,7 +163,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         job_dir,
         workers: a.workers.unwrap_or(2).max(1),
         chunk_rows: a.chunk_rows.unwrap_or(20_000).max(1),
-        batch_rows: a.batch_rows.unwrap_or_else(|| auto_batch_rows(source_spec_row_bytes)).max(1),
+        batch_rows: a.batch_rows.unwrap_or_else(|| auto_batch_rows(crate::pipeline::estimate_row_bytes(source.spec()))).max(1),
         channel_batches: 4,
         on_existing: a.on_existing.unwrap_or_default(),
         max_rejects: a.max_rejects.unwrap_or(0),

@@ -383,7 +383,7 @@ pub fn vector_values(col: &ArrayRef, row: usize) -> &[f32] {
             let l = col.as_fixed_size_list();
             let n = *n as usize;
             let all = l.values().as_primitive::<Float32Type>().values();
-            let start = l.value_offset(row) as usize;
+            let start = l.value_offset_at(row) as usize;
             &all[start..start + n]
         }
         _ => {

@@ -320,7 +320,7 @@ pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> 
     let cols: Vec<String> = ix.columns.iter().map(|c| ident(c)).collect();
     match &ix.kind {
         IndexKind::Btree { unique } => format!(
-            "CREATE {}INDEX IF NOT EXISTS {} ON {} USING btree ({})",
+            "CREATE {}INDEX {} ON {} USING btree ({})",
             if *unique { "UNIQUE " } else { "" },
             ident(&ix.name),
             table.sql(),
@@ -334,7 +334,7 @@ pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> 
                 Metric::L2 => "l2",
             };
             format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw ({} {}_{op}_ops) WITH (m = {m}, ef_construction = {ef_construction})",
+                "CREATE INDEX {} ON {} USING hnsw ({} {}_{op}_ops) WITH (m = {m}, ef_construction = {ef_construction})",
                 ident(&ix.name),
                 table.sql(),
                 cols[0],
@@ -538,6 +538,8 @@ impl PgSink {
             .collect();
         c.batch_execute("SET maintenance_work_mem = '1GB'").await.pg("setting maintenance_work_mem")?;
         for ix in &spec.indexes {
+            // Indexes this table already has are kept. No IF NOT EXISTS: a name
+            // taken by another table's index must fail, not silently skip the index.
             if existing.contains(&ix.name) {
                 continue;
             }
