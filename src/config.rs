@@ -12,6 +12,7 @@ pub const FASTGPT_ENV_NAMES: &[&str] = &["PG_URL", "OCEANBASE_URL", "SEEKDB_URL"
 #[derive(Clone, Debug)]
 pub enum Endpoint {
     Postgres(PgUrl),
+    OceanBase(ObUrl),
     Staging(PathBuf),
 }
 
@@ -63,6 +64,79 @@ impl PgUrl {
     }
 }
 
+/// How an OceanBase connection uses TLS (`?ssl-mode=`, as MySQL clients name it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Disabled,
+    /// Encrypted, certificate not checked (MySQL's REQUIRED).
+    Required,
+    /// Encrypted, certificate and host name checked.
+    VerifyIdentity,
+}
+
+/// An OceanBase / seekdb URL (`mysql://`, `oceanbase://`, `seekdb://`). The
+/// user may carry a tenant (`root@tenant`, percent-encoded in the URL).
+#[derive(Clone)]
+pub struct ObUrl {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    password: String,
+    pub database: String,
+    pub tls: TlsMode,
+}
+
+impl std::fmt::Debug for ObUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl ObUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid OceanBase URL: {e}"))?;
+        let decode =
+            |s: &str| percent_decode(s).with_context(|| "invalid percent-encoding in OceanBase URL".to_string());
+        let mut tls = TlsMode::Disabled;
+        for (k, v) in u.query_pairs() {
+            tls = match (k.to_ascii_lowercase().as_str(), v.to_ascii_lowercase().as_str()) {
+                ("ssl-mode" | "sslmode", "disabled" | "disable") => TlsMode::Disabled,
+                ("ssl-mode" | "sslmode", "required" | "require" | "preferred") | ("tls" | "ssl", "true") => {
+                    TlsMode::Required
+                }
+                ("ssl-mode" | "sslmode", "verify_identity" | "verify_ca" | "verify-full") => TlsMode::VerifyIdentity,
+                ("tls" | "ssl", "false") => TlsMode::Disabled,
+                (k, v) => bail!("unsupported OceanBase URL parameter {k}={v} (supported: ssl-mode=disabled|required|verify_identity)"),
+            };
+        }
+        let database = decode(u.path().trim_start_matches('/'))?;
+        if database.is_empty() {
+            bail!("OceanBase URL {} names no database (…:2881/DBNAME)", redact_free_text(raw));
+        }
+        Ok(ObUrl {
+            host: u.host_str().unwrap_or("127.0.0.1").to_string(),
+            port: u.port().unwrap_or(2881),
+            user: decode(u.username()).map(|s| if s.is_empty() { "root".into() } else { s })?,
+            password: decode(u.password().unwrap_or(""))?,
+            database,
+            tls,
+        })
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, db: &str) -> ObUrl {
+        ObUrl { database: db.to_string(), ..self.clone() }
+    }
+
+    pub fn redacted(&self) -> String {
+        format!("mysql://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+}
+
 fn percent_decode(s: &str) -> Result<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -88,18 +162,20 @@ impl Endpoint {
         let scheme = raw.split("://").next().unwrap_or("");
         match scheme {
             "postgres" | "postgresql" => Ok(Endpoint::Postgres(PgUrl::parse(&raw)?)),
+            "mysql" | "oceanbase" | "seekdb" => Ok(Endpoint::OceanBase(ObUrl::parse(&raw)?)),
             "staging" | "file" => Ok(Endpoint::Staging(PathBuf::from(raw.split_once("://").unwrap().1))),
             _ if !raw.contains("://") => bail!(
-                "not a database URL: {:?} (expected postgresql://…; use --staging DIR for staging directories)",
+                "not a database URL: {:?} (expected postgresql://… or mysql://…; use --staging DIR for staging directories)",
                 redact_free_text(&raw)
             ),
-            other => bail!("unsupported URL scheme {other}:// (supported: postgresql://)"),
+            other => bail!("unsupported URL scheme {other}:// (supported: postgresql://, mysql:// | oceanbase:// | seekdb://)"),
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Endpoint::Postgres(u) => u.redacted(),
+            Endpoint::OceanBase(u) => u.redacted(),
             Endpoint::Staging(p) => format!("staging:{}", p.display()),
         }
     }
@@ -173,6 +249,21 @@ mod tests {
         unsafe { std::env::set_var("VMIG_TEST_CFG_URL", "postgresql://a:b@h/d") };
         assert!(matches!(Endpoint::parse("env:VMIG_TEST_CFG_URL").unwrap(), Endpoint::Postgres(_)));
         assert!(Endpoint::parse("env:VMIG_NOT_SET_ANYWHERE").is_err());
-        assert!(Endpoint::parse("mysql://x@h/db").unwrap_err().to_string().contains("unsupported"));
+        assert!(Endpoint::parse("redis://x@h/db").unwrap_err().to_string().contains("unsupported"));
+    }
+
+    #[test]
+    fn oceanbase_urls_as_fastgpt_writes_them() {
+        let Endpoint::OceanBase(u) = Endpoint::parse("mysql://root%40tenant:p%40ss@db.example:2881/fastgpt").unwrap() else {
+            panic!("not an OceanBase URL")
+        };
+        assert_eq!((u.user.as_str(), u.password(), u.port, u.database.as_str()), ("root@tenant", "p@ss", 2881, "fastgpt"));
+        assert_eq!(u.tls, TlsMode::Disabled);
+        assert!(!format!("{u:?}").contains("p@ss"));
+        let Endpoint::OceanBase(s) = Endpoint::parse("seekdb://root@127.0.0.1/test?ssl-mode=required").unwrap() else {
+            panic!("seekdb:// is an alias")
+        };
+        assert_eq!((s.port, s.password(), s.tls), (2881, "", TlsMode::Required));
+        assert!(Endpoint::parse("oceanbase://root@h:2881/").unwrap_err().to_string().contains("names no database"));
     }
 }

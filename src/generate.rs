@@ -34,7 +34,7 @@ pub fn fastgpt_spec(table: &str, dim: u32, halfvec: bool, vector_index: bool) ->
         indexes.insert(0, IndexSpec {
             name: format!("{table}_vector_index"),
             columns: vec!["vector".into()],
-            kind: IndexKind::Hnsw { metric: Metric::InnerProduct, m: 32, ef_construction: 128 },
+            kind: IndexKind::Hnsw { metric: Metric::InnerProduct, m: 32, ef_construction: 128, quantization: None },
         });
     }
     TableSpec {

@@ -24,6 +24,11 @@ impl ContentHash {
         self.sum = self.sum.wrapping_add(row_hash);
     }
 
+    /// The hash of `self` without the rows of `other` (a subset of them).
+    pub fn without(&self, other: &ContentHash) -> ContentHash {
+        ContentHash { rows: self.rows - other.rows, sum: self.sum.wrapping_sub(other.sum) }
+    }
+
     pub fn add_batch(&mut self, batch: &RecordBatch) {
         for h in row_hashes(batch) {
             self.add_row(h);

@@ -8,7 +8,6 @@ use clap::Parser;
 use vmig::cli::{Cli, Command};
 use vmig::commands::{self, EXIT_CANCELLED, open_source, parse_side};
 use vmig::config::{Endpoint, redact_free_text};
-use vmig::endpoint::postgres::PgSink;
 use vmig::endpoint::staging::Manifest;
 
 fn main() -> ExitCode {
@@ -80,7 +79,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
                 r.chunks,
                 r.source_rows,
                 r.target_rows,
-                if r.equal { "all rows equal (ids, vectors bit-exact, every column)".to_string() } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
+                if r.equal { format!("all rows equal (ids, every column; vectors {})", r.vector_comparison) } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
             );
             if let Some(p) = &a.report {
                 std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
@@ -89,16 +88,18 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
         }
         Command::Generate(a) => {
             let ep = Endpoint::parse(&a.to)?;
-            let Endpoint::Postgres(url) = &ep else { bail!("generate needs a database URL") };
+            if matches!(ep, Endpoint::Staging(_)) {
+                bail!("generate needs a database URL");
+            }
             let spec = vmig::generate::fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
-            let sink = PgSink::open(url.clone(), &a.table, handle.clone())?;
+            let sink = commands::open_sink(&ep, &a.table, handle)?;
             if a.replace {
                 sink.drop_table()?;
             } else if open_source(&ep, &a.table, handle).is_ok() {
                 bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
             }
             let started = std::time::Instant::now();
-            vmig::generate::generate(&sink, &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
+            vmig::generate::generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
             eprintln!(
                 "generated {} rows ({}-d {}) in {} table {} in {:.1}s",
                 a.rows,

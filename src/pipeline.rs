@@ -14,12 +14,12 @@ use crossbeam_channel::bounded;
 
 use crate::endpoint::staging::Manifest;
 use crate::endpoint::{OnExisting, Sink, SinkOptions, Source};
-use crate::hash::ContentHash;
+use crate::hash::{ContentHash, row_hashes};
 use crate::ledger::{CommitRecord, JobDir, Ledger, check_ledger_matches_plan, now_rfc3339};
 use crate::plan::ChunkRange;
 use crate::progress::{ChunkFailure, Progress, Report, StageReport, Status, peak_rss_mb};
 use crate::schema::TableSpec;
-use crate::transform::{Transformer, write_rejects};
+use crate::transform::{Transformer, reject_batch, write_rejects};
 
 #[derive(Clone, Debug)]
 pub struct JobConfig {
@@ -378,6 +378,8 @@ fn run_chunk(
     let (raw_tx, raw_rx) = bounded::<RecordBatch>(cfg.channel_batches);
     let (out_tx, out_rx) = bounded::<Vec<RecordBatch>>(cfg.channel_batches);
     let counters = &progress.counters;
+    let mut refused_hash = vec![ContentHash::default(); writers.len()];
+    let mut refused_rows: Vec<Vec<RecordBatch>> = vec![Vec::new(); writers.len()];
 
     let (read_res, transform_res, write_res) = std::thread::scope(|s| {
         let reader = s.spawn(move || {
@@ -421,15 +423,34 @@ fn run_chunk(
         });
         let started = Instant::now();
         let mut write_res = Ok(());
-        for outs in out_rx.iter() {
-            for (w, b) in writers.iter_mut().zip(&outs) {
-                if let Err(e) = w.write(b) {
-                    write_res = Err(e);
-                    break;
+        'batches: for outs in out_rx.iter() {
+            for (i, (w, b)) in writers.iter_mut().zip(&outs).enumerate() {
+                match w.write(b) {
+                    Ok(refused) if refused.is_empty() => {}
+                    // Rows the target refused: out of the chunk's hash, into its rejects.
+                    Ok(refused) => {
+                        let hashes = row_hashes(b);
+                        for r in &refused {
+                            refused_hash[i].add_row(hashes[r.row]);
+                        }
+                        if i == 0 {
+                            counters.rows_rejected.fetch_add(refused.len() as u64, Relaxed);
+                        }
+                        let rows: Vec<u32> = refused.iter().map(|r| r.row as u32).collect();
+                        let reasons = refused.into_iter().map(|r| r.reason).collect();
+                        match reject_batch(chunk.id, b, &rows, reasons) {
+                            Ok(rb) => refused_rows[i].push(rb),
+                            Err(e) => {
+                                write_res = Err(e);
+                                break 'batches;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        write_res = Err(e);
+                        break 'batches; // dropping out_rx stops the transform and then the reader
+                    }
                 }
-            }
-            if write_res.is_err() {
-                break; // dropping out_rx stops the transform and then the reader
             }
         }
         drop(out_rx);
@@ -446,9 +467,12 @@ fn run_chunk(
 
     let needed: Vec<&Arc<Target>> =
         targets.iter().filter(|t| !t.committed.lock().unwrap().contains_key(&chunk.id)).collect();
-    for (((t, w), h), rj) in needed.iter().zip(writers).zip(hashes).zip(rejects) {
-        let rejected: u64 = rj.iter().map(|b| b.num_rows() as u64).sum();
-        write_rejects(&JobDir::new(&cfg.job_dir).rejects(), &format!("{}-{}", cfg.command, t.name), chunk.id, &rj)?;
+    for (i, (((t, w), h), rj)) in needed.iter().zip(writers).zip(hashes).zip(rejects).enumerate() {
+        let h = h.without(&refused_hash[i]);
+        let rejected: u64 = rj.iter().map(|b| b.num_rows() as u64).sum::<u64>() + refused_hash[i].rows;
+        let rejects_dir = JobDir::new(&cfg.job_dir).rejects();
+        write_rejects(&rejects_dir, &format!("{}-{}", cfg.command, t.name), chunk.id, &rj)?;
+        write_rejects(&rejects_dir, &format!("{}-{}-refused", cfg.command, t.name), chunk.id, &refused_rows[i])?;
         let rec = w.commit(CommitRecord {
             chunk: chunk.id,
             lo: chunk.lo,

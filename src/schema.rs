@@ -93,7 +93,15 @@ pub enum IndexKind {
     /// Ordinary (btree) index over `columns`.
     Btree { unique: bool },
     /// HNSW vector index over the single vector column.
-    Hnsw { metric: Metric, m: u32, ef_construction: u32 },
+    Hnsw {
+        metric: Metric,
+        m: u32,
+        ef_construction: u32,
+        /// OceanBase's quantised variants (`hnsw_sq`, `hnsw_bq`): "sq" or "bq".
+        /// Targets without them build a plain HNSW index.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quantization: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

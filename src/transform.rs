@@ -175,7 +175,8 @@ fn vector_as_list(arr: &ArrayRef) -> ArrayRef {
     ))
 }
 
-fn reject_batch(chunk: u32, batch: &RecordBatch, rows: &[u32], reasons: Vec<String>) -> Result<RecordBatch> {
+/// Rejected rows with their chunk and reason, vectors as List<Float32>.
+pub fn reject_batch(chunk: u32, batch: &RecordBatch, rows: &[u32], reasons: Vec<String>) -> Result<RecordBatch> {
     let picked = take_rows(batch, rows)?;
     let mut fields = vec![Field::new("vmig_chunk", DataType::Int64, false), Field::new("vmig_reason", DataType::Utf8, false)];
     let mut cols: Vec<ArrayRef> = vec![

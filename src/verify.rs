@@ -2,15 +2,16 @@
 //! counts and hashes compared; differing chunks are diffed row by row.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int64Type;
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, ListArray};
+use arrow::datatypes::{DataType, Float32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::endpoint::Source;
+use crate::endpoint::obsql::round_like_oceanbase;
 use crate::hash::row_hashes;
 use crate::plan::ChunkRange;
 
@@ -38,13 +39,41 @@ pub struct VerifyReport {
     pub target_rows: u64,
     pub differing_chunks: Vec<ChunkDiff>,
     pub equal: bool,
+    /// How vectors were compared: "bit-exact", or rounded to 6 significant
+    /// digits when a side cannot give exact vectors (OceanBase).
+    pub vector_comparison: String,
+}
+
+/// Vectors of `b` as OceanBase would print them (see `round_like_oceanbase`).
+fn round_vectors(b: &RecordBatch) -> Result<RecordBatch> {
+    let cols = b
+        .columns()
+        .iter()
+        .map(|c| -> Result<ArrayRef> {
+            match c.data_type() {
+                DataType::FixedSizeList(f, n) => {
+                    let l = c.as_fixed_size_list();
+                    let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
+                    Ok(Arc::new(FixedSizeListArray::try_new(f.clone(), *n, Arc::new(v), l.nulls().cloned())?))
+                }
+                DataType::List(f) => {
+                    let l = c.as_list::<i32>();
+                    let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
+                    Ok(Arc::new(ListArray::try_new(f.clone(), l.offsets().clone(), Arc::new(v), l.nulls().cloned())?))
+                }
+                _ => Ok(c.clone()),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(b.schema(), cols)?)
 }
 
 /// id -> row hash of one side's chunk, with rows projected to `columns` order.
-fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String]) -> Result<HashMap<i64, u64>> {
+fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], rounded: bool) -> Result<HashMap<i64, u64>> {
     let pk = &side.spec().primary_key;
     let mut rows = HashMap::new();
     side.read_chunk(chunk, 2048, &mut |b: RecordBatch| {
+        let b = if rounded { round_vectors(&b)? } else { b };
         let projected: Vec<_> = columns
             .iter()
             .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
@@ -75,6 +104,7 @@ fn first(mut v: Vec<i64>) -> Vec<i64> {
 
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
     let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let rounded = !from.vectors_exact() || !to.vectors_exact();
     let work = Mutex::new(plan.iter());
     let results = Mutex::new(Vec::new());
     let error = Mutex::new(None);
@@ -84,8 +114,8 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
                 loop {
                     let Some(chunk) = work.lock().unwrap().next().copied() else { break };
                     let res = (|| -> Result<ChunkDiff> {
-                        let a = read_side(from, &chunk, &columns)?;
-                        let b = read_side(to, &chunk, &columns)?;
+                        let a = read_side(from, &chunk, &columns, rounded)?;
+                        let b = read_side(to, &chunk, &columns, rounded)?;
                         let missing = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
                         let extra = b.keys().filter(|k| !a.contains_key(k)).copied().collect();
                         let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
@@ -129,5 +159,12 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         target_rows: all.iter().map(|d| d.target_rows).sum(),
         equal: differing.is_empty(),
         differing_chunks: differing,
+        vector_comparison: if rounded {
+            "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; \
+             max relative difference 5e-6)"
+                .into()
+        } else {
+            "bit-exact".into()
+        },
     })
 }

@@ -3,11 +3,14 @@
 //! drives them from its own worker threads (blocking calls; database
 //! backends run their async I/O on the shared tokio runtime).
 
+pub mod columns;
+pub mod obsql;
+pub mod oceanbase;
 pub mod pgcopy;
 pub mod postgres;
 pub mod staging;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +37,11 @@ pub trait Source: Send + Sync {
     fn spec(&self) -> &TableSpec;
     /// Splits the primary-key space into chunks of about `chunk_rows` rows.
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>>;
+    /// False when the source cannot hand out its vectors bit for bit
+    /// (OceanBase prints them with 6 significant digits).
+    fn vectors_exact(&self) -> bool {
+        true
+    }
     /// Streams the rows of one chunk as batches of at most `batch_rows` rows,
     /// in the source's Arrow schema (`spec().arrow_schema()`).
     fn read_chunk(
@@ -63,11 +71,62 @@ pub trait Sink: Send + Sync {
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;
     /// After all chunks: indexes, sequences, final guards.
     fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()>;
+    /// Drops the target table (`generate --replace`).
+    fn drop_table(&self) -> Result<()> {
+        bail!("{} cannot drop tables", self.describe())
+    }
+    /// Removes the job's ledger records (`reset`); returns how many.
+    fn forget_job(&self, _job: &str) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+/// A row the target refused (found by bisecting a failed batch).
+#[derive(Clone, Debug)]
+pub struct RowReject {
+    /// Row index within the batch given to `write`.
+    pub row: usize,
+    pub reason: String,
 }
 
 pub trait ChunkWriter: Send {
-    fn write(&mut self, batch: &RecordBatch) -> Result<()>;
+    /// Writes rows; returns those the target refused (they are not written).
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>>;
     /// Makes the chunk durable together with its ledger record; returns the
     /// record as stored (a sink may add bytes and checksums).
     fn commit(self: Box<Self>, record: CommitRecord) -> Result<CommitRecord>;
+}
+
+/// Guard for a target that already holds rows but has no ledger for this job.
+/// Returns true when the target must be emptied first.
+pub fn existing_rows_action(non_empty: bool, ledger_rows: u64, opts: &SinkOptions, target: &str) -> Result<bool> {
+    if ledger_rows > 0 || !non_empty {
+        return Ok(false);
+    }
+    match opts.on_existing {
+        OnExisting::Fail => bail!(
+            "target {target} already has rows and no vmig ledger for job {}; \
+             choose --on-existing upsert (keep them, replace equal ids) or truncate (empty it first)",
+            opts.job
+        ),
+        OnExisting::Truncate => Ok(true),
+        OnExisting::Upsert => Ok(false),
+    }
+}
+
+/// Guard after the load: the target must not hold rows the job did not write.
+pub fn check_final_count(target_rows: u64, ledger_rows: u64, opts: &SinkOptions, target: &str, progress: &dyn Fn(&str)) -> Result<()> {
+    if opts.job.is_empty() || target_rows <= ledger_rows {
+        return Ok(());
+    }
+    let msg = format!(
+        "target {target} has {target_rows} rows but this job wrote {ledger_rows}: {} rows did not come from the source",
+        target_rows - ledger_rows
+    );
+    if opts.on_existing == OnExisting::Upsert {
+        progress(&format!("warning: {msg} (kept, --on-existing upsert)"));
+        Ok(())
+    } else {
+        bail!("{msg}")
+    }
 }

@@ -2,22 +2,16 @@
 //! directions: pgvector's binary form is `u16 dim, u16 unused, dim × f32 BE`
 //! (halfvec: f16 BE), so vectors round-trip bit for bit.
 
-use std::sync::Arc;
-
 use anyhow::{Result, bail};
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, FixedSizeListArray, Float32Array, Float32Builder,
-    Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray, StringArray, StringBuilder,
-    TimestampMicrosecondArray,
-};
-use arrow::buffer::{NullBuffer, OffsetBuffer};
+use arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type};
 use arrow::record_batch::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use bytes::{BufMut, BytesMut};
 use half::f16;
 
-use crate::schema::{ColumnType, vector_item_field};
+use super::columns::{BatchBuilder, ColBuilder};
+use crate::schema::ColumnType;
 
 pub const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
@@ -45,79 +39,22 @@ pub fn copy_trailer() -> BytesMut {
     b
 }
 
-enum ColBuilder {
-    I16(Int16Builder),
-    I32(Int32Builder),
-    I64(Int64Builder),
-    F32(Float32Builder),
-    F64(Float64Builder),
-    Bool(BooleanBuilder),
-    Text { b: StringBuilder, jsonb: bool },
-    Ts(Vec<i64>, Vec<bool>),
-    /// Vector column; `fixed` = the catalog declares the dimension, so every
-    /// row has it and the column is a FixedSizeList, else a List.
-    Vector { dim: usize, fixed: bool, half: bool, values: Vec<f32>, offsets: Vec<i32>, valid: Vec<bool> },
-}
-
 /// Incremental decoder of a binary COPY OUT stream into record batches.
 pub struct CopyDecoder {
-    schema: SchemaRef,
-    types: Vec<ColumnType>,
-    fixed_dims: Vec<bool>,
-    cols: Vec<ColBuilder>,
+    out: BatchBuilder,
     buf: BytesMut,
     header_done: bool,
-    rows: usize,
     pub finished: bool,
 }
 
 impl CopyDecoder {
     /// `fixed_dims[i]` tells whether vector column i has a declared dimension.
     pub fn new(schema: SchemaRef, types: Vec<ColumnType>, fixed_dims: Vec<bool>) -> Self {
-        let mut d = CopyDecoder {
-            schema,
-            cols: Vec::new(),
-            types,
-            fixed_dims,
-            buf: BytesMut::new(),
-            header_done: false,
-            rows: 0,
-            finished: false,
-        };
-        d.reset_builders();
-        d
-    }
-
-    fn reset_builders(&mut self) {
-        self.rows = 0;
-        self.cols = self
-            .types
-            .iter()
-            .zip(&self.fixed_dims)
-            .map(|(t, &fixed)| match t {
-                ColumnType::Int16 => ColBuilder::I16(Int16Builder::new()),
-                ColumnType::Int32 => ColBuilder::I32(Int32Builder::new()),
-                ColumnType::Int64 => ColBuilder::I64(Int64Builder::new()),
-                ColumnType::Float32 => ColBuilder::F32(Float32Builder::new()),
-                ColumnType::Float64 => ColBuilder::F64(Float64Builder::new()),
-                ColumnType::Bool => ColBuilder::Bool(BooleanBuilder::new()),
-                ColumnType::Text { .. } => ColBuilder::Text { b: StringBuilder::new(), jsonb: false },
-                ColumnType::Json { binary } => ColBuilder::Text { b: StringBuilder::new(), jsonb: *binary },
-                ColumnType::Timestamp { .. } => ColBuilder::Ts(Vec::new(), Vec::new()),
-                ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => ColBuilder::Vector {
-                    dim: *dim as usize,
-                    fixed,
-                    half: matches!(t, ColumnType::HalfVec { .. }),
-                    values: Vec::new(),
-                    offsets: vec![0],
-                    valid: Vec::new(),
-                },
-            })
-            .collect();
+        CopyDecoder { out: BatchBuilder::new(schema, types, fixed_dims), buf: BytesMut::new(), header_done: false, finished: false }
     }
 
     pub fn rows(&self) -> usize {
-        self.rows
+        self.out.rows
     }
 
     /// Feeds bytes; decodes every complete row, calling `emit` whenever
@@ -152,7 +89,7 @@ impl CopyDecoder {
             if self.finished {
                 break;
             }
-            if self.rows >= batch_rows {
+            if self.out.rows >= batch_rows {
                 let b = self.take_batch()?;
                 emit(b)?;
             }
@@ -171,8 +108,8 @@ impl CopyDecoder {
             self.finished = true;
             return Ok(Some(2));
         }
-        if n as usize != self.cols.len() {
-            bail!("COPY row has {n} fields, expected {}", self.cols.len());
+        if n as usize != self.out.cols.len() {
+            bail!("COPY row has {n} fields, expected {}", self.out.cols.len());
         }
         // Check completeness first so builders never hold half a row.
         let mut p = 2usize;
@@ -187,31 +124,20 @@ impl CopyDecoder {
             }
         }
         let mut p = 2usize;
-        for col in self.cols.iter_mut() {
+        for col in self.out.cols.iter_mut() {
             let len = i32::from_be_bytes(b[p..p + 4].try_into().unwrap());
             p += 4;
             let field = if len < 0 { None } else { Some(&b[p..p + len as usize]) };
             p += len.max(0) as usize;
             append_field(col, field)?;
         }
-        self.rows += 1;
+        self.out.rows += 1;
         Ok(Some(p))
     }
 
     /// Builds a batch from the rows decoded so far (possibly empty).
     pub fn take_batch(&mut self) -> Result<RecordBatch> {
-        let cols = std::mem::take(&mut self.cols);
-        let types = self.types.clone();
-        let arrays: Vec<ArrayRef> = cols.into_iter().zip(&types).map(|(c, t)| finish_builder(c, t)).collect();
-        self.reset_builders();
-        let fields: Vec<_> = self
-            .schema
-            .fields()
-            .iter()
-            .zip(&arrays)
-            .map(|(f, a)| f.as_ref().clone().with_data_type(a.data_type().clone()))
-            .collect();
-        Ok(RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), arrays)?)
+        self.out.take_batch()
     }
 }
 
@@ -238,63 +164,26 @@ fn append_field(col: &mut ColBuilder, field: Option<&[u8]>) -> Result<()> {
             v.push(field.map(|f| pg_to_unix_us(i64::from_be_bytes(f.try_into().unwrap()))).unwrap_or(0));
             valid.push(field.is_some());
         }
-        ColBuilder::Vector { dim, fixed, half, values, offsets, valid } => {
+        ColBuilder::Vector { dim, fixed, half, .. } => {
+            let (dim, fixed, half) = (*dim, *fixed, *half);
             match field {
-                None => {
-                    if *fixed {
-                        values.extend(std::iter::repeat_n(0.0, *dim));
-                    }
-                    valid.push(false);
-                }
+                None => col.push_vector(None),
                 Some(f) => {
                     let n = u16::from_be_bytes([f[0], f[1]]) as usize;
-                    if *fixed && n != *dim {
+                    if fixed && n != dim {
                         bail!("vector has {n} dimensions, column declares {dim}");
                     }
                     let body = &f[4..];
-                    if *half {
-                        values.extend(body.chunks_exact(2).map(|c| f16::from_be_bytes([c[0], c[1]]).to_f32()));
+                    if half {
+                        col.push_vector(Some(&mut body.chunks_exact(2).map(|c| f16::from_be_bytes([c[0], c[1]]).to_f32())));
                     } else {
-                        values.extend(body.chunks_exact(4).map(be_f32));
+                        col.push_vector(Some(&mut body.chunks_exact(4).map(be_f32)));
                     }
-                    valid.push(true);
                 }
             }
-            offsets.push(values.len() as i32);
         }
     }
     Ok(())
-}
-
-fn nulls(valid: Vec<bool>) -> Option<NullBuffer> {
-    if valid.iter().all(|v| *v) { None } else { Some(NullBuffer::from(valid)) }
-}
-
-fn finish_builder(c: ColBuilder, t: &ColumnType) -> ArrayRef {
-    match c {
-        ColBuilder::I16(mut x) => Arc::new(x.finish()),
-        ColBuilder::I32(mut x) => Arc::new(x.finish()),
-        ColBuilder::I64(mut x) => Arc::new(x.finish()),
-        ColBuilder::F32(mut x) => Arc::new(x.finish()),
-        ColBuilder::F64(mut x) => Arc::new(x.finish()),
-        ColBuilder::Bool(mut x) => Arc::new(x.finish()),
-        ColBuilder::Text { mut b, .. } => Arc::new(b.finish()),
-        ColBuilder::Ts(v, valid) => {
-            let a = TimestampMicrosecondArray::new(v.into(), nulls(valid));
-            match t {
-                ColumnType::Timestamp { utc: true } => Arc::new(a.with_timezone("UTC")),
-                _ => Arc::new(a),
-            }
-        }
-        ColBuilder::Vector { dim, fixed, values, offsets, valid, .. } => {
-            let values = Arc::new(Float32Array::from(values));
-            if fixed {
-                Arc::new(FixedSizeListArray::new(vector_item_field(), dim as i32, values, nulls(valid)))
-            } else {
-                Arc::new(ListArray::new(vector_item_field(), OffsetBuffer::new(offsets.into()), values, nulls(valid)))
-            }
-        }
-    }
 }
 
 /// Appends `batch`'s rows to `out` in binary COPY row format, writing each

@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use tokio_postgres::{Client, CopyInSink, NoTls};
 
 use super::pgcopy::{CopyDecoder, copy_header, copy_trailer, encode_rows};
-use super::{ChunkWriter, OnExisting, Sink, SinkOptions, Source};
+use super::{ChunkWriter, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action};
 use crate::config::PgUrl;
 use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
 use crate::plan::{ChunkRange, ranges_from_bounds};
@@ -268,7 +268,7 @@ pub fn parse_index_def(name: &str, def: &str, unique: bool) -> Option<IndexSpec>
             } else {
                 return None;
             };
-            IndexKind::Hnsw { metric, m: param("m").unwrap_or(16), ef_construction: param("ef_construction").unwrap_or(64) }
+            IndexKind::Hnsw { metric, m: param("m").unwrap_or(16), ef_construction: param("ef_construction").unwrap_or(64), quantization: None }
         }
         _ => return None,
     };
@@ -326,7 +326,7 @@ pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> 
             table.sql(),
             cols.join(", ")
         ),
-        IndexKind::Hnsw { metric, m, ef_construction } => {
+        IndexKind::Hnsw { metric, m, ef_construction, .. } => {
             let half = matches!(spec.column(&ix.columns[0]).map(|c| &c.ty), Some(ColumnType::HalfVec { .. }));
             let op = match metric {
                 Metric::InnerProduct => "ip",
@@ -515,16 +515,6 @@ impl PgSink {
         self.target.lock().unwrap().clone().expect("prepare() before writing")
     }
 
-    pub fn drop_table(&self) -> Result<()> {
-        let sql = format!("DROP TABLE IF EXISTS {}", self.table.sql());
-        self.handle.block_on(async {
-            let c = self.pool.get().await?;
-            c.batch_execute(&sql).await.pg("dropping table")?;
-            self.pool.put(c);
-            Ok(())
-        })
-    }
-
     async fn create_indexes(&self, c: &Client, spec: &TableSpec, progress: &dyn Fn(&str)) -> Result<()> {
         let existing: Vec<String> = c
             .query(
@@ -589,6 +579,28 @@ impl Sink for PgSink {
         format!("{} table {}", self.url.redacted(), self.table.name)
     }
 
+    fn drop_table(&self) -> Result<()> {
+        let sql = format!("DROP TABLE IF EXISTS {}", self.table.sql());
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            c.batch_execute(&sql).await.pg("dropping table")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+
+    fn forget_job(&self, job: &str) -> Result<u64> {
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let mut n = 0;
+            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE]).await.pg("reading ledger")?.get::<_, bool>(0) {
+                n = c.execute(&format!("DELETE FROM {LEDGER_TABLE} WHERE job = $1"), &[&job]).await.pg("deleting ledger rows")?;
+            }
+            self.pool.put(c);
+            Ok(n)
+        })
+    }
+
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
         *self.upsert.lock().unwrap() = opts.on_existing == OnExisting::Upsert;
         *self.ledger.lock().unwrap() = !opts.job.is_empty();
@@ -636,20 +648,9 @@ impl Sink for PgSink {
                     .await
                     .pg("checking target")?
                     .get(0);
-                if ledger_rows == 0 && non_empty {
-                    match opts.on_existing {
-                        OnExisting::Fail => bail!(
-                            "target table {} in {} already has rows and no vmig ledger for job {}; \
-                             choose --on-existing upsert (keep them, replace equal ids) or truncate (empty it first)",
-                            self.table.name,
-                            self.url.redacted(),
-                            opts.job
-                        ),
-                        OnExisting::Truncate => {
-                            c.batch_execute(&format!("TRUNCATE {}", self.table.sql())).await.pg("truncating target")?
-                        }
-                        OnExisting::Upsert => {}
-                    }
+                let target = format!("table {} in {}", self.table.name, self.url.redacted());
+                if existing_rows_action(non_empty, ledger_rows as u64, opts, &target)? {
+                    c.batch_execute(&format!("TRUNCATE {}", self.table.sql())).await.pg("truncating target")?
                 }
             }
             self.pool.put(c);
@@ -804,18 +805,7 @@ impl Sink for PgSink {
                     .await
                     .pg("reading ledger")?
                     .get(0);
-                if target_rows > ledger_rows {
-                    let msg = format!(
-                        "target table {} has {target_rows} rows but this job wrote {ledger_rows}: {} rows did not come from the source",
-                        self.table.name,
-                        target_rows - ledger_rows
-                    );
-                    if opts.on_existing == OnExisting::Upsert {
-                        progress(&format!("warning: {msg} (kept, --on-existing upsert)"));
-                    } else {
-                        bail!("{msg}");
-                    }
-                }
+                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table.name), progress)?;
             }
             self.pool.put(c);
             Ok(())
@@ -838,14 +828,15 @@ struct PgChunkWriter {
 }
 
 impl ChunkWriter for PgChunkWriter {
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
         self.buf.clear();
         encode_rows(batch, &self.types, &mut self.buf)?;
         self.bytes += self.buf.len() as u64;
         let data = self.buf.split().freeze();
         let sink = self.sink.as_mut().unwrap();
         let id = self.chunk.id;
-        self.handle.block_on(async { sink.send(data).await.pg(&format!("writing chunk {id}")) })
+        self.handle.block_on(async { sink.send(data).await.pg(&format!("writing chunk {id}")) })?;
+        Ok(Vec::new())
     }
 
     fn commit(mut self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {

@@ -22,7 +22,7 @@ use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{ChunkWriter, Sink, SinkOptions, Source};
+use super::{ChunkWriter, Sink, SinkOptions, Source, RowReject};
 use crate::ledger::{CommitRecord, JobDir, Ledger, now_rfc3339, sync_dir, write_atomic};
 use crate::plan::ChunkRange;
 use crate::schema::TableSpec;
@@ -230,8 +230,9 @@ struct StagingChunkWriter {
 }
 
 impl ChunkWriter for StagingChunkWriter {
-    fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.file.write(batch)
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
+        self.file.write(batch)?;
+        Ok(Vec::new())
     }
 
     fn commit(self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {
@@ -275,6 +276,10 @@ impl Source for StagingSource {
 
     fn spec(&self) -> &TableSpec {
         &self.manifest.table
+    }
+
+    fn vectors_exact(&self) -> bool {
+        self.manifest.vectors_exact
     }
 
     fn plan(&self, _chunk_rows: u64) -> Result<Vec<ChunkRange>> {
