@@ -192,12 +192,27 @@ fn resolve_env_reference(arg: &str) -> Result<String> {
     }
 }
 
-/// Hides anything that looks like `user:password@` in text we echo back.
+/// Hides the password of every `scheme://user:password@host` in text we echo back.
 pub fn redact_free_text(s: &str) -> String {
-    match (s.find("://"), s.rfind('@')) {
-        (Some(a), Some(b)) if b > a => format!("{}://***{}", &s[..a], &s[b..]),
-        _ => s.to_string(),
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(rest.len());
+        let authority = &rest[..end];
+        match authority.rfind('@').and_then(|at| authority[..at].find(':').map(|colon| (colon, at))) {
+            Some((colon, at)) => {
+                out.push_str(&authority[..colon]);
+                out.push_str(":***");
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &rest[end..];
     }
+    out.push_str(rest);
+    out
 }
 
 /// Pipeline file: the same settings as the flags, in JSON. Values may be
@@ -241,7 +256,11 @@ mod tests {
         assert_eq!(d, "postgresql://u@t@db.example:5433/fast");
         assert!(!d.contains("s3cr"));
         assert!(!format!("{e:?}").contains("s3cr"));
-        assert!(!redact_free_text("mysql://root:pw@h/db").contains("pw"));
+        assert_eq!(redact_free_text("mysql://root:pw@h/db"), "mysql://root:***@h/db");
+        assert_eq!(
+            redact_free_text("cannot connect to mysql://u@h:1/db: denied for 'u'@'x' and postgresql://a:b:c@d"),
+            "cannot connect to mysql://u@h:1/db: denied for 'u'@'x' and postgresql://a:***@d"
+        );
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         differing_chunks: differing,
         vector_comparison: if rounded {
             "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; \
-             max relative difference 5e-6)"
+             at most 5e-6 relative)"
                 .into()
         } else {
             "bit-exact".into()

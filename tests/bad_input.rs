@@ -6,24 +6,6 @@ use arrow::array::{AsArray, Float32Array};
 use arrow::datatypes::Int64Type;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-/// (id, reason) of every rejected row under `dir`.
-fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir.join("rejects")).unwrap() {
-        let f = std::fs::File::open(e.unwrap().path()).unwrap();
-        for b in ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap() {
-            let b = b.unwrap();
-            let ids = b.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
-            let reasons = b.column_by_name("vmig_reason").unwrap().as_string::<i32>().clone();
-            for i in 0..b.num_rows() {
-                out.push((ids.value(i), reasons.value(i).to_string()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn wrong_dimension_null_vector_and_long_strings_are_rejected_not_lost() {
     let (src, dst) = dbs("badrows");

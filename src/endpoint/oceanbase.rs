@@ -136,6 +136,9 @@ fn str_literal(s: &str) -> String {
 pub struct Discovered {
     pub spec: TableSpec,
     pub skipped_indexes: Vec<String>,
+    /// Timestamp columns keeping fewer than 6 fractional digits (FastGPT's
+    /// own DDL says TIMESTAMP, i.e. whole seconds), with their precision.
+    pub coarse_timestamps: Vec<(String, u32)>,
 }
 
 fn column_type(name: &str, data_type: &str, column_type: &str, max_chars: Option<u32>) -> Result<ColumnType> {
@@ -230,7 +233,8 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
     let cols = query_strings(
         c,
         &format!(
-            "SELECT column_name, data_type, column_type, is_nullable, column_default, extra, character_maximum_length \
+            "SELECT column_name, data_type, column_type, is_nullable, column_default, extra, character_maximum_length, \
+             datetime_precision \
              FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = {t} ORDER BY ordinal_position"
         ),
         "reading table columns",
@@ -240,11 +244,16 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
         return Ok(None);
     }
     let mut columns = Vec::new();
+    let mut coarse_timestamps = Vec::new();
     for r in &cols {
         let get = |i: usize| r[i].clone().unwrap_or_default();
         let name = get(0);
         let max_chars = r[6].as_deref().and_then(|v| v.parse().ok());
         let ty = column_type(&name, &get(1), &get(2), max_chars)?;
+        let precision: u32 = r[7].as_deref().and_then(|v| v.parse().ok()).unwrap_or(6);
+        if matches!(ty, ColumnType::Timestamp { .. }) && precision < 6 {
+            coarse_timestamps.push((name.clone(), precision));
+        }
         columns.push(ColumnSpec {
             ty,
             nullable: get(3) == "YES",
@@ -273,7 +282,7 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
     let (indexes, skipped_indexes) = parse_show_create_indexes(&ddl);
     let spec = TableSpec { name: table.to_string(), columns, primary_key: pk[0].clone(), indexes };
     spec.validate()?;
-    Ok(Some(Discovered { spec, skipped_indexes }))
+    Ok(Some(Discovered { spec, skipped_indexes, coarse_timestamps }))
 }
 
 fn column_sql_type(c: &ColumnSpec) -> String {
@@ -588,6 +597,12 @@ impl Sink for ObSink {
             let spec = match discover(&mut c, &self.table).await? {
                 Some(d) => {
                     d.spec.same_columns_as(source)?;
+                    for (col, p) in &d.coarse_timestamps {
+                        eprintln!(
+                            "warning: target column {col} keeps {p} fractional digits of seconds; \
+                             finer source timestamps are rounded by OceanBase (verify will show them)"
+                        );
+                    }
                     d.spec
                 }
                 None => {
@@ -798,7 +813,15 @@ struct ObChunkWriter {
 impl ObChunkWriter {
     /// Inserts rows `rows` (encoded in `enc`, row i = `enc[ends[i-1]..ends[i]]`);
     /// on a row error, bisects to find and reject the offending rows.
-    async fn insert(&mut self, enc: &[u8], ends: &[usize], rows: std::ops::Range<usize>, rejects: &mut Vec<RowReject>) -> Result<()> {
+    /// `batch_rows[i]` is encoded row i's index in the batch.
+    async fn insert(
+        &mut self,
+        enc: &[u8],
+        ends: &[usize],
+        batch_rows: &[usize],
+        rows: std::ops::Range<usize>,
+        rejects: &mut Vec<RowReject>,
+    ) -> Result<()> {
         let mut stack = vec![rows];
         while let Some(r) = stack.pop() {
             if r.is_empty() {
@@ -818,7 +841,10 @@ impl ObChunkWriter {
                 Ok(()) => {}
                 Err(e) if is_row_error(&e) => {
                     if r.len() == 1 {
-                        rejects.push(RowReject { row: r.start, reason: format!("OceanBase refused the row: {}", ob_error_text(&e)) });
+                        rejects.push(RowReject {
+                            row: batch_rows[r.start],
+                            reason: format!("OceanBase refused the row: {}", ob_error_text(&e)),
+                        });
                     } else {
                         let mid = r.start + r.len() / 2;
                         stack.push(mid..r.end);
@@ -837,13 +863,23 @@ impl ChunkWriter for ObChunkWriter {
         let cols: Vec<ArrayRef> = batch.columns().to_vec();
         let mut enc = Vec::with_capacity(batch.get_array_memory_size() * 2 + 64);
         let mut ends = Vec::with_capacity(batch.num_rows());
+        let mut batch_rows = Vec::with_capacity(batch.num_rows());
+        let mut rejects = Vec::new();
         for row in 0..batch.num_rows() {
-            encode_row(&cols, &self.types, row, self.literal, &mut enc)
-                .with_context(|| format!("chunk {}: encoding row {row}", self.chunk.id))?;
-            ends.push(enc.len());
+            let start = enc.len();
+            match encode_row(&cols, &self.types, row, self.literal, &mut enc) {
+                Ok(()) => {
+                    ends.push(enc.len());
+                    batch_rows.push(row);
+                }
+                // A value OceanBase cannot represent (e.g. an infinite timestamp).
+                Err(e) => {
+                    enc.truncate(start);
+                    rejects.push(RowReject { row, reason: format!("cannot be written to OceanBase: {e}") });
+                }
+            }
         }
         self.bytes += enc.len() as u64;
-        let mut rejects = Vec::new();
         let handle = self.handle.clone();
         handle.block_on(async {
             // Statements of about statement_bytes each.
@@ -854,7 +890,7 @@ impl ChunkWriter for ObChunkWriter {
                 while end < ends.len() && ends[end] - base <= self.statement_bytes {
                     end += 1;
                 }
-                self.insert(&enc, &ends, start..end, &mut rejects).await?;
+                self.insert(&enc, &ends, &batch_rows, start..end, &mut rejects).await?;
                 start = end;
             }
             Ok::<_, anyhow::Error>(())

@@ -180,3 +180,162 @@ impl Drop for PrivateCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+// ---------------------------------------------------------------- OceanBase / seekdb
+
+/// The shared seekdb started by scripts/dbs.sh (user root, no password).
+pub fn seekdb_base() -> String {
+    std::env::var("VMIG_TEST_SEEKDB").unwrap_or("mysql://root@127.0.0.1:52881/test".into())
+}
+
+/// FastGPT's OCEANBASE_URL form: the user carries a tenant (`root@sys`), percent-encoded.
+pub fn tenant_form(url: &str) -> String {
+    url.replacen("mysql://root@", "mysql://root%40sys@", 1)
+}
+
+async fn ob_conn(url: &str) -> mysql_async::Conn {
+    // The test client speaks plain `root`; vmig is given the tenant form.
+    let plain = url.replacen("mysql://root%40sys@", "mysql://root@", 1);
+    let opts = mysql_async::OptsBuilder::from_opts(mysql_async::Opts::from_url(&plain).unwrap())
+        .prefer_socket(false)
+        .init(vec!["SET time_zone = '+00:00'"]);
+    mysql_async::Conn::new(opts).await.unwrap_or_else(|e| panic!("connect {plain}: {e}"))
+}
+
+pub fn ob_exec(url: &str, sql: &str) {
+    use mysql_async::prelude::Queryable;
+    rt().block_on(async { ob_conn(url).await.query_drop(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")) })
+}
+
+pub fn ob_query_i64(url: &str, sql: &str) -> i64 {
+    use mysql_async::prelude::Queryable;
+    rt().block_on(async {
+        let v: Option<i64> = ob_conn(url).await.query_first(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        v.unwrap_or(0)
+    })
+}
+
+pub fn ob_query_string(url: &str, sql: &str) -> String {
+    use mysql_async::prelude::Queryable;
+    rt().block_on(async {
+        let r: Option<mysql_async::Row> = ob_conn(url).await.query_first(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let r = r.expect("a row");
+        (0..r.len()).map(|i| r.get::<Option<String>, _>(i).flatten().unwrap_or_default()).collect::<Vec<_>>().join("\t")
+    })
+}
+
+/// A fresh database on the shared seekdb; returns its URL in the tenant form.
+pub fn fresh_ob_db(name: &str) -> String {
+    let base = seekdb_base();
+    ob_exec(&base, &format!("DROP DATABASE IF EXISTS {name}"));
+    ob_exec(&base, &format!("CREATE DATABASE {name}"));
+    tenant_form(&with_db(&base, name))
+}
+
+/// Rows of a FastGPT-shaped OceanBase table, in the same form as `rows()`:
+/// vectors parsed from OceanBase's text, timestamps as PostgreSQL prints them.
+pub fn ob_rows(url: &str, table: &str) -> Vec<Row> {
+    use mysql_async::prelude::Queryable;
+    rt().block_on(async {
+        let mut c = ob_conn(url).await;
+        let rows: Vec<(i64, String, String, String, String, Option<String>)> = c
+            .query(format!(
+                "SELECT id, vector, team_id, dataset_id, collection_id, CAST(createtime AS CHAR) FROM {table} ORDER BY id"
+            ))
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|(id, v, team_id, dataset_id, collection_id, t)| Row {
+                id,
+                vector_bits: v
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .map(|x| x.parse::<f32>().unwrap().to_bits())
+                    .collect(),
+                team_id,
+                dataset_id,
+                collection_id,
+                createtime: t.map(|t| if t.contains('.') { t.trim_end_matches('0').trim_end_matches('.').to_string() } else { t }),
+            })
+            .collect()
+    })
+}
+
+/// Rows equal in everything, vectors within OceanBase's 6 significant digits.
+pub fn assert_rows_close(a: &[Row], b: &[Row]) {
+    assert!(!a.is_empty(), "no rows");
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            (x.id, &x.team_id, &x.dataset_id, &x.collection_id, &x.createtime),
+            (y.id, &y.team_id, &y.dataset_id, &y.collection_id, &y.createtime),
+            "row {} differs",
+            x.id
+        );
+        assert_eq!(x.vector_bits.len(), y.vector_bits.len(), "row {}: dimensions differ", x.id);
+        for (p, q) in x.vector_bits.iter().zip(&y.vector_bits) {
+            let (p, q) = (f32::from_bits(*p), f32::from_bits(*q));
+            // Half a unit in the 6th digit (5e-6 relative at most) plus float32's own rounding.
+            assert!((p - q).abs() <= 5.2e-6 * p.abs().max(q.abs()), "row {}: {p} vs {q}", x.id);
+        }
+    }
+}
+
+/// A seekdb server of the test's own (so the test can stop it).
+pub struct PrivateSeekdb {
+    pub dir: std::path::PathBuf,
+    pub url: String,
+}
+
+fn dbs_script(args: &[&str]) -> bool {
+    Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dbs.sh"))
+        .args(args)
+        .env("VMIG_SEEKDB_MEMORY", "2G")
+        .status()
+        .unwrap()
+        .success()
+}
+
+impl PrivateSeekdb {
+    pub fn start(name: &str, port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmig-test-seekdb-{name}-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(dbs_script(&["seekdb-start", dir.to_str().unwrap(), &port.to_string()]), "seekdb did not start");
+        let base = format!("mysql://root@127.0.0.1:{port}/test");
+        ob_exec(&base, "CREATE DATABASE IF NOT EXISTS vmig");
+        PrivateSeekdb { dir, url: tenant_form(&with_db(&base, "vmig")) }
+    }
+
+    pub fn stop(&self) {
+        dbs_script(&["seekdb-stop", self.dir.to_str().unwrap()]);
+    }
+}
+
+impl Drop for PrivateSeekdb {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// (id, reason) of every rejected row under `dir`.
+pub fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Int64Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("rejects")).unwrap() {
+        let f = std::fs::File::open(e.unwrap().path()).unwrap();
+        for b in ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap() {
+            let b = b.unwrap();
+            let ids = b.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+            let reasons = b.column_by_name("vmig_reason").unwrap().as_string::<i32>().clone();
+            for i in 0..b.num_rows() {
+                out.push((ids.value(i), reasons.value(i).to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
