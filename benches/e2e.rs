@@ -5,12 +5,16 @@
 //! Measured in the same run: the raw ceiling (binary COPY OUT piped straight
 //! into binary COPY IN between the two clusters, no pipeline), `vmig migrate`,
 //! `vmig export`, `vmig import`; rows/s, MB/s, ratio to the ceiling, peak RSS.
+//! Then, unless BENCH_OB=0, the same for OceanBase/seekdb (see support/oceanbase.rs).
 
 use std::process::Command;
 use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::NoTls;
+
+#[path = "support/oceanbase.rs"]
+mod oceanbase;
 
 const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
 
@@ -137,4 +141,61 @@ fn main() {
     line("vmig import (from Parquet)", imp_total, Some(imp_rss));
     println!("staging size: {:.1} MB = {:.2} of raw float32 vector bytes", staged_bytes as f64 / 1e6, staged_bytes as f64 / (rows as f64 * dim as f64 * 4.0));
     let _ = load_seconds(&exp_report) + load_seconds(&imp_report);
+
+    if env_or("BENCH_OB", "1") != "0" {
+        let ob_base = env_or("VMIG_TEST_SEEKDB", "mysql://root@127.0.0.1:52881/test");
+        bench_oceanbase(&rt, &ob_base, &src, &dst_base, rows, dim, raw_rate, mb, tmp.path());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_oceanbase(
+    rt: &tokio::runtime::Runtime,
+    ob_base: &str,
+    pg_src: &str,
+    pg_dst_base: &str,
+    rows: u64,
+    dim: u32,
+    pg_raw_rate: f64,
+    mb: f64,
+    tmp: &std::path::Path,
+) {
+    eprintln!("OceanBase: raw binary-literal INSERT ceiling …");
+    let raw_db = rt.block_on(oceanbase::fresh_db(ob_base, "bench_ob_raw"));
+    let raw_insert = rt.block_on(oceanbase::raw_insert(&raw_db, rows, dim, false));
+    let text_rows = rows.min(40_000);
+    eprintln!("OceanBase: raw text-literal INSERT ({text_rows} rows) …");
+    let text_db = rt.block_on(oceanbase::fresh_db(ob_base, "bench_ob_text"));
+    let raw_text = rt.block_on(oceanbase::raw_insert(&text_db, text_rows, dim, true));
+    // The page vmig reads: 8 MiB of text at ~10 bytes per dimension.
+    let page = ((8usize << 20) / ((dim as usize * 4 + 256) * 5 / 2)).clamp(100, 20_000);
+    eprintln!("OceanBase: raw keyset read ({page} rows per page) …");
+    let raw_read = rt.block_on(oceanbase::raw_keyset_read(&raw_db, page));
+
+    let state = tmp.join("ob-state");
+    let state_s = state.to_str().unwrap();
+    let ob_mig = rt.block_on(oceanbase::fresh_db(ob_base, "bench_ob_vmig"));
+    let r1 = tmp.join("pg-ob.json");
+    let (t1, rss1) = run_vmig(&["migrate", "--from", pg_src, "--to", &ob_mig, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r1.to_str().unwrap()]);
+    let pg_ob = rows as f64 / load_seconds(&r1);
+    let pg_back = rt.block_on(fresh_db(pg_dst_base, "bench_from_ob"));
+    let r2 = tmp.join("ob-pg.json");
+    let (t2, rss2) = run_vmig(&["migrate", "--from", &ob_mig, "--to", &pg_back, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r2.to_str().unwrap()]);
+    let ob_pg = rows as f64 / load_seconds(&r2);
+
+    println!("\nvmig e2e benchmark, OceanBase (seekdb 1.4, {rows} rows × {dim}-d, ≈{mb:.0} MB), statements of {} MiB, 2 connections", oceanbase::STATEMENT_BYTES >> 20);
+    println!("{:<46} {:>10} {:>10} {:>12}", "path", "rows/s", "ratio", "peak RSS MB");
+    println!("{:<46} {:>10.0} {:>10} {:>12}", "raw INSERT, X'…' binary literals (ceiling)", raw_insert, "1.00×", "-");
+    println!("{:<46} {:>10.0} {:>9.2}× {:>12}", "raw INSERT, '[…]' text literals", raw_text, raw_text / raw_insert, "-");
+    println!("{:<46} {:>10.0} {:>10} {:>12}", "raw keyset read (ceiling)", raw_read, "1.00×", "-");
+    let slower_in = raw_insert.min(pg_raw_rate);
+    println!(
+        "{:<46} {:>10.0} {:>9.2}× {:>12.0}   (vs slower side; {:.1}× the text path; whole command {:.1}s)",
+        "vmig migrate PG → OB (load phase)", pg_ob, pg_ob / slower_in, rss1, pg_ob / raw_text, t1
+    );
+    let slower_out = raw_read.min(pg_raw_rate);
+    println!(
+        "{:<46} {:>10.0} {:>9.2}× {:>12.0}   (vs slower side; whole command {:.1}s)",
+        "vmig migrate OB → PG (load phase)", ob_pg, ob_pg / slower_out, rss2, t2
+    );
 }

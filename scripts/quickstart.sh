@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A real migration on local databases: start PostgreSQL (source and target),
-# generate a FastGPT-shaped modeldata table, export it to staging, import it
-# into the target, verify row by row and print the report.
+# A real migration on local databases: start PostgreSQL (source and target)
+# and seekdb, generate a FastGPT-shaped modeldata table, export it to staging,
+# import it into the target, migrate it on to OceanBase, verify row by row
+# and print the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-20000}"
@@ -11,6 +12,7 @@ cargo build --release --locked
 VMIG=target/release/vmig
 export PG_URL="$VMIG_TEST_PG_SOURCE"
 export TARGET_PG_URL="$VMIG_TEST_PG_TARGET"
+export OCEANBASE_URL="$VMIG_TEST_SEEKDB"
 "$VMIG" generate --to PG_URL --rows "$ROWS" --dim 1536 --replace
 # Start from a clean slate so the demo can be run again.
 "$VMIG_PG_BIN/psql" "$TARGET_PG_URL" -qc "DROP TABLE IF EXISTS modeldata, vmig_ledger" >/dev/null
@@ -20,4 +22,7 @@ rm -rf staging/fastgpt-modeldata
 "$VMIG" import --config pipelines/fastgpt-staging-import.json --report staging/quickstart-report.json
 "$VMIG" verify --from PG_URL --to env:TARGET_PG_URL
 "$VMIG" status --staging staging/fastgpt-modeldata
+# PostgreSQL -> OceanBase (seekdb). A rerun finds every chunk committed.
+"$VMIG" migrate --config pipelines/fastgpt-pg-to-oceanbase.json --on-existing truncate --state-root staging
+"$VMIG" verify --from PG_URL --to OCEANBASE_URL
 echo "report: staging/quickstart-report.json"

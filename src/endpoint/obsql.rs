@@ -239,20 +239,27 @@ pub fn parse_timestamp(s: &str) -> Result<i64> {
 
 /// Parses OceanBase's vector text `[0.1,0.333333,…]`.
 pub fn parse_vector_text(b: &[u8]) -> Result<Vec<f32>> {
-    let inner = b
-        .strip_prefix(b"[")
-        .and_then(|r| r.strip_suffix(b"]"))
-        .ok_or_else(|| anyhow!("vector text does not look like [..]: {:?}", String::from_utf8_lossy(&b[..b.len().min(40)])))?;
-    if inner.is_empty() {
-        return Ok(Vec::new());
+    let mut out = Vec::new();
+    parse_vector_into(b, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the floats of `[a,b,…]` to `out` (one pass, no intermediate splits).
+pub fn parse_vector_into(b: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    let bad = || anyhow!("vector text does not look like [..]: {:?}", String::from_utf8_lossy(&b[..b.len().min(40)]));
+    let inner = b.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")).ok_or_else(bad)?;
+    let mut rest = inner.trim_ascii_start();
+    while !rest.is_empty() {
+        let (x, used) = fast_float2::parse_partial::<f32, _>(rest).map_err(|_| bad())?;
+        out.push(x);
+        rest = rest[used..].trim_ascii_start();
+        match rest.first() {
+            Some(b',') => rest = rest[1..].trim_ascii_start(),
+            None => {}
+            Some(_) => return Err(bad()),
+        }
     }
-    inner
-        .split(|&c| c == b',')
-        .map(|x| {
-            fast_float2::parse::<f32, _>(x.trim_ascii())
-                .map_err(|_| anyhow!("{:?} is not a float", String::from_utf8_lossy(x)))
-        })
-        .collect()
+    Ok(())
 }
 
 /// The value OceanBase shows for `x`: rounded to 6 significant digits, then
@@ -280,6 +287,9 @@ mod tests {
             assert_eq!(round_like_oceanbase(x), x, "rounding must be idempotent");
         }
         assert!(parse_vector_text(b"0.1,0.2").is_err());
+        assert!(parse_vector_text(b"[0.1;0.2]").is_err());
+        assert_eq!(parse_vector_text(b"[]").unwrap(), Vec::<f32>::new());
+        assert_eq!(parse_vector_text(b"[1e-3, -2]").unwrap(), vec![0.001, -2.0]);
     }
 
     #[test]

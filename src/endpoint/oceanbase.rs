@@ -455,11 +455,16 @@ impl Source for ObSource {
                             })
                             .collect();
                         let id = fields[pk_idx].map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                        // The keyset cursor: an unreadable key would repeat the page forever.
+                        let Ok(key) = id.parse::<i64>() else {
+                            err = Some(anyhow!("primary key value {id:?} is not an integer"));
+                            return;
+                        };
                         if let Err(e) = decoder.push_row(&fields) {
                             err = Some(anyhow!("row with {} = {id}: {e}", spec.primary_key));
                             return;
                         }
-                        last = id.parse().ok();
+                        last = Some(key);
                         n += 1;
                         if decoder.rows() >= batch_rows {
                             if let Err(e) = decoder.take_batch().and_then(|b| out(b)) {
