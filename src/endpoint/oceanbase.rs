@@ -228,6 +228,13 @@ pub fn parse_show_create_indexes(ddl: &str) -> (Vec<IndexSpec>, Vec<String>) {
     (out, skipped)
 }
 
+/// The table's indexes as `parse_show_create_indexes` reads them.
+async fn table_indexes(c: &mut Conn, table: &str) -> Result<(Vec<IndexSpec>, Vec<String>)> {
+    let ddl = query_strings(c, &format!("SHOW CREATE TABLE {}", ident(table)), "reading table definition").await?;
+    let ddl = ddl.first().and_then(|r| r.get(1).cloned().flatten()).unwrap_or_default();
+    Ok(parse_show_create_indexes(&ddl))
+}
+
 pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
     let t = str_literal(table);
     let cols = query_strings(
@@ -277,9 +284,7 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
     if pk.len() != 1 {
         bail!("table {table} must have a single-column primary key (found {})", if pk.is_empty() { "none".into() } else { pk.join(", ") });
     }
-    let ddl = query_strings(c, &format!("SHOW CREATE TABLE {}", ident(table)), "reading table definition").await?;
-    let ddl = ddl.first().and_then(|r| r.get(1).cloned().flatten()).unwrap_or_default();
-    let (indexes, skipped_indexes) = parse_show_create_indexes(&ddl);
+    let (indexes, skipped_indexes) = table_indexes(c, table).await?;
     let spec = TableSpec { name: table.to_string(), columns, primary_key: pk[0].clone(), indexes };
     spec.validate()?;
     Ok(Some(Discovered { spec, skipped_indexes, coarse_timestamps }))
@@ -564,9 +569,7 @@ impl ObSink {
     }
 
     async fn create_indexes(&self, c: &mut Conn, spec: &TableSpec, progress: &dyn Fn(&str)) -> Result<()> {
-        let ddl = query_strings(c, &format!("SHOW CREATE TABLE {}", ident(&self.table)), "reading target definition").await?;
-        let ddl = ddl.first().and_then(|r| r.get(1).cloned().flatten()).unwrap_or_default();
-        let (existing, _) = parse_show_create_indexes(&ddl);
+        let (existing, _) = table_indexes(c, &self.table).await?;
         for ix in &spec.indexes {
             if existing.iter().any(|e| e.name == ix.name) {
                 continue;
