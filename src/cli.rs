@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// No progress display (the final summary is still printed).
     #[arg(long)]
     pub quiet: bool,
+    /// SQL column ↔ Milvus field mapping (pipeline file only; default: FastGPT's).
+    #[arg(skip)]
+    pub milvus_fields: Option<Vec<crate::config::FieldMap>>,
 }
 
 #[derive(Args, Debug)]

@@ -10,6 +10,8 @@ use tokio::runtime::Handle;
 
 use crate::cli::{InspectArgs, ResetArgs, RunArgs, StatusArgs};
 use crate::config::{Endpoint, PipelineFile};
+use crate::endpoint::milvus::MilvusSource;
+use crate::endpoint::milvus_sink::MilvusSink;
 use crate::endpoint::oceanbase::{ObSink, ObSource};
 use crate::endpoint::postgres::{PgSink, PgSource};
 use crate::endpoint::staging::{Manifest, StagingSink, StagingSource, check_chunk_file, read_markers};
@@ -52,6 +54,7 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.max_rejects = a.max_rejects.or(file.max_rejects);
     a.rate_limit = a.rate_limit.or(file.rate_limit);
     a.report = a.report.or(file.report);
+    a.milvus_fields = a.milvus_fields.or(file.milvus_fields);
     Ok(a)
 }
 
@@ -59,14 +62,18 @@ pub fn open_source(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dy
     Ok(match ep {
         Endpoint::Postgres(u) => Arc::new(PgSource::open(u.clone(), table, handle.clone())?),
         Endpoint::OceanBase(u) => Arc::new(ObSource::open(u.clone(), table, handle.clone())?),
+        Endpoint::Milvus(u) => Arc::new(MilvusSource::open(u.clone(), table, handle.clone())?),
         Endpoint::Staging(dir) => Arc::new(StagingSource::open(dir.clone())?),
     })
 }
 
-pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dyn Sink>> {
+/// `state_dir`: the job's local state directory (where sinks without a
+/// ledger of their own, like Milvus, keep one); None when no job runs.
+pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle, state_dir: Option<&Path>) -> Result<Arc<dyn Sink>> {
     Ok(match ep {
         Endpoint::Postgres(u) => Arc::new(PgSink::open(u.clone(), table, handle.clone())?),
         Endpoint::OceanBase(u) => Arc::new(ObSink::open(u.clone(), table, handle.clone())?),
+        Endpoint::Milvus(u) => Arc::new(MilvusSink::open(u.clone(), table, handle.clone(), state_dir)?),
         Endpoint::Staging(dir) => Arc::new(StagingSink::new(dir.clone())),
     })
 }
@@ -103,7 +110,8 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
     let a = resolve_run_args(args)?;
     let table = a.table.clone().unwrap_or_else(|| DEFAULT_TABLE.to_string());
     let need = |v: &Option<String>, flag: &str| -> Result<Endpoint> {
-        Endpoint::parse(v.as_deref().ok_or_else(|| anyhow!("{command} needs --{flag} (or VMIG_{})", flag.to_uppercase()))?)
+        let ep = Endpoint::parse(v.as_deref().ok_or_else(|| anyhow!("{command} needs --{flag} (or VMIG_{})", flag.to_uppercase()))?)?;
+        Ok(ep.with_milvus_fields(a.milvus_fields.as_ref()))
     };
     let staging = a.staging.clone();
     let (source_ep, target_ep) = match command {
@@ -120,16 +128,6 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
     }
     let source = open_source(&source_ep, &table, handle)?;
     let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
-
-    let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
-    if command != "import" {
-        if let Some(dir) = &staging {
-            sinks.push(("staging".into(), Arc::new(StagingSink::new(dir.clone()))));
-        }
-    }
-    if let Some(t) = &target_ep {
-        sinks.push(("target".into(), open_sink(t, &target_table, handle)?));
-    }
 
     let (job, job_dir) = match command {
         "import" => {
@@ -152,6 +150,16 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
             (job, dir)
         }
     };
+    let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
+    if command != "import" {
+        if let Some(dir) = &staging {
+            sinks.push(("staging".into(), Arc::new(StagingSink::new(dir.clone()))));
+        }
+    }
+    if let Some(t) = &target_ep {
+        sinks.push(("target".into(), open_sink(t, &target_table, handle, Some(&job_dir))?));
+    }
+
     let ready = match command {
         "import" => Some(StagingSource::open(job_dir.clone())?.ready_chunks()?),
         _ => None,
@@ -355,7 +363,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     }
     if let Some(t) = &target {
         // The ledger is per database, not per table.
-        let n = open_sink(t, DEFAULT_TABLE, handle)?.forget_job(&job)?;
+        let n = open_sink(t, DEFAULT_TABLE, handle, Some(&dir))?.forget_job(&job)?;
         eprintln!("deleted {n} ledger rows of job {job}");
     }
     let jd = JobDir::new(&dir);

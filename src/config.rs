@@ -13,6 +13,7 @@ pub const FASTGPT_ENV_NAMES: &[&str] = &["PG_URL", "OCEANBASE_URL", "SEEKDB_URL"
 pub enum Endpoint {
     Postgres(PgUrl),
     OceanBase(ObUrl),
+    Milvus(MilvusUrl),
     Staging(PathBuf),
 }
 
@@ -137,6 +138,104 @@ impl ObUrl {
     }
 }
 
+/// One SQL column ↔ Milvus field pair. `epoch_ms`: the SQL side is a
+/// TIMESTAMP and Milvus keeps it as Int64 epoch milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMap {
+    pub column: String,
+    pub field: String,
+    #[serde(default)]
+    pub epoch_ms: bool,
+}
+
+/// FastGPT's modeldata: snake_case columns in SQL, camelCase fields in Milvus.
+pub fn fastgpt_field_map() -> Vec<FieldMap> {
+    let m = |c: &str, f: &str, epoch_ms| FieldMap { column: c.into(), field: f.into(), epoch_ms };
+    vec![
+        m("team_id", "teamId", false),
+        m("dataset_id", "datasetId", false),
+        m("collection_id", "collectionId", false),
+        m("createtime", "createTime", true),
+    ]
+}
+
+/// The database FastGPT keeps its collections in; used when a Milvus URL names none.
+pub const MILVUS_DEFAULT_DATABASE: &str = "fastgpt";
+
+/// A Milvus address: `http://host:19530[/db]`, `https://…` (TLS),
+/// `milvus://[user:password@]host[:19530][/db][?tls=true]`. The token comes
+/// from the URL's user:password or from `MILVUS_TOKEN` (`none` = no token).
+#[derive(Clone)]
+pub struct MilvusUrl {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub database: String,
+    token: Option<String>,
+    /// Column ↔ field mapping (FastGPT's unless a pipeline file gives one).
+    pub fields: Vec<FieldMap>,
+}
+
+impl std::fmt::Debug for MilvusUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl MilvusUrl {
+    pub fn parse(raw: &str) -> Result<Self> {
+        let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid Milvus address: {e}"))?;
+        let decode = |s: &str| percent_decode(s).with_context(|| "invalid percent-encoding in Milvus address".to_string());
+        let mut tls = u.scheme() == "https";
+        for (k, v) in u.query_pairs() {
+            match (k.as_ref(), v.as_ref()) {
+                ("tls" | "secure", "true" | "1") => tls = true,
+                ("tls" | "secure", "false" | "0") => tls = false,
+                (k, v) => bail!("unsupported Milvus address parameter {k}={v} (supported: tls=true|false)"),
+            }
+        }
+        let database = decode(u.path().trim_matches('/'))?;
+        let user = decode(u.username())?;
+        let token = match (user.is_empty(), u.password()) {
+            (false, Some(p)) => Some(format!("{user}:{}", decode(p)?)),
+            (false, None) => Some(user),
+            (true, _) => std::env::var("MILVUS_TOKEN").ok().filter(|t| !t.is_empty() && t != "none"),
+        };
+        Ok(MilvusUrl {
+            host: u.host_str().unwrap_or("127.0.0.1").to_string(),
+            port: u.port().unwrap_or(19530),
+            tls,
+            database: if database.is_empty() { MILVUS_DEFAULT_DATABASE.into() } else { database },
+            token,
+            fields: fastgpt_field_map(),
+        })
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// What tonic dials.
+    pub fn grpc_address(&self) -> String {
+        format!("{}://{}:{}", if self.tls { "https" } else { "http" }, self.host, self.port)
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, db: &str) -> MilvusUrl {
+        MilvusUrl { database: db.to_string(), ..self.clone() }
+    }
+
+    pub fn redacted(&self) -> String {
+        let user = match self.token.as_deref().and_then(|t| t.split_once(':')) {
+            Some((u, _)) => format!("{u}@"),
+            None if self.token.is_some() => "(token)@".into(),
+            None => String::new(),
+        };
+        format!("milvus://{user}{}:{}/{}{}", self.host, self.port, self.database, if self.tls { "?tls=true" } else { "" })
+    }
+}
+
 fn percent_decode(s: &str) -> Result<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -163,12 +262,24 @@ impl Endpoint {
         match scheme {
             "postgres" | "postgresql" => Ok(Endpoint::Postgres(PgUrl::parse(&raw)?)),
             "mysql" | "oceanbase" | "seekdb" => Ok(Endpoint::OceanBase(ObUrl::parse(&raw)?)),
+            "milvus" | "http" | "https" => Ok(Endpoint::Milvus(MilvusUrl::parse(&raw)?)),
             "staging" | "file" => Ok(Endpoint::Staging(PathBuf::from(raw.split_once("://").unwrap().1))),
             _ if !raw.contains("://") => bail!(
-                "not a database URL: {:?} (expected postgresql://… or mysql://…; use --staging DIR for staging directories)",
+                "not a database URL: {:?} (expected postgresql://…, mysql://… or http://host:19530 for Milvus; use --staging DIR for staging directories)",
                 redact_free_text(&raw)
             ),
-            other => bail!("unsupported URL scheme {other}:// (supported: postgresql://, mysql:// | oceanbase:// | seekdb://)"),
+            other => bail!("unsupported URL scheme {other}:// (supported: postgresql://, mysql:// | oceanbase:// | seekdb://, milvus:// | http:// | https://)"),
+        }
+    }
+
+    /// Applies a pipeline file's column ↔ field mapping to a Milvus endpoint.
+    pub fn with_milvus_fields(self, fields: Option<&Vec<FieldMap>>) -> Endpoint {
+        match (self, fields) {
+            (Endpoint::Milvus(mut u), Some(f)) => {
+                u.fields = f.clone();
+                Endpoint::Milvus(u)
+            }
+            (ep, _) => ep,
         }
     }
 
@@ -176,6 +287,7 @@ impl Endpoint {
         match self {
             Endpoint::Postgres(u) => u.redacted(),
             Endpoint::OceanBase(u) => u.redacted(),
+            Endpoint::Milvus(u) => u.redacted(),
             Endpoint::Staging(p) => format!("staging:{}", p.display()),
         }
     }
@@ -235,6 +347,8 @@ pub struct PipelineFile {
     pub max_rejects: Option<u64>,
     pub rate_limit: Option<u64>,
     pub report: Option<PathBuf>,
+    /// SQL column ↔ Milvus field mapping (default: FastGPT's modeldata).
+    pub milvus_fields: Option<Vec<FieldMap>>,
 }
 
 impl PipelineFile {

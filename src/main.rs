@@ -79,7 +79,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
                 r.chunks,
                 r.source_rows,
                 r.target_rows,
-                if r.equal { format!("all rows equal (ids, every column; vectors {})", r.vector_comparison) } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
+                if r.equal { format!("all rows equal (ids, every column; vectors {}; timestamps {})", r.vector_comparison, r.timestamp_comparison) } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
             );
             if let Some(p) = &a.report {
                 std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
@@ -92,7 +92,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
                 bail!("generate needs a database URL");
             }
             let spec = vmig::generate::fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
-            let sink = commands::open_sink(&ep, &a.table, handle)?;
+            let sink = commands::open_sink(&ep, &a.table, handle, None)?;
             if a.replace {
                 sink.drop_table()?;
             } else if open_source(&ep, &a.table, handle).is_ok() {

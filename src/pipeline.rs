@@ -349,6 +349,15 @@ pub fn run(
     })
 }
 
+/// Bytes of a batch's values (a slice counts only its part of shared buffers).
+fn batch_bytes(batch: &RecordBatch) -> u64 {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.to_data().get_slice_memory_size().unwrap_or_else(|_| c.get_array_memory_size()) as u64)
+        .sum()
+}
+
 pub fn estimate_row_bytes(spec: &TableSpec) -> usize {
     spec.columns
         .iter()
@@ -392,7 +401,7 @@ fn run_chunk(
                     r.wait(batch.num_rows() as u64);
                 }
                 counters.rows_read.fetch_add(batch.num_rows() as u64, Relaxed);
-                counters.bytes_read.fetch_add(batch.get_array_memory_size() as u64, Relaxed);
+                counters.bytes_read.fetch_add(batch_bytes(&batch), Relaxed);
                 raw_tx.send(batch).map_err(|_| anyhow!("writer stopped"))
             });
             counters.read_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, ListArray};
-use arrow::datatypes::{DataType, Float32Type, Int64Type};
+use arrow::datatypes::{DataType, Float32Type, Int64Type, TimeUnit, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
@@ -42,21 +42,36 @@ pub struct VerifyReport {
     /// How vectors were compared: "bit-exact", or rounded to 6 significant
     /// digits when a side cannot give exact vectors (OceanBase).
     pub vector_comparison: String,
+    /// "exact", or "milliseconds" when a side is Milvus (epoch-ms fields).
+    pub timestamp_comparison: String,
 }
 
-/// Vectors of `b` as OceanBase would print them (see `round_like_oceanbase`).
-fn round_vectors(b: &RecordBatch) -> Result<RecordBatch> {
+/// How values are made comparable when one side cannot hold them exactly.
+#[derive(Clone, Copy, Debug, Default)]
+struct Normalise {
+    /// Vectors as OceanBase prints them (see `round_like_oceanbase`).
+    round_vectors: bool,
+    /// Timestamps floored to milliseconds (Milvus keeps epoch milliseconds).
+    timestamps_ms: bool,
+}
+
+fn normalise(b: &RecordBatch, n: Normalise) -> Result<RecordBatch> {
     let cols = b
         .columns()
         .iter()
         .map(|c| -> Result<ArrayRef> {
             match c.data_type() {
-                DataType::FixedSizeList(f, n) => {
+                DataType::Timestamp(TimeUnit::Microsecond, _) if n.timestamps_ms => {
+                    let t = c.as_primitive::<TimestampMicrosecondType>();
+                    let ms: arrow::array::TimestampMicrosecondArray = t.unary(|us| us.div_euclid(1000) * 1000);
+                    Ok(Arc::new(ms.with_data_type(c.data_type().clone())))
+                }
+                DataType::FixedSizeList(f, dim) if n.round_vectors => {
                     let l = c.as_fixed_size_list();
                     let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
-                    Ok(Arc::new(FixedSizeListArray::try_new(f.clone(), *n, Arc::new(v), l.nulls().cloned())?))
+                    Ok(Arc::new(FixedSizeListArray::try_new(f.clone(), *dim, Arc::new(v), l.nulls().cloned())?))
                 }
-                DataType::List(f) => {
+                DataType::List(f) if n.round_vectors => {
                     let l = c.as_list::<i32>();
                     let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
                     Ok(Arc::new(ListArray::try_new(f.clone(), l.offsets().clone(), Arc::new(v), l.nulls().cloned())?))
@@ -69,11 +84,11 @@ fn round_vectors(b: &RecordBatch) -> Result<RecordBatch> {
 }
 
 /// id -> row hash of one side's chunk, with rows projected to `columns` order.
-fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], rounded: bool) -> Result<HashMap<i64, u64>> {
+fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: Normalise) -> Result<HashMap<i64, u64>> {
     let pk = &side.spec().primary_key;
     let mut rows = HashMap::new();
     side.read_chunk(chunk, 2048, &mut |b: RecordBatch| {
-        let b = if rounded { round_vectors(&b)? } else { b };
+        let b = normalise(&b, norm)?;
         let projected: Vec<_> = columns
             .iter()
             .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
@@ -105,6 +120,7 @@ fn first(mut v: Vec<i64>) -> Vec<i64> {
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
     let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
     let rounded = !from.vectors_exact() || !to.vectors_exact();
+    let norm = Normalise { round_vectors: rounded, timestamps_ms: from.timestamps_ms() || to.timestamps_ms() };
     let work = Mutex::new(plan.iter());
     let results = Mutex::new(Vec::new());
     let error = Mutex::new(None);
@@ -114,8 +130,8 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
                 loop {
                     let Some(chunk) = work.lock().unwrap().next().copied() else { break };
                     let res = (|| -> Result<ChunkDiff> {
-                        let a = read_side(from, &chunk, &columns, rounded)?;
-                        let b = read_side(to, &chunk, &columns, rounded)?;
+                        let a = read_side(from, &chunk, &columns, norm)?;
+                        let b = read_side(to, &chunk, &columns, norm)?;
                         let missing = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
                         let extra = b.keys().filter(|k| !a.contains_key(k)).copied().collect();
                         let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
@@ -166,5 +182,6 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         } else {
             "bit-exact".into()
         },
+        timestamp_comparison: if norm.timestamps_ms { "milliseconds (Milvus keeps epoch milliseconds)".into() } else { "exact".into() },
     })
 }

@@ -4,6 +4,8 @@
 //! backends run their async I/O on the shared tokio runtime).
 
 pub mod columns;
+pub mod milvus;
+pub mod milvus_sink;
 pub mod obsql;
 pub mod oceanbase;
 pub mod pgcopy;
@@ -41,6 +43,11 @@ pub trait Source: Send + Sync {
     /// (OceanBase prints them with 6 significant digits).
     fn vectors_exact(&self) -> bool {
         true
+    }
+    /// True when the source keeps timestamps in milliseconds (Milvus' epoch-ms
+    /// fields): comparisons with it truncate the other side to milliseconds.
+    fn timestamps_ms(&self) -> bool {
+        false
     }
     /// Streams the rows of one chunk as batches of at most `batch_rows` rows,
     /// in the source's Arrow schema (`spec().arrow_schema()`).

@@ -1,0 +1,697 @@
+//! Milvus as a target: creates the collection (autoID off, FastGPT's index
+//! after the load), writes each chunk by `upsert` in requests sized by bytes,
+//! flushes and waits for the flush, then records the chunk in a local ledger
+//! file (Milvus has no transactions; replaying an unrecorded chunk is
+//! harmless because upsert by id is idempotent).
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType as ArrowType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use milvus::proto::common::{ConsistencyLevel, IndexState, KeyValuePair, MsgType};
+use milvus::proto::milvus::{
+    CreateCollectionRequest, CreateDatabaseRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest,
+    GetCollectionStatisticsRequest, GetFlushStateRequest, UpsertRequest,
+};
+use milvus::proto::schema::{
+    BoolArray, CollectionSchema, DataType, DoubleArray, FieldData, FieldSchema, FloatArray, IntArray, JsonArray,
+    LongArray, ScalarField, StringArray, VectorField, field_data, scalar_field, vector_field,
+};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, check_status, discover, field_of, metric_to_milvus};
+use super::{ChunkWriter, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use crate::config::{FieldMap, MilvusUrl};
+use crate::ledger::{CommitRecord, Ledger, write_atomic};
+use crate::plan::ChunkRange;
+use crate::schema::{ColumnType, IndexKind, Metric, TableSpec};
+
+/// Bytes of rows per upsert request: well under the 64 MiB gRPC limit.
+const DEFAULT_REQUEST_BYTES: usize = 16 << 20;
+const MAX_REQUEST_BYTES: usize = 60 << 20;
+pub const LEDGER_FILE: &str = "milvus-ledger.jsonl";
+
+// ---------------------------------------------------------------- local ledger
+
+#[derive(Serialize, Deserialize)]
+struct LedgerLine {
+    job: String,
+    target: String,
+    record: CommitRecord,
+}
+
+/// Append-only JSON lines in the job's state directory, one per committed
+/// chunk, fsynced before the chunk counts as committed.
+pub struct LocalLedger {
+    path: PathBuf,
+    target: String,
+    lock: Mutex<()>,
+}
+
+impl LocalLedger {
+    pub fn new(dir: &Path, target: String) -> Self {
+        LocalLedger { path: dir.join(LEDGER_FILE), target, lock: Mutex::new(()) }
+    }
+
+    fn lines(&self) -> Result<Vec<LedgerLine>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        let mut out = Vec::new();
+        let n = text.lines().count();
+        for (i, line) in text.lines().enumerate() {
+            match serde_json::from_str::<LedgerLine>(line) {
+                Ok(l) => out.push(l),
+                // A torn last line is a commit that did not finish.
+                Err(_) if i + 1 == n && !text.ends_with('\n') => {}
+                Err(e) => bail!("{} line {} is damaged: {e}", self.path.display(), i + 1),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn records(&self, job: &str) -> Result<Ledger> {
+        Ok(self
+            .lines()?
+            .into_iter()
+            .filter(|l| l.job == job && l.target == self.target)
+            .map(|l| (l.record.chunk, l.record))
+            .collect())
+    }
+
+    pub fn append(&self, job: &str, record: &CommitRecord) -> Result<()> {
+        let _g = self.lock.lock().unwrap();
+        let mut line = serde_json::to_vec(&LedgerLine { job: job.into(), target: self.target.clone(), record: record.clone() })?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        f.write_all(&line)?;
+        f.sync_data().with_context(|| format!("fsync of {}", self.path.display()))
+    }
+
+    pub fn forget(&self, job: &str) -> Result<u64> {
+        let _g = self.lock.lock().unwrap();
+        let lines = self.lines()?;
+        let (gone, kept): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.job == job && l.target == self.target);
+        if !gone.is_empty() {
+            let mut text = Vec::new();
+            for l in &kept {
+                text.extend(serde_json::to_vec(l)?);
+                text.push(b'\n');
+            }
+            write_atomic(&self.path, &text)?;
+        }
+        Ok(gone.len() as u64)
+    }
+}
+
+// ---------------------------------------------------------------- collection DDL
+
+/// The Milvus field a column becomes when vmig creates the collection.
+fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldMap]) -> Result<FieldSchema> {
+    let name = field_of(map, &col.name).to_string();
+    let is_pk = col.name == spec.primary_key;
+    let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
+    let (dt, params) = match &col.ty {
+        _ if is_pk => (DataType::Int64, vec![]),
+        ColumnType::Int64 => (DataType::Int64, vec![]),
+        ColumnType::Int32 => (DataType::Int32, vec![]),
+        ColumnType::Int16 => (DataType::Int16, vec![]),
+        ColumnType::Float32 => (DataType::Float, vec![]),
+        ColumnType::Float64 => (DataType::Double, vec![]),
+        ColumnType::Bool => (DataType::Bool, vec![]),
+        // Milvus counts bytes, SQL counts characters (up to 4 bytes each in UTF-8).
+        ColumnType::Text { max_chars } => {
+            (DataType::VarChar, vec![kv("max_length", max_chars.map_or(65_535, |n| (n.saturating_mul(4)).min(65_535)).to_string())])
+        }
+        ColumnType::Json { .. } => (DataType::Json, vec![]),
+        ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => (DataType::FloatVector, vec![kv("dim", dim.to_string())]),
+        ColumnType::Timestamp { .. } => {
+            if !map.iter().any(|m| m.column == col.name && m.epoch_ms) {
+                bail!(
+                    "column {} is a timestamp; Milvus has no timestamp type: map it to an Int64 field of epoch \
+                     milliseconds in the pipeline file (\"milvus_fields\": [{{\"column\": \"{}\", \"field\": \"…\", \"epoch_ms\": true}}])",
+                    col.name,
+                    col.name
+                );
+            }
+            (DataType::Int64, vec![])
+        }
+    };
+    Ok(FieldSchema {
+        name,
+        is_primary_key: is_pk,
+        data_type: dt as i32,
+        type_params: params,
+        auto_id: false,
+        ..Default::default()
+    })
+}
+
+fn create_collection(conn: &Milvus, name: &str, schema: CollectionSchema) -> Result<()> {
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.create_collection(CreateCollectionRequest {
+            base: base(MsgType::CreateCollection),
+            db_name: conn.url.database.clone(),
+            collection_name: name.into(),
+            schema: schema.encode_to_vec(),
+            shards_num: 1,
+            // FastGPT's (and the Node SDK's) default.
+            consistency_level: ConsistencyLevel::Bounded as i32,
+            ..Default::default()
+        }))
+        .map_err(|e| conn.rpc_error("creating the collection", e))?
+        .into_inner();
+    check_status(&Some(r), &format!("creating collection {name}"))
+}
+
+fn drop_collection(conn: &Milvus, name: &str) -> Result<()> {
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.drop_collection(DropCollectionRequest {
+            base: base(MsgType::DropCollection),
+            db_name: conn.url.database.clone(),
+            collection_name: name.into(),
+        }))
+        .map_err(|e| conn.rpc_error("dropping the collection", e))?
+        .into_inner();
+    check_status(&Some(r), &format!("dropping collection {name}"))
+}
+
+fn create_index(conn: &Milvus, collection: &str, field: &str, index_name: &str, params: Vec<KeyValuePair>) -> Result<()> {
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.create_index(CreateIndexRequest {
+            base: base(MsgType::CreateIndex),
+            db_name: conn.url.database.clone(),
+            collection_name: collection.into(),
+            field_name: field.into(),
+            extra_params: params,
+            index_name: index_name.into(),
+        }))
+        .map_err(|e| conn.rpc_error("creating an index", e))?
+        .into_inner();
+    check_status(&Some(r), &format!("creating index {index_name} on {collection}.{field}"))
+}
+
+/// Empties a collection: drop and create it again with the same schema and indexes.
+fn recreate_empty(conn: &Milvus, name: &str) -> Result<()> {
+    let mut schema = conn.describe(name)?;
+    let indexes = conn.indexes(name)?;
+    schema.fields.retain(|f| !f.is_dynamic);
+    for f in &mut schema.fields {
+        f.field_id = 0;
+    }
+    drop_collection(conn, name)?;
+    create_collection(conn, name, schema)?;
+    for ix in indexes {
+        create_index(conn, name, &ix.field_name, &ix.index_name, ix.params)?;
+    }
+    Ok(())
+}
+
+/// Rows in a collection that may not be loaded (loading needs an index).
+fn row_count(conn: &Milvus, coll: &Collection) -> Result<u64> {
+    if coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+        conn.load(&coll.spec.name)?;
+        return conn.count(&coll.spec.name);
+    }
+    // Without an index: the statistics' row count (flushed rows, deletes included).
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.get_collection_statistics(GetCollectionStatisticsRequest {
+            base: base(MsgType::GetCollectionStatistics),
+            db_name: conn.url.database.clone(),
+            collection_name: coll.spec.name.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| conn.rpc_error("reading collection statistics", e))?
+        .into_inner();
+    check_status(&r.status, "reading collection statistics")?;
+    Ok(r.stats.iter().find(|kv| kv.key == "row_count").and_then(|kv| kv.value.parse().ok()).unwrap_or(0))
+}
+
+/// Flushes the collection and waits until Milvus says the data is persisted
+/// (its flush call returns before that).
+fn flush_and_wait(conn: &Milvus, name: &str) -> Result<()> {
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.flush(FlushRequest {
+            base: base(MsgType::Flush),
+            db_name: conn.url.database.clone(),
+            collection_names: vec![name.into()],
+        }))
+        .map_err(|e| conn.rpc_error("flush", e))?
+        .into_inner();
+    check_status(&r.status, &format!("flushing {name}"))?;
+    let segments = r.coll_seg_i_ds.get(name).map(|l| l.data.clone()).unwrap_or_default();
+    let flush_ts = r.coll_flush_ts.get(name).copied().unwrap_or(0);
+    let started = Instant::now();
+    loop {
+        let s = conn
+            .block_on(c.get_flush_state(GetFlushStateRequest {
+                segment_i_ds: segments.clone(),
+                flush_ts,
+                db_name: conn.url.database.clone(),
+                collection_name: name.into(),
+            }))
+            .map_err(|e| conn.rpc_error("waiting for the flush", e))?
+            .into_inner();
+        check_status(&s.status, "waiting for the flush")?;
+        if s.flushed {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("Milvus did not finish flushing {name} within 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until every index of the collection is built.
+fn wait_for_indexes(conn: &Milvus, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let ixs = conn.indexes(name)?;
+        if let Some(f) = ixs.iter().find(|i| i.state == IndexState::Failed as i32) {
+            bail!("Milvus failed to build index {} on {name}: {}", f.index_name, f.index_state_fail_reason);
+        }
+        if ixs.iter().all(|i| i.state == IndexState::Finished as i32) {
+            return Ok(());
+        }
+        if !said && started.elapsed() > Duration::from_secs(5) {
+            progress(&format!("waiting for Milvus to build the indexes of {name}"));
+            said = true;
+        }
+        if started.elapsed() > Duration::from_secs(6 * 3600) {
+            bail!("indexes of {name} not built after 6 hours");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+fn scalars(dt: DataType, name: &str, data: scalar_field::Data) -> FieldData {
+    FieldData {
+        r#type: dt as i32,
+        field_name: name.into(),
+        field: Some(field_data::Field::Scalars(ScalarField { data: Some(data), ..Default::default() })),
+        ..Default::default()
+    }
+}
+
+/// One column as a Milvus field (rows already checked by `refused_rows`).
+fn encode_field(info: &FieldInfo, col: &dyn Array) -> Result<FieldData> {
+    use scalar_field::Data as D;
+    let cast = |t: &ArrowType| arrow::compute::cast(col, t);
+    let f = &info.field;
+    Ok(match &info.kind {
+        FieldKind::Int64 => {
+            let a = cast(&ArrowType::Int64)?;
+            scalars(DataType::Int64, f, D::LongData(LongArray { data: a.as_primitive::<Int64Type>().values().to_vec() }))
+        }
+        FieldKind::EpochMs => {
+            let a = cast(&ArrowType::Timestamp(TimeUnit::Microsecond, None))?;
+            let a = cast_to_i64(&a)?;
+            // Milvus keeps milliseconds: sub-millisecond digits are dropped (floor).
+            let ms = a.iter().map(|us| us.div_euclid(1000)).collect();
+            scalars(DataType::Int64, f, D::LongData(LongArray { data: ms }))
+        }
+        FieldKind::Int32 | FieldKind::Int16 | FieldKind::Int8 => {
+            let dt = match info.kind {
+                FieldKind::Int32 => DataType::Int32,
+                FieldKind::Int16 => DataType::Int16,
+                _ => DataType::Int8,
+            };
+            let a = cast(&ArrowType::Int32)?;
+            scalars(dt, f, D::IntData(IntArray { data: a.as_primitive::<Int32Type>().values().to_vec() }))
+        }
+        FieldKind::Bool => {
+            let a = cast(&ArrowType::Boolean)?;
+            scalars(DataType::Bool, f, D::BoolData(BoolArray { data: a.as_boolean().iter().map(|v| v.unwrap_or(false)).collect() }))
+        }
+        FieldKind::Float => {
+            let a = cast(&ArrowType::Float32)?;
+            scalars(DataType::Float, f, D::FloatData(FloatArray { data: a.as_primitive::<Float32Type>().values().to_vec() }))
+        }
+        FieldKind::Double => {
+            let a = cast(&ArrowType::Float64)?;
+            scalars(DataType::Double, f, D::DoubleData(DoubleArray { data: a.as_primitive::<Float64Type>().values().to_vec() }))
+        }
+        FieldKind::VarChar { .. } => {
+            let a = cast(&ArrowType::Utf8)?;
+            let s = a.as_string::<i32>().iter().map(|v| v.unwrap_or_default().to_string()).collect();
+            scalars(DataType::VarChar, f, D::StringData(StringArray { data: s }))
+        }
+        FieldKind::Json => {
+            let a = cast(&ArrowType::Utf8)?;
+            let s = a.as_string::<i32>().iter().map(|v| v.unwrap_or("null").as_bytes().to_vec()).collect();
+            scalars(DataType::Json, f, D::JsonData(JsonArray { data: s }))
+        }
+        FieldKind::FloatVector { dim } => {
+            let l = col.as_fixed_size_list_opt().ok_or_else(|| anyhow!("column {} is not a vector", info.column))?;
+            let values = l.values().as_primitive::<Float32Type>();
+            let start = l.value_offset_at(0);
+            let data = values.values()[start..start + l.len() * *dim as usize].to_vec();
+            FieldData {
+                r#type: DataType::FloatVector as i32,
+                field_name: f.clone(),
+                field: Some(field_data::Field::Vectors(VectorField {
+                    dim: *dim as i64,
+                    data: Some(vector_field::Data::FloatVector(FloatArray { data })),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }
+        }
+    })
+}
+
+fn cast_to_i64(a: &dyn Array) -> Result<Vec<i64>> {
+    let a = arrow::compute::cast(a, &ArrowType::Int64)?;
+    Ok(a.as_primitive::<Int64Type>().values().to_vec())
+}
+
+/// Rows Milvus would refuse for the whole request: NULLs (Milvus 2.3 fields
+/// cannot be null) and strings over a VarChar's max_length in bytes.
+fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec<RowReject>> {
+    let mut out: Vec<RowReject> = Vec::new();
+    for info in &coll.fields {
+        let col = batch
+            .column_by_name(&info.column)
+            .ok_or_else(|| anyhow!("rows have no column {} for Milvus field {}", info.column, info.field))?;
+        for row in 0..batch.num_rows() {
+            if out.iter().any(|r| r.row == row) {
+                continue;
+            }
+            if col.is_null(row) {
+                out.push(RowReject { row, reason: format!("NULL in {}: Milvus field {} cannot be null", info.column, info.field) });
+            } else if let (FieldKind::VarChar { max_len }, Some(s)) = (&info.kind, col.as_string_opt::<i32>()) {
+                let n = s.value(row).len();
+                if n > *max_len as usize {
+                    out.push(RowReject {
+                        row,
+                        reason: format!("{}: {n} bytes exceed the Milvus VarChar max_length {max_len} of field {}", info.column, info.field),
+                    });
+                }
+            }
+        }
+    }
+    out.sort_by_key(|r| r.row);
+    Ok(out)
+}
+
+fn upsert(conn: &Milvus, coll: &Collection, batch: &RecordBatch) -> Result<()> {
+    let fields = coll
+        .fields
+        .iter()
+        .map(|info| encode_field(info, batch.column_by_name(&info.column).unwrap().as_ref()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut c = conn.grpc.clone();
+    let r = conn
+        .block_on(c.upsert(UpsertRequest {
+            base: base(MsgType::Upsert),
+            db_name: conn.url.database.clone(),
+            collection_name: coll.spec.name.clone(),
+            fields_data: fields,
+            num_rows: batch.num_rows() as u32,
+            ..Default::default()
+        }))
+        .map_err(|e| conn.rpc_error("upsert", e))?
+        .into_inner();
+    check_status(&r.status, &format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name))?;
+    if !r.err_index.is_empty() {
+        bail!("Milvus refused {} rows of an upsert into {}", r.err_index.len(), coll.spec.name);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- sink
+
+pub struct MilvusSink {
+    conn: Milvus,
+    name: String,
+    fields: Vec<FieldMap>,
+    ledger: Option<Arc<LocalLedger>>,
+    target: Mutex<Option<Collection>>,
+    request_bytes: usize,
+}
+
+const AUTO_ID_REFUSAL: &str = "has autoID=true, so Milvus would give every row a new id; FastGPT's MongoDB refers to \
+vectors by id, so renumbered rows would be orphaned. Create the collection with autoID=false (or let vmig create it: \
+drop it or name another collection with --target-table)";
+
+impl MilvusSink {
+    /// `state_dir` holds the ledger file; without one the sink keeps no ledger (`generate`).
+    pub fn open(url: MilvusUrl, collection: &str, handle: Handle, state_dir: Option<&Path>) -> Result<Self> {
+        let conn = Milvus::connect(&url, &handle)?;
+        let target = format!("{}:{}/{}/{}", url.host, url.port, url.database, collection);
+        let request_bytes = std::env::var("VMIG_MILVUS_REQUEST_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_REQUEST_BYTES)
+            .clamp(1 << 16, MAX_REQUEST_BYTES);
+        Ok(MilvusSink {
+            ledger: state_dir.map(|d| Arc::new(LocalLedger::new(d, target))),
+            fields: url.fields.clone(),
+            conn,
+            name: collection.to_string(),
+            target: Mutex::new(None),
+            request_bytes,
+        })
+    }
+
+    fn ledger_rows(&self, job: &str) -> Result<u64> {
+        match (&self.ledger, job.is_empty()) {
+            (Some(l), false) => Ok(l.records(job)?.values().map(|r| r.rows).sum()),
+            _ => Ok(0),
+        }
+    }
+
+    fn collection(&self) -> Result<Collection> {
+        self.target.lock().unwrap().clone().ok_or_else(|| anyhow!("Milvus sink used before prepare"))
+    }
+}
+
+impl Sink for MilvusSink {
+    fn describe(&self) -> String {
+        format!("{} collection {}", self.conn.url.redacted(), self.name)
+    }
+
+    fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
+        if !opts.job.is_empty() && self.ledger.is_none() {
+            bail!("a Milvus target keeps its ledger in the job's state directory, and none was given");
+        }
+        if !self.conn.database_exists()? {
+            let mut c = self.conn.grpc.clone();
+            let r = self
+                .conn
+                .block_on(c.create_database(CreateDatabaseRequest {
+                    base: base(MsgType::CreateDatabase),
+                    db_name: self.conn.url.database.clone(),
+                    ..Default::default()
+                }))
+                .map_err(|e| self.conn.rpc_error("creating the database", e))?
+                .into_inner();
+            check_status(&Some(r), &format!("creating Milvus database {}", self.conn.url.database))?;
+        }
+        let ledger_rows = self.ledger_rows(&opts.job)?;
+        let existed = self.conn.has_collection(&self.name)?;
+        if !existed {
+            if ledger_rows > 0 {
+                bail!(
+                    "the ledger says {ledger_rows} rows of job {} are in collection {}, but it does not exist; \
+                     run `vmig reset` to start over",
+                    opts.job,
+                    self.name
+                );
+            }
+            let fields = source.columns.iter().map(|c| field_schema(source, c, &self.fields)).collect::<Result<Vec<_>>>()?;
+            let schema = CollectionSchema {
+                name: self.name.clone(),
+                description: "copied by vmig".into(),
+                fields,
+                // As FastGPT creates it.
+                enable_dynamic_field: true,
+                ..Default::default()
+            };
+            create_collection(&self.conn, &self.name, schema)?;
+        }
+        let mut coll = discover(&self.conn, &self.name, &self.fields)?;
+        if coll.auto_id {
+            bail!("target collection {} {AUTO_ID_REFUSAL}", self.name);
+        }
+        coll.spec.same_columns_as(source)?;
+        if existed {
+            let non_empty = row_count(&self.conn, &coll)? > 0;
+            if existing_rows_action(non_empty, ledger_rows, opts, &self.describe())? {
+                recreate_empty(&self.conn, &self.name)?;
+                coll = discover(&self.conn, &self.name, &self.fields)?;
+            }
+        }
+        let spec = coll.spec.clone();
+        *self.target.lock().unwrap() = Some(coll);
+        Ok(spec)
+    }
+
+    fn committed(&self, job: &str) -> Result<Ledger> {
+        match (&self.ledger, job.is_empty()) {
+            (Some(l), false) => l.records(job),
+            _ => Ok(Ledger::new()),
+        }
+    }
+
+    fn begin_chunk(&self, job: &str, _chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>> {
+        Ok(Box::new(MilvusChunkWriter {
+            conn: self.conn.clone(),
+            coll: self.collection()?,
+            job: job.to_string(),
+            ledger: self.ledger.clone().filter(|_| !job.is_empty()),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            request_bytes: self.request_bytes,
+            bytes: 0,
+        }))
+    }
+
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+        let coll = discover(&self.conn, &self.name, &self.fields)?;
+        if opts.create_indexes {
+            let vector = coll.fields.iter().find(|f| matches!(f.kind, FieldKind::FloatVector { .. })).unwrap();
+            if !coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+                let (metric, m, ef) = source
+                    .indexes
+                    .iter()
+                    .find_map(|i| match &i.kind {
+                        IndexKind::Hnsw { metric, m, ef_construction, .. } => Some((*metric, *m, *ef_construction)),
+                        _ => None,
+                    })
+                    .unwrap_or((Metric::InnerProduct, 32, 128));
+                let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
+                progress(&format!("building HNSW index on {}.{} (metric {}, M={m}, efConstruction={ef})", self.name, vector.field, metric_to_milvus(metric)));
+                create_index(
+                    &self.conn,
+                    &self.name,
+                    &vector.field,
+                    "vector_index",
+                    vec![
+                        kv("index_type", "HNSW".into()),
+                        kv("metric_type", metric_to_milvus(metric).into()),
+                        kv("params", serde_json::json!({"M": m, "efConstruction": ef}).to_string()),
+                    ],
+                )?;
+            }
+            // Scalar indexes on the columns the source indexes (FastGPT filters on them).
+            let indexed: Vec<&str> = coll.spec.indexes.iter().flat_map(|i| i.columns.iter().map(|c| c.as_str())).collect();
+            let mut wanted: Vec<&str> = source
+                .indexes
+                .iter()
+                .filter(|i| matches!(i.kind, IndexKind::Btree { .. }))
+                .flat_map(|i| i.columns.iter().map(|c| c.as_str()))
+                .filter(|c| *c != source.primary_key && !indexed.contains(c))
+                .collect();
+            wanted.dedup();
+            for column in wanted {
+                let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };
+                if let Err(e) = create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
+                    progress(&format!("warning: no scalar index on {}: {e:#}", info.field));
+                }
+            }
+            wait_for_indexes(&self.conn, &self.name, progress)?;
+        }
+        let coll = discover(&self.conn, &self.name, &self.fields)?;
+        if coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+            progress(&format!("loading collection {}", self.name));
+            self.conn.load(&self.name)?;
+            let rows = self.conn.count(&self.name)?;
+            check_final_count(rows, self.ledger_rows(&opts.job)?, opts, &self.describe(), progress)?;
+        } else {
+            progress(&format!("collection {} has no vector index (--no-indexes), so it was not loaded", self.name));
+        }
+        Ok(())
+    }
+
+    fn drop_table(&self) -> Result<()> {
+        if self.conn.database_exists()? && self.conn.has_collection(&self.name)? {
+            drop_collection(&self.conn, &self.name)?;
+        }
+        Ok(())
+    }
+
+    fn forget_job(&self, job: &str) -> Result<u64> {
+        match &self.ledger {
+            Some(l) => l.forget(job),
+            None => Ok(0),
+        }
+    }
+}
+
+struct MilvusChunkWriter {
+    conn: Milvus,
+    coll: Collection,
+    job: String,
+    ledger: Option<Arc<LocalLedger>>,
+    pending: Vec<RecordBatch>,
+    pending_bytes: usize,
+    request_bytes: usize,
+    bytes: u64,
+}
+
+impl MilvusChunkWriter {
+    fn send(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = arrow::compute::concat_batches(&self.pending[0].schema(), &self.pending)?;
+        self.pending.clear();
+        self.bytes += self.pending_bytes as u64;
+        self.pending_bytes = 0;
+        upsert(&self.conn, &self.coll, &batch)
+    }
+}
+
+impl ChunkWriter for MilvusChunkWriter {
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
+        let refused = refused_rows(&self.coll, batch)?;
+        let keep = if refused.is_empty() {
+            batch.clone()
+        } else {
+            let mask: arrow::array::BooleanArray = (0..batch.num_rows()).map(|i| Some(!refused.iter().any(|r| r.row == i))).collect();
+            arrow::compute::filter_record_batch(batch, &mask)?
+        };
+        if keep.num_rows() > 0 {
+            self.pending_bytes += keep.num_rows() * crate::pipeline::estimate_row_bytes(&self.coll.spec);
+            self.pending.push(keep);
+        }
+        if self.pending_bytes >= self.request_bytes {
+            self.send()?;
+        }
+        Ok(refused)
+    }
+
+    fn commit(mut self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {
+        self.send()?;
+        flush_and_wait(&self.conn, &self.coll.spec.name)?;
+        record.bytes = self.bytes;
+        if let Some(l) = &self.ledger {
+            l.append(&self.job, &record)?;
+        }
+        Ok(record)
+    }
+}
