@@ -79,7 +79,19 @@ milvus_start_dir() { # dir port
   local dir=$1 port=$2 i
   mkdir -p "$dir"
   if [ -n "$(milvus_pids "$dir")" ]; then log "milvus already running on 127.0.0.1:$port"; return 0; fi
-  setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" >"$dir/wrapper.log" 2>&1 </dev/null &
+  # The embedded etcd's ports are not in the wrapper's template (its peer
+  # port is fixed at 2380): give each server its own through ETCD_CONFIG_PATH.
+  local etcd=$((port + 10000))
+  cat >"$dir/embed-etcd.yaml" <<ETCD
+name: default
+listen-client-urls: http://127.0.0.1:$etcd
+advertise-client-urls: http://127.0.0.1:$etcd
+listen-peer-urls: http://127.0.0.1:$((etcd + 1))
+initial-advertise-peer-urls: http://127.0.0.1:$((etcd + 1))
+initial-cluster: default=http://127.0.0.1:$((etcd + 1))
+ETCD
+  ETCD_CONFIG_PATH="$dir/embed-etcd.yaml" setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" --etcd-port "$etcd" \
+    >"$dir/wrapper.log" 2>&1 </dev/null &
   echo $! >"$dir/wrapper.pid"
   for i in $(seq 1 240); do
     if milvus_healthy "$dir"; then log "milvus started on 127.0.0.1:$port ($dir)"; return 0; fi

@@ -2,10 +2,6 @@
 mod common;
 use common::*;
 
-use arrow::array::{AsArray, Float32Array};
-use arrow::datatypes::Int64Type;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
 #[test]
 fn wrong_dimension_null_vector_and_long_strings_are_rejected_not_lost() {
     let (src, dst) = dbs("badrows");
@@ -44,35 +40,11 @@ fn nan_in_staged_vectors_is_rejected_with_its_id() {
     ok(&["generate", "--to", &src, "--rows", "50", "--dim", "8"]);
     let dir = tempdir();
     let st = dir.path().join("st");
-    ok(&["export", "--from", &src, "--staging", st.to_str().unwrap(), "--chunk-rows", "1000"]);
-    // Rewrite the chunk as another tool might have: row 5 gets a NaN, row 9 an infinity.
-    let path = st.join("chunks/000000.parquet");
-    let batch = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap()
-        .next().unwrap().unwrap();
-    let vec_col = batch.column_by_name("vector").unwrap().as_fixed_size_list().clone();
-    let mut values: Vec<f32> = vec_col.values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
-    values[5 * 8 + 2] = f32::NAN;
-    values[9 * 8] = f32::INFINITY;
-    let new_vec = arrow::array::FixedSizeListArray::new(vmig::schema::vector_item_field(), 8, std::sync::Arc::new(Float32Array::from(values)), None);
-    let mut cols = batch.columns().to_vec();
-    cols[1] = std::sync::Arc::new(new_vec);
-    let bad = arrow::record_batch::RecordBatch::try_new(batch.schema(), cols).unwrap();
-    let manifest = vmig::endpoint::staging::Manifest::load(&st).unwrap().unwrap();
-    let props = vmig::endpoint::staging::writer_properties(&manifest.table).unwrap();
-    let mut w = vmig::endpoint::staging::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
-    w.write(&bad).unwrap();
-    let (bytes, sha) = w.finish().unwrap();
-    let marker = st.join("chunks/000000.commit.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
-    m["bytes"] = bytes.into();
-    m["sha256"] = sha.into();
-    std::fs::write(&marker, m.to_string()).unwrap();
-
-    let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+    let (bad5, bad9) = stage_with_nan_and_inf(&src, &st);
     let out = vmig(&["import", "--staging", st.to_str().unwrap(), "--to", &dst]);
     assert_eq!(out.status.code(), Some(1));
     let r = rejects(&st);
-    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![ids.value(5), ids.value(9)]);
+    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![bad5, bad9]);
     assert!(r[0].1.contains("NaN") && r[1].1.contains("inf"), "{r:?}");
     assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 48);
 }

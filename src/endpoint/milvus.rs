@@ -413,7 +413,9 @@ pub fn map_collection(
             name: column.to_string(),
             ty,
             nullable: f.nullable,
-            auto_increment: false,
+            // FastGPT on PostgreSQL/OceanBase lets the database number new
+            // rows: a SQL target gets a sequence / AUTO_INCREMENT above max(id).
+            auto_increment: f.is_primary_key,
             default_now: false,
         });
         fields.push(FieldInfo { column: column.to_string(), field: f.name.clone(), kind });
@@ -598,7 +600,11 @@ impl MilvusSource {
             output.push(DYNAMIC_FIELD.into());
         }
         let row_bytes = crate::pipeline::estimate_row_bytes(&coll.spec).max(1);
-        let page_rows = (PAGE_BYTES / row_bytes).clamp(64, MAX_QUERY_LIMIT);
+        let page_rows = std::env::var("VMIG_MILVUS_PAGE_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PAGE_BYTES / row_bytes)
+            .clamp(1, MAX_QUERY_LIMIT);
         Ok(MilvusSource { conn, coll, output, page_rows })
     }
 
@@ -655,7 +661,8 @@ impl Source for MilvusSource {
         // Walk the ids (8 bytes each) and note every chunk_rows-th.
         let mut bounds = Vec::new();
         let mut total = 0u64;
-        self.pages(i64::MIN, i64::MAX, &[self.coll.pk_field.clone()], MAX_QUERY_LIMIT, &mut |b| {
+        let limit = if std::env::var_os("VMIG_MILVUS_PAGE_ROWS").is_some() { self.page_rows } else { MAX_QUERY_LIMIT };
+        self.pages(i64::MIN, i64::MAX, &[self.coll.pk_field.clone()], limit, &mut |b| {
             let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..ids.len() {
                 total += 1;

@@ -2,6 +2,8 @@
 //! fresh database per test on each, and the vmig binary run as a process.
 #![allow(dead_code)]
 
+pub mod milvus_db;
+
 use std::process::{Command, Output};
 
 use tokio_postgres::{Client, NoTls};
@@ -338,4 +340,36 @@ pub fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
     }
     out.sort();
     out
+}
+
+/// Exports `src` (8-d, ≥10 rows) to `st`, then rewrites the chunk as another
+/// tool might have: row 5 gets a NaN, row 9 an infinity. Returns their ids.
+pub fn stage_with_nan_and_inf(src: &str, st: &std::path::Path) -> (i64, i64) {
+    use arrow::array::{AsArray, Float32Array};
+    use arrow::datatypes::Int64Type;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    ok(&["export", "--from", src, "--staging", st.to_str().unwrap(), "--chunk-rows", "1000"]);
+    let path = st.join("chunks/000000.parquet");
+    let batch = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap()).unwrap().build().unwrap()
+        .next().unwrap().unwrap();
+    let vec_col = batch.column_by_name("vector").unwrap().as_fixed_size_list().clone();
+    let mut values: Vec<f32> = vec_col.values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
+    values[5 * 8 + 2] = f32::NAN;
+    values[9 * 8] = f32::INFINITY;
+    let new_vec = arrow::array::FixedSizeListArray::new(vmig::schema::vector_item_field(), 8, std::sync::Arc::new(Float32Array::from(values)), None);
+    let mut cols = batch.columns().to_vec();
+    cols[1] = std::sync::Arc::new(new_vec);
+    let bad = arrow::record_batch::RecordBatch::try_new(batch.schema(), cols).unwrap();
+    let manifest = vmig::endpoint::staging::Manifest::load(st).unwrap().unwrap();
+    let props = vmig::endpoint::staging::writer_properties(&manifest.table).unwrap();
+    let mut w = vmig::endpoint::staging::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
+    w.write(&bad).unwrap();
+    let (bytes, sha) = w.finish().unwrap();
+    let marker = st.join("chunks/000000.commit.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+    m["bytes"] = bytes.into();
+    m["sha256"] = sha.into();
+    std::fs::write(&marker, m.to_string()).unwrap();
+    let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+    (ids.value(5), ids.value(9))
 }

@@ -1,0 +1,294 @@
+//! Milvus test helpers. Collections are seeded and read back with the SDK's
+//! own v1 client, not with vmig's code, so a vmig bug cannot hide itself.
+use std::collections::HashMap;
+
+use milvus::client::Client;
+use milvus::data::FieldColumn;
+use milvus::index::{IndexParams, IndexType, MetricType};
+use milvus::options::LoadOptions;
+use milvus::query::QueryOptions;
+use milvus::schema::{CollectionSchemaBuilder, FieldSchema};
+use milvus::value::ValueVec;
+
+use super::{Row, rt};
+
+/// The Milvus started by scripts/dbs.sh (no auth).
+pub fn milvus_base() -> String {
+    std::env::var("VMIG_TEST_MILVUS").unwrap_or("http://127.0.0.1:19530".into())
+}
+
+/// FastGPT's largest safe id is 2^53 - 1; very old deployments used autoID ids above it.
+pub const ABOVE_2_53: i64 = 1 << 53;
+
+/// A modeldata row as Milvus holds it (createTime in epoch milliseconds).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MRow {
+    pub id: i64,
+    pub vector_bits: Vec<u32>,
+    pub team_id: String,
+    pub dataset_id: String,
+    pub collection_id: String,
+    pub create_time_ms: i64,
+}
+
+fn split(url: &str) -> (String, String) {
+    let rest = url.split_once("://").unwrap().1;
+    let (hostport, db) = rest.split_once('/').unwrap_or((rest, "fastgpt"));
+    (format!("http://{hostport}"), db.to_string())
+}
+
+async fn client(url: &str) -> Client {
+    let (base, db) = split(url);
+    let mut c = Client::new(base).await.unwrap_or_else(|e| panic!("connect to Milvus: {e}"));
+    c.using_database(db).await.unwrap();
+    c
+}
+
+/// Drops database `name` (with its collections) on `base` and creates it empty. Returns its URL.
+pub fn fresh_milvus_db_on(base: &str, name: &str) -> String {
+    rt().block_on(async {
+        let c = Client::new(base.to_string()).await.unwrap();
+        if c.list_databases().await.unwrap().iter().any(|d| d == name) {
+            let mut d = Client::new(base.to_string()).await.unwrap();
+            d.using_database(name).await.unwrap();
+            for coll in d.list_collections().await.unwrap() {
+                d.drop_collection(coll).await.unwrap();
+            }
+            c.drop_database(name).await.unwrap();
+        }
+        c.create_database(name, None).await.unwrap();
+    });
+    format!("{base}/{name}")
+}
+
+pub fn fresh_milvus_db(name: &str) -> String {
+    fresh_milvus_db_on(&milvus_base(), name)
+}
+
+/// Deterministic FastGPT-like rows: random-looking ids (some above 2^53),
+/// vectors with full float32 mantissas, epoch-ms creation times.
+pub fn fastgpt_rows(n: usize, dim: usize, seed: u64) -> Vec<MRow> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut ids = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = loop {
+            let id = if i % 10 == 0 { ABOVE_2_53 + (next() % 1_000_000_000_000) as i64 } else { (next() % 8_999_999_999_999_999) as i64 + 1 };
+            if ids.insert(id) {
+                break id;
+            }
+        };
+        out.push(MRow {
+            id,
+            vector_bits: (0..dim).map(|_| (((next() >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_bits()).collect(),
+            team_id: format!("team{}", i % 3),
+            dataset_id: format!("dataset{}", i % 7),
+            collection_id: format!("coll{:04}", i % 50),
+            create_time_ms: 1_700_000_000_000 + (next() % 100_000_000_000) as i64,
+        });
+    }
+    out
+}
+
+/// Creates collection `name` as FastGPT does (autoID off unless `auto_id`,
+/// dynamic field on), inserts `rows` in `segments` flushed parts in the given
+/// order, builds HNSW (IP, M=32, efConstruction=128) and loads it.
+pub fn seed_fastgpt(url: &str, name: &str, rows: &[MRow], dim: usize, segments: usize, auto_id: bool) {
+    rt().block_on(async {
+        let c = client(url).await;
+        let schema = CollectionSchemaBuilder::new(name, "FastGPT modeldata")
+            .add_field(FieldSchema::new_primary_int64("id", "", auto_id))
+            .add_field(FieldSchema::new_float_vector("vector", "", dim as i64))
+            .add_field(FieldSchema::new_varchar("teamId", "", 64))
+            .add_field(FieldSchema::new_varchar("datasetId", "", 64))
+            .add_field(FieldSchema::new_varchar("collectionId", "", 64))
+            .add_field(FieldSchema::new_int64("createTime", ""))
+            .enable_dynamic_field()
+            .build()
+            .unwrap();
+        c.create_collection(schema.clone(), None).await.unwrap();
+        let per = rows.len().div_ceil(segments.max(1)).max(1);
+        for part in rows.chunks(per) {
+            let mut cols = vec![
+                FieldColumn::new(schema.get_field("vector").unwrap(), part.iter().flat_map(|r| r.vector_bits.iter().map(|b| f32::from_bits(*b))).collect::<Vec<f32>>()),
+                FieldColumn::new(schema.get_field("teamId").unwrap(), part.iter().map(|r| r.team_id.clone()).collect::<Vec<_>>()),
+                FieldColumn::new(schema.get_field("datasetId").unwrap(), part.iter().map(|r| r.dataset_id.clone()).collect::<Vec<_>>()),
+                FieldColumn::new(schema.get_field("collectionId").unwrap(), part.iter().map(|r| r.collection_id.clone()).collect::<Vec<_>>()),
+                FieldColumn::new(schema.get_field("createTime").unwrap(), part.iter().map(|r| r.create_time_ms).collect::<Vec<i64>>()),
+            ];
+            if !auto_id {
+                cols.insert(0, FieldColumn::new(schema.get_field("id").unwrap(), part.iter().map(|r| r.id).collect::<Vec<i64>>()));
+            }
+            c.insert(name, cols, None).await.unwrap();
+            c.flush(name).await.unwrap();
+        }
+        let params = HashMap::from([("M".to_string(), "32".to_string()), ("efConstruction".to_string(), "128".to_string())]);
+        c.create_index(name, "vector", IndexParams::new("vector_index".into(), IndexType::HNSW, MetricType::IP, params)).await.unwrap();
+        c.load_collection(name, Some(LoadOptions::default())).await.unwrap();
+    });
+}
+
+/// Writes one row with the SDK's upsert (as FastGPT would rewrite it).
+pub fn milvus_upsert(url: &str, name: &str, row: &MRow) {
+    rt().block_on(async {
+        let c = client(url).await;
+        let cols = vec![
+            FieldColumn::new(&FieldSchema::new_primary_int64("id", "", false), vec![row.id]),
+            FieldColumn::new(&FieldSchema::new_float_vector("vector", "", row.vector_bits.len() as i64), row.vector_bits.iter().map(|b| f32::from_bits(*b)).collect::<Vec<f32>>()),
+            FieldColumn::new(&FieldSchema::new_varchar("teamId", "", 64), vec![row.team_id.clone()]),
+            FieldColumn::new(&FieldSchema::new_varchar("datasetId", "", 64), vec![row.dataset_id.clone()]),
+            FieldColumn::new(&FieldSchema::new_varchar("collectionId", "", 64), vec![row.collection_id.clone()]),
+            FieldColumn::new(&FieldSchema::new_int64("createTime", ""), vec![row.create_time_ms]),
+        ];
+        c.upsert(name, cols, None::<milvus::mutate::InsertOptions>).await.unwrap();
+    });
+}
+
+fn longs(c: &FieldColumn) -> Vec<i64> {
+    match &c.value {
+        ValueVec::Long(v) => v.clone(),
+        other => panic!("{}: not Int64: {other:?}", c.name),
+    }
+}
+
+fn strings(c: &FieldColumn) -> Vec<String> {
+    match &c.value {
+        ValueVec::String(v) => v.clone(),
+        other => panic!("{}: not VarChar: {other:?}", c.name),
+    }
+}
+
+/// Every row of a FastGPT-shaped collection, ordered by id (the collection must be loaded).
+pub fn milvus_rows(url: &str, name: &str) -> Vec<MRow> {
+    rt().block_on(async {
+        let c = client(url).await;
+        let mut out: Vec<MRow> = Vec::new();
+        loop {
+            let expr = match out.last() {
+                Some(r) => format!("id > {}", r.id),
+                None => "id > -1".to_string(),
+            };
+            let opts = QueryOptions::new()
+                .output_fields(["id", "vector", "teamId", "datasetId", "collectionId", "createTime"].map(String::from).to_vec())
+                .limit(400)
+                .consistency_level(0);
+            let cols = c.query(name, &expr, &opts).await.unwrap_or_else(|e| panic!("query {name}: {e}"));
+            let get = |n: &str| cols.iter().find(|c| c.name == n).unwrap_or_else(|| panic!("no field {n}"));
+            let ids = longs(get("id"));
+            if ids.is_empty() {
+                break;
+            }
+            let v = get("vector");
+            let dim = v.dim as usize;
+            let ValueVec::Float(vs) = &v.value else { panic!("vector not float") };
+            let (t, d, co, ct) = (strings(get("teamId")), strings(get("datasetId")), strings(get("collectionId")), longs(get("createTime")));
+            let mut page: Vec<MRow> = (0..ids.len())
+                .map(|i| MRow {
+                    id: ids[i],
+                    vector_bits: vs[i * dim..(i + 1) * dim].iter().map(|x| x.to_bits()).collect(),
+                    team_id: t[i].clone(),
+                    dataset_id: d[i].clone(),
+                    collection_id: co[i].clone(),
+                    create_time_ms: ct[i],
+                })
+                .collect();
+            page.sort_by_key(|r| r.id);
+            let n = page.len();
+            out.extend(page);
+            if n < 400 {
+                break;
+            }
+        }
+        out
+    })
+}
+
+/// `count(*)` of a loaded collection, strongly consistent.
+pub fn milvus_count(url: &str, name: &str) -> i64 {
+    rt().block_on(async { client(url).await.count(name).await.unwrap() })
+}
+
+/// The vector index's parameters as Milvus describes them (raw gRPC: the
+/// SDK's v1 client drops Milvus 2.3's nested "params").
+pub fn milvus_index_params(url: &str, name: &str) -> String {
+    use milvus::proto::milvus::{DescribeIndexRequest, milvus_service_client::MilvusServiceClient};
+    let (base, db) = split(url);
+    rt().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(base).unwrap().connect().await.unwrap();
+        let db: tonic::metadata::MetadataValue<_> = db.parse().unwrap();
+        let mut c = MilvusServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("dbname", db.clone());
+            Ok(r)
+        });
+        let r = c
+            .describe_index(DescribeIndexRequest { collection_name: name.into(), field_name: "vector".into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        r.index_descriptions.iter().flat_map(|d| d.params.iter().map(|kv| format!("{}={}", kv.key, kv.value))).collect::<Vec<_>>().join("; ")
+    })
+}
+
+/// Field names, types and autoID of a collection.
+pub fn milvus_schema(url: &str, name: &str) -> String {
+    rt().block_on(async {
+        let c = client(url).await;
+        let d = c.describe_collection(name).await.unwrap();
+        format!("{:?}", d.schema)
+    })
+}
+
+/// PostgreSQL / OceanBase rows in Milvus form: createtime floored to milliseconds.
+pub fn as_mrows(rows: &[Row]) -> Vec<MRow> {
+    rows.iter()
+        .map(|r| MRow {
+            id: r.id,
+            vector_bits: r.vector_bits.clone(),
+            team_id: r.team_id.clone(),
+            dataset_id: r.dataset_id.clone(),
+            collection_id: r.collection_id.clone(),
+            create_time_ms: chrono::NaiveDateTime::parse_from_str(r.createtime.as_deref().expect("createtime"), "%Y-%m-%d %H:%M:%S%.f")
+                .unwrap_or_else(|e| panic!("createtime {:?}: {e}", r.createtime))
+                .and_utc()
+                .timestamp_millis(),
+        })
+        .collect()
+}
+
+/// Sorted by id, as the readers return them.
+pub fn sorted(mut rows: Vec<MRow>) -> Vec<MRow> {
+    rows.sort_by_key(|r| r.id);
+    rows
+}
+
+/// A Milvus server of the test's own (so the test can stop it).
+pub struct PrivateMilvus {
+    pub dir: std::path::PathBuf,
+    pub base: String,
+}
+
+impl PrivateMilvus {
+    pub fn start(name: &str, port: u16) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmig-test-milvus-{name}-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(super::dbs_script(&["milvus-start", dir.to_str().unwrap(), &port.to_string()]), "milvus did not start");
+        PrivateMilvus { dir, base: format!("http://127.0.0.1:{port}") }
+    }
+
+    pub fn stop(&self) {
+        super::dbs_script(&["milvus-stop", self.dir.to_str().unwrap()]);
+    }
+}
+
+impl Drop for PrivateMilvus {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
