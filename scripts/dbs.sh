@@ -75,8 +75,10 @@ milvus_healthy() { # dir -> 0 when /healthz answers OK
   "$VENV/bin/python" -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=2).read().strip()==b'OK' else 1)" 2>/dev/null
 }
 
-milvus_start_dir() { # dir port
-  local dir=$1 port=$2 i
+milvus_start_dir() { # dir port [auth]
+  local dir=$1 port=$2 auth=() i
+  # `auth`: users and passwords on (root / Milvus), as managed Milvus runs.
+  if [ "${3:-}" = auth ]; then auth=(--authorization-enabled true); fi
   mkdir -p "$dir"
   if [ -n "$(milvus_pids "$dir")" ]; then log "milvus already running on 127.0.0.1:$port"; return 0; fi
   # The embedded etcd's ports are not in the wrapper's template (its peer
@@ -90,7 +92,7 @@ listen-peer-urls: http://127.0.0.1:$((etcd + 1))
 initial-advertise-peer-urls: http://127.0.0.1:$((etcd + 1))
 initial-cluster: default=http://127.0.0.1:$((etcd + 1))
 ETCD
-  ETCD_CONFIG_PATH="$dir/embed-etcd.yaml" setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" --etcd-port "$etcd" \
+  ETCD_CONFIG_PATH="$dir/embed-etcd.yaml" setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" --etcd-port "$etcd" "${auth[@]}" \
     >"$dir/wrapper.log" 2>&1 </dev/null &
   echo $! >"$dir/wrapper.pid"
   for i in $(seq 1 240); do
@@ -248,7 +250,7 @@ case "${1:-}" in
   stop)
     pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus" ;;
   milvus-start)
-    ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" ;;
+    ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" "${4:-}" ;;
   milvus-stop)
     milvus_stop_dir "${2:?dir}" ;;
   seekdb-start)
@@ -273,5 +275,5 @@ case "${1:-}" in
   env)
     ensure_venv; print_env ;;
   *)
-    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT|milvus-stop DIR" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT [auth]|milvus-stop DIR" >&2; exit 2 ;;
 esac

@@ -386,6 +386,20 @@ mod tests {
     }
 
     #[test]
+    fn milvus_addresses_as_fastgpt_writes_them() {
+        let Endpoint::Milvus(u) = Endpoint::parse("http://milvus.example:19530").unwrap() else { panic!("not Milvus") };
+        assert_eq!((u.host.as_str(), u.port, u.database.as_str(), u.tls), ("milvus.example", 19530, "fastgpt", false));
+        assert_eq!(u.grpc_address(), "http://milvus.example:19530");
+        let Endpoint::Milvus(t) = Endpoint::parse("milvus://root:Mil%40vus@h/kb?tls=true").unwrap() else { panic!() };
+        assert_eq!((t.port, t.database.as_str(), t.tls, t.token()), (19530, "kb", true, Some("root:Mil@vus")));
+        assert_eq!(t.redacted(), "milvus://root@h:19530/kb?tls=true");
+        assert!(!format!("{t:?}").contains("Mil@vus"));
+        let Endpoint::Milvus(k) = Endpoint::parse("https://APIKEY123@cloud.example/default").unwrap() else { panic!() };
+        assert_eq!((k.tls, k.token(), k.redacted().contains("APIKEY")), (true, Some("APIKEY123"), false));
+        assert_eq!(fastgpt_field_map()[3], FieldMap { column: "createtime".into(), field: "createTime".into(), epoch_ms: true });
+    }
+
+    #[test]
     fn oceanbase_urls_as_fastgpt_writes_them() {
         let Endpoint::OceanBase(u) = Endpoint::parse("mysql://root%40tenant:p%40ss@db.example:2881/fastgpt").unwrap() else {
             panic!("not an OceanBase URL")

@@ -136,23 +136,34 @@ fn rows_from_mrows(m: &[MRow]) -> Vec<Row> {
 
 #[test]
 fn milvus_to_staging_to_postgres_with_milvus_stopped() {
-    let server = PrivateMilvus::start("stopped", 19631);
+    // A server with users on: vmig authenticates with MILVUS_TOKEN as FastGPT does.
+    let server = PrivateMilvus::start("stopped", 19631, true);
     let m = fresh_milvus_db_on(&server.base, "fastgpt");
+    let address = "http://127.0.0.1:19631";
     let dst = fresh_db(&target_base(), "mstopped_dst", true);
     let seeded = fastgpt_rows(1000, DIM, 13);
     seed_fastgpt(&m, "modeldata", &seeded, DIM, 2, false);
     let dir = tempdir();
     let st = dir.path().join("st");
     let st = st.to_str().unwrap();
-    // The FastGPT form of the address: MILVUS_ADDRESS, database fastgpt implied.
-    let out = Command::new(VMIG)
-        .args(["export", "--from", "MILVUS_ADDRESS", "--staging", st, "--chunk-rows", "300"])
-        .env("MILVUS_ADDRESS", &server.base)
-        .env("MILVUS_TOKEN", "none")
-        .output()
-        .unwrap();
+    let export = |token: &str| {
+        // The FastGPT form of the address: MILVUS_ADDRESS, database fastgpt implied.
+        Command::new(VMIG)
+            .args(["export", "--from", "MILVUS_ADDRESS", "--staging", st, "--chunk-rows", "300"])
+            .env("MILVUS_ADDRESS", address)
+            .env("MILVUS_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = export("root:WrongPw9");
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(e.lines().count() <= 2 && e.contains("milvus://root@127.0.0.1:19631/fastgpt") && !e.contains("WrongPw9"), "{e}");
+    let out = export("root:Milvus");
     assert!(out.status.success(), "{}", stderr(&out));
-    ok(&["verify", "--from", &m, "--to", st]);
+    let with_token = std::env::var("MILVUS_TOKEN").is_ok();
+    assert!(!with_token, "tests must not inherit MILVUS_TOKEN");
+    ok(&["verify", "--from", &m.replacen("http://", "milvus://", 1), "--to", st]);
     server.stop();
     ok(&["import", "--staging", st, "--to", &dst]);
     assert_eq!(as_mrows(&rows(&dst, "modeldata")), sorted(seeded));
@@ -278,4 +289,38 @@ fn nan_in_staged_vectors_is_rejected_before_milvus() {
     let r = rejects(&st);
     assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![bad5, bad9]);
     assert_eq!(milvus_count(&m, "modeldata"), 48);
+}
+
+#[test]
+fn a_pipeline_file_maps_other_tables() {
+    let (src, dst) = dbs("mmap");
+    let m = fresh_milvus_db("mmap");
+    exec(
+        &src,
+        "CREATE TABLE kb (id BIGINT PRIMARY KEY, emb VECTOR(8) NOT NULL, tenant VARCHAR(20) NOT NULL, created TIMESTAMP NOT NULL, score REAL NOT NULL);
+         INSERT INTO kb SELECT i, ('[' || array_to_string(array_fill(i::real / 7, ARRAY[8]), ',') || ']')::vector, 't' || (i % 4),
+           TIMESTAMP '2025-01-02 03:04:05.678' + i * interval '1 minute', i / 3.0 FROM generate_series(1, 300) i;",
+    );
+    let dir = tempdir();
+    let file = dir.path().join("kb.json");
+    let pipeline = |from: &str, to: &str| {
+        serde_json::json!({
+            "from": from, "to": to, "table": "kb", "chunk_rows": 100,
+            "milvus_fields": [
+                {"column": "tenant", "field": "tenantId"},
+                {"column": "created", "field": "createdAt", "epoch_ms": true}
+            ]
+        })
+    };
+    std::fs::write(&file, pipeline(&src, &m).to_string()).unwrap();
+    let sr = dir.path().join("state");
+    ok(&["migrate", "--config", file.to_str().unwrap(), "--state-root", sr.to_str().unwrap()]);
+    let schema = milvus_schema(&m, "kb");
+    assert!(schema.contains("\"tenantId\"") && schema.contains("\"createdAt\"") && schema.contains("\"score\""), "{schema}");
+    // And back into PostgreSQL under the SQL names, through the same mapping.
+    std::fs::write(&file, pipeline(&m, &dst).to_string()).unwrap();
+    ok(&["migrate", "--config", file.to_str().unwrap(), "--state-root", sr.to_str().unwrap()]);
+    let q = "SELECT string_agg(id || ':' || emb::text || ':' || tenant || ':' || created || ':' || score, ',' ORDER BY id) FROM kb";
+    let text = |url: &str| rt().block_on(async { client(url).await.query_one(q, &[]).await.unwrap().get::<_, String>(0) });
+    assert_eq!(text(&src), text(&dst));
 }

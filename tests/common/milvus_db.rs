@@ -31,25 +31,39 @@ pub struct MRow {
     pub create_time_ms: i64,
 }
 
-fn split(url: &str) -> (String, String) {
+/// (http://host:port, database, user:password) of `http://[user:password@]host:port[/db]`.
+fn split(url: &str) -> (String, String, Option<(String, String)>) {
     let rest = url.split_once("://").unwrap().1;
+    let (auth, rest) = match rest.split_once('@') {
+        Some((a, r)) => (a.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())), r),
+        None => (None, rest),
+    };
     let (hostport, db) = rest.split_once('/').unwrap_or((rest, "fastgpt"));
-    (format!("http://{hostport}"), db.to_string())
+    (format!("http://{hostport}"), db.to_string(), auth)
+}
+
+async fn connect(base: &str, auth: &Option<(String, String)>) -> Client {
+    let mut b = milvus::client::ClientBuilder::new(base.to_string());
+    if let Some((u, p)) = auth {
+        b = b.username(u).password(p);
+    }
+    b.build().await.unwrap_or_else(|e| panic!("connect to Milvus: {e}"))
 }
 
 async fn client(url: &str) -> Client {
-    let (base, db) = split(url);
-    let mut c = Client::new(base).await.unwrap_or_else(|e| panic!("connect to Milvus: {e}"));
+    let (base, db, auth) = split(url);
+    let mut c = connect(&base, &auth).await;
     c.using_database(db).await.unwrap();
     c
 }
 
 /// Drops database `name` (with its collections) on `base` and creates it empty. Returns its URL.
 pub fn fresh_milvus_db_on(base: &str, name: &str) -> String {
+    let (plain, _, auth) = split(base);
     rt().block_on(async {
-        let c = Client::new(base.to_string()).await.unwrap();
+        let c = connect(&plain, &auth).await;
         if c.list_databases().await.unwrap().iter().any(|d| d == name) {
-            let mut d = Client::new(base.to_string()).await.unwrap();
+            let mut d = connect(&plain, &auth).await;
             d.using_database(name).await.unwrap();
             for coll in d.list_collections().await.unwrap() {
                 d.drop_collection(coll).await.unwrap();
@@ -218,7 +232,7 @@ pub fn milvus_count(url: &str, name: &str) -> i64 {
 /// SDK's v1 client drops Milvus 2.3's nested "params").
 pub fn milvus_index_params(url: &str, name: &str) -> String {
     use milvus::proto::milvus::{DescribeIndexRequest, milvus_service_client::MilvusServiceClient};
-    let (base, db) = split(url);
+    let (base, db, _) = split(url);
     rt().block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(base).unwrap().connect().await.unwrap();
         let db: tonic::metadata::MetadataValue<_> = db.parse().unwrap();
@@ -274,11 +288,18 @@ pub struct PrivateMilvus {
 }
 
 impl PrivateMilvus {
-    pub fn start(name: &str, port: u16) -> Self {
+    /// With `auth`, users are on and `base` carries root's default password.
+    pub fn start(name: &str, port: u16, auth: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("vmig-test-milvus-{name}-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(super::dbs_script(&["milvus-start", dir.to_str().unwrap(), &port.to_string()]), "milvus did not start");
-        PrivateMilvus { dir, base: format!("http://127.0.0.1:{port}") }
+        let port_s = port.to_string();
+        let mut args = vec!["milvus-start", dir.to_str().unwrap(), &port_s];
+        if auth {
+            args.push("auth");
+        }
+        assert!(super::dbs_script(&args), "milvus did not start");
+        let creds = if auth { "root:Milvus@" } else { "" };
+        PrivateMilvus { dir, base: format!("http://{creds}127.0.0.1:{port}") }
     }
 
     pub fn stop(&self) {
