@@ -5,7 +5,8 @@
 //! Measured in the same run: the raw ceiling (binary COPY OUT piped straight
 //! into binary COPY IN between the two clusters, no pipeline), `vmig migrate`,
 //! `vmig export`, `vmig import`; rows/s, MB/s, ratio to the ceiling, peak RSS.
-//! Then, unless BENCH_OB=0, the same for OceanBase/seekdb (see support/oceanbase.rs).
+//! Then, unless BENCH_OB=0, the same for OceanBase/seekdb (see support/oceanbase.rs),
+//! and unless BENCH_MILVUS=0, for Milvus (see support/milvus.rs).
 
 use std::process::Command;
 use std::time::Instant;
@@ -15,6 +16,8 @@ use tokio_postgres::NoTls;
 
 #[path = "support/oceanbase.rs"]
 mod oceanbase;
+#[path = "support/milvus.rs"]
+mod milvus_bench;
 
 const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
 
@@ -146,6 +149,59 @@ fn main() {
         let ob_base = env_or("VMIG_TEST_SEEKDB", "mysql://root@127.0.0.1:52881/test");
         bench_oceanbase(&rt, &ob_base, &src, &dst_base, rows, dim, raw_rate, mb, tmp.path());
     }
+    if env_or("BENCH_MILVUS", "1") != "0" {
+        let milvus_base = env_or("VMIG_TEST_MILVUS", "http://127.0.0.1:19530");
+        bench_milvus(&rt, &milvus_base, &src, &dst_base, rows, dim, raw_rate, mb, tmp.path());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_milvus(
+    rt: &tokio::runtime::Runtime,
+    base: &str,
+    pg_src: &str,
+    pg_dst_base: &str,
+    rows: u64,
+    dim: u32,
+    pg_raw_rate: f64,
+    mb: f64,
+    tmp: &std::path::Path,
+) {
+    eprintln!("Milvus: raw SDK upsert ceiling …");
+    let raw_db = rt.block_on(milvus_bench::fresh_db(base, "bench_raw"));
+    let raw_upsert = rt.block_on(milvus_bench::raw_upsert(&raw_db, rows, dim));
+    rt.block_on(milvus_bench::load_for_reading(&raw_db));
+    // What the SDK's default 4 MiB response limit allows.
+    let page = ((4usize << 20) * 3 / 4 / (dim as usize * 4 + 100)).clamp(64, 16_384);
+    eprintln!("Milvus: raw keyset read ({page} rows per page) …");
+    let raw_read = rt.block_on(milvus_bench::raw_keyset_read(&raw_db, rows, page));
+
+    let state = tmp.join("milvus-state");
+    let state_s = state.to_str().unwrap();
+    let vmig_db = rt.block_on(milvus_bench::fresh_db(base, "bench_vmig"));
+    let r1 = tmp.join("pg-milvus.json");
+    let (t1, rss1) = run_vmig(&["migrate", "--from", pg_src, "--to", &vmig_db, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r1.to_str().unwrap()]);
+    let pg_m = rows as f64 / load_seconds(&r1);
+    // Read back the raw collection (it is indexed and loaded; vmig's is not, with --no-indexes).
+    let pg_back = rt.block_on(fresh_db(pg_dst_base, "bench_from_milvus"));
+    let r2 = tmp.join("milvus-pg.json");
+    let (t2, rss2) = run_vmig(&["migrate", "--from", &raw_db, "--to", &pg_back, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r2.to_str().unwrap()]);
+    let m_pg = rows as f64 / load_seconds(&r2);
+
+    println!("\nvmig e2e benchmark, Milvus (2.3 standalone, {rows} rows × {dim}-d, ≈{mb:.0} MB), upserts of {} MiB, 2 streams", milvus_bench::REQUEST_BYTES >> 20);
+    println!("{:<46} {:>10} {:>10} {:>12}", "path", "rows/s", "ratio", "peak RSS MB");
+    println!("{:<46} {:>10.0} {:>10} {:>12}", "raw SDK upsert loop (ceiling)", raw_upsert, "1.00×", "-");
+    println!("{:<46} {:>10.0} {:>10} {:>12}", &format!("raw SDK keyset read, {page} rows/page (ceiling)"), raw_read, "1.00×", "-");
+    let slower_in = raw_upsert.min(pg_raw_rate);
+    println!(
+        "{:<46} {:>10.0} {:>9.2}× {:>12.0}   (vs slower side; whole command {:.1}s)",
+        "vmig migrate PG → Milvus (load phase)", pg_m, pg_m / slower_in, rss1, t1
+    );
+    let slower_out = raw_read.min(pg_raw_rate);
+    println!(
+        "{:<46} {:>10.0} {:>9.2}× {:>12.0}   (vs slower side; whole command {:.1}s)",
+        "vmig migrate Milvus → PG (load phase)", m_pg, m_pg / slower_out, rss2, t2
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A real migration on local databases: start PostgreSQL (source and target)
-# and seekdb, generate a FastGPT-shaped modeldata table, export it to staging,
-# import it into the target, migrate it on to OceanBase, verify row by row
-# and print the reports.
+# A real migration on local databases: start PostgreSQL (source and target),
+# seekdb and Milvus, generate a FastGPT-shaped modeldata table, export it to
+# staging, import it into the target, migrate it on to OceanBase and to
+# Milvus, verify row by row and print the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS="${ROWS:-20000}"
@@ -13,6 +13,7 @@ VMIG=target/release/vmig
 export PG_URL="$VMIG_TEST_PG_SOURCE"
 export TARGET_PG_URL="$VMIG_TEST_PG_TARGET"
 export OCEANBASE_URL="$VMIG_TEST_SEEKDB"
+export MILVUS_ADDRESS="$VMIG_TEST_MILVUS" MILVUS_TOKEN=none
 "$VMIG" generate --to PG_URL --rows "$ROWS" --dim 1536 --replace
 # Start from a clean slate so the demo can be run again.
 "$VMIG_PG_BIN/psql" "$TARGET_PG_URL" -qc "DROP TABLE IF EXISTS modeldata, vmig_ledger" >/dev/null
@@ -25,4 +26,7 @@ rm -rf staging/fastgpt-modeldata
 # PostgreSQL -> OceanBase (seekdb). A rerun finds every chunk committed.
 "$VMIG" migrate --config pipelines/fastgpt-pg-to-oceanbase.json --on-existing truncate --state-root staging
 "$VMIG" verify --from PG_URL --to OCEANBASE_URL
+# PostgreSQL -> Milvus (database fastgpt, FastGPT's field names and index).
+"$VMIG" migrate --config pipelines/fastgpt-pg-to-milvus.json --on-existing truncate --state-root staging
+"$VMIG" verify --from PG_URL --to MILVUS_ADDRESS
 echo "report: staging/quickstart-report.json"

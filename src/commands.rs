@@ -10,7 +10,7 @@ use tokio::runtime::Handle;
 
 use crate::cli::{InspectArgs, ResetArgs, RunArgs, StatusArgs};
 use crate::config::{Endpoint, PipelineFile};
-use crate::endpoint::milvus::MilvusSource;
+use crate::endpoint::milvus_source::MilvusSource;
 use crate::endpoint::milvus_sink::MilvusSink;
 use crate::endpoint::oceanbase::{ObSink, ObSource};
 use crate::endpoint::postgres::{PgSink, PgSource};

@@ -386,6 +386,19 @@ mod tests {
     }
 
     #[test]
+    fn example_pipeline_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let f = PipelineFile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            assert!(f.description.is_some(), "{} explains itself", p.display());
+            n += 1;
+        }
+        assert!(n >= 8);
+    }
+
+    #[test]
     fn milvus_addresses_as_fastgpt_writes_them() {
         let Endpoint::Milvus(u) = Endpoint::parse("http://milvus.example:19530").unwrap() else { panic!("not Milvus") };
         assert_eq!((u.host.as_str(), u.port, u.database.as_str(), u.tls), ("milvus.example", 19530, "fastgpt", false));

@@ -27,7 +27,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
-use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, check_status, discover, field_of, metric_to_milvus};
+use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
 use super::{ChunkWriter, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, Ledger, write_atomic};
@@ -162,50 +162,41 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
 }
 
 fn create_collection(conn: &Milvus, name: &str, schema: CollectionSchema) -> Result<()> {
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.create_collection(CreateCollectionRequest {
-            base: base(MsgType::CreateCollection),
-            db_name: conn.url.database.clone(),
-            collection_name: name.into(),
-            schema: schema.encode_to_vec(),
-            shards_num: 1,
-            // FastGPT's (and the Node SDK's) default.
-            consistency_level: ConsistencyLevel::Bounded as i32,
-            ..Default::default()
-        }))
-        .map_err(|e| conn.rpc_error("creating the collection", e))?
-        .into_inner();
-    check_status(&Some(r), &format!("creating collection {name}"))
+    let req = CreateCollectionRequest {
+        base: base(MsgType::CreateCollection),
+        db_name: conn.url.database.clone(),
+        collection_name: name.into(),
+        schema: schema.encode_to_vec(),
+        shards_num: 1,
+        // FastGPT's (and the Node SDK's) default.
+        consistency_level: ConsistencyLevel::Bounded as i32,
+        ..Default::default()
+    };
+    conn.call(&format!("creating collection {name}"), |mut c| async move { c.create_collection(req).await })?;
+    Ok(())
 }
 
 fn drop_collection(conn: &Milvus, name: &str) -> Result<()> {
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.drop_collection(DropCollectionRequest {
-            base: base(MsgType::DropCollection),
-            db_name: conn.url.database.clone(),
-            collection_name: name.into(),
-        }))
-        .map_err(|e| conn.rpc_error("dropping the collection", e))?
-        .into_inner();
-    check_status(&Some(r), &format!("dropping collection {name}"))
+    let req = DropCollectionRequest {
+        base: base(MsgType::DropCollection),
+        db_name: conn.url.database.clone(),
+        collection_name: name.into(),
+    };
+    conn.call(&format!("dropping collection {name}"), |mut c| async move { c.drop_collection(req).await })?;
+    Ok(())
 }
 
 fn create_index(conn: &Milvus, collection: &str, field: &str, index_name: &str, params: Vec<KeyValuePair>) -> Result<()> {
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.create_index(CreateIndexRequest {
-            base: base(MsgType::CreateIndex),
-            db_name: conn.url.database.clone(),
-            collection_name: collection.into(),
-            field_name: field.into(),
-            extra_params: params,
-            index_name: index_name.into(),
-        }))
-        .map_err(|e| conn.rpc_error("creating an index", e))?
-        .into_inner();
-    check_status(&Some(r), &format!("creating index {index_name} on {collection}.{field}"))
+    let req = CreateIndexRequest {
+        base: base(MsgType::CreateIndex),
+        db_name: conn.url.database.clone(),
+        collection_name: collection.into(),
+        field_name: field.into(),
+        extra_params: params,
+        index_name: index_name.into(),
+    };
+    conn.call(&format!("creating index {index_name} on {collection}.{field}"), |mut c| async move { c.create_index(req).await })?;
+    Ok(())
 }
 
 /// Empties a collection: drop and create it again with the same schema and indexes.
@@ -231,47 +222,32 @@ fn row_count(conn: &Milvus, coll: &Collection) -> Result<u64> {
         return conn.count(&coll.spec.name);
     }
     // Without an index: the statistics' row count (flushed rows, deletes included).
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.get_collection_statistics(GetCollectionStatisticsRequest {
-            base: base(MsgType::GetCollectionStatistics),
-            db_name: conn.url.database.clone(),
-            collection_name: coll.spec.name.clone(),
-            ..Default::default()
-        }))
-        .map_err(|e| conn.rpc_error("reading collection statistics", e))?
-        .into_inner();
-    check_status(&r.status, "reading collection statistics")?;
+    let req = GetCollectionStatisticsRequest {
+        base: base(MsgType::GetCollectionStatistics),
+        db_name: conn.url.database.clone(),
+        collection_name: coll.spec.name.clone(),
+        ..Default::default()
+    };
+    let r = conn.call("reading collection statistics", |mut c| async move { c.get_collection_statistics(req).await })?;
     Ok(r.stats.iter().find(|kv| kv.key == "row_count").and_then(|kv| kv.value.parse().ok()).unwrap_or(0))
 }
 
 /// Flushes the collection and waits until Milvus says the data is persisted
 /// (its flush call returns before that).
 fn flush_and_wait(conn: &Milvus, name: &str) -> Result<()> {
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.flush(FlushRequest {
-            base: base(MsgType::Flush),
-            db_name: conn.url.database.clone(),
-            collection_names: vec![name.into()],
-        }))
-        .map_err(|e| conn.rpc_error("flush", e))?
-        .into_inner();
-    check_status(&r.status, &format!("flushing {name}"))?;
+    let req = FlushRequest { base: base(MsgType::Flush), db_name: conn.url.database.clone(), collection_names: vec![name.into()] };
+    let r = conn.call(&format!("flushing {name}"), |mut c| async move { c.flush(req).await })?;
     let segments = r.coll_seg_i_ds.get(name).map(|l| l.data.clone()).unwrap_or_default();
     let flush_ts = r.coll_flush_ts.get(name).copied().unwrap_or(0);
     let started = Instant::now();
     loop {
-        let s = conn
-            .block_on(c.get_flush_state(GetFlushStateRequest {
-                segment_i_ds: segments.clone(),
-                flush_ts,
-                db_name: conn.url.database.clone(),
-                collection_name: name.into(),
-            }))
-            .map_err(|e| conn.rpc_error("waiting for the flush", e))?
-            .into_inner();
-        check_status(&s.status, "waiting for the flush")?;
+        let req = GetFlushStateRequest {
+            segment_i_ds: segments.clone(),
+            flush_ts,
+            db_name: conn.url.database.clone(),
+            collection_name: name.into(),
+        };
+        let s = conn.call("waiting for the flush", |mut c| async move { c.get_flush_state(req).await })?;
         if s.flushed {
             return Ok(());
         }
@@ -423,19 +399,16 @@ fn upsert(conn: &Milvus, coll: &Collection, batch: &RecordBatch) -> Result<()> {
         .iter()
         .map(|info| encode_field(info, batch.column_by_name(&info.column).unwrap().as_ref()))
         .collect::<Result<Vec<_>>>()?;
-    let mut c = conn.grpc.clone();
-    let r = conn
-        .block_on(c.upsert(UpsertRequest {
-            base: base(MsgType::Upsert),
-            db_name: conn.url.database.clone(),
-            collection_name: coll.spec.name.clone(),
-            fields_data: fields,
-            num_rows: batch.num_rows() as u32,
-            ..Default::default()
-        }))
-        .map_err(|e| conn.rpc_error("upsert", e))?
-        .into_inner();
-    check_status(&r.status, &format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name))?;
+    let req = UpsertRequest {
+        base: base(MsgType::Upsert),
+        db_name: conn.url.database.clone(),
+        collection_name: coll.spec.name.clone(),
+        fields_data: fields,
+        num_rows: batch.num_rows() as u32,
+        ..Default::default()
+    };
+    let what = format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name);
+    let r = conn.call(&what, |mut c| async move { c.upsert(req).await })?;
     if !r.err_index.is_empty() {
         bail!("Milvus refused {} rows of an upsert into {}", r.err_index.len(), coll.spec.name);
     }
@@ -499,17 +472,13 @@ impl Sink for MilvusSink {
             bail!("a Milvus target keeps its ledger in the job's state directory, and none was given");
         }
         if !self.conn.database_exists()? {
-            let mut c = self.conn.grpc.clone();
-            let r = self
-                .conn
-                .block_on(c.create_database(CreateDatabaseRequest {
-                    base: base(MsgType::CreateDatabase),
-                    db_name: self.conn.url.database.clone(),
-                    ..Default::default()
-                }))
-                .map_err(|e| self.conn.rpc_error("creating the database", e))?
-                .into_inner();
-            check_status(&Some(r), &format!("creating Milvus database {}", self.conn.url.database))?;
+            let req = CreateDatabaseRequest {
+                base: base(MsgType::CreateDatabase),
+                db_name: self.conn.url.database.clone(),
+                ..Default::default()
+            };
+            let what = format!("creating Milvus database {}", self.conn.url.database);
+            self.conn.call(&what, |mut c| async move { c.create_database(req).await })?;
         }
         let ledger_rows = self.ledger_rows(&opts.job)?;
         let existed = self.conn.has_collection(&self.name)?;

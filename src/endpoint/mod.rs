@@ -6,6 +6,7 @@
 pub mod columns;
 pub mod milvus;
 pub mod milvus_sink;
+pub mod milvus_source;
 pub mod obsql;
 pub mod oceanbase;
 pub mod pgcopy;

@@ -1,0 +1,262 @@
+//! Milvus as a source: loads the collection, plans chunks by walking its ids,
+//! reads each chunk in keyset pages (`id > last`, sorted by id) that all see
+//! the writes acknowledged before the source was opened, and decodes Milvus
+//! columns straight into Arrow arrays.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use arrow::array::{
+    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, Float64Array, Int16Array, Int32Array, Int64Array,
+    StringArray, TimestampMicrosecondArray, UInt32Array,
+};
+use arrow::record_batch::RecordBatch;
+use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
+use tokio::runtime::Handle;
+
+use super::Source;
+use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, discover};
+use crate::config::MilvusUrl;
+use crate::plan::{ChunkRange, ranges_from_bounds};
+use crate::schema::{IndexKind, TableSpec, vector_item_field};
+
+/// Bytes of rows per read page (~1,300 rows of 1536-d).
+const PAGE_BYTES: usize = 8 << 20;
+/// Milvus refuses `limit` (plus offset) above this.
+pub const MAX_QUERY_LIMIT: usize = 16_384;
+/// The field Milvus keeps dynamic (schema-less) values in.
+pub const DYNAMIC_FIELD: &str = "$meta";
+
+/// `pk > last` within `[lo, hi]`; bounds at the ends of i64 are left out
+/// (Milvus cannot parse -9223372036854775808).
+pub fn range_expr(pk: &str, lo: i64, hi: i64, after: Option<i64>) -> String {
+    let mut parts = Vec::new();
+    match after {
+        Some(a) => parts.push(format!("{pk} > {a}")),
+        None if lo != i64::MIN => parts.push(format!("{pk} >= {lo}")),
+        None => {}
+    }
+    if hi != i64::MAX {
+        parts.push(format!("{pk} <= {hi}"));
+    }
+    parts.join(" and ")
+}
+
+// ---------------------------------------------------------------- decoding
+
+fn scalar(fd: &FieldData) -> Option<&scalar_field::Data> {
+    match &fd.field {
+        Some(field_data::Field::Scalars(s)) => s.data.as_ref(),
+        _ => None,
+    }
+}
+
+/// One field of a query result as the Arrow column of `info`, taking its values.
+pub fn decode_field(info: &FieldInfo, fd: FieldData) -> Result<ArrayRef> {
+    use scalar_field::Data as D;
+    let bad = || anyhow!("Milvus returned field {} in an unexpected form", info.field);
+    let (scalars, vectors) = match fd.field {
+        Some(field_data::Field::Scalars(s)) => (s.data, None),
+        Some(field_data::Field::Vectors(v)) => (None, v.data),
+        _ => (None, None),
+    };
+    Ok(match (&info.kind, scalars, vectors) {
+        (FieldKind::Int64, Some(D::LongData(l)), _) => Arc::new(Int64Array::from(l.data)),
+        (FieldKind::EpochMs, Some(D::LongData(l)), _) => {
+            let us = l
+                .data
+                .iter()
+                .map(|ms| ms.checked_mul(1000).ok_or_else(|| anyhow!("{}: {ms} ms is out of range", info.field)))
+                .collect::<Result<Vec<i64>>>()?;
+            Arc::new(TimestampMicrosecondArray::from(us))
+        }
+        (FieldKind::Int32, Some(D::IntData(l)), _) => Arc::new(Int32Array::from(l.data)),
+        (FieldKind::Int16 | FieldKind::Int8, Some(D::IntData(l)), _) => Arc::new(l.data.iter().map(|v| *v as i16).collect::<Int16Array>()),
+        (FieldKind::Bool, Some(D::BoolData(l)), _) => Arc::new(BooleanArray::from(l.data)),
+        (FieldKind::Float, Some(D::FloatData(l)), _) => Arc::new(Float32Array::from(l.data)),
+        (FieldKind::Double, Some(D::DoubleData(l)), _) => Arc::new(Float64Array::from(l.data)),
+        (FieldKind::VarChar { .. }, Some(D::StringData(l)), _) => Arc::new(StringArray::from(l.data)),
+        (FieldKind::Json, Some(D::JsonData(l)), _) => Arc::new(StringArray::from(
+            l.data
+                .into_iter()
+                .map(|b| String::from_utf8(b).map_err(|_| anyhow!("{}: JSON value is not UTF-8", info.field)))
+                .collect::<Result<Vec<String>>>()?,
+        )),
+        (FieldKind::FloatVector { dim }, _, Some(vector_field::Data::FloatVector(f))) => {
+            Arc::new(FixedSizeListArray::try_new(vector_item_field(), *dim as i32, Arc::new(Float32Array::from(f.data)), None)?)
+        }
+        _ => return Err(bad()),
+    })
+}
+
+/// Dynamic values would be lost on the way: refuse them, naming a row.
+fn check_no_dynamic_values(fd: &FieldData, ids: &Int64Array, collection: &str) -> Result<()> {
+    if let Some(scalar_field::Data::JsonData(l)) = scalar(fd) {
+        for (i, v) in l.data.iter().enumerate() {
+            let s = String::from_utf8_lossy(v);
+            let t = s.trim();
+            if !t.is_empty() && t != "{}" && t != "null" {
+                bail!(
+                    "collection {collection}: row id {} has dynamic fields {t}; vmig copies declared fields only, \
+                     declare them in the collection schema first",
+                    ids.value(i)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A query result as a batch in the order of `coll.spec`, sorted by id.
+pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<RecordBatch> {
+    let mut take = |name: &str| data.iter().position(|f| f.field_name == name).map(|i| data.swap_remove(i));
+    let cols = coll
+        .fields
+        .iter()
+        .map(|info| {
+            let fd = take(&info.field).ok_or_else(|| anyhow!("Milvus left field {} out of the result", info.field))?;
+            decode_field(info, fd)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let dynamic = take(DYNAMIC_FIELD);
+    let batch = RecordBatch::try_new(coll.spec.arrow_schema(), cols).context("assembling a Milvus page")?;
+    let pk = batch.column(coll.spec.pk_index()).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+    if let Some(fd) = dynamic {
+        check_no_dynamic_values(&fd, &pk, &coll.spec.name)?;
+    }
+    if pk.values().windows(2).all(|w| w[0] < w[1]) {
+        return Ok(batch);
+    }
+    let order: UInt32Array = arrow::compute::sort_to_indices(&pk, None, None)?;
+    Ok(arrow::compute::take_record_batch(&batch, &order)?)
+}
+
+// ---------------------------------------------------------------- source
+
+pub struct MilvusSource {
+    conn: Milvus,
+    coll: Collection,
+    output: Vec<String>,
+    page_rows: usize,
+    /// Reads see every write acknowledged before the source was opened.
+    read_ts: Option<u64>,
+}
+
+impl MilvusSource {
+    pub fn open(url: MilvusUrl, collection: &str, handle: Handle) -> Result<Self> {
+        let conn = Milvus::connect(&url, &handle)?;
+        if !conn.database_exists()? {
+            bail!("Milvus database {} does not exist on {}", url.database, url.redacted());
+        }
+        let coll = discover(&conn, collection, &url.fields)?;
+        if !coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+            bail!("collection {collection} has no vector index, so Milvus cannot load it for reading; create one first");
+        }
+        conn.load(collection)?;
+        // Servers without AllocTimestamp get Strong reads (slower, as exact).
+        let read_ts = conn.alloc_timestamp().ok().filter(|t| *t > 0);
+        let mut output: Vec<String> = coll.fields.iter().map(|f| f.field.clone()).collect();
+        if coll.dynamic {
+            output.push(DYNAMIC_FIELD.into());
+        }
+        let row_bytes = crate::pipeline::estimate_row_bytes(&coll.spec).max(1);
+        let page_rows = std::env::var("VMIG_MILVUS_PAGE_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PAGE_BYTES / row_bytes)
+            .clamp(1, MAX_QUERY_LIMIT);
+        Ok(MilvusSource { conn, coll, output, page_rows, read_ts })
+    }
+
+    /// Ids in `[lo, hi]` page by page (`pk > last`, sorted by id).
+    fn pages(&self, lo: i64, hi: i64, output: &[String], limit: usize, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let name = &self.coll.spec.name;
+        let pk = &self.coll.pk_field;
+        let mut after = None;
+        loop {
+            let expr = range_expr(pk, lo, hi, after);
+            let data = self.conn.query(name, &expr, output, limit, self.read_ts)?;
+            let batch = if output.len() == 1 {
+                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
+                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
+                let ids = decode_field(info, fd)?;
+                let ids = arrow::compute::sort(&ids, None)?;
+                RecordBatch::try_from_iter([("id", ids)])?
+            } else {
+                decode_result(&self.coll, data)?
+            };
+            let n = batch.num_rows();
+            if n == 0 {
+                return Ok(());
+            }
+            let ids = batch.column_by_name(if output.len() == 1 { "id" } else { &self.coll.spec.primary_key }).unwrap();
+            let ids = ids.as_any().downcast_ref::<Int64Array>().unwrap();
+            let last = ids.value(n - 1);
+            if after.is_some_and(|a| ids.value(0) <= a) {
+                bail!("Milvus returned ids out of order while paging {name}");
+            }
+            f(batch)?;
+            if n < limit {
+                return Ok(());
+            }
+            after = Some(last);
+        }
+    }
+}
+
+impl Source for MilvusSource {
+    fn describe(&self) -> String {
+        format!("{} collection {}", self.conn.url.redacted(), self.coll.spec.name)
+    }
+
+    fn spec(&self) -> &TableSpec {
+        &self.coll.spec
+    }
+
+    fn timestamps_ms(&self) -> bool {
+        true
+    }
+
+    fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
+        // Walk the ids (8 bytes each) and note every chunk_rows-th.
+        let mut bounds = Vec::new();
+        let mut total = 0u64;
+        let limit = if std::env::var_os("VMIG_MILVUS_PAGE_ROWS").is_some() { self.page_rows } else { MAX_QUERY_LIMIT };
+        self.pages(i64::MIN, i64::MAX, &[self.coll.pk_field.clone()], limit, &mut |b| {
+            let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..ids.len() {
+                total += 1;
+                if total % chunk_rows == 0 {
+                    bounds.push(ids.value(i));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(ranges_from_bounds(&bounds, total, chunk_rows))
+    }
+
+    fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let output = self.output.clone();
+        self.pages(chunk.lo, chunk.hi, &output, self.page_rows, &mut |b| {
+            let mut off = 0;
+            while off < b.num_rows() {
+                let n = batch_rows.min(b.num_rows() - off);
+                out(b.slice(off, n))?;
+                off += n;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_expressions_leave_out_the_ends_of_i64() {
+        assert_eq!(range_expr("id", i64::MIN, i64::MAX, None), "");
+        assert_eq!(range_expr("id", 10, i64::MAX, None), "id >= 10");
+        assert_eq!(range_expr("id", i64::MIN, 20, Some(5)), "id > 5 and id <= 20");
+    }
+}
