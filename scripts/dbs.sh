@@ -83,6 +83,7 @@ milvus_start_dir() { # dir port [auth]
   if [ -n "$(milvus_pids "$dir")" ]; then log "milvus already running on 127.0.0.1:$port"; return 0; fi
   # The embedded etcd's ports are not in the wrapper's template (its peer
   # port is fixed at 2380): give each server its own through ETCD_CONFIG_PATH.
+  # Its message log (rocksmq) would keep 8 GB / 3 days of writes: keep less.
   local etcd=$((port + 10000))
   cat >"$dir/embed-etcd.yaml" <<ETCD
 name: default
@@ -93,6 +94,7 @@ initial-advertise-peer-urls: http://127.0.0.1:$((etcd + 1))
 initial-cluster: default=http://127.0.0.1:$((etcd + 1))
 ETCD
   ETCD_CONFIG_PATH="$dir/embed-etcd.yaml" setsid "$VENV/bin/milvus-server" --data "$dir" --proxy-port "$port" --etcd-port "$etcd" "${auth[@]}" \
+    --extra-config rocksmq.retentionSizeInMB=2048 --extra-config rocksmq.retentionTimeInMinutes=60 \
     >"$dir/wrapper.log" 2>&1 </dev/null &
   echo $! >"$dir/wrapper.pid"
   for i in $(seq 1 240); do

@@ -1,13 +1,16 @@
 //! What is committed. Each sink keeps its own durable ledger (a table in a SQL
-//! target, commit markers in staging); this module holds the shared record
-//! type and the job's local state directory (plan, status, rejects).
+//! target, commit markers in staging, a ledger file for Milvus); this module
+//! holds the shared record type, the ledger file and the job's local state
+//! directory (plan, status, rejects).
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::ChunkRange;
@@ -83,6 +86,86 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("fsync of directory {}", dir.display()))
+}
+
+#[derive(Serialize, Deserialize)]
+struct LedgerLine {
+    job: String,
+    target: String,
+    record: CommitRecord,
+}
+
+/// A ledger for targets without transactions (Milvus): append-only JSON
+/// lines in the job's state directory, one per committed chunk and target,
+/// fsynced before the chunk counts as committed.
+pub struct LedgerFile {
+    path: PathBuf,
+    target: String,
+    lock: Mutex<()>,
+}
+
+impl LedgerFile {
+    pub fn new(path: PathBuf, target: String) -> Self {
+        LedgerFile { path, target, lock: Mutex::new(()) }
+    }
+
+    fn lines(&self) -> Result<Vec<LedgerLine>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+        };
+        let mut out = Vec::new();
+        let n = text.lines().count();
+        for (i, line) in text.lines().enumerate() {
+            match serde_json::from_str::<LedgerLine>(line) {
+                Ok(l) => out.push(l),
+                // A torn last line is a commit that did not finish.
+                Err(_) if i + 1 == n && !text.ends_with('\n') => {}
+                Err(e) => bail!("{} line {} is damaged: {e}", self.path.display(), i + 1),
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn records(&self, job: &str) -> Result<Ledger> {
+        Ok(self
+            .lines()?
+            .into_iter()
+            .filter(|l| l.job == job && l.target == self.target)
+            .map(|l| (l.record.chunk, l.record))
+            .collect())
+    }
+
+    pub fn append(&self, job: &str, record: &CommitRecord) -> Result<()> {
+        let _g = self.lock.lock().unwrap();
+        let mut line = serde_json::to_vec(&LedgerLine { job: job.into(), target: self.target.clone(), record: record.clone() })?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        f.write_all(&line)?;
+        f.sync_data().with_context(|| format!("fsync of {}", self.path.display()))
+    }
+
+    pub fn forget(&self, job: &str) -> Result<u64> {
+        let _g = self.lock.lock().unwrap();
+        let lines = self.lines()?;
+        let (gone, kept): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.job == job && l.target == self.target);
+        if !gone.is_empty() && kept.is_empty() {
+            std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
+        } else if !gone.is_empty() {
+            let mut text = Vec::new();
+            for l in &kept {
+                text.extend(serde_json::to_vec(l)?);
+                text.push(b'\n');
+            }
+            write_atomic(&self.path, &text)?;
+        }
+        Ok(gone.len() as u64)
+    }
 }
 
 /// Local state directory of a job: `manifest.json` (spec and plan),

@@ -84,6 +84,16 @@ fn postgres_to_milvus_truncates_microseconds_then_milvus_to_milvus() {
     assert_eq!(milvus_rows(&copy, "modeldata_v1"), milvus_rows(&m, "modeldata"));
     assert_eq!(milvus_count(&copy, "modeldata_v1"), 1500);
     ok(&["verify", "--from", &m, "--to", &copy, "--target-table", "modeldata_v1"]);
+
+    // Another job into the same, non-empty collection: refused, unless told to empty it first.
+    let again = ["migrate", "--from", &src, "--to", &copy, "--target-table", "modeldata_v1", "--state-root", sr, "--job", "second"];
+    let out = vmig(&again);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already has rows and no vmig ledger"), "{}", stderr(&out));
+    exec(&src, "DELETE FROM modeldata WHERE id % 2 = 0");
+    ok(&[&again[..], &["--on-existing", "truncate"]].concat());
+    assert_eq!(milvus_rows(&copy, "modeldata_v1"), as_mrows(&rows(&src, "modeldata")), "only the source's rows remain");
+    assert!(milvus_index_params(&copy, "modeldata_v1").contains("index_type=HNSW"), "the emptied collection keeps its index");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use milvus::value::ValueVec;
 /// Streams = vmig's default workers.
 const STREAMS: usize = 2;
 /// Upsert request size vmig uses (src/endpoint/milvus_sink.rs).
-pub const REQUEST_BYTES: usize = 16 << 20;
+pub const REQUEST_BYTES: usize = 8 << 20;
 
 async fn client(base: &str, db: Option<&str>) -> Client {
     let mut c = Client::new(base.to_string()).await.expect("connect to Milvus (is scripts/dbs.sh start running?)");
@@ -58,44 +58,58 @@ fn schema(dim: u32) -> CollectionSchema {
         .unwrap()
 }
 
-fn columns(s: &CollectionSchema, ids: &[i64], dim: u32) -> Vec<FieldColumn> {
-    let x = |id: i64, j: u32| ((id as u32).wrapping_mul(2654435761).wrapping_add(j.wrapping_mul(40503)) % 20000) as f32 / 10000.0 - 1.0;
+/// Rows `start..start+n` of `vmig generate`'s data set (the rows vmig moves
+/// in the same run) as SDK columns: Milvus is fed the same values both ways.
+fn columns(s: &CollectionSchema, start: u64, n: u64, dim: u32) -> Vec<FieldColumn> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{Float32Type, Int64Type, TimestampMicrosecondType};
+    let spec = vmig::generate::fastgpt_spec("modeldata", dim, false, false);
+    let b = vmig::generate::batch(&spec, 42, start, n).unwrap();
+    let strings = |i: usize| b.column(i).as_string::<i32>().iter().map(|v| v.unwrap().to_string()).collect::<Vec<_>>();
     let f = |n: &str| s.get_field(n).unwrap();
     vec![
-        FieldColumn::new(f("id"), ids.to_vec()),
-        FieldColumn::new(f("vector"), ids.iter().flat_map(|&id| (0..dim).map(move |j| x(id, j))).collect::<Vec<f32>>()),
-        FieldColumn::new(f("teamId"), ids.iter().map(|i| format!("team-{}", i % 7)).collect::<Vec<_>>()),
-        FieldColumn::new(f("datasetId"), ids.iter().map(|i| format!("dataset-{}", i % 31)).collect::<Vec<_>>()),
-        FieldColumn::new(f("collectionId"), ids.iter().map(|i| format!("collection-{}", i % 97)).collect::<Vec<_>>()),
-        FieldColumn::new(f("createTime"), ids.iter().map(|i| 1_735_689_600_123 + i).collect::<Vec<i64>>()),
+        FieldColumn::new(f("id"), b.column(0).as_primitive::<Int64Type>().values().to_vec()),
+        FieldColumn::new(f("vector"), b.column(1).as_fixed_size_list().values().as_primitive::<Float32Type>().values().to_vec()),
+        FieldColumn::new(f("teamId"), strings(2)),
+        FieldColumn::new(f("datasetId"), strings(3)),
+        FieldColumn::new(f("collectionId"), strings(4)),
+        FieldColumn::new(f("createTime"), b.column(5).as_primitive::<TimestampMicrosecondType>().values().iter().map(|us| us / 1000).collect::<Vec<i64>>()),
     ]
 }
 
-/// Rows/s of a plain SDK upsert loop of `rows` synthetic rows over STREAMS
-/// connections, in requests of REQUEST_BYTES, then one flush.
+/// Rows/s of a plain SDK upsert loop of the `rows` generated rows over
+/// STREAMS connections, in requests of REQUEST_BYTES, then one flush (not
+/// waited for). The rows are made in memory before each request's clock starts.
 pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
     let (base, db) = split(url);
     let s = schema(dim);
     client(base, Some(db)).await.create_collection(s.clone(), None).await.unwrap();
     let per_request = (REQUEST_BYTES / (dim as usize * 4 + 64)).max(1);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..STREAMS as i64)
+    let tasks: Vec<_> = (0..STREAMS as u64)
         .map(|w| {
             let (base, db, s) = (base.to_string(), db.to_string(), s.clone());
             tokio::spawn(async move {
                 let c = client(&base, Some(&db)).await;
-                let ids: Vec<i64> = (1..=rows as i64).filter(|i| i % STREAMS as i64 == w).collect();
-                for part in ids.chunks(per_request) {
-                    c.upsert("modeldata", columns(&s, part, dim), None::<InsertOptions>).await.unwrap();
+                let mut spent = std::time::Duration::ZERO;
+                let mut start = w * per_request as u64;
+                while start < rows {
+                    let cols = columns(&s, start, per_request.min((rows - start) as usize) as u64, dim);
+                    let t = Instant::now();
+                    c.upsert("modeldata", cols, None::<InsertOptions>).await.unwrap();
+                    spent += t.elapsed();
+                    start += (STREAMS * per_request) as u64;
                 }
+                spent
             })
         })
         .collect();
+    let mut slowest = std::time::Duration::ZERO;
     for t in tasks {
-        t.await.unwrap();
+        slowest = slowest.max(t.await.unwrap());
     }
+    let t = Instant::now();
     client(base, Some(db)).await.flush("modeldata").await.unwrap();
-    rows as f64 / started.elapsed().as_secs_f64()
+    rows as f64 / (slowest + t.elapsed()).as_secs_f64()
 }
 
 /// Makes the raw collection readable: a FLAT index (nothing to build) and a load.
@@ -113,13 +127,14 @@ pub async fn load_for_reading(url: &str) {
 pub async fn raw_keyset_read(url: &str, rows: u64, page: usize) -> f64 {
     let (base, db) = split(url);
     let started = Instant::now();
-    let step = rows as i64 / STREAMS as i64 + 1;
+    // Generated ids run from 1000 to 1000 + 3 * rows.
+    let step = (1000 + 3 * rows as i64) / STREAMS as i64 + 1;
     let tasks: Vec<_> = (0..STREAMS as i64)
         .map(|w| {
             let (base, db) = (base.to_string(), db.to_string());
             tokio::spawn(async move {
                 let c = client(&base, Some(&db)).await;
-                let (mut last, end) = (w * step, (w + 1) * step);
+                let (mut last, end) = (w * step - 1, (w + 1) * step - 1);
                 let mut n = 0u64;
                 let fields = ["id", "vector", "teamId", "datasetId", "collectionId", "createTime"].map(String::from).to_vec();
                 loop {

@@ -147,10 +147,26 @@ impl Milvus {
         F: FnOnce(Grpc) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        self.handle
-            .block_on(rpc(self.grpc.clone()))
-            .map(|r| r.into_inner())
-            .map_err(|e| anyhow!("{what} on {}: {} ({:?})", self.url.redacted(), e.message(), e.code()))
+        self.block_on(rpc(self.grpc.clone())).map(|r| r.into_inner()).map_err(|e| self.failure(what, e))
+    }
+
+    /// A call that did not reach Milvus or was cut off, naming the server.
+    pub fn failure(&self, what: &str, e: tonic::Status) -> anyhow::Error {
+        anyhow!("{what} on {}: {} ({:?})", self.url.redacted(), e.message(), e.code())
+    }
+
+    /// Blocks the calling (pipeline) thread on `f`.
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.handle.block_on(f)
+    }
+
+    /// Runs `f` on the shared runtime (an RPC in flight while the caller goes on).
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(f)
     }
 
     /// One RPC whose reply must say success.
