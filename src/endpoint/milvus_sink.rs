@@ -456,17 +456,9 @@ impl Sink for MilvusSink {
         if !opts.job.is_empty() && self.ledger.is_none() {
             bail!("a Milvus target keeps its ledger in the job's state directory, and none was given");
         }
-        if !self.conn.database_exists()? {
-            let req = CreateDatabaseRequest {
-                base: base(MsgType::CreateDatabase),
-                db_name: self.conn.url.database.clone(),
-                ..Default::default()
-            };
-            let what = format!("creating Milvus database {}", self.conn.url.database);
-            self.conn.call(&what, |mut c| async move { c.create_database(req).await })?;
-        }
+        let database_exists = self.conn.database_exists()?;
+        let existed = database_exists && self.conn.has_collection(&self.name)?;
         let ledger_rows = self.ledger_rows(&opts.job)?;
-        let existed = self.conn.has_collection(&self.name)?;
         if !existed {
             if ledger_rows > 0 {
                 bail!(
@@ -476,7 +468,17 @@ impl Sink for MilvusSink {
                     self.name
                 );
             }
+            // Mapping errors surface before anything is created.
             let fields = source.columns.iter().map(|c| field_schema(source, c, &self.fields)).collect::<Result<Vec<_>>>()?;
+            if !database_exists {
+                let req = CreateDatabaseRequest {
+                    base: base(MsgType::CreateDatabase),
+                    db_name: self.conn.url.database.clone(),
+                    ..Default::default()
+                };
+                let what = format!("creating Milvus database {}", self.conn.url.database);
+                self.conn.call(&what, |mut c| async move { c.create_database(req).await })?;
+            }
             let schema = CollectionSchema {
                 name: self.name.clone(),
                 description: "copied by vmig".into(),
