@@ -66,6 +66,15 @@ fn run_vmig(args: &[&str]) -> (f64, f64) {
     (started.elapsed().as_secs_f64(), usage.ru_maxrss as f64 / 1024.0)
 }
 
+/// `vmig migrate --no-indexes` from → to; (rows/s of the load phase, whole seconds, peak RSS MB).
+fn migrate_rate(from: &str, to: &str, rows: u64, state: &std::path::Path, report: &std::path::Path) -> (f64, f64, f64) {
+    let (total, rss) = run_vmig(&[
+        "migrate", "--from", from, "--to", to, "--state-root", state.to_str().unwrap(), "--quiet", "--no-indexes",
+        "--report", report.to_str().unwrap(),
+    ]);
+    (rows as f64 / load_seconds(report), total, rss)
+}
+
 fn load_seconds(report: &std::path::Path) -> f64 {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     r["load_seconds"].as_f64().unwrap()
@@ -177,16 +186,11 @@ fn bench_milvus(
     let raw_read = rt.block_on(milvus_bench::raw_keyset_read(&raw_db, rows, page));
 
     let state = tmp.join("milvus-state");
-    let state_s = state.to_str().unwrap();
     let vmig_db = rt.block_on(milvus_bench::fresh_db(base, "bench_vmig"));
-    let r1 = tmp.join("pg-milvus.json");
-    let (t1, rss1) = run_vmig(&["migrate", "--from", pg_src, "--to", &vmig_db, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r1.to_str().unwrap()]);
-    let pg_m = rows as f64 / load_seconds(&r1);
+    let (pg_m, t1, rss1) = migrate_rate(pg_src, &vmig_db, rows, &state, &tmp.join("pg-milvus.json"));
     // Read back the raw collection (it is indexed and loaded; vmig's is not, with --no-indexes).
     let pg_back = rt.block_on(fresh_db(pg_dst_base, "bench_from_milvus"));
-    let r2 = tmp.join("milvus-pg.json");
-    let (t2, rss2) = run_vmig(&["migrate", "--from", &raw_db, "--to", &pg_back, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r2.to_str().unwrap()]);
-    let m_pg = rows as f64 / load_seconds(&r2);
+    let (m_pg, t2, rss2) = migrate_rate(&raw_db, &pg_back, rows, &state, &tmp.join("milvus-pg.json"));
 
     println!("\nvmig e2e benchmark, Milvus (2.3 standalone, {rows} rows × {dim}-d, ≈{mb:.0} MB), upserts of {} MiB, 2 streams", milvus_bench::REQUEST_BYTES >> 20);
     println!("{:<46} {:>10} {:>10} {:>12}", "path", "rows/s", "ratio", "peak RSS MB");
@@ -229,15 +233,10 @@ fn bench_oceanbase(
     let raw_read = rt.block_on(oceanbase::raw_keyset_read(&raw_db, page));
 
     let state = tmp.join("ob-state");
-    let state_s = state.to_str().unwrap();
     let ob_mig = rt.block_on(oceanbase::fresh_db(ob_base, "bench_ob_vmig"));
-    let r1 = tmp.join("pg-ob.json");
-    let (t1, rss1) = run_vmig(&["migrate", "--from", pg_src, "--to", &ob_mig, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r1.to_str().unwrap()]);
-    let pg_ob = rows as f64 / load_seconds(&r1);
+    let (pg_ob, t1, rss1) = migrate_rate(pg_src, &ob_mig, rows, &state, &tmp.join("pg-ob.json"));
     let pg_back = rt.block_on(fresh_db(pg_dst_base, "bench_from_ob"));
-    let r2 = tmp.join("ob-pg.json");
-    let (t2, rss2) = run_vmig(&["migrate", "--from", &ob_mig, "--to", &pg_back, "--state-root", state_s, "--quiet", "--no-indexes", "--report", r2.to_str().unwrap()]);
-    let ob_pg = rows as f64 / load_seconds(&r2);
+    let (ob_pg, t2, rss2) = migrate_rate(&ob_mig, &pg_back, rows, &state, &tmp.join("ob-pg.json"));
 
     println!("\nvmig e2e benchmark, OceanBase (seekdb 1.4, {rows} rows × {dim}-d, ≈{mb:.0} MB), statements of {} MiB, 2 connections", oceanbase::STATEMENT_BYTES >> 20);
     println!("{:<46} {:>10} {:>10} {:>12}", "path", "rows/s", "ratio", "peak RSS MB");
