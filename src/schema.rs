@@ -179,6 +179,8 @@ impl TableSpec {
                 (ColumnType::Json { .. }, ColumnType::Json { .. }) => true,
                 (a, b) if a.is_vector() && b.is_vector() => a.vector_dim() == b.vector_dim(),
                 (ColumnType::Timestamp { .. }, ColumnType::Timestamp { .. }) => true,
+                // Widening is exact (Milvus keys are Int64; SQL keys may be integer).
+                (ColumnType::Int16 | ColumnType::Int32, ColumnType::Int64) | (ColumnType::Int16, ColumnType::Int32) => true,
                 _ => false,
             };
             if !compatible {

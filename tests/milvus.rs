@@ -307,7 +307,7 @@ fn a_pipeline_file_maps_other_tables() {
     let m = fresh_milvus_db("mmap");
     exec(
         &src,
-        "CREATE TABLE kb (id BIGINT PRIMARY KEY, emb VECTOR(8) NOT NULL, tenant VARCHAR(20) NOT NULL, created TIMESTAMP NOT NULL, score REAL NOT NULL);
+        "CREATE TABLE kb (id INTEGER PRIMARY KEY, emb VECTOR(8) NOT NULL, tenant VARCHAR(20) NOT NULL, created TIMESTAMP NOT NULL, score REAL NOT NULL);
          INSERT INTO kb SELECT i, ('[' || array_to_string(array_fill(i::real / 7, ARRAY[8]), ',') || ']')::vector, 't' || (i % 4),
            TIMESTAMP '2025-01-02 03:04:05.678' + i * interval '1 minute', i / 3.0 FROM generate_series(1, 300) i;",
     );
@@ -327,7 +327,8 @@ fn a_pipeline_file_maps_other_tables() {
     ok(&["migrate", "--config", file.to_str().unwrap(), "--state-root", sr.to_str().unwrap()]);
     let schema = milvus_schema(&m, "kb");
     assert!(schema.contains("\"tenantId\"") && schema.contains("\"createdAt\"") && schema.contains("\"score\""), "{schema}");
-    // And back into PostgreSQL under the SQL names, through the same mapping.
+    // An integer key became Milvus' Int64 one. And back into PostgreSQL under
+    // the SQL names, through the same mapping.
     std::fs::write(&file, pipeline(&m, &dst).to_string()).unwrap();
     ok(&["migrate", "--config", file.to_str().unwrap(), "--state-root", sr.to_str().unwrap()]);
     let q = "SELECT string_agg(id || ':' || emb::text || ':' || tenant || ':' || created || ':' || score, ',' ORDER BY id) FROM kb";
