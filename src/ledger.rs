@@ -153,7 +153,8 @@ impl LedgerFile {
     pub fn forget(&self, job: &str) -> Result<u64> {
         let _g = self.lock.lock().unwrap();
         let lines = self.lines()?;
-        let (gone, kept): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.job == job && l.target == self.target);
+        // Every target of the job: the file lives in the job's own directory.
+        let (gone, kept): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.job == job);
         if !gone.is_empty() && kept.is_empty() {
             std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
         } else if !gone.is_empty() {

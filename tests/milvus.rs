@@ -193,6 +193,10 @@ fn postgres_to_staging_to_milvus() {
     assert_eq!(milvus_rows(&m, "modeldata"), as_mrows(&rows(&src, "modeldata")));
     assert!(std::path::Path::new(st).join("milvus-ledger.jsonl").exists(), "the ledger file sits in the job's state directory");
     ok(&["verify", "--from", st, "--to", &m]);
+    // reset forgets the job's ledger lines, and the file with them.
+    let out = ok(&["reset", "--staging", st, "--to", &m, "--yes"]);
+    assert!(stderr(&out).contains("deleted 3 ledger rows"), "{}", stderr(&out));
+    assert!(!std::path::Path::new(st).join("milvus-ledger.jsonl").exists());
 }
 
 fn ledger_lines(path: &std::path::Path) -> usize {
