@@ -10,7 +10,7 @@ use crate::endpoint::OnExisting;
 #[command(
     name = "vmig",
     version,
-    about = "Move vector tables (FastGPT modeldata and others) between PostgreSQL/pgvector and Parquet staging, exactly and resumably",
+    about = "Move vector tables (FastGPT modeldata and others) between PostgreSQL/pgvector, OceanBase/seekdb, Milvus and Parquet staging, exactly and resumably",
     long_about = None
 )]
 pub struct Cli {
@@ -43,13 +43,13 @@ pub struct RunArgs {
     /// Pipeline file (JSON) holding any of these settings; flags win over it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Source URL (postgresql://…), or an env name: PG_URL, env:NAME, $NAME. Env: VMIG_FROM.
+    /// Source URL (postgresql://…, mysql://…, http://host:19530/db for Milvus), or an env name: PG_URL, OCEANBASE_URL, MILVUS_ADDRESS, env:NAME, $NAME. Env: VMIG_FROM.
     #[arg(long)]
     pub from: Option<String>,
-    /// Target URL (postgresql://…), or an env name. Env: VMIG_TO.
+    /// Target URL (postgresql://…, mysql://…, http://host:19530/db for Milvus), or an env name. Env: VMIG_TO.
     #[arg(long)]
     pub to: Option<String>,
-    /// Source table (schema.table or table). Default: modeldata.
+    /// Source table (schema.table or table) or Milvus collection. Default: modeldata.
     #[arg(long)]
     pub table: Option<String>,
     /// Target table name, when it differs from the source's.
