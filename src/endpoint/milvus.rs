@@ -25,6 +25,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::error_chain;
 use crate::config::{FieldMap, MilvusUrl};
 use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
 
@@ -151,8 +152,24 @@ impl Milvus {
     }
 
     /// A call that did not reach Milvus or was cut off, naming the server.
-    pub fn failure(&self, what: &str, e: tonic::Status) -> anyhow::Error {
+    fn failure(&self, what: &str, e: tonic::Status) -> anyhow::Error {
         anyhow!("{what} on {}: {} ({:?})", self.url.redacted(), e.message(), e.code())
+    }
+
+    /// One RPC whose reply must say success, as a future that owns what it
+    /// needs (to block on, or to spawn and wait for later).
+    pub fn request<T, F, Fut>(&self, what: &str, rpc: F) -> impl Future<Output = Result<T>> + Send + 'static + use<T, F, Fut>
+    where
+        T: Reply + Send + 'static,
+        F: FnOnce(Grpc) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
+    {
+        let (rpc, me, what) = (rpc(self.grpc.clone()), self.clone(), what.to_string());
+        async move {
+            let r = rpc.await.map_err(|e| me.failure(&what, e))?.into_inner();
+            check_status(r.reply_status(), &what)?;
+            Ok(r)
+        }
     }
 
     /// Blocks the calling (pipeline) thread on `f`.
@@ -169,15 +186,14 @@ impl Milvus {
         self.handle.spawn(f)
     }
 
-    /// One RPC whose reply must say success.
-    pub fn call<T: Reply, F, Fut>(&self, what: &str, rpc: F) -> Result<T>
+    /// One RPC whose reply must say success, waited for here.
+    pub fn call<T, F, Fut>(&self, what: &str, rpc: F) -> Result<T>
     where
+        T: Reply + Send + 'static,
         F: FnOnce(Grpc) -> Fut,
-        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
     {
-        let r = self.call_unchecked(what, rpc)?;
-        check_status(r.reply_status(), what)?;
-        Ok(r)
+        self.block_on(self.request(what, rpc))
     }
 
     pub fn database_exists(&self) -> Result<bool> {
@@ -292,30 +308,21 @@ impl Milvus {
     /// Rows in the collection, strongly consistent (the collection must be loaded).
     pub fn count(&self, collection: &str) -> Result<u64> {
         let data = self.query(collection, "", &["count(*)".to_string()], 0, None)?;
-        let n = data
-            .first()
-            .and_then(|f| match &f.field {
-                Some(field_data::Field::Scalars(s)) => match &s.data {
-                    Some(scalar_field::Data::LongData(l)) => l.data.first().copied(),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .ok_or_else(|| anyhow!("count(*) on {collection} returned no number"))?;
+        let n = match data.first().and_then(scalar) {
+            Some(scalar_field::Data::LongData(l)) => l.data.first().copied(),
+            _ => None,
+        }
+        .ok_or_else(|| anyhow!("count(*) on {collection} returned no number"))?;
         Ok(n as u64)
     }
-
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
+/// The values of a scalar field in a reply.
+pub fn scalar(fd: &FieldData) -> Option<&scalar_field::Data> {
+    match &fd.field {
+        Some(field_data::Field::Scalars(s)) => s.data.as_ref(),
+        _ => None,
     }
-    s
 }
 
 // ---------------------------------------------------------------- schema mapping

@@ -24,7 +24,7 @@ use milvus::proto::schema::{
 use prost::Message;
 use tokio::runtime::Handle;
 
-use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, check_status, discover, field_of, metric_to_milvus};
+use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
 use super::{ChunkWriter, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, Ledger, LedgerFile};
@@ -231,15 +231,11 @@ fn encode_field(info: &FieldInfo, col: &dyn Array) -> Result<FieldData> {
     let cast = |t: &ArrowType| arrow::compute::cast(col, t);
     let f = &info.field;
     Ok(match &info.kind {
-        FieldKind::Int64 => {
-            let a = cast(&ArrowType::Int64)?;
-            scalars(DataType::Int64, f, D::LongData(LongArray { data: a.as_primitive::<Int64Type>().values().to_vec() }))
-        }
+        FieldKind::Int64 => scalars(DataType::Int64, f, D::LongData(LongArray { data: cast_to_i64(col)? })),
         FieldKind::EpochMs => {
-            let a = cast(&ArrowType::Timestamp(TimeUnit::Microsecond, None))?;
-            let a = cast_to_i64(&a)?;
+            let us = cast_to_i64(cast(&ArrowType::Timestamp(TimeUnit::Microsecond, None))?.as_ref())?;
             // Milvus keeps milliseconds: sub-millisecond digits are dropped (floor).
-            let ms = a.iter().map(|us| us.div_euclid(1000)).collect();
+            let ms = us.iter().map(|us| us.div_euclid(1000)).collect();
             scalars(DataType::Int64, f, D::LongData(LongArray { data: ms }))
         }
         FieldKind::Int32 | FieldKind::Int16 | FieldKind::Int8 => {
@@ -300,30 +296,27 @@ fn cast_to_i64(a: &dyn Array) -> Result<Vec<i64>> {
 /// Rows Milvus would refuse for the whole request: NULLs (Milvus 2.3 fields
 /// cannot be null) and strings over a VarChar's max_length in bytes.
 fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec<RowReject>> {
-    let mut out: Vec<RowReject> = Vec::new();
+    // The first reason found for each row.
+    let mut reasons: Vec<Option<String>> = vec![None; batch.num_rows()];
     for info in &coll.fields {
         let col = batch
             .column_by_name(&info.column)
             .ok_or_else(|| anyhow!("rows have no column {} for Milvus field {}", info.column, info.field))?;
-        for row in 0..batch.num_rows() {
-            if out.iter().any(|r| r.row == row) {
-                continue;
-            }
+        for (row, reason) in reasons.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
             if col.is_null(row) {
-                out.push(RowReject { row, reason: format!("NULL in {}: Milvus field {} cannot be null", info.column, info.field) });
+                *reason = Some(format!("NULL in {}: Milvus field {} cannot be null", info.column, info.field));
             } else if let (FieldKind::VarChar { max_len }, Some(s)) = (&info.kind, col.as_string_opt::<i32>()) {
                 let n = s.value(row).len();
                 if n > *max_len as usize {
-                    out.push(RowReject {
-                        row,
-                        reason: format!("{}: {n} bytes exceed the Milvus VarChar max_length {max_len} of field {}", info.column, info.field),
-                    });
+                    *reason = Some(format!(
+                        "{}: {n} bytes exceed the Milvus VarChar max_length {max_len} of field {}",
+                        info.column, info.field
+                    ));
                 }
             }
         }
     }
-    out.sort_by_key(|r| r.row);
-    Ok(out)
+    Ok(reasons.into_iter().enumerate().filter_map(|(row, r)| r.map(|reason| RowReject { row, reason })).collect())
 }
 
 /// Starts an upsert of `batch` and returns at once; the handle says how it ended.
@@ -342,10 +335,9 @@ fn start_upsert(conn: &Milvus, coll: &Collection, batch: &RecordBatch) -> Result
         ..Default::default()
     };
     let what = format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name);
-    let (c, mut grpc) = (conn.clone(), conn.grpc.clone());
+    let upsert = conn.request(&what, |mut c| async move { c.upsert(req).await });
     Ok(conn.spawn(async move {
-        let r = grpc.upsert(req).await.map_err(|e| c.failure(&what, e))?.into_inner();
-        check_status(r.status.as_ref(), &what)?;
+        let r = upsert.await?;
         if !r.err_index.is_empty() {
             bail!("Milvus refused {} rows of the {what}", r.err_index.len());
         }
@@ -514,9 +506,11 @@ impl Sink for MilvusSink {
     }
 
     fn begin_chunk(&self, job: &str, _chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>> {
+        let coll = self.collection()?;
         Ok(Box::new(MilvusChunkWriter {
             conn: self.conn.clone(),
-            coll: self.collection()?,
+            row_bytes: crate::pipeline::estimate_row_bytes(&coll.spec),
+            coll,
             job: job.to_string(),
             ledger: self.ledger.clone().filter(|_| !job.is_empty()),
             pending: Vec::new(),
@@ -531,9 +525,10 @@ impl Sink for MilvusSink {
     fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
         self.flushes.drain()?;
         let coll = discover(&self.conn, &self.name, &self.fields)?;
+        let mut has_vector_index = coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. }));
         if opts.create_indexes {
             let vector = coll.fields.iter().find(|f| matches!(f.kind, FieldKind::FloatVector { .. })).unwrap();
-            if !coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+            if !has_vector_index {
                 let (metric, m, ef) = source
                     .indexes
                     .iter()
@@ -555,17 +550,22 @@ impl Sink for MilvusSink {
                         kv("params", serde_json::json!({"M": m, "efConstruction": ef}).to_string()),
                     ],
                 )?;
+                has_vector_index = true;
             }
             // Scalar indexes on the columns the source indexes (FastGPT filters on them).
             let indexed: Vec<&str> = coll.spec.indexes.iter().flat_map(|i| i.columns.iter().map(|c| c.as_str())).collect();
-            let mut wanted: Vec<&str> = source
+            let mut wanted: Vec<&str> = Vec::new();
+            let btree_columns = source
                 .indexes
                 .iter()
                 .filter(|i| matches!(i.kind, IndexKind::Btree { .. }))
-                .flat_map(|i| i.columns.iter().map(|c| c.as_str()))
-                .filter(|c| *c != source.primary_key && !indexed.contains(c))
-                .collect();
-            wanted.dedup();
+                .flat_map(|i| i.columns.iter().map(|c| c.as_str()));
+            for c in btree_columns {
+                // A column may sit in several source indexes; one Milvus index each.
+                if c != source.primary_key && !indexed.contains(&c) && !wanted.contains(&c) {
+                    wanted.push(c);
+                }
+            }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };
                 if let Err(e) = create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
@@ -574,8 +574,8 @@ impl Sink for MilvusSink {
             }
             wait_for_indexes(&self.conn, &self.name, progress)?;
         }
-        let coll = discover(&self.conn, &self.name, &self.fields)?;
-        if coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+        // Milvus loads only an indexed collection.
+        if has_vector_index {
             progress(&format!("loading collection {}", self.name));
             self.conn.load(&self.name)?;
             let rows = self.conn.count(&self.name)?;
@@ -609,6 +609,8 @@ struct MilvusChunkWriter {
     pending: Vec<RecordBatch>,
     pending_bytes: usize,
     request_bytes: usize,
+    /// Estimated bytes per row (sizes the upsert requests).
+    row_bytes: usize,
     bytes: u64,
     flushes: Arc<Flushes>,
     in_flight: Option<tokio::task::JoinHandle<Result<()>>>,
@@ -645,11 +647,14 @@ impl ChunkWriter for MilvusChunkWriter {
         let keep = if refused.is_empty() {
             batch.clone()
         } else {
-            let mask: arrow::array::BooleanArray = (0..batch.num_rows()).map(|i| Some(!refused.iter().any(|r| r.row == i))).collect();
-            arrow::compute::filter_record_batch(batch, &mask)?
+            let mut keep = vec![true; batch.num_rows()];
+            for r in &refused {
+                keep[r.row] = false;
+            }
+            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?
         };
         if keep.num_rows() > 0 {
-            self.pending_bytes += keep.num_rows() * crate::pipeline::estimate_row_bytes(&self.coll.spec);
+            self.pending_bytes += keep.num_rows() * self.row_bytes;
             self.pending.push(keep);
         }
         if self.pending_bytes >= self.request_bytes {

@@ -15,7 +15,7 @@ use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
 use tokio::runtime::Handle;
 
 use super::Source;
-use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, discover};
+use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, discover, scalar};
 use crate::config::MilvusUrl;
 use crate::plan::{ChunkRange, ranges_from_bounds};
 use crate::schema::{IndexKind, TableSpec, vector_item_field};
@@ -43,13 +43,6 @@ pub fn range_expr(pk: &str, lo: i64, hi: i64, after: Option<i64>) -> String {
 }
 
 // ---------------------------------------------------------------- decoding
-
-fn scalar(fd: &FieldData) -> Option<&scalar_field::Data> {
-    match &fd.field {
-        Some(field_data::Field::Scalars(s)) => s.data.as_ref(),
-        _ => None,
-    }
-}
 
 /// One field of a query result as the Arrow column of `info`, taking its values.
 pub fn decode_field(info: &FieldInfo, fd: FieldData) -> Result<ArrayRef> {
@@ -136,8 +129,11 @@ pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<Reco
 pub struct MilvusSource {
     conn: Milvus,
     coll: Collection,
+    /// Fields a chunk read asks for.
     output: Vec<String>,
     page_rows: usize,
+    /// Ids per page while planning (8 bytes each: the most Milvus allows).
+    plan_page_rows: usize,
     /// Reads see every write acknowledged before the source was opened.
     read_ts: Option<u64>,
 }
@@ -160,28 +156,32 @@ impl MilvusSource {
             output.push(DYNAMIC_FIELD.into());
         }
         let row_bytes = crate::pipeline::estimate_row_bytes(&coll.spec).max(1);
-        let page_rows = std::env::var("VMIG_MILVUS_PAGE_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(PAGE_BYTES / row_bytes)
-            .clamp(1, MAX_QUERY_LIMIT);
-        Ok(MilvusSource { conn, coll, output, page_rows, read_ts })
+        // Tests set small pages so that planning and reading take many.
+        let forced: Option<usize> = std::env::var("VMIG_MILVUS_PAGE_ROWS").ok().and_then(|v| v.parse().ok());
+        let page_rows = forced.unwrap_or(PAGE_BYTES / row_bytes).clamp(1, MAX_QUERY_LIMIT);
+        let plan_page_rows = forced.map_or(MAX_QUERY_LIMIT, |_| page_rows);
+        Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts })
     }
 
-    /// Ids in `[lo, hi]` page by page (`pk > last`, sorted by id).
-    fn pages(&self, lo: i64, hi: i64, output: &[String], limit: usize, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
+    /// `ids_only` pages are one column, the primary key.
+    fn pages(&self, lo: i64, hi: i64, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
         let pk = &self.coll.pk_field;
+        let (output, limit) = if ids_only {
+            (std::slice::from_ref(pk), self.plan_page_rows)
+        } else {
+            (self.output.as_slice(), self.page_rows)
+        };
         let mut after = None;
         loop {
             let expr = range_expr(pk, lo, hi, after);
             let data = self.conn.query(name, &expr, output, limit, self.read_ts)?;
-            let batch = if output.len() == 1 {
+            let batch = if ids_only {
                 let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
                 let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
-                let ids = decode_field(info, fd)?;
-                let ids = arrow::compute::sort(&ids, None)?;
-                RecordBatch::try_from_iter([("id", ids)])?
+                let ids = arrow::compute::sort(&decode_field(info, fd)?, None)?;
+                RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), ids)])?
             } else {
                 decode_result(&self.coll, data)?
             };
@@ -189,7 +189,7 @@ impl MilvusSource {
             if n == 0 {
                 return Ok(());
             }
-            let ids = batch.column_by_name(if output.len() == 1 { "id" } else { &self.coll.spec.primary_key }).unwrap();
+            let ids = batch.column_by_name(&self.coll.spec.primary_key).unwrap();
             let ids = ids.as_any().downcast_ref::<Int64Array>().unwrap();
             let last = ids.value(n - 1);
             if after.is_some_and(|a| ids.value(0) <= a) {
@@ -221,8 +221,7 @@ impl Source for MilvusSource {
         // Walk the ids (8 bytes each) and note every chunk_rows-th.
         let mut bounds = Vec::new();
         let mut total = 0u64;
-        let limit = if std::env::var_os("VMIG_MILVUS_PAGE_ROWS").is_some() { self.page_rows } else { MAX_QUERY_LIMIT };
-        self.pages(i64::MIN, i64::MAX, &[self.coll.pk_field.clone()], limit, &mut |b| {
+        self.pages(i64::MIN, i64::MAX, true, &mut |b| {
             let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..ids.len() {
                 total += 1;
@@ -236,8 +235,7 @@ impl Source for MilvusSource {
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        let output = self.output.clone();
-        self.pages(chunk.lo, chunk.hi, &output, self.page_rows, &mut |b| {
+        self.pages(chunk.lo, chunk.hi, false, &mut |b| {
             let mut off = 0;
             while off < b.num_rows() {
                 let n = batch_rows.min(b.num_rows() - off);

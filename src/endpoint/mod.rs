@@ -90,6 +90,18 @@ pub trait Sink: Send + Sync {
     }
 }
 
+/// An error and its sources on one line ("a: b: c"), as drivers nest them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
 /// A row the target refused (found by bisecting a failed batch).
 #[derive(Clone, Debug)]
 pub struct RowReject {
