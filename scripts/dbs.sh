@@ -35,6 +35,16 @@ MILVUS_VERSION="2.3.5"
 
 log() { echo "dbs: $*" >&2; }
 
+# Sends signal SIG to PID and waits up to SECONDS for it to exit, then
+# SIGKILLs it. Returns 0 when it exited by itself.
+signal_and_wait() { # sig pid seconds
+  local i
+  kill "-$1" "$2" 2>/dev/null || true
+  for i in $(seq 1 $(($3 * 5))); do kill -0 "$2" 2>/dev/null || return 0; sleep 0.2; done
+  kill -KILL "$2" 2>/dev/null || true
+  return 1
+}
+
 ensure_venv() {
   if [ "$(id -u)" = 0 ]; then mkdir -p "$STATE" && chmod 755 /var/lib/vmig "$STATE"; fi
   if [ ! -x "$VENV/bin/python" ]; then
@@ -108,19 +118,12 @@ ETCD
 # then the wrapper; a shutdown that hangs (seen with loaded collections) is
 # cut short after 10 s.
 milvus_stop_dir() { # dir
-  local pids w c i
+  local pids w c
   pids="$(milvus_pids "$1")"
   [ -n "$pids" ] || return 0
   w="${pids%% *}"; c="${pids#* }"
-  if [ -n "$c" ] && [ "$c" != "$w" ]; then
-    kill -TERM "$c" 2>/dev/null || true
-    for i in $(seq 1 50); do kill -0 "$c" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$c" 2>/dev/null || true
-  fi
-  kill -INT "$w" 2>/dev/null || true
-  for i in $(seq 1 50); do kill -0 "$w" 2>/dev/null || { log "milvus stopped ($1)"; return 0; }; sleep 0.2; done
-  kill -KILL "$w" 2>/dev/null || true
-  log "milvus killed after its shutdown hung ($1)"
+  if [ -n "$c" ] && [ "$c" != "$w" ]; then signal_and_wait TERM "$c" 10 || true; fi
+  if signal_and_wait INT "$w" 10; then log "milvus stopped ($1)"; else log "milvus killed after its shutdown hung ($1)"; fi
 }
 
 seekdb_bin() {
@@ -157,13 +160,10 @@ seekdb_start_dir() { # dir port
 }
 
 seekdb_stop_dir() { # dir
-  local pid i
+  local pid
   pid="$(seekdb_pid "$1")"
   [ -n "$pid" ] || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || { log "seekdb stopped ($1)"; return 0; }; sleep 0.2; done
-  kill -KILL "$pid" 2>/dev/null || true
-  log "seekdb killed after 20 s ($1)"
+  if signal_and_wait TERM "$pid" 20; then log "seekdb stopped ($1)"; else log "seekdb killed after 20 s ($1)"; fi
 }
 
 pg_bin() {
