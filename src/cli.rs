@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// Read at most this many rows per second (protects a production source).
     #[arg(long)]
     pub rate_limit: Option<u64>,
+    /// Seconds a chunk or the finish keeps retrying, with backoff, while a
+    /// database is unreachable (a restart). Default: 120.
+    #[arg(long)]
+    pub retry_for: Option<u64>,
     /// Do not build secondary and vector indexes after the load.
     #[arg(long)]
     pub no_indexes: bool,

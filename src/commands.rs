@@ -54,6 +54,7 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     }
     a.max_rejects = a.max_rejects.or(file.max_rejects);
     a.rate_limit = a.rate_limit.or(file.rate_limit);
+    a.retry_for = a.retry_for.or(file.retry_for);
     a.report = a.report.or(file.report);
     a.milvus_fields = a.milvus_fields.or(file.milvus_fields);
     Ok(a)
@@ -178,7 +179,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         max_rejects: a.max_rejects.unwrap_or(0),
         rate_limit: a.rate_limit,
         create_indexes: !a.no_indexes,
-        retries: 2,
+        retry_for: std::time::Duration::from_secs(a.retry_for.unwrap_or(120)),
         quiet: a.quiet,
         vectors_exact,
     };

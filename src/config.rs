@@ -346,6 +346,7 @@ pub struct PipelineFile {
     pub on_existing: Option<String>,
     pub max_rejects: Option<u64>,
     pub rate_limit: Option<u64>,
+    pub retry_for: Option<u64>,
     pub report: Option<PathBuf>,
     /// SQL column ↔ Milvus field mapping (default: FastGPT's modeldata).
     pub milvus_fields: Option<Vec<FieldMap>>,

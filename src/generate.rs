@@ -141,5 +141,5 @@ pub fn generate(sink: &dyn Sink, spec: &TableSpec, rows: u64, seed: u64, progres
         committed_at: String::new(),
     })?;
     progress(&format!("{rows} rows written"));
-    sink.finish(spec, &[whole], &opts, progress)
+    sink.finish(spec, &[whole], &opts, &crate::endpoint::PrintFeedback)
 }

@@ -88,11 +88,16 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("fsync of directory {}", dir.display()))
 }
 
+/// One line of a ledger file: a committed chunk, or (no record) the mark
+/// that the job began writing to the target, made before its first write.
 #[derive(Serialize, Deserialize)]
 struct LedgerLine {
     job: String,
     target: String,
-    record: CommitRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record: Option<CommitRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    began_at: Option<String>,
 }
 
 /// A ledger for targets without transactions (Milvus): append-only JSON
@@ -107,6 +112,10 @@ pub struct LedgerFile {
 impl LedgerFile {
     pub fn new(path: PathBuf, target: String) -> Self {
         LedgerFile { path, target, lock: Mutex::new(()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn lines(&self) -> Result<Vec<LedgerLine>> {
@@ -133,13 +142,29 @@ impl LedgerFile {
             .lines()?
             .into_iter()
             .filter(|l| l.job == job && l.target == self.target)
-            .map(|l| (l.record.chunk, l.record))
+            .filter_map(|l| l.record)
+            .map(|r| (r.chunk, r))
             .collect())
     }
 
+    /// True once the job has begun writing to the target: rows there that no
+    /// chunk record covers are the job's own (a chunk killed before its commit).
+    pub fn began(&self, job: &str) -> Result<bool> {
+        Ok(self.lines()?.iter().any(|l| l.job == job && l.target == self.target))
+    }
+
+    /// Records, durably, that the job is about to write to the target.
+    pub fn mark_began(&self, job: &str) -> Result<()> {
+        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), record: None, began_at: Some(now_rfc3339()) })
+    }
+
     pub fn append(&self, job: &str, record: &CommitRecord) -> Result<()> {
+        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), record: Some(record.clone()), began_at: None })
+    }
+
+    fn write_line(&self, l: &LedgerLine) -> Result<()> {
         let _g = self.lock.lock().unwrap();
-        let mut line = serde_json::to_vec(&LedgerLine { job: job.into(), target: self.target.clone(), record: record.clone() })?;
+        let mut line = serde_json::to_vec(l)?;
         line.push(b'\n');
         let mut f = OpenOptions::new()
             .create(true)
@@ -196,5 +221,42 @@ impl JobDir {
     pub fn create(&self) -> Result<()> {
         fs::create_dir_all(self.rejects()).with_context(|| format!("creating {}", self.path.display()))?;
         Ok(())
+    }
+}
+
+/// An exclusive lock on a file (flock), held while the value lives; the
+/// kernel releases it when the process dies, so a killed run's lock is taken
+/// over by the next. The file holds the holder (host, pid, since) for the
+/// message a second run gets.
+pub struct FileLock {
+    _file: fs::File,
+}
+
+impl FileLock {
+    /// Takes the lock or fails with one line naming the holder.
+    pub fn acquire(path: &Path, job: &str, target: &str) -> Result<FileLock> {
+        use crate::endpoint::{Holder, job_locked};
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read(path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Holder>(&b).ok())
+                    .map(|h| h.describe());
+                return Err(job_locked(job, target, holder));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+        file.set_len(0)?;
+        file.write_all(&serde_json::to_vec(&Holder::me())?)?;
+        file.sync_data()?;
+        Ok(FileLock { _file: file })
     }
 }

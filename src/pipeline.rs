@@ -37,11 +37,16 @@ pub struct JobConfig {
     /// Rows per second over all workers (protects a production source).
     pub rate_limit: Option<u64>,
     pub create_indexes: bool,
-    pub retries: u32,
+    /// How long a chunk or the finish keeps retrying while the servers are
+    /// unreachable (a restart), with backoff.
+    pub retry_for: Duration,
     pub quiet: bool,
     /// Vectors are bit-exact copies of the source's storage.
     pub vectors_exact: bool,
 }
+
+/// Retries of a chunk that failed for another reason than an unreachable server.
+const QUICK_RETRIES: u32 = 2;
 
 /// A sink plus what the pipeline learned about it at start.
 struct Target {
@@ -110,7 +115,8 @@ pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
     Ok(m)
 }
 
-/// Runs a job to completion (or cancellation); always returns a report.
+/// Runs a job to completion (or cancellation); returns a report unless it
+/// could not start (plan, lock or target preparation failed).
 pub fn run(
     cfg: &JobConfig,
     source: Arc<dyn Source>,
@@ -119,11 +125,141 @@ pub fn run(
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
     JobDir::new(&cfg.job_dir).create()?;
+    let status = Status {
+        job: cfg.job.clone(),
+        command: cfg.command.clone(),
+        state: "running".into(),
+        pid: std::process::id(),
+        source: source.describe(),
+        targets: sinks.iter().map(|(_, s)| s.describe()).collect(),
+        started_at: now_rfc3339(),
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::new(status, JobDir::new(&cfg.job_dir).status(&cfg.command), cfg.quiet));
+    // The ticker keeps the status file and the display fresh through every
+    // phase, index builds included.
+    let ticker = {
+        let p = progress.clone();
+        std::thread::spawn(move || p.run_ticker())
+    };
+    let result = run_phases(cfg, source, sinks, ready, cancel, &progress);
+    if let Err(e) = &result {
+        progress.status.lock().unwrap().last_error = Some(format!("{e:#}"));
+        progress.write_status(Some("failed"));
+    }
+    progress.stop();
+    let _ = ticker.join();
+    result
+}
+
+/// Retries `f` while it fails with errors that a restarting server or a
+/// dropped connection explain, with backoff, for at most `retry_for`; any
+/// other error is retried `quick` times. Says what it does.
+pub fn with_retries<T>(
+    what: &str,
+    retry_for: Duration,
+    quick: u32,
+    cancel: &AtomicBool,
+    say: &dyn Fn(&str),
+    mut f: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => return Err(e),
+            Err(e) => {
+                attempt += 1;
+                let transient = is_transient(&e);
+                let delay = Duration::from_millis(500u64 << attempt.min(5)).min(Duration::from_secs(10));
+                let in_time = started.elapsed() + delay <= retry_for;
+                if (transient && in_time) || (!transient && attempt <= quick) {
+                    say(&format!(
+                        "{what}: {e:#}; retrying in {:.1}s ({})",
+                        delay.as_secs_f64(),
+                        if transient {
+                            format!("server unavailable for {:.0}s of at most {:.0}s", started.elapsed().as_secs_f64(), retry_for.as_secs_f64())
+                        } else {
+                            format!("{attempt}/{quick}")
+                        }
+                    ));
+                    std::thread::sleep(delay);
+                    continue;
+                }
+                if transient {
+                    return Err(e.context(format!(
+                        "the server stayed unavailable for {:.0}s (--retry-for); run the same command again to resume",
+                        started.elapsed().as_secs_f64()
+                    )));
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Errors a server restart or a broken connection cause (as opposed to
+/// errors in the data or the schema, which a retry cannot fix).
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}").to_lowercase();
+    [
+        "connection refused",
+        "connection reset",
+        "connection closed",
+        "connection aborted",
+        "broken pipe",
+        "unexpected eof",
+        "cannot connect",
+        "shutting down",
+        "terminating connection",
+        "the database system is starting up",
+        "the database system is in recovery mode",
+        "server closed the connection",
+        "connection to server",
+        "error communicating with the server",
+        "io error",
+        "transport error",
+        "status: unavailable",
+        "code: unavailable",
+        "service unavailable",
+        "not ready",
+        "server is initializing",
+        "timed out",
+        "deadline has elapsed",
+        "os error 104",
+        "os error 111",
+        "os error 32",
+        "lost connection",
+        "gone away",
+        "driver error: \"connection",
+        "server is not serving",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
+}
+
+fn run_phases(
+    cfg: &JobConfig,
+    source: Arc<dyn Source>,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
+    ready: Option<BTreeSet<u32>>,
+    cancel: Arc<AtomicBool>,
+    progress: &Arc<Progress>,
+) -> Result<Report> {
+    // Held until the run ends: one run of a job per target at a time.
+    let mut _locks = Vec::new();
+    for (_, sink) in &sinks {
+        _locks.push(sink.lock_job(&cfg.job, progress.as_ref())?);
+    }
+    progress.set_phase("planning");
     let manifest = load_or_plan(cfg, source.as_ref())?;
     let plan = manifest.plan.clone();
     let spec = source.spec().clone();
     let opts = SinkOptions { job: cfg.job.clone(), on_existing: cfg.on_existing, create_indexes: cfg.create_indexes };
+    progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
 
+    progress.set_phase("preparing target");
     let mut targets = Vec::new();
     for (name, sink) in sinks {
         let target_spec = sink.prepare(&spec, &plan, &opts)?;
@@ -139,19 +275,6 @@ pub fn run(
 
     let row_bytes = estimate_row_bytes(&spec);
     let bound = cfg.workers * 2 * cfg.channel_batches * cfg.batch_rows * row_bytes;
-    let status = Status {
-        job: cfg.job.clone(),
-        command: cfg.command.clone(),
-        state: "running".into(),
-        pid: std::process::id(),
-        source: source.describe(),
-        targets: targets.iter().map(|t| t.sink.describe()).collect(),
-        started_at: now_rfc3339(),
-        chunks_total: plan.len() as u64,
-        rows_planned: plan.iter().map(|c| c.rows).sum(),
-        ..Default::default()
-    };
-    let progress = Arc::new(Progress::new(status, JobDir::new(&cfg.job_dir).status(&cfg.command), cfg.quiet));
     progress.println(&format!(
         "vmig {}: job {} · {} → {} · {} chunks of ≤{} rows · {} workers · memory bound ≈ {} MB in channels \
          ({} workers × 2 channels × {} batches × {} rows × {:.1} KB)",
@@ -192,6 +315,7 @@ pub fn run(
         ));
     }
 
+    progress.set_phase("loading");
     let rate = cfg.rate_limit.map(|r| RateLimit { rows_per_sec: r.max(1), state: Mutex::new((Instant::now(), 0)) });
     let (work_tx, work_rx) = crossbeam_channel::unbounded::<ChunkRange>();
     for c in todo {
@@ -201,10 +325,6 @@ pub fn run(
     let failed = AtomicBool::new(false);
     let load_started = Instant::now();
     std::thread::scope(|s| {
-        let ticker = {
-            let p = progress.clone();
-            s.spawn(move || p.run_ticker())
-        };
         let mut lanes = Vec::new();
         for _ in 0..cfg.workers.max(1) {
             lanes.push(s.spawn(|| {
@@ -212,25 +332,25 @@ pub fn run(
                     if cancel.load(Relaxed) || failed.load(Relaxed) {
                         break;
                     }
-                    let mut attempt = 0;
-                    loop {
-                        match run_chunk(cfg, source.as_ref(), &targets, &chunk, &progress, &cancel, rate.as_ref()) {
-                            Ok(()) => break,
-                            Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => break,
-                            Err(e) if attempt < cfg.retries => {
-                                attempt += 1;
-                                progress.println(&format!("chunk {}: {e:#}; retrying ({attempt}/{})", chunk.id, cfg.retries));
-                                std::thread::sleep(Duration::from_millis(500 * attempt as u64));
-                            }
-                            Err(e) => {
-                                let msg = format!("chunk {}: {e:#}", chunk.id);
-                                progress.println(&format!("error: {msg}"));
-                                let mut st = progress.status.lock().unwrap();
-                                st.failures.push(ChunkFailure { chunk: chunk.id, error: format!("{e:#}") });
-                                st.last_error = Some(msg);
-                                failed.store(true, Relaxed);
-                                break;
-                            }
+                    let res = with_retries(
+                        &format!("chunk {}", chunk.id),
+                        cfg.retry_for,
+                        QUICK_RETRIES,
+                        &cancel,
+                        &|m| progress.println(m),
+                        || run_chunk(cfg, source.as_ref(), &targets, &chunk, progress, &cancel, rate.as_ref()),
+                    );
+                    match res {
+                        Ok(()) => {}
+                        Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => break,
+                        Err(e) => {
+                            let msg = format!("chunk {}: {e:#}", chunk.id);
+                            progress.println(&format!("error: {msg}"));
+                            let mut st = progress.status.lock().unwrap();
+                            st.failures.push(ChunkFailure { chunk: chunk.id, error: format!("{e:#}") });
+                            st.last_error = Some(msg);
+                            failed.store(true, Relaxed);
+                            break;
                         }
                     }
                 }
@@ -239,8 +359,6 @@ pub fn run(
         for l in lanes {
             let _ = l.join();
         }
-        progress.stop();
-        let _ = ticker.join();
     });
     let load_seconds = load_started.elapsed().as_secs_f64();
 
@@ -250,9 +368,17 @@ pub fn run(
     let finish_started = Instant::now();
     let mut error = None;
     if !cancelled && !failed && pending == 0 {
+        progress.set_phase("finishing");
         for t in &targets {
-            let p = progress.clone();
-            if let Err(e) = t.sink.finish(&spec, &plan, &opts, &move |m: &str| p.println(m)) {
+            let res = with_retries(
+                &format!("finishing {}", t.sink.describe()),
+                cfg.retry_for,
+                0,
+                &cancel,
+                &|m| progress.println(m),
+                || t.sink.finish(&spec, &plan, &opts, progress.as_ref()),
+            );
+            if let Err(e) = res {
                 error = Some(format!("{}: {e:#}", t.sink.describe()));
                 break;
             }
@@ -299,6 +425,9 @@ pub fn run(
         progress.status.lock().unwrap().last_error = Some(e.clone());
     }
     progress.write_status(Some(state));
+    if state == "done" {
+        progress.set_phase("done");
+    }
 
     let c = &progress.counters;
     let written = c.rows_written.load(Relaxed);
@@ -326,6 +455,7 @@ pub fn run(
         ..Default::default()
     });
     let total = progress.elapsed();
+    drop(_locks);
     Ok(Report {
         job: cfg.job.clone(),
         command: cfg.command.clone(),

@@ -38,6 +38,10 @@ pub struct Status {
     pub command: String,
     /// running, done, failed, cancelled, incomplete
     pub state: String,
+    /// planning, preparing target, loading, finishing, building index NAME
+    /// (percent), fixing sequence, done …
+    #[serde(default)]
+    pub phase: String,
     pub pid: u32,
     pub source: String,
     pub targets: Vec<String>,
@@ -63,6 +67,8 @@ pub struct Progress {
     started: Instant,
     bars: Option<(MultiProgress, ProgressBar, ProgressBar, ProgressBar)>,
     done: AtomicBool,
+    /// Set when the phase's name changes; the ticker prints it at once.
+    phase_changed: AtomicBool,
 }
 
 impl Progress {
@@ -90,7 +96,42 @@ impl Progress {
             started: Instant::now(),
             bars,
             done: AtomicBool::new(false),
+            phase_changed: AtomicBool::new(false),
         }
+    }
+
+    /// The plan is known: sizes the bars and the status.
+    pub fn set_plan(&self, chunks: u64, rows: u64) {
+        {
+            let mut s = self.status.lock().unwrap();
+            s.chunks_total = chunks;
+            s.rows_planned = rows;
+        }
+        if let Some((_, e, t, i)) = &self.bars {
+            for b in [e, t, i] {
+                b.set_length(rows);
+            }
+        }
+    }
+
+    /// Enters a phase: written to the status file at once (so `vmig status`
+    /// and tests watching it see it), shown on the bars' line on a terminal,
+    /// off a terminal printed when its name changes and otherwise with the
+    /// 5-second progress line.
+    pub fn set_phase(&self, phase: &str) {
+        let name = |p: &str| p.split(" (").next().unwrap_or("").to_string();
+        {
+            let mut s = self.status.lock().unwrap();
+            if name(&s.phase) != name(phase) {
+                self.phase_changed.store(true, Relaxed);
+            }
+            s.phase = phase.to_string();
+        }
+        if let Some((_, _, _, i)) = &self.bars {
+            i.set_message(phase.to_string());
+        }
+        self.write_status(None);
+        test_pause(phase);
     }
 
     pub fn elapsed(&self) -> f64 {
@@ -139,6 +180,11 @@ impl Progress {
     }
 
     fn plain_line(&self) {
+        let phase = self.status.lock().unwrap().phase.clone();
+        if !phase.is_empty() && phase != "loading" {
+            eprintln!("progress: {phase} · {:.0}s", self.elapsed());
+            return;
+        }
         let c = &self.counters;
         let secs = self.elapsed().max(1e-9);
         let written = c.rows_written.load(Relaxed);
@@ -160,7 +206,10 @@ impl Progress {
         while !self.done.load(Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             self.refresh();
-            if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
+            if self.bars.is_none() && self.phase_changed.swap(false, Relaxed) {
+                let phase = self.status.lock().unwrap().phase.clone();
+                eprintln!("phase: {phase}");
+            } else if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
                 self.plain_line();
                 last_line = Instant::now();
             }
@@ -175,6 +224,28 @@ impl Progress {
                 b.abandon();
             }
             let _ = mp.clear();
+        }
+    }
+}
+
+impl crate::endpoint::Feedback for Progress {
+    fn say(&self, msg: &str) {
+        self.println(msg);
+    }
+    fn phase(&self, phase: &str) {
+        self.set_phase(phase);
+    }
+}
+
+/// Fault-injection hook for the kill tests: with `VMIG_TEST_PAUSE_AT=TEXT`,
+/// the process stops for up to a minute when it enters a phase starting with
+/// TEXT, after the status file shows it, so a test can kill it at exactly
+/// that moment. Nothing else changes.
+fn test_pause(phase: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(at) = AT.get_or_init(|| std::env::var("VMIG_TEST_PAUSE_AT").ok().filter(|s| !s.is_empty())) {
+        if phase.starts_with(at.as_str()) {
+            std::thread::sleep(Duration::from_secs(60));
         }
     }
 }

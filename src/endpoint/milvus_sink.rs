@@ -25,9 +25,9 @@ use prost::Message;
 use tokio::runtime::Handle;
 
 use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
-use super::{ChunkWriter, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use super::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
 use crate::config::{FieldMap, MilvusUrl};
-use crate::ledger::{CommitRecord, Ledger, LedgerFile};
+use crate::ledger::{CommitRecord, FileLock, Ledger, LedgerFile};
 use crate::plan::ChunkRange;
 use crate::schema::{ColumnType, IndexKind, Metric, TableSpec};
 
@@ -191,10 +191,10 @@ fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
     }
 }
 
-/// Waits until every index of the collection is built.
-fn wait_for_indexes(conn: &Milvus, name: &str, progress: &dyn Fn(&str)) -> Result<()> {
+/// Waits until every index of the collection is built, showing indexed
+/// rows of the total as the phase.
+fn wait_for_indexes(conn: &Milvus, name: &str, fb: &dyn Feedback) -> Result<()> {
     let started = Instant::now();
-    let mut said = false;
     loop {
         let ixs = conn.indexes(name)?;
         if let Some(f) = ixs.iter().find(|i| i.state == IndexState::Failed as i32) {
@@ -203,10 +203,8 @@ fn wait_for_indexes(conn: &Milvus, name: &str, progress: &dyn Fn(&str)) -> Resul
         if ixs.iter().all(|i| i.state == IndexState::Finished as i32) {
             return Ok(());
         }
-        if !said && started.elapsed() > Duration::from_secs(5) {
-            progress(&format!("waiting for Milvus to build the indexes of {name}"));
-            said = true;
-        }
+        let (done, total) = ixs.iter().fold((0i64, 0i64), |(d, t), i| (d + i.indexed_rows, t + i.total_rows));
+        fb.phase(&format!("building indexes of {name} ({done}/{total} rows indexed)"));
         if started.elapsed() > Duration::from_secs(6 * 3600) {
             bail!("indexes of {name} not built after 6 hours");
         }
@@ -364,9 +362,14 @@ pub struct MilvusSink {
 #[derive(Default)]
 struct Flushes {
     pending: Mutex<Vec<std::thread::JoinHandle<Result<()>>>>,
+    /// A flush that failed for good: its chunk is not in the ledger, so the
+    /// run must not end as if it were.
+    failed: Mutex<Option<String>>,
 }
 
 const MAX_PENDING_FLUSHES: usize = 2;
+/// How long a flush wait keeps trying while Milvus is unreachable.
+const FLUSH_RETRY_FOR: Duration = Duration::from_secs(180);
 
 impl Flushes {
     fn add(&self, wait: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
@@ -376,9 +379,16 @@ impl Flushes {
             (p.len() > MAX_PENDING_FLUSHES).then(|| p.remove(0))
         };
         match oldest {
-            Some(h) => h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked"))?,
+            Some(h) => self.note(h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked")).and_then(|r| r)),
             None => Ok(()),
         }
+    }
+
+    fn note(&self, r: Result<()>) -> Result<()> {
+        if let Err(e) = &r {
+            self.failed.lock().unwrap().get_or_insert_with(|| format!("{e:#}"));
+        }
+        r
     }
 
     /// Waits for every outstanding flush; the first error wins.
@@ -386,12 +396,16 @@ impl Flushes {
         let all: Vec<_> = std::mem::take(&mut *self.pending.lock().unwrap());
         let mut first = Ok(());
         for h in all {
-            let r = h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked")).and_then(|r| r);
+            let r = self.note(h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked")).and_then(|r| r));
             if first.is_ok() {
                 first = r;
             }
         }
-        first
+        first?;
+        match self.failed.lock().unwrap().as_ref() {
+            Some(e) => bail!("a chunk's flush failed earlier ({e}); run the same command again to redo it"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -444,6 +458,14 @@ impl Sink for MilvusSink {
         format!("{} collection {}", self.conn.url.redacted(), self.name)
     }
 
+    /// The ledger lives in the job's state directory, so its lock does too.
+    fn lock_job(&self, job: &str, _fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        match &self.ledger {
+            Some(l) => Ok(Box::new(FileLock::acquire(&l.path().with_extension("lock"), job, &self.describe())?)),
+            None => Ok(Box::new(())),
+        }
+    }
+
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
         if !opts.job.is_empty() && self.ledger.is_none() {
             bail!("a Milvus target keeps its ledger in the job's state directory, and none was given");
@@ -451,6 +473,10 @@ impl Sink for MilvusSink {
         let database_exists = self.conn.database_exists()?;
         let existed = database_exists && self.conn.has_collection(&self.name)?;
         let ledger_rows = self.ledger_rows(&opts.job)?;
+        let began = match (&self.ledger, opts.job.is_empty()) {
+            (Some(l), false) => l.began(&opts.job)?,
+            _ => false,
+        };
         if !existed {
             if ledger_rows > 0 {
                 bail!(
@@ -488,10 +514,15 @@ impl Sink for MilvusSink {
         coll.spec.same_columns_as(source)?;
         if existed {
             let non_empty = row_count(&self.conn, &coll)? > 0;
-            if existing_rows_action(non_empty, ledger_rows, opts, &self.describe())? {
+            if existing_rows_action(non_empty, began, opts, &self.describe())? {
                 recreate_empty(&self.conn, &self.name)?;
                 coll = discover(&self.conn, &self.name, &self.fields)?;
             }
+        }
+        // Before the first upsert: a rerun after a kill then knows the rows
+        // of chunks that never reached the ledger are its own.
+        if let (Some(l), false, false) = (&self.ledger, opts.job.is_empty(), began) {
+            l.mark_began(&opts.job)?;
         }
         let spec = coll.spec.clone();
         *self.target.lock().unwrap() = Some(coll);
@@ -522,7 +553,7 @@ impl Sink for MilvusSink {
         }))
     }
 
-    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
         self.flushes.drain()?;
         let coll = discover(&self.conn, &self.name, &self.fields)?;
         let mut has_vector_index = coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. }));
@@ -538,7 +569,8 @@ impl Sink for MilvusSink {
                     })
                     .unwrap_or((Metric::InnerProduct, 32, 128));
                 let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
-                progress(&format!("building HNSW index on {}.{} (metric {}, M={m}, efConstruction={ef})", self.name, vector.field, metric_to_milvus(metric)));
+                fb.say(&format!("building HNSW index on {}.{} (metric {}, M={m}, efConstruction={ef})", self.name, vector.field, metric_to_milvus(metric)));
+                fb.phase("creating index vector_index");
                 create_index(
                     &self.conn,
                     &self.name,
@@ -568,20 +600,21 @@ impl Sink for MilvusSink {
             }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };
+                fb.phase(&format!("creating index {}_index", info.field));
                 if let Err(e) = create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
-                    progress(&format!("warning: no scalar index on {}: {e:#}", info.field));
+                    fb.say(&format!("warning: no scalar index on {}: {e:#}", info.field));
                 }
             }
-            wait_for_indexes(&self.conn, &self.name, progress)?;
+            wait_for_indexes(&self.conn, &self.name, fb)?;
         }
         // Milvus loads only an indexed collection.
         if has_vector_index {
-            progress(&format!("loading collection {}", self.name));
+            fb.phase(&format!("loading collection {}", self.name));
             self.conn.load(&self.name)?;
             let rows = self.conn.count(&self.name)?;
-            check_final_count(rows, self.ledger_rows(&opts.job)?, opts, &self.describe(), progress)?;
+            check_final_count(rows, self.ledger_rows(&opts.job)?, opts, &self.describe(), fb)?;
         } else {
-            progress(&format!("collection {} has no vector index (--no-indexes), so it was not loaded", self.name));
+            fb.say(&format!("collection {} has no vector index (--no-indexes), so it was not loaded", self.name));
         }
         Ok(())
     }
@@ -672,7 +705,23 @@ impl ChunkWriter for MilvusChunkWriter {
         let ticket = request_flush(&self.conn, &self.coll.spec.name)?;
         let (conn, name, ledger, job, rec) = (self.conn.clone(), self.coll.spec.name.clone(), self.ledger.clone(), self.job.clone(), record.clone());
         self.flushes.add(move || {
-            wait_flushed(&conn, &name, ticket)?;
+            // A Milvus restart interrupts the wait: the upserts were acknowledged
+            // (they are in Milvus' log), so flush again until it holds.
+            let mut ticket = Some(ticket);
+            crate::pipeline::with_retries(
+                &format!("flushing chunk {}", rec.chunk),
+                FLUSH_RETRY_FOR,
+                0,
+                &std::sync::atomic::AtomicBool::new(false),
+                &|m| eprintln!("{m}"),
+                || {
+                    let t = match ticket.take() {
+                        Some(t) => t,
+                        None => request_flush(&conn, &name)?,
+                    };
+                    wait_flushed(&conn, &name, t)
+                },
+            )?;
             match &ledger {
                 Some(l) => l.append(&job, &rec),
                 None => Ok(()),

@@ -61,6 +61,65 @@ pub trait Source: Send + Sync {
     ) -> Result<()>;
 }
 
+/// What a sink tells the user while it works: messages, and the phase it is
+/// in (`vmig status` shows the phase; off a terminal it is printed at most
+/// once every 5 s, changes of phase name at once).
+pub trait Feedback: Sync {
+    fn say(&self, msg: &str);
+    /// E.g. "building index vector_index", "building index vector_index (42%)",
+    /// "fixing sequence". The text before " (" names the phase.
+    fn phase(&self, phase: &str);
+}
+
+/// Feedback on stderr for commands without a live display (`generate`).
+pub struct PrintFeedback;
+
+impl Feedback for PrintFeedback {
+    fn say(&self, msg: &str) {
+        eprintln!("{msg}");
+    }
+    fn phase(&self, phase: &str) {
+        if !phase.contains(" (") {
+            eprintln!("{phase} …");
+        }
+    }
+}
+
+/// Who runs a job: shown to a second run that finds the job locked.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    pub since: String,
+}
+
+impl Holder {
+    pub fn me() -> Holder {
+        static SINCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        Holder { host: host_name(), pid: std::process::id(), since: SINCE.get_or_init(crate::ledger::now_rfc3339).clone() }
+    }
+    pub fn describe(&self) -> String {
+        format!("host {}, pid {}, since {}", self.host, self.pid, self.since)
+    }
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The error a second run of a job gets while the first is alive.
+pub fn job_locked(job: &str, target: &str, holder: Option<String>) -> anyhow::Error {
+    anyhow::anyhow!(
+        "job {job} is already running against {target} ({}); wait for it or stop it, then run again",
+        holder.unwrap_or_else(|| "holder unknown".into())
+    )
+}
+
 /// Settings a sink needs at start.
 #[derive(Clone, Debug)]
 pub struct SinkOptions {
@@ -71,6 +130,12 @@ pub struct SinkOptions {
 
 pub trait Sink: Send + Sync {
     fn describe(&self) -> String;
+    /// Takes the job's lock in the target (one run of a job at a time) and
+    /// clears what a killed earlier run left behind; held until the guard
+    /// is dropped. A lock whose holder died is taken over.
+    fn lock_job(&self, _job: &str, _fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        Ok(Box::new(()))
+    }
     /// Creates the target (table, ledger) if missing, checks guards, and
     /// returns the target table's spec (what rows must satisfy).
     fn prepare(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec>;
@@ -79,7 +144,8 @@ pub trait Sink: Send + Sync {
     /// Starts writing one chunk; nothing is visible until `commit`.
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;
     /// After all chunks: indexes, sequences, final guards.
-    fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()>;
+    /// Idempotent: a rerun after a kill at any point completes what is missing.
+    fn finish(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()>;
     /// Drops the target table (`generate --replace`).
     fn drop_table(&self) -> Result<()> {
         bail!("{} cannot drop tables", self.describe())
@@ -119,9 +185,10 @@ pub trait ChunkWriter: Send {
 }
 
 /// Guard for a target that already holds rows but has no ledger for this job.
-/// Returns true when the target must be emptied first.
-pub fn existing_rows_action(non_empty: bool, ledger_rows: u64, opts: &SinkOptions, target: &str) -> Result<bool> {
-    if ledger_rows > 0 || !non_empty {
+/// `job_wrote`: the target's ledger says this job has written to it, so its
+/// rows are the job's own. Returns true when the target must be emptied first.
+pub fn existing_rows_action(non_empty: bool, job_wrote: bool, opts: &SinkOptions, target: &str) -> Result<bool> {
+    if job_wrote || !non_empty {
         return Ok(false);
     }
     match opts.on_existing {
@@ -136,7 +203,7 @@ pub fn existing_rows_action(non_empty: bool, ledger_rows: u64, opts: &SinkOption
 }
 
 /// Guard after the load: the target must not hold rows the job did not write.
-pub fn check_final_count(target_rows: u64, ledger_rows: u64, opts: &SinkOptions, target: &str, progress: &dyn Fn(&str)) -> Result<()> {
+pub fn check_final_count(target_rows: u64, ledger_rows: u64, opts: &SinkOptions, target: &str, fb: &dyn Feedback) -> Result<()> {
     if opts.job.is_empty() || target_rows <= ledger_rows {
         return Ok(());
     }
@@ -145,7 +212,7 @@ pub fn check_final_count(target_rows: u64, ledger_rows: u64, opts: &SinkOptions,
         target_rows - ledger_rows
     );
     if opts.on_existing == OnExisting::Upsert {
-        progress(&format!("warning: {msg} (kept, --on-existing upsert)"));
+        fb.say(&format!("warning: {msg} (kept, --on-existing upsert)"));
         Ok(())
     } else {
         bail!("{msg}")

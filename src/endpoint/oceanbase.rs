@@ -89,11 +89,15 @@ pub(super) struct Pool {
 
 impl Pool {
     pub(super) async fn get(&self) -> Result<Conn> {
-        let idle = self.idle.lock().unwrap().pop();
-        match idle {
-            Some(c) => Ok(c),
-            None => connect(&self.url).await,
+        // An idle session may have died with a server restart.
+        loop {
+            let idle = self.idle.lock().unwrap().pop();
+            let Some(mut c) = idle else { break };
+            if c.ping().await.is_ok() {
+                return Ok(c);
+            }
         }
+        connect(&self.url).await
     }
     pub(super) fn put(&self, c: Conn) {
         self.idle.lock().unwrap().push(c);

@@ -15,7 +15,10 @@ use tokio::runtime::Handle;
 
 use super::obsql::{VectorLiteral, encode_row, ident};
 use super::oceanbase::*;
-use super::{ChunkWriter, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use super::{
+    ChunkWriter, Feedback, Holder, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action,
+    job_locked,
+};
 use crate::config::ObUrl;
 use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
 use crate::plan::ChunkRange;
@@ -31,6 +34,33 @@ pub struct ObSink {
     ledger: Mutex<bool>,
     statement_bytes: Mutex<usize>,
     literal: VectorLiteral,
+    /// `/* vmig <job> */ `, put before every statement a job's run sends, so
+    /// a later run can find what a killed one left running (processlist).
+    tag: Mutex<String>,
+}
+
+/// Where a run names itself while it holds a job's lock.
+const RUNS_TABLE: &str = "vmig_runs";
+
+/// A job's GET_LOCK, held by a session of its own; the server releases it
+/// when that session ends (also when the process dies).
+struct ObJobLock {
+    conn: Option<Conn>,
+    handle: Handle,
+}
+
+impl Drop for ObJobLock {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            let _g = self.handle.enter();
+            drop(c);
+        }
+    }
+}
+
+/// GET_LOCK names are at most 64 characters.
+fn lock_name(job: &str) -> String {
+    format!("vmig:{:016x}", xxhash_rust::xxh3::xxh3_64(job.as_bytes()))
 }
 
 impl ObSink {
@@ -58,6 +88,7 @@ impl ObSink {
             ledger: Mutex::new(true),
             statement_bytes: Mutex::new(statement_bytes),
             literal,
+            tag: Mutex::new(String::new()),
         })
     }
 
@@ -92,7 +123,38 @@ impl ObSink {
         Ok(())
     }
 
-    async fn create_indexes(&self, c: &mut Conn, spec: &TableSpec, progress: &dyn Fn(&str)) -> Result<()> {
+    fn tag(&self) -> String {
+        self.tag.lock().unwrap().clone()
+    }
+
+    /// Ends the sessions of a killed earlier run of the job that are still
+    /// executing (found by their statement tag). Called with the lock held.
+    async fn end_leftover_sessions(&self, c: &mut Conn, job: &str, fb: &dyn Feedback) -> Result<()> {
+        let tag = format!("/* vmig {job} */");
+        let rows = query_strings(
+            c,
+            &format!(
+                "SELECT id, substr(info, 1, 100) FROM information_schema.processlist \
+                 WHERE id <> CONNECTION_ID() AND info LIKE {}",
+                str_literal(&format!("{}%", tag.replace('%', "\\%").replace('_', "\\_")))
+            ),
+            "looking for sessions of an earlier run",
+        )
+        .await?;
+        for r in rows {
+            let id = r[0].clone().unwrap_or_default();
+            fb.say(&format!(
+                "a killed earlier run of job {job} left session {id} running ({}); ending it",
+                r[1].clone().unwrap_or_default()
+            ));
+            if let Err(e) = c.query_drop(format!("KILL {}", id.parse::<u64>().unwrap_or(0))).await {
+                fb.say(&format!("warning: could not end session {id}: {}", ob_error_text(&e)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_indexes(&self, c: &mut Conn, spec: &TableSpec, fb: &dyn Feedback) -> Result<()> {
         let (existing, _) = table_indexes(c, &self.table).await?;
         for ix in &spec.indexes {
             if existing.iter().any(|e| e.name == ix.name) {
@@ -102,13 +164,23 @@ impl ObSink {
             if let Some(e) = existing.iter().find(|e| matches!(e.kind, IndexKind::Hnsw { .. }) && e.columns == ix.columns)
                 && matches!(ix.kind, IndexKind::Hnsw { .. })
             {
-                progress(&format!("vector index {} not built: the column already has vector index {}", ix.name, e.name));
+                fb.say(&format!("vector index {} not built: the column already has vector index {}", ix.name, e.name));
                 continue;
             }
-            progress(&format!("building index {} …", ix.name));
             let started = Instant::now();
-            c.query_drop(create_index_sql(&self.table, ix)).await.ob(&format!("building index {}", ix.name))?;
-            progress(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
+            let sql = format!("{}{}", self.tag(), create_index_sql(&self.table, ix));
+            let build = c.query_drop(sql);
+            tokio::pin!(build);
+            // Send the statement before announcing the phase (see PgSink).
+            let res = match std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => {
+                    fb.phase(&format!("building index {}", ix.name));
+                    build.await
+                }
+            };
+            res.ob(&format!("building index {}", ix.name))?;
+            fb.say(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
         }
         Ok(())
     }
@@ -117,6 +189,42 @@ impl ObSink {
 impl Sink for ObSink {
     fn describe(&self) -> String {
         format!("{} table {}", self.url.redacted(), self.table)
+    }
+
+    fn lock_job(&self, job: &str, fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        *self.tag.lock().unwrap() = format!("/* vmig {} */ ", job.replace("*/", "* /"));
+        let me = Holder::me();
+        self.handle.block_on(async {
+            let mut c = connect(&self.url).await?;
+            let got = query_i64(&mut c, &format!("SELECT GET_LOCK({}, 0)", str_literal(&lock_name(job))), "taking the job's lock").await?;
+            c.query_drop(format!(
+                "CREATE TABLE IF NOT EXISTS {RUNS_TABLE} (job VARCHAR(255) NOT NULL PRIMARY KEY, holder VARCHAR(1024) NOT NULL)"
+            ))
+            .await
+            .ob("creating the runs table")?;
+            if got != Some(1) {
+                let holder = query_strings(
+                    &mut c,
+                    &format!("SELECT holder FROM {RUNS_TABLE} WHERE job = {}", str_literal(job)),
+                    "finding the job's lock holder",
+                )
+                .await?
+                .first()
+                .and_then(|r| r[0].clone())
+                .and_then(|h| serde_json::from_str::<Holder>(&h).ok())
+                .map(|h| h.describe());
+                return Err(job_locked(job, &self.describe(), holder));
+            }
+            c.query_drop(format!(
+                "REPLACE INTO {RUNS_TABLE} (job, holder) VALUES ({}, {})",
+                str_literal(job),
+                str_literal(&serde_json::to_string(&me)?)
+            ))
+            .await
+            .ob("naming the job's lock holder")?;
+            self.end_leftover_sessions(&mut c, job, fb).await?;
+            Ok(Box::new(ObJobLock { conn: Some(c), handle: self.handle.clone() }) as Box<dyn std::any::Any + Send>)
+        })
     }
 
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
@@ -162,7 +270,7 @@ impl Sink for ObSink {
                 .unwrap_or(0);
                 let non_empty = !query_strings(&mut c, &format!("SELECT 1 FROM {t} LIMIT 1"), "checking target").await?.is_empty();
                 let target = format!("table {} in {}", self.table, self.url.redacted());
-                if existing_rows_action(non_empty, ledger_rows as u64, opts, &target)? {
+                if existing_rows_action(non_empty, ledger_rows > 0, opts, &target)? {
                     c.query_drop(format!("TRUNCATE TABLE {t}")).await.ob("truncating target")?;
                 }
             }
@@ -229,12 +337,13 @@ impl Sink for ObSink {
         let record_ledger = *self.ledger.lock().unwrap();
         let t = ident(&self.table);
         let pk = ident(&spec.primary_key);
+        let tag = self.tag();
         let conn = self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             c.query_drop("START TRANSACTION").await.ob("begin")?;
             if record_ledger && !upsert {
                 // A retried chunk replaces whatever an earlier attempt left.
-                c.query_drop(format!("DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}", chunk.lo, chunk.hi))
+                c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}", chunk.lo, chunk.hi))
                     .await
                     .ob(&format!("clearing chunk {}", chunk.id))?;
             }
@@ -247,7 +356,7 @@ impl Sink for ObSink {
             conn: Some(conn),
             job: job.to_string(),
             chunk: *chunk,
-            prefix: format!("{verb} INTO {t} ({}) VALUES ", column_list(&spec)),
+            prefix: format!("{tag}{verb} INTO {t} ({}) VALUES ", column_list(&spec)),
             types: spec.columns.iter().map(|c| c.ty.clone()).collect(),
             literal: self.literal,
             statement_bytes: *self.statement_bytes.lock().unwrap(),
@@ -256,18 +365,19 @@ impl Sink for ObSink {
         }))
     }
 
-    fn finish(&self, _source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+    fn finish(&self, _source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
         let spec = self.target_spec();
         let t = ident(&self.table);
         let pk = ident(&spec.primary_key);
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             if opts.create_indexes {
-                self.create_indexes(&mut c, &spec, progress).await?;
+                self.create_indexes(&mut c, &spec, fb).await?;
             }
             // FastGPT numbers new rows from AUTO_INCREMENT: move it past max(id).
             let auto = spec.column(&spec.primary_key).is_some_and(|c| c.auto_increment);
             if auto {
+                fb.phase("fixing AUTO_INCREMENT");
                 if let Some(max) = query_i64(&mut c, &format!("SELECT max({pk}) FROM {t}"), "reading max id").await? {
                     c.query_drop(format!("ALTER TABLE {t} AUTO_INCREMENT = {}", max.saturating_add(1)))
                         .await
@@ -284,7 +394,7 @@ impl Sink for ObSink {
                 )
                 .await?
                 .unwrap_or(0);
-                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table), progress)?;
+                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table), fb)?;
             }
             self.pool.put(c);
             Ok(())

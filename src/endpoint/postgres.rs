@@ -14,7 +14,10 @@ use tokio::runtime::Handle;
 use tokio_postgres::{Client, CopyInSink, NoTls};
 
 use super::pgcopy::{CopyDecoder, copy_header, copy_trailer, encode_rows};
-use super::{ChunkWriter, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action};
+use super::{
+    ChunkWriter, Feedback, Holder, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action,
+    job_locked,
+};
 use crate::config::PgUrl;
 use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
 use crate::plan::{ChunkRange, ranges_from_bounds};
@@ -50,7 +53,19 @@ impl TableName {
 }
 
 pub async fn connect(url: &PgUrl) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url.connection_string(), NoTls)
+    connect_as(url, None).await
+}
+
+/// Connects with `application_name` set, so the server (and a later run)
+/// can tell which job a session belongs to.
+pub async fn connect_as(url: &PgUrl, application_name: Option<&str>) -> Result<Client> {
+    let mut config: tokio_postgres::Config =
+        url.connection_string().parse().map_err(|e| anyhow!("invalid PostgreSQL URL {}: {e}", url.redacted()))?;
+    if let Some(name) = application_name {
+        config.application_name(name);
+    }
+    let (client, conn) = config
+        .connect(NoTls)
         .await
         .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), pg_error_text(&e)))?;
     tokio::spawn(async move {
@@ -81,14 +96,22 @@ impl<T> PgContext<T> for std::result::Result<T, tokio_postgres::Error> {
 struct Pool {
     url: PgUrl,
     idle: Mutex<Vec<Client>>,
+    /// application_name of new sessions (a sink's sessions carry the job).
+    name: Mutex<Option<String>>,
 }
 
 impl Pool {
+    fn new(url: &PgUrl, first: Client) -> Pool {
+        Pool { url: url.clone(), idle: Mutex::new(vec![first]), name: Mutex::new(None) }
+    }
     async fn get(&self) -> Result<Client> {
         let idle = self.idle.lock().unwrap().pop();
         match idle {
             Some(c) if !c.is_closed() => Ok(c),
-            _ => connect(&self.url).await,
+            _ => {
+                let name = self.name.lock().unwrap().clone();
+                connect_as(&self.url, name.as_deref()).await
+            }
         }
     }
     fn put(&self, c: Client) {
@@ -369,7 +392,7 @@ impl PgSource {
                 .ok_or_else(|| anyhow!("table {} does not exist in {}", table.name, url.redacted()))?;
             Ok::<_, anyhow::Error>((d, client))
         })?;
-        let pool = Pool { url: url.clone(), idle: Mutex::new(vec![client]) };
+        let pool = Pool::new(&url, client);
         Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None) })
     }
 
@@ -378,8 +401,14 @@ impl PgSource {
     }
 
     async fn snapshot_id(&self) -> Result<String> {
-        if let Some((_, id)) = self.snapshot.lock().unwrap().as_ref() {
-            return Ok(id.clone());
+        {
+            let mut g = self.snapshot.lock().unwrap();
+            match g.as_ref() {
+                Some((c, id)) if !c.is_closed() => return Ok(id.clone()),
+                // The source restarted: later chunks read a new snapshot.
+                Some(_) => *g = None,
+                None => {}
+            }
         }
         let c = connect(&self.url).await?;
         c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.pg("starting snapshot")?;
@@ -493,7 +522,7 @@ pub struct PgSink {
 impl PgSink {
     pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
         let client = handle.block_on(connect(&url))?;
-        let pool = Arc::new(Pool { url: url.clone(), idle: Mutex::new(vec![client]) });
+        let pool = Arc::new(Pool::new(&url, client));
         Ok(PgSink {
             url,
             table: TableName::parse(table),
@@ -509,48 +538,101 @@ impl PgSink {
         self.target.lock().unwrap().clone().expect("prepare() before writing")
     }
 
-    async fn create_indexes(&self, c: &Client, spec: &TableSpec, progress: &dyn Fn(&str)) -> Result<()> {
-        let existing: Vec<String> = c
+    async fn create_indexes(&self, c: &Client, spec: &TableSpec, fb: &dyn Feedback) -> Result<()> {
+        let existing: Vec<(String, bool)> = c
             .query(
-                "SELECT indexname::text FROM pg_indexes WHERE tablename = $1",
-                &[&self.table.name],
+                "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE i.indrelid = to_regclass($1)",
+                &[&self.table.sql()],
             )
             .await
             .pg("listing target indexes")?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| (r.get(0), r.get(1)))
             .collect();
         c.batch_execute("SET maintenance_work_mem = '1GB'").await.pg("setting maintenance_work_mem")?;
         for ix in &spec.indexes {
             // Indexes this table already has are kept. No IF NOT EXISTS: a name
             // taken by another table's index must fail, not silently skip the index.
-            if existing.contains(&ix.name) {
-                continue;
+            match existing.iter().find(|(n, _)| n == &ix.name) {
+                Some((_, true)) => continue,
+                Some((_, false)) => {
+                    // Left INVALID by a build that did not finish: unusable, so rebuilt.
+                    fb.say(&format!("index {} is INVALID (a build that did not finish); dropping and rebuilding it", ix.name));
+                    let drop = format!("DROP INDEX IF EXISTS {}", self.index_sql_name(&ix.name));
+                    c.batch_execute(&drop).await.pg(&format!("dropping invalid index {}", ix.name))?;
+                }
+                None => {}
             }
             let sql = create_index_sql(&self.table, spec, ix);
-            progress(&format!("building index {} …", ix.name));
             let started = std::time::Instant::now();
-            let watcher = self.watch_index_build(ix.name.clone(), progress);
             let build = c.batch_execute(&sql);
-            let res = {
-                tokio::pin!(build);
-                tokio::pin!(watcher);
-                tokio::select! {
-                    r = &mut build => r,
-                    _ = &mut watcher => unreachable!(),
+            tokio::pin!(build);
+            // Send the statement before announcing the phase: from here on the
+            // build runs in the server even if this process dies.
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;
+            let res = match first {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => {
+                    fb.phase(&format!("building index {}", ix.name));
+                    let watcher = self.watch_index_build(ix.name.clone(), fb);
+                    tokio::pin!(watcher);
+                    tokio::select! {
+                        r = &mut build => r,
+                        _ = &mut watcher => unreachable!(),
+                    }
                 }
             };
             res.pg(&format!("building index {}", ix.name))?;
-            progress(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
+            fb.say(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
         }
         Ok(())
     }
 
+    /// FastGPT runs `CREATE EXTENSION IF NOT EXISTS vector` at start; so do we.
+    /// When that is not possible, the error says why: not installed on the
+    /// server, or not permitted to this role.
+    async fn create_pgvector(&self, c: &Client) -> Result<()> {
+        let db = self.url.redacted();
+        match c.batch_execute("CREATE EXTENSION IF NOT EXISTS vector").await {
+            Ok(()) => {
+                eprintln!("created extension vector (pgvector) in {db}: the target database did not have it");
+                Ok(())
+            }
+            Err(e) => {
+                let available: bool = c
+                    .query_one("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')", &[])
+                    .await
+                    .pg("checking pgvector")?
+                    .get(0);
+                if !available {
+                    bail!(
+                        "target database {db} has no pgvector extension, and the server does not have pgvector installed \
+                         (pg_available_extensions has no 'vector'); install pgvector on the server, then run again"
+                    );
+                }
+                bail!(
+                    "target database {db} has no pgvector extension, and role {} may not create it ({}); \
+                     ask a superuser to run `CREATE EXTENSION vector` in that database",
+                    self.url.user,
+                    pg_error_text(&e)
+                )
+            }
+        }
+    }
+
+    fn index_sql_name(&self, name: &str) -> String {
+        match &self.table.schema {
+            Some(s) => format!("{}.{}", ident(s), ident(name)),
+            None => ident(name),
+        }
+    }
+
     /// Reports CREATE INDEX progress from pg_stat_progress_create_index until dropped.
-    async fn watch_index_build(&self, name: String, progress: &dyn Fn(&str)) {
+    async fn watch_index_build(&self, name: String, fb: &dyn Feedback) {
         let Ok(c) = connect(&self.url).await else { return std::future::pending().await };
         loop {
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(Some(r)) = c
                 .query_opt(
                     "SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total FROM pg_stat_progress_create_index \
@@ -562,10 +644,75 @@ impl PgSink {
                 let phase: String = r.get(0);
                 let (td, tt, bd, bt): (i64, i64, i64, i64) = (r.get(1), r.get(2), r.get(3), r.get(4));
                 let pct = if tt > 0 { 100.0 * td as f64 / tt as f64 } else if bt > 0 { 100.0 * bd as f64 / bt as f64 } else { 0.0 };
-                progress(&format!("index {name}: {phase} {pct:.0}%"));
+                fb.phase(&format!("building index {name} ({phase}, {pct:.0}%)"));
             }
         }
     }
+
+    /// Ends the sessions a killed earlier run of `job` left in this database
+    /// (an index build goes on in the server until it next writes to its dead
+    /// client). Called with the job's lock held, so none of them is alive.
+    async fn end_leftover_sessions(&self, c: &Client, job: &str, mine: &str, fb: &dyn Feedback) -> Result<()> {
+        let prefix = format!("vmig {job} ");
+        let rows = c
+            .query(
+                "SELECT pid, coalesce(state, ''), left(coalesce(query, ''), 80) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND starts_with(application_name, $1) AND application_name <> $2",
+                &[&prefix, &mine],
+            )
+            .await
+            .pg("looking for sessions of an earlier run")?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        for r in &rows {
+            let (pid, state, query): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
+            fb.say(&format!(
+                "a killed earlier run of job {job} left session {pid} ({state}: {}); ending it",
+                query.split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+        }
+        c.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid", &[&pids]).await.pg("ending sessions of an earlier run")?;
+        let started = std::time::Instant::now();
+        loop {
+            let left: i64 = c
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&pids])
+                .await
+                .pg("waiting for sessions to end")?
+                .get(0);
+            if left == 0 {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("sessions {pids:?} of an earlier run of job {job} did not end within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// application_name of a job's sessions: `vmig <job> <pid>@<host>`
+/// (PostgreSQL keeps 63 bytes).
+fn session_name(job: &str) -> String {
+    let me = Holder::me();
+    let mut name = format!("vmig {job} {}@{}", me.pid, me.host);
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// The advisory-lock key of a job (positive, so pg_locks shows it plainly).
+fn lock_key(job: &str) -> i64 {
+    (xxhash_rust::xxh3::xxh3_64(format!("vmig job {job}").as_bytes()) >> 1) as i64
+}
+
+/// A job's advisory lock: released when this session ends (also when the
+/// process dies: the server sees the connection close).
+struct PgJobLock {
+    _client: Client,
 }
 
 impl Sink for PgSink {
@@ -595,6 +742,40 @@ impl Sink for PgSink {
         })
     }
 
+    fn lock_job(&self, job: &str, fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        let name = session_name(job);
+        *self.pool.name.lock().unwrap() = Some(name.clone());
+        self.pool.idle.lock().unwrap().clear();
+        let key = lock_key(job);
+        self.handle.block_on(async {
+            let c = connect_as(&self.url, Some(&name)).await?;
+            let got: bool = c.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.pg("taking the job's lock")?.get(0);
+            if !got {
+                let holder = c
+                    .query_opt(
+                        "SELECT a.application_name, a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                           AND (l.classid::int8 << 32) | l.objid::int8 = $1 LIMIT 1",
+                        &[&key],
+                    )
+                    .await
+                    .pg("finding the job's lock holder")?
+                    .map(|r| {
+                        let app: String = r.get(0);
+                        let since: String = r.get(1);
+                        let who = app.strip_prefix(&format!("vmig {job} ")).unwrap_or(&app).to_string();
+                        match who.split_once('@') {
+                            Some((pid, host)) => format!("host {host}, pid {pid}, since {since}"),
+                            None => format!("session {app}, since {since}"),
+                        }
+                    });
+                return Err(job_locked(job, &self.describe(), holder));
+            }
+            self.end_leftover_sessions(&c, job, &name, fb).await?;
+            Ok(Box::new(PgJobLock { _client: c }) as Box<dyn std::any::Any + Send>)
+        })
+    }
+
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
         *self.upsert.lock().unwrap() = opts.on_existing == OnExisting::Upsert;
         *self.ledger.lock().unwrap() = !opts.job.is_empty();
@@ -606,10 +787,7 @@ impl Sink for PgSink {
                 .pg("checking pgvector")?
                 .get(0);
             if !has_vector {
-                bail!(
-                    "target database {} has no pgvector extension; run `CREATE EXTENSION vector` there first",
-                    self.url.redacted()
-                );
+                self.create_pgvector(&c).await?;
             }
             let spec = match discover(&c, &self.table, &self.url).await? {
                 Some(d) => {
@@ -643,7 +821,7 @@ impl Sink for PgSink {
                     .pg("checking target")?
                     .get(0);
                 let target = format!("table {} in {}", self.table.name, self.url.redacted());
-                if existing_rows_action(non_empty, ledger_rows as u64, opts, &target)? {
+                if existing_rows_action(non_empty, ledger_rows > 0, opts, &target)? {
                     c.batch_execute(&format!("TRUNCATE {}", self.table.sql())).await.pg("truncating target")?
                 }
             }
@@ -751,7 +929,7 @@ impl Sink for PgSink {
         }))
     }
 
-    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, progress: &dyn Fn(&str)) -> Result<()> {
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
         let mut spec = self.target_spec();
         // Index names are unique per schema: a renamed table gets renamed indexes.
         spec.indexes = source
@@ -770,7 +948,7 @@ impl Sink for PgSink {
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             if opts.create_indexes {
-                self.create_indexes(&c, &spec, progress).await?;
+                self.create_indexes(&c, &spec, fb).await?;
             }
             // Move the id sequence past max(id) so the application's next insert does not collide.
             let pk = &spec.primary_key;
@@ -780,6 +958,7 @@ impl Sink for PgSink {
                 .pg("finding id sequence")?
                 .get(0);
             if let Some(seq) = seq {
+                fb.phase("fixing sequence");
                 c.query_one(
                     &format!("SELECT setval($1::text::regclass, GREATEST((SELECT max({}) FROM {t}), 1))", ident(pk)),
                     &[&seq],
@@ -787,6 +966,7 @@ impl Sink for PgSink {
                 .await
                 .pg("setting id sequence")?;
             }
+            fb.phase("analyzing");
             c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
             if !opts.job.is_empty() {
                 let target_rows: i64 =
@@ -799,7 +979,7 @@ impl Sink for PgSink {
                     .await
                     .pg("reading ledger")?
                     .get(0);
-                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table.name), progress)?;
+                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table.name), fb)?;
             }
             self.pool.put(c);
             Ok(())

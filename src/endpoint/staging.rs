@@ -22,8 +22,8 @@ use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{ChunkWriter, Sink, SinkOptions, Source, RowReject};
-use crate::ledger::{CommitRecord, JobDir, Ledger, now_rfc3339, sync_dir, write_atomic};
+use super::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, Source};
+use crate::ledger::{CommitRecord, FileLock, JobDir, Ledger, now_rfc3339, sync_dir, write_atomic};
 use crate::plan::ChunkRange;
 use crate::schema::TableSpec;
 
@@ -202,6 +202,13 @@ impl Sink for StagingSink {
         format!("staging {}", self.dir.display())
     }
 
+    /// One writer of a staging area at a time (`export`, `migrate --staging`);
+    /// an `import` reading it meanwhile is welcome.
+    fn lock_job(&self, job: &str, _fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        Ok(Box::new(FileLock::acquire(&self.dir.join("export.lock"), job, &self.describe())?))
+    }
+
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], _opts: &SinkOptions) -> Result<TableSpec> {
         fs::create_dir_all(JobDir::new(&self.dir).chunks())
             .with_context(|| format!("creating {}", self.dir.display()))?;
@@ -219,7 +226,7 @@ impl Sink for StagingSink {
         Ok(Box::new(StagingChunkWriter { dir: self.dir.clone(), file }))
     }
 
-    fn finish(&self, _: &TableSpec, _: &[ChunkRange], _: &SinkOptions, _: &dyn Fn(&str)) -> Result<()> {
+    fn finish(&self, _: &TableSpec, _: &[ChunkRange], _: &SinkOptions, _: &dyn Feedback) -> Result<()> {
         Ok(())
     }
 }
