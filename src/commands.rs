@@ -251,8 +251,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
         );
     }
     for s in &runs {
+        let phase = if s.phase.is_empty() || s.state != "running" { String::new() } else { format!(" ({})", s.phase) };
         println!(
-            "{}: {} · {} chunks committed, {} skipped (already committed) of {} · {} rows written · {} rejected · {:.1} MB · updated {}",
+            "{}: {}{phase} · {} chunks committed, {} skipped (already committed) of {} · {} rows written · {} rejected · {:.1} MB · updated {}",
             s.command,
             s.state,
             s.chunks_committed,

@@ -190,7 +190,7 @@ impl LedgerFile {
             }
             write_atomic(&self.path, &text)?;
         }
-        Ok(gone.len() as u64)
+        Ok(gone.iter().filter(|l| l.record.is_some()).count() as u64)
     }
 }
 

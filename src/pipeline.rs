@@ -252,6 +252,7 @@ fn run_phases(
     for (_, sink) in &sinks {
         _locks.push(sink.lock_job(&cfg.job, progress.as_ref())?);
     }
+    progress.own_status();
     progress.set_phase("planning");
     let manifest = load_or_plan(cfg, source.as_ref())?;
     let plan = manifest.plan.clone();

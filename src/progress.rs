@@ -69,6 +69,9 @@ pub struct Progress {
     done: AtomicBool,
     /// Set when the phase's name changes; the ticker prints it at once.
     phase_changed: AtomicBool,
+    /// The status file is written only once the run holds the job's locks,
+    /// so a refused second run leaves the first one's status alone.
+    owns_status: AtomicBool,
 }
 
 impl Progress {
@@ -97,7 +100,13 @@ impl Progress {
             bars,
             done: AtomicBool::new(false),
             phase_changed: AtomicBool::new(false),
+            owns_status: AtomicBool::new(false),
         }
+    }
+
+    /// From now on this run writes the job's status file.
+    pub fn own_status(&self) {
+        self.owns_status.store(true, Relaxed);
     }
 
     /// The plan is known: sizes the bars and the status.
@@ -162,6 +171,9 @@ impl Progress {
     }
 
     pub fn write_status(&self, state: Option<&str>) {
+        if !self.owns_status.load(Relaxed) {
+            return;
+        }
         let c = &self.counters;
         let mut s = self.status.lock().unwrap();
         if let Some(st) = state {

@@ -59,7 +59,7 @@ fn one_clear_line(out: &std::process::Output, expect: &str) {
 }
 
 #[test]
-fn unreachable_wrong_password_missing_table_missing_extension() {
+fn unreachable_wrong_password_missing_table() {
     let (src, _) = dbs("errs");
     ok(&["generate", "--to", &src, "--rows", "5", "--dim", "4"]);
     let state = tempdir();
@@ -69,6 +69,28 @@ fn unreachable_wrong_password_missing_table_missing_extension() {
     let wrong = src.replace("postgres:postgres@", "postgres:s3cret@");
     one_clear_line(&vmig(&["migrate", "--from", &wrong, "--to", &dst, "--state-root", sr]), "password authentication failed");
     one_clear_line(&vmig(&["migrate", "--from", &src, "--to", &dst, "--table", "nosuch", "--state-root", sr]), "does not exist");
-    let novector = fresh_db(&target_base(), "errs_novec", false);
-    one_clear_line(&vmig(&["migrate", "--from", &src, "--to", &novector, "--state-root", sr]), "pgvector");
+}
+
+#[test]
+fn pgvector_is_created_when_missing_and_a_role_that_may_not_gets_one_clear_line() {
+    let (src, _) = dbs("pgvec");
+    ok(&["generate", "--to", &src, "--rows", "60", "--dim", "8"]);
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    // A superuser (as FastGPT's own start-up does): created, said once.
+    let novector = fresh_db(&target_base(), "pgvec_novec", false);
+    let out = ok(&["migrate", "--from", &src, "--to", &novector, "--state-root", sr]);
+    assert_eq!(stderr(&out).matches("created extension vector").count(), 1, "{}", stderr(&out));
+    assert_eq!(assert_same_rows(&src, "modeldata", &novector, "modeldata"), 60);
+    // The owner of a database who is no superuser may not create pgvector (it is not a trusted extension).
+    exec(&target_base(), "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'vmig_limited') THEN CREATE ROLE vmig_limited LOGIN PASSWORD 'limitedpw'; END IF; END $$");
+    let limited = fresh_db(&target_base(), "pgvec_limited", false);
+    exec(&target_base(), "ALTER DATABASE pgvec_limited OWNER TO vmig_limited");
+    let as_limited = limited.replace("postgres:postgres@", "vmig_limited:limitedpw@");
+    let out = vmig(&["generate", "--to", &as_limited, "--rows", "5", "--dim", "4"]);
+    one_clear_line(&out, "may not create it");
+    assert!(!stderr(&out).contains("limitedpw"), "secret leaked: {}", stderr(&out));
+    let st = tempdir();
+    let out = vmig(&["migrate", "--from", &src, "--to", &as_limited, "--state-root", st.path().to_str().unwrap()]);
+    one_clear_line(&out, "ask a superuser to run `CREATE EXTENSION vector`");
 }

@@ -16,7 +16,7 @@ use milvus::proto::common::{self, ConsistencyLevel, KeyValuePair, MsgBase, MsgTy
 use milvus::proto::milvus::milvus_service_client::MilvusServiceClient;
 use milvus::proto::milvus::{
     AllocTimestampRequest, DescribeCollectionRequest, DescribeIndexRequest, GetLoadingProgressRequest, HasCollectionRequest,
-    ListDatabasesRequest, LoadCollectionRequest, QueryRequest,
+    ListDatabasesRequest, LoadCollectionRequest, QueryRequest, ReleaseCollectionRequest,
 };
 use milvus::proto::schema::{self, CollectionSchema, DataType, FieldData, field_data, scalar_field};
 use tokio::runtime::Handle;
@@ -245,6 +245,18 @@ impl Milvus {
         }
         check_status(r.status.as_ref(), "describing indexes")?;
         Ok(r.index_descriptions)
+    }
+
+    /// Releases a loaded collection (Milvus refuses to load it again after an
+    /// index was added while it was loaded).
+    pub fn release(&self, name: &str) -> Result<()> {
+        let req = ReleaseCollectionRequest {
+            base: base(MsgType::ReleaseCollection),
+            db_name: self.url.database.clone(),
+            collection_name: name.into(),
+        };
+        self.call(&format!("releasing collection {name}"), |mut c| async move { c.release_collection(req).await })?;
+        Ok(())
     }
 
     /// Loads the collection (reads and counts need it) and waits until it is.

@@ -195,6 +195,7 @@ fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
 /// rows of the total as the phase.
 fn wait_for_indexes(conn: &Milvus, name: &str, fb: &dyn Feedback) -> Result<()> {
     let started = Instant::now();
+    fb.phase(&format!("building indexes of {name}"));
     loop {
         let ixs = conn.indexes(name)?;
         if let Some(f) = ixs.iter().find(|i| i.state == IndexState::Failed as i32) {
@@ -559,6 +560,26 @@ impl Sink for MilvusSink {
         let mut has_vector_index = coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. }));
         if opts.create_indexes {
             let vector = coll.fields.iter().find(|f| matches!(f.kind, FieldKind::FloatVector { .. })).unwrap();
+            // Scalar indexes on the columns the source indexes (FastGPT filters on them).
+            let indexed: Vec<&str> = coll.spec.indexes.iter().flat_map(|i| i.columns.iter().map(|c| c.as_str())).collect();
+            let mut wanted: Vec<&str> = Vec::new();
+            let btree_columns = source
+                .indexes
+                .iter()
+                .filter(|i| matches!(i.kind, IndexKind::Btree { .. }))
+                .flat_map(|i| i.columns.iter().map(|c| c.as_str()));
+            for c in btree_columns {
+                // A column may sit in several source indexes; one Milvus index each.
+                if c != source.primary_key && !indexed.contains(&c) && !wanted.contains(&c) && coll.fields.iter().any(|f| f.column == c) {
+                    wanted.push(c);
+                }
+            }
+            if !has_vector_index || !wanted.is_empty() {
+                // A run killed between two index creations left the collection
+                // loaded (the guard's count loads it), and Milvus will not load
+                // it again with an index added meanwhile.
+                self.conn.release(&self.name)?;
+            }
             if !has_vector_index {
                 let (metric, m, ef) = source
                     .indexes
@@ -583,20 +604,6 @@ impl Sink for MilvusSink {
                     ],
                 )?;
                 has_vector_index = true;
-            }
-            // Scalar indexes on the columns the source indexes (FastGPT filters on them).
-            let indexed: Vec<&str> = coll.spec.indexes.iter().flat_map(|i| i.columns.iter().map(|c| c.as_str())).collect();
-            let mut wanted: Vec<&str> = Vec::new();
-            let btree_columns = source
-                .indexes
-                .iter()
-                .filter(|i| matches!(i.kind, IndexKind::Btree { .. }))
-                .flat_map(|i| i.columns.iter().map(|c| c.as_str()));
-            for c in btree_columns {
-                // A column may sit in several source indexes; one Milvus index each.
-                if c != source.primary_key && !indexed.contains(&c) && !wanted.contains(&c) {
-                    wanted.push(c);
-                }
             }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };

@@ -101,6 +101,10 @@ impl Holder {
     pub fn describe(&self) -> String {
         format!("host {}, pid {}, since {}", self.host, self.pid, self.since)
     }
+    /// The holder ran on this host and its process is gone.
+    pub fn is_dead_here(&self) -> bool {
+        self.host == host_name() && !std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
 }
 
 pub fn host_name() -> String {

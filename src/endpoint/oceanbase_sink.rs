@@ -42,25 +42,99 @@ pub struct ObSink {
 /// Where a run names itself while it holds a job's lock.
 const RUNS_TABLE: &str = "vmig_runs";
 
-/// A job's GET_LOCK, held by a session of its own; the server releases it
-/// when that session ends (also when the process dies).
-struct ObJobLock {
-    conn: Option<Conn>,
-    handle: Handle,
-}
+/// How long a run's claim on a job lasts unless renewed (every third of it).
+/// seekdb keeps a GET_LOCK of a killed client's session forever (seen here:
+/// still held 80 s after the kill, the session gone), so the lock is a lease.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl Drop for ObJobLock {
-    fn drop(&mut self) {
-        if let Some(c) = self.conn.take() {
-            let _g = self.handle.enter();
-            drop(c);
+const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(6)) * 1000 AS SIGNED)";
+
+/// Takes the job's lease in `vmig_runs`: free, expired, or held by a dead
+/// process on this host. Otherwise one line naming the holder.
+async fn take_lease(c: &mut Conn, job: &str, me: &str, target: &str, fb: &dyn Feedback) -> Result<()> {
+    let j = str_literal(job);
+    let lease_ms = LEASE.as_millis();
+    c.query_drop("START TRANSACTION").await.ob("taking the job's lease")?;
+    let row = query_strings(c, &format!("SELECT holder, expires_ms - {NOW_MS} FROM {RUNS_TABLE} WHERE job = {j} FOR UPDATE"), "taking the job's lease")
+        .await?
+        .into_iter()
+        .next();
+    let write = match &row {
+        None => format!("INSERT INTO {RUNS_TABLE} (job, holder, expires_ms) VALUES ({j}, {}, {NOW_MS} + {lease_ms})", str_literal(me)),
+        Some(r) => {
+            let raw = r[0].clone().unwrap_or_default();
+            let holder = serde_json::from_str::<Holder>(&raw).ok();
+            let left_ms: i64 = r[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let dead = holder.as_ref().is_some_and(|h| h.is_dead_here());
+            if left_ms > 0 && !dead {
+                c.query_drop("ROLLBACK").await.ob("taking the job's lease")?;
+                let who = holder.map(|h| h.describe()).unwrap_or_else(|| raw.clone());
+                return Err(job_locked(job, target, Some(format!("{who}; if that run is dead, its lease ends in {:.0} s", left_ms as f64 / 1000.0))));
+            }
+            if let Some(h) = &holder {
+                fb.say(&format!("taking over job {job} from a run that is gone ({})", h.describe()));
+            }
+            format!("UPDATE {RUNS_TABLE} SET holder = {}, expires_ms = {NOW_MS} + {lease_ms} WHERE job = {j}", str_literal(me))
         }
+    };
+    match c.query_drop(write).await {
+        Ok(()) => c.query_drop("COMMIT").await.ob("taking the job's lease"),
+        // Another run inserted the row first.
+        Err(mysql_async::Error::Server(e)) if e.code == 1062 => {
+            let _ = c.query_drop("ROLLBACK").await;
+            Err(job_locked(job, target, None))
+        }
+        Err(e) => Err(e).ob("taking the job's lease"),
     }
 }
 
-/// GET_LOCK names are at most 64 characters.
-fn lock_name(job: &str) -> String {
-    format!("vmig:{:016x}", xxhash_rust::xxh3::xxh3_64(job.as_bytes()))
+/// A run's lease on a job: renewed in the background, given back on drop.
+struct ObLease {
+    renew: tokio::task::JoinHandle<()>,
+    url: ObUrl,
+    handle: Handle,
+    job: String,
+    me: String,
+}
+
+impl ObLease {
+    fn start(url: ObUrl, handle: Handle, job: String, me: String) -> ObLease {
+        let sql = format!(
+            "UPDATE {RUNS_TABLE} SET expires_ms = {NOW_MS} + {} WHERE job = {} AND holder = {}",
+            LEASE.as_millis(),
+            str_literal(&job),
+            str_literal(&me)
+        );
+        let u = url.clone();
+        let renew = handle.spawn(async move {
+            let mut conn: Option<Conn> = None;
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                // A failed renewal (server restarting) is retried at the next tick.
+                if conn.is_none() {
+                    conn = connect(&u).await.ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    if c.query_drop(sql.as_str()).await.is_err() {
+                        conn = None;
+                    }
+                }
+            }
+        });
+        ObLease { renew, url, handle, job, me }
+    }
+}
+
+impl Drop for ObLease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let sql = format!("DELETE FROM {RUNS_TABLE} WHERE job = {} AND holder = {}", str_literal(&self.job), str_literal(&self.me));
+        let url = self.url.clone();
+        let _ = self.handle.block_on(async move {
+            let mut c = connect(&url).await?;
+            c.query_drop(sql).await.ob("giving back the job's lease")
+        });
+    }
 }
 
 impl ObSink {
@@ -193,38 +267,20 @@ impl Sink for ObSink {
 
     fn lock_job(&self, job: &str, fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
         *self.tag.lock().unwrap() = format!("/* vmig {} */ ", job.replace("*/", "* /"));
-        let me = Holder::me();
+        let me = serde_json::to_string(&Holder::me())?;
         self.handle.block_on(async {
             let mut c = connect(&self.url).await?;
-            let got = query_i64(&mut c, &format!("SELECT GET_LOCK({}, 0)", str_literal(&lock_name(job))), "taking the job's lock").await?;
             c.query_drop(format!(
-                "CREATE TABLE IF NOT EXISTS {RUNS_TABLE} (job VARCHAR(255) NOT NULL PRIMARY KEY, holder VARCHAR(1024) NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS {RUNS_TABLE} (job VARCHAR(255) NOT NULL PRIMARY KEY, holder VARCHAR(1024) NOT NULL, \
+                 expires_ms BIGINT NOT NULL)"
             ))
             .await
             .ob("creating the runs table")?;
-            if got != Some(1) {
-                let holder = query_strings(
-                    &mut c,
-                    &format!("SELECT holder FROM {RUNS_TABLE} WHERE job = {}", str_literal(job)),
-                    "finding the job's lock holder",
-                )
-                .await?
-                .first()
-                .and_then(|r| r[0].clone())
-                .and_then(|h| serde_json::from_str::<Holder>(&h).ok())
-                .map(|h| h.describe());
-                return Err(job_locked(job, &self.describe(), holder));
-            }
-            c.query_drop(format!(
-                "REPLACE INTO {RUNS_TABLE} (job, holder) VALUES ({}, {})",
-                str_literal(job),
-                str_literal(&serde_json::to_string(&me)?)
-            ))
-            .await
-            .ob("naming the job's lock holder")?;
+            take_lease(&mut c, job, &me, &self.describe(), fb).await?;
             self.end_leftover_sessions(&mut c, job, fb).await?;
-            Ok(Box::new(ObJobLock { conn: Some(c), handle: self.handle.clone() }) as Box<dyn std::any::Any + Send>)
-        })
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(Box::new(ObLease::start(self.url.clone(), self.handle.clone(), job.to_string(), me)))
     }
 
     fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
@@ -365,8 +421,12 @@ impl Sink for ObSink {
         }))
     }
 
-    fn finish(&self, _source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
-        let spec = self.target_spec();
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
+        // The source's indexes, also when the table existed at prepare (a
+        // resumed run finds the table a killed run created, without indexes).
+        // OceanBase index names are per table: kept as they are.
+        let mut spec = self.target_spec();
+        spec.indexes = source.indexes.clone();
         let t = ident(&self.table);
         let pk = ident(&spec.primary_key);
         self.handle.block_on(async {

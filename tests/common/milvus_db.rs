@@ -292,6 +292,7 @@ pub fn sorted(mut rows: Vec<MRow>) -> Vec<MRow> {
 pub struct PrivateMilvus {
     pub dir: std::path::PathBuf,
     pub base: String,
+    pub port: u16,
 }
 
 impl PrivateMilvus {
@@ -306,11 +307,17 @@ impl PrivateMilvus {
         }
         assert!(super::dbs_script(&args), "milvus did not start");
         let creds = if auth { "root:Milvus@" } else { "" };
-        PrivateMilvus { dir, base: format!("http://{creds}127.0.0.1:{port}") }
+        PrivateMilvus { dir, base: format!("http://{creds}127.0.0.1:{port}"), port }
     }
 
     pub fn stop(&self) {
         super::dbs_script(&["milvus-stop", self.dir.to_str().unwrap()]);
+    }
+
+    /// Stops the server and starts it again on the same data (no auth).
+    pub fn restart(&self) {
+        self.stop();
+        assert!(super::dbs_script(&["milvus-start", self.dir.to_str().unwrap(), &self.port.to_string()]), "milvus did not start again");
     }
 }
 

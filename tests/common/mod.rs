@@ -2,6 +2,7 @@
 //! fresh database per test on each, and the vmig binary run as a process.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod milvus_db;
 
 use std::process::{Command, Output};
@@ -174,6 +175,12 @@ impl PrivateCluster {
     pub fn stop(&self) {
         as_pg_user(&format!("{}/pg_ctl", self.bin), &["-D", self.dir.join("data").to_str().unwrap(), "-m", "fast", "-w", "stop"]);
     }
+
+    /// Stops the server (fast: sessions are ended) and starts it again.
+    pub fn restart(&self) {
+        let data = self.dir.join("data");
+        assert!(as_pg_user(&format!("{}/pg_ctl", self.bin), &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "restart"]).success());
+    }
 }
 
 impl Drop for PrivateCluster {
@@ -287,9 +294,10 @@ pub fn assert_rows_close(a: &[Row], b: &[Row]) {
 pub struct PrivateSeekdb {
     pub dir: std::path::PathBuf,
     pub url: String,
+    pub port: u16,
 }
 
-fn dbs_script(args: &[&str]) -> bool {
+pub(crate) fn dbs_script(args: &[&str]) -> bool {
     Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dbs.sh"))
         .args(args)
@@ -306,11 +314,17 @@ impl PrivateSeekdb {
         assert!(dbs_script(&["seekdb-start", dir.to_str().unwrap(), &port.to_string()]), "seekdb did not start");
         let base = format!("mysql://root@127.0.0.1:{port}/test");
         ob_exec(&base, "CREATE DATABASE IF NOT EXISTS vmig");
-        PrivateSeekdb { dir, url: tenant_form(&with_db(&base, "vmig")) }
+        PrivateSeekdb { dir, url: tenant_form(&with_db(&base, "vmig")), port }
     }
 
     pub fn stop(&self) {
         dbs_script(&["seekdb-stop", self.dir.to_str().unwrap()]);
+    }
+
+    /// Stops the server and starts it again on the same data.
+    pub fn restart(&self) {
+        self.stop();
+        assert!(dbs_script(&["seekdb-start", self.dir.to_str().unwrap(), &self.port.to_string()]), "seekdb did not start again");
     }
 }
 

@@ -1,0 +1,93 @@
+//! One run of a job at a time on every target kind, and runs that live
+//! through a restart of the database they read or write.
+mod common;
+use common::faults::*;
+use common::milvus_db::*;
+use common::*;
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[test]
+fn a_second_run_of_a_job_is_refused_while_the_first_lives_on_every_target() {
+    let src = fresh_db(&source_base(), "lock_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    // Staging: the export holds the staging area (an import reading it is welcome).
+    second_run_is_refused_while_the_first_lives(&s(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200"]), &st, "export");
+    let dst = fresh_db(&target_base(), "lock_dst", true);
+    second_run_is_refused_while_the_first_lives(&s(&["import", "--staging", st_s, "--to", &dst]), &st, "import into PostgreSQL");
+    assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 1600);
+    let ob = fresh_ob_db("lock_ob");
+    second_run_is_refused_while_the_first_lives(&s(&["import", "--staging", st_s, "--to", &ob]), &st, "import into OceanBase");
+    assert_rows_close(&rows(&src, "modeldata"), &ob_rows(&ob, "modeldata"));
+    let m = fresh_milvus_db("lock_mv");
+    second_run_is_refused_while_the_first_lives(&s(&["import", "--staging", st_s, "--to", &m]), &st, "import into Milvus");
+    assert_eq!(milvus_rows(&m, "modeldata"), as_mrows(&rows(&src, "modeldata")));
+}
+
+/// The run must have felt the restart (it said it retried) and completed.
+fn assert_survived(res: (bool, String), what: &str) {
+    let (success, text) = res;
+    assert!(success, "{what}: the run failed across the restart:\n{text}");
+    assert!(text.contains("retrying in"), "{what}: the restart went unnoticed, so nothing was tested:\n{text}");
+}
+
+#[test]
+fn postgres_target_and_source_restarts_mid_load_are_ridden_out() {
+    let src = fresh_db(&source_base(), "restart_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
+
+    let target = PrivateCluster::start("restart-dst", 55493);
+    let res = run_across_a_restart(&s(&["import", "--staging", st_s, "--to", &target.url]), &st, 2, 600, &|| target.restart(), "PostgreSQL target restart");
+    assert_survived(res, "PostgreSQL target");
+    assert_eq!(assert_same_rows(&src, "modeldata", &target.url, "modeldata"), 1600);
+    assert_eq!(query_i64(&target.url, "SELECT count(*) FROM pg_index WHERE indrelid = 'modeldata'::regclass AND indisvalid"), 4);
+
+    let source = PrivateCluster::start("restart-src", 55494);
+    ok(&["generate", "--to", &source.url, "--rows", "1600", "--dim", "32"]);
+    let dst = fresh_db(&target_base(), "restart_dst", true);
+    let state = dir.path().join("state");
+    let args = s(&["migrate", "--from", &source.url, "--to", &dst, "--chunk-rows", "200", "--job", "restart", "--state-root", state.to_str().unwrap()]);
+    let res = run_across_a_restart(&args, &state.join("restart"), 2, 600, &|| source.restart(), "PostgreSQL source restart");
+    assert_survived(res, "PostgreSQL source");
+    assert_eq!(assert_same_rows(&source.url, "modeldata", &dst, "modeldata"), 1600);
+}
+
+#[test]
+fn oceanbase_target_restart_mid_load_is_ridden_out() {
+    let src = fresh_db(&source_base(), "restart_ob_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
+    let ob = PrivateSeekdb::start("restart", 52993);
+    let args = s(&["import", "--staging", st_s, "--to", &ob.url, "--retry-for", "300"]);
+    let res = run_across_a_restart(&args, &st, 2, 600, &|| ob.restart(), "seekdb restart");
+    assert_survived(res, "seekdb");
+    assert_rows_close(&rows(&src, "modeldata"), &ob_rows(&ob.url, "modeldata"));
+}
+
+#[test]
+fn milvus_target_restart_mid_load_is_ridden_out() {
+    let src = fresh_db(&source_base(), "restart_mv_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
+    let server = PrivateMilvus::start("restart", 19633, false);
+    let args = s(&["import", "--staging", st_s, "--to", &server.base, "--retry-for", "300"]);
+    let res = run_across_a_restart(&args, &st, 2, 400, &|| server.restart(), "Milvus restart");
+    assert_survived(res, "Milvus");
+    assert_eq!(milvus_count(&server.base, "modeldata"), 1600);
+    assert_eq!(milvus_rows(&server.base, "modeldata"), as_mrows(&rows(&src, "modeldata")));
+}
