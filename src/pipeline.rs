@@ -234,6 +234,12 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
         "gone away",
         "driver error: \"connection",
         "server is not serving",
+        "tcp connect error",
+        "timeout expired",
+        "(unavailable)",
+        "not healthy",
+        "is initializing",
+        "stopping",
     ]
     .iter()
     .any(|p| text.contains(p))

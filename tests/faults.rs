@@ -41,6 +41,18 @@ fn source_and_staging(name: &str, dir: &Path, chunk_rows: &str) -> (String, Path
     (src, st)
 }
 
+/// The command line of a scenario and the directory its status file is in:
+/// `import` from the staging area, or `migrate` straight from the source.
+fn job_args(command: &str, src: &str, st: &Path, to: &str, chunk_rows: &str, state: &Path) -> (Vec<String>, PathBuf) {
+    match command {
+        "import" => (s(&["import", "--staging", st.to_str().unwrap(), "--to", to]), st.to_path_buf()),
+        _ => (
+            s(&["migrate", "--from", src, "--to", to, "--chunk-rows", chunk_rows, "--job", "fault", "--state-root", state.to_str().unwrap()]),
+            state.join("fault"),
+        ),
+    }
+}
+
 fn pg_index_phases() -> Vec<String> {
     let mut p: Vec<String> = PG_INDEXES.iter().map(|i| format!("building index {i}")).collect();
     p.push("fixing sequence".into());
@@ -80,13 +92,7 @@ fn pg_scenario(command: &str) {
     let (src, st) = source_and_staging(&name, dir.path(), CHUNK_ROWS);
     let dst = with_db(&target_base(), &format!("{name}_dst"));
     let state = dir.path().join("state");
-    let (args, job_dir) = match command {
-        "import" => (s(&["import", "--staging", st.to_str().unwrap(), "--to", &dst]), st.clone()),
-        _ => (
-            s(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", CHUNK_ROWS, "--job", "fault", "--state-root", state.to_str().unwrap()]),
-            state.join("fault"),
-        ),
-    };
+    let (args, job_dir) = job_args(command, &src, &st, &dst, CHUNK_ROWS, &state);
     let reset = || {
         fresh_db(&target_base(), &format!("{name}_dst"), true);
         if command != "import" {
@@ -148,13 +154,7 @@ fn ob_scenario(command: &str) {
     let (src, st) = source_and_staging(&name, dir.path(), CHUNK_ROWS);
     let ob = fresh_ob_db(&name);
     let state = dir.path().join("state");
-    let (args, job_dir) = match command {
-        "import" => (s(&["import", "--staging", st.to_str().unwrap(), "--to", &ob]), st.clone()),
-        _ => (
-            s(&["migrate", "--from", &src, "--to", &ob, "--chunk-rows", CHUNK_ROWS, "--job", "fault", "--state-root", state.to_str().unwrap()]),
-            state.join("fault"),
-        ),
-    };
+    let (args, job_dir) = job_args(command, &src, &st, &ob, CHUNK_ROWS, &state);
     let reset = || {
         fresh_ob_db(&name);
         if command != "import" {
@@ -198,13 +198,7 @@ fn milvus_scenario(command: &str) {
     let (src, st) = source_and_staging(&name, dir.path(), MILVUS_CHUNK_ROWS);
     let m = fresh_milvus_db(&name);
     let state = dir.path().join("state");
-    let (args, job_dir) = match command {
-        "import" => (s(&["import", "--staging", st.to_str().unwrap(), "--to", &m]), st.clone()),
-        _ => (
-            s(&["migrate", "--from", &src, "--to", &m, "--chunk-rows", MILVUS_CHUNK_ROWS, "--job", "fault", "--state-root", state.to_str().unwrap()]),
-            state.join("fault"),
-        ),
-    };
+    let (args, job_dir) = job_args(command, &src, &st, &m, MILVUS_CHUNK_ROWS, &state);
     let reset = || {
         fresh_milvus_db(&name);
         match command {
@@ -219,10 +213,25 @@ fn milvus_scenario(command: &str) {
         let ix = milvus_index_params(&m, "modeldata");
         assert_eq!(ix.matches("index_type=HNSW").count(), 1, "one vector index: {ix}");
     };
-    let moments = database_moments(
-        MILVUS_CHUNKS,
-        &["creating index vector_index", "creating index teamId_index", "building indexes of modeldata", "loading collection"],
-    );
+    // Every Milvus rerun waits for index builds that take Milvus up to a
+    // minute after rewritten rows: migrate gets the 8 moments spread over
+    // the run, import all 11.
+    let moments = match command {
+        "import" => database_moments(
+            MILVUS_CHUNKS,
+            &["creating index vector_index", "creating index teamId_index", "building indexes of modeldata", "loading collection"],
+        ),
+        _ => vec![
+            phase("planning"),
+            Moment::Committed(1),
+            Moment::Committed(MILVUS_CHUNKS - 2),
+            phase("finishing"),
+            phase("creating index vector_index"),
+            phase("building indexes of modeldata"),
+            phase("loading collection"),
+            phase("done"),
+        ],
+    };
     let n = Scenario { name: &name, args, job_dir, rate_limit: 400, reset: &reset, check: &check }.run(&moments);
     assert!(n >= 8);
 }
@@ -235,4 +244,49 @@ fn import_into_milvus_killed_at_every_moment_resumes() {
 #[test]
 fn migrate_into_milvus_killed_at_every_moment_resumes() {
     milvus_scenario("migrate");
+}
+
+/// The case a user hit: a Milvus import killed after its upserts reached
+/// Milvus but before the first chunk's flush was recorded. The rerun must
+/// take those rows for the job's own (the ledger marked the job's first
+/// write), not refuse the collection as a stranger's.
+#[test]
+fn milvus_import_killed_before_its_first_flush_resumes() {
+    let name = "fault_mv_first_flush";
+    let dir = tempdir();
+    let (src, st) = source_and_staging(name, dir.path(), MILVUS_CHUNK_ROWS);
+    let m = fresh_milvus_db(name);
+    let ledger = st.join("milvus-ledger.jsonl");
+    let records = || std::fs::read_to_string(&ledger).map(|t| t.matches("\"record\"").count()).unwrap_or(0);
+    let args = s(&["import", "--staging", st.to_str().unwrap(), "--to", &m]);
+    let mut caught = false;
+    for _attempt in 0..5 {
+        fresh_milvus_db(name);
+        remove(&[ledger.clone(), st.join("status-import.json")]);
+        let mut a = args.clone();
+        a.extend(s(&["--rate-limit", "400", "--quiet"]));
+        let mut child = start(&a, &Moment::Committed(0));
+        // A chunk whose upserts returned (status counts it) while its flush
+        // has not reached the ledger yet.
+        wait_for(&mut child, &st, "import", &Moment::Committed(1), name);
+        let unrecorded = records() == 0;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if unrecorded && records() == 0 {
+            caught = true;
+            break;
+        }
+    }
+    assert!(caught, "never caught a chunk between its upserts and its flush");
+    let text = std::fs::read_to_string(&ledger).unwrap();
+    assert!(text.contains("began_at"), "the job's first write is marked: {text}");
+    let plain: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+    ok(&plain);
+    assert_eq!(milvus_count(&m, "modeldata"), ROWS as i64, "no duplicates");
+    assert_eq!(milvus_rows(&m, "modeldata"), as_mrows(&rows(&src, "modeldata")));
+    // Rows from elsewhere are still refused: the same import without its
+    // ledger (another state directory) finds rows it did not write.
+    remove(&[ledger.clone()]);
+    let out = vmig(&plain);
+    assert!(!out.status.success() && stderr(&out).contains("already has rows and no vmig ledger"), "{}", stderr(&out));
 }

@@ -29,6 +29,15 @@ fn a_second_run_of_a_job_is_refused_while_the_first_lives_on_every_target() {
     assert_eq!(milvus_rows(&m, "modeldata"), as_mrows(&rows(&src, "modeldata")));
 }
 
+/// A 1600-row FastGPT table exported in 8 chunks: (source URL, staging area).
+fn staged_source(name: &str, dir: &std::path::Path) -> (String, std::path::PathBuf) {
+    let src = fresh_db(&source_base(), name, true);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
+    let st = dir.join("st");
+    ok(&["export", "--from", &src, "--staging", st.to_str().unwrap(), "--chunk-rows", "200", "--quiet"]);
+    (src, st)
+}
+
 /// The run must have felt the restart (it said it retried) and completed.
 fn assert_survived(res: (bool, String), what: &str) {
     let (success, text) = res;
@@ -38,12 +47,9 @@ fn assert_survived(res: (bool, String), what: &str) {
 
 #[test]
 fn postgres_target_and_source_restarts_mid_load_are_ridden_out() {
-    let src = fresh_db(&source_base(), "restart_src", true);
-    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
     let dir = tempdir();
-    let st = dir.path().join("st");
+    let (src, st) = staged_source("restart_src", dir.path());
     let st_s = st.to_str().unwrap();
-    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
 
     let target = PrivateCluster::start("restart-dst", 55493);
     let res = run_across_a_restart(&s(&["import", "--staging", st_s, "--to", &target.url]), &st, 2, 600, &|| target.restart(), "PostgreSQL target restart");
@@ -63,12 +69,9 @@ fn postgres_target_and_source_restarts_mid_load_are_ridden_out() {
 
 #[test]
 fn oceanbase_target_restart_mid_load_is_ridden_out() {
-    let src = fresh_db(&source_base(), "restart_ob_src", true);
-    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
     let dir = tempdir();
-    let st = dir.path().join("st");
+    let (src, st) = staged_source("restart_ob_src", dir.path());
     let st_s = st.to_str().unwrap();
-    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
     let ob = PrivateSeekdb::start("restart", 52993);
     let args = s(&["import", "--staging", st_s, "--to", &ob.url, "--retry-for", "300"]);
     let res = run_across_a_restart(&args, &st, 2, 600, &|| ob.restart(), "seekdb restart");
@@ -78,12 +81,9 @@ fn oceanbase_target_restart_mid_load_is_ridden_out() {
 
 #[test]
 fn milvus_target_restart_mid_load_is_ridden_out() {
-    let src = fresh_db(&source_base(), "restart_mv_src", true);
-    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "32"]);
     let dir = tempdir();
-    let st = dir.path().join("st");
+    let (src, st) = staged_source("restart_mv_src", dir.path());
     let st_s = st.to_str().unwrap();
-    ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "200", "--quiet"]);
     let server = PrivateMilvus::start("restart", 19633, false);
     let args = s(&["import", "--staging", st_s, "--to", &server.base, "--retry-for", "300"]);
     let res = run_across_a_restart(&args, &st, 2, 400, &|| server.restart(), "Milvus restart");

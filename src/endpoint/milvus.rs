@@ -112,6 +112,10 @@ replies!(
     milvus::proto::milvus::AllocTimestampResponse
 );
 
+/// Longest any single RPC may take (they are all quick: loads, flushes and
+/// index builds are started by one call and polled).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl Milvus {
     pub fn connect(url: &MilvusUrl, handle: &Handle) -> Result<Milvus> {
         let authorization = match url.token() {
@@ -127,6 +131,8 @@ impl Milvus {
         let mut ep = Endpoint::from_shared(url.grpc_address())
             .map_err(|e| anyhow!("invalid Milvus address {}: {e}", url.redacted()))?
             .connect_timeout(Duration::from_secs(10))
+            // No call may hang on a server that went away mid-request (restart).
+            .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);

@@ -170,13 +170,16 @@ fn request_flush(conn: &Milvus, name: &str) -> Result<FlushTicket> {
 }
 
 /// Polls the flush state until Milvus says the flushed data is persisted.
+/// A ticket can go stale (a Milvus restart renumbers what was growing): a
+/// flush not confirmed within a minute is requested again.
 fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
-    let FlushTicket { segments, flush_ts } = ticket;
     let started = Instant::now();
+    let mut ticket = ticket;
+    let mut asked = Instant::now();
     loop {
         let req = GetFlushStateRequest {
-            segment_i_ds: segments.clone(),
-            flush_ts,
+            segment_i_ds: ticket.segments.clone(),
+            flush_ts: ticket.flush_ts,
             db_name: conn.url.database.clone(),
             collection_name: name.into(),
         };
@@ -186,6 +189,10 @@ fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
         }
         if started.elapsed() > Duration::from_secs(600) {
             bail!("Milvus did not finish flushing {name} within 10 minutes");
+        }
+        if asked.elapsed() > Duration::from_secs(60) {
+            ticket = request_flush(conn, name)?;
+            asked = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
     }

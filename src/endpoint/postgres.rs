@@ -406,7 +406,13 @@ impl PgSource {
             match g.as_ref() {
                 Some((c, id)) if !c.is_closed() => return Ok(id.clone()),
                 // The source restarted: later chunks read a new snapshot.
-                Some(_) => *g = None,
+                Some(_) => {
+                    eprintln!(
+                        "note: the source's snapshot was lost (its server restarted); chunks read from now on see a newer \
+                         snapshot, so rows written to the source meanwhile may show up (offline mode expects no writes)"
+                    );
+                    *g = None
+                }
                 None => {}
             }
         }
@@ -709,10 +715,45 @@ fn lock_key(job: &str) -> i64 {
     (xxhash_rust::xxh3::xxh3_64(format!("vmig job {job}").as_bytes()) >> 1) as i64
 }
 
-/// A job's advisory lock: released when this session ends (also when the
-/// process dies: the server sees the connection close).
+/// A job's advisory lock: released when its session ends (also when the
+/// process dies: the server sees the connection close). A keeper task takes
+/// it again if a server restart ends the session mid-run.
 struct PgJobLock {
-    _client: Client,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl PgJobLock {
+    fn keep(client: Client, url: PgUrl, name: String, key: i64, handle: &Handle) -> PgJobLock {
+        let keeper = handle.spawn(async move {
+            let mut client = client;
+            loop {
+                while !client.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                // The server went away with the lock; take it again once it is back.
+                client = loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Ok(c) = connect_as(&url, Some(&name)).await else { continue };
+                    match c.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await {
+                        Ok(r) if r.get::<_, bool>(0) => break c,
+                        Ok(_) => {
+                            eprintln!("warning: after a server restart, another run took this job's lock; stop one of them");
+                            return;
+                        }
+                        Err(_) => continue,
+                    }
+                };
+            }
+        });
+        PgJobLock { keeper }
+    }
+}
+
+impl Drop for PgJobLock {
+    fn drop(&mut self) {
+        // Dropping the task's client ends the session, which frees the lock.
+        self.keeper.abort();
+    }
 }
 
 impl Sink for PgSink {
@@ -772,7 +813,7 @@ impl Sink for PgSink {
                 return Err(job_locked(job, &self.describe(), holder));
             }
             self.end_leftover_sessions(&c, job, &name, fb).await?;
-            Ok(Box::new(PgJobLock { _client: c }) as Box<dyn std::any::Any + Send>)
+            Ok(Box::new(PgJobLock::keep(c, self.url.clone(), name.clone(), key, &self.handle)) as Box<dyn std::any::Any + Send>)
         })
     }
 
