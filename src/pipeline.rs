@@ -235,6 +235,11 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
         "driver error: \"connection",
         "server is not serving",
         "tcp connect error",
+        // Milvus just after a restart, while its nodes re-register.
+        "node not found",
+        "node not match",
+        "session not found",
+        "channel not found",
         "timeout expired",
         "(unavailable)",
         "not healthy",

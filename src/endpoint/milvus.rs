@@ -67,10 +67,27 @@ pub struct Milvus {
 pub fn check_status(status: Option<&common::Status>, what: &str) -> Result<()> {
     match status {
         Some(s) if s.code != 0 || s.error_code != 0 => {
-            bail!("{what}: {} (Milvus code {})", s.reason, if s.code != 0 { s.code } else { s.error_code })
+            bail!("{what}: {} (Milvus code {})", tidy_reason(&s.reason), if s.code != 0 { s.code } else { s.error_code })
         }
         _ => Ok(()),
     }
+}
+
+/// A Milvus reason without the Go stack trace some servers put in it
+/// ("stack trace: /path/x.go:51 pkg.Func …"): one readable line.
+pub fn tidy_reason(reason: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut skip_next = false;
+    for word in reason.split_whitespace() {
+        if skip_next {
+            skip_next = false;
+        } else if word.contains(".go:") {
+            skip_next = true; // the function name that follows the file
+        } else if !(word == "stack" || word == "trace:") {
+            out.push(word);
+        }
+    }
+    out.join(" ")
 }
 
 pub fn base(t: MsgType) -> Option<MsgBase> {
@@ -531,6 +548,13 @@ pub fn discover(conn: &Milvus, name: &str, map: &[FieldMap]) -> Result<Collectio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stack_traces_leave_milvus_reasons() {
+        let r = "attempt #0: stack trace: /w/milvus/pkg/tracer/stack_trace.go:51 github.com/milvus-io/milvus/pkg/tracer.StackTrace\n\
+                 /w/milvus/internal/datacoord/services.go:116 github.com/x.(*Server).Flush: attempt #0: rpc error: node not found[node=1]";
+        assert_eq!(tidy_reason(r), "attempt #0: attempt #0: rpc error: node not found[node=1]");
+    }
 
     #[test]
     fn fastgpt_fields_map_to_sql_columns() {
