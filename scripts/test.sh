@@ -9,7 +9,7 @@ eval "$(scripts/dbs.sh env)"
 export VMIG_TEST_PYTHON="$VMIG_VENV/bin/python"
 log="$(mktemp)"
 set +e
-cargo test --locked -- --test-threads 2 "$@" 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast -- --test-threads 2 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over all test binaries.

@@ -67,8 +67,6 @@ pub struct Progress {
     started: Instant,
     bars: Option<(MultiProgress, ProgressBar, ProgressBar, ProgressBar)>,
     done: AtomicBool,
-    /// Set when the phase's name changes; the ticker prints it at once.
-    phase_changed: AtomicBool,
     /// The status file is written only once the run holds the job's locks,
     /// so a refused second run leaves the first one's status alone.
     owns_status: AtomicBool,
@@ -99,7 +97,6 @@ impl Progress {
             started: Instant::now(),
             bars,
             done: AtomicBool::new(false),
-            phase_changed: AtomicBool::new(false),
             owns_status: AtomicBool::new(false),
         }
     }
@@ -125,17 +122,10 @@ impl Progress {
 
     /// Enters a phase: written to the status file at once (so `vmig status`
     /// and tests watching it see it), shown on the bars' line on a terminal,
-    /// off a terminal printed when its name changes and otherwise with the
-    /// 5-second progress line.
+    /// off a terminal in the 5-second progress line (an index build prints
+    /// one line every 5 s, not one per percent).
     pub fn set_phase(&self, phase: &str) {
-        let name = |p: &str| p.split(" (").next().unwrap_or("").to_string();
-        {
-            let mut s = self.status.lock().unwrap();
-            if name(&s.phase) != name(phase) {
-                self.phase_changed.store(true, Relaxed);
-            }
-            s.phase = phase.to_string();
-        }
+        self.status.lock().unwrap().phase = phase.to_string();
         if let Some((_, _, _, i)) = &self.bars {
             i.set_message(phase.to_string());
         }
@@ -218,10 +208,7 @@ impl Progress {
         while !self.done.load(Relaxed) {
             std::thread::sleep(Duration::from_millis(200));
             self.refresh();
-            if self.bars.is_none() && self.phase_changed.swap(false, Relaxed) {
-                let phase = self.status.lock().unwrap().phase.clone();
-                eprintln!("phase: {phase}");
-            } else if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
+            if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
                 self.plain_line();
                 last_line = Instant::now();
             }

@@ -63,7 +63,7 @@ pub trait Source: Send + Sync {
 
 /// What a sink tells the user while it works: messages, and the phase it is
 /// in (`vmig status` shows the phase; off a terminal it is printed at most
-/// once every 5 s, changes of phase name at once).
+/// once every 5 s).
 pub trait Feedback: Sync {
     fn say(&self, msg: &str);
     /// E.g. "building index vector_index", "building index vector_index (42%)",
