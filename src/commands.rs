@@ -10,10 +10,8 @@ use tokio::runtime::Handle;
 
 use crate::cli::{InspectArgs, ResetArgs, RunArgs, StatusArgs};
 use crate::config::{Endpoint, PipelineFile};
-use crate::endpoint::milvus_source::MilvusSource;
-use crate::endpoint::milvus_sink::MilvusSink;
-use crate::endpoint::oceanbase::ObSource;
-use crate::endpoint::oceanbase_sink::ObSink;
+use crate::endpoint::milvus::{MilvusSink, MilvusSource};
+use crate::endpoint::oceanbase::{ObSink, ObSource};
 use crate::endpoint::postgres::{PgSink, PgSource};
 use crate::endpoint::staging::{Manifest, StagingSink, StagingSource, check_chunk_file, read_markers};
 use crate::endpoint::{OnExisting, Sink, Source};

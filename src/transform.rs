@@ -13,7 +13,7 @@ use arrow::compute::take;
 use arrow::datatypes::{DataType, Field, Int16Type, Int32Type, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use crate::endpoint::pgcopy::vector_values;
+use crate::endpoint::postgres::copy::vector_values;
 use crate::endpoint::staging::ParquetFileWriter;
 use crate::schema::{ColumnType, TableSpec, vector_item_field};
 

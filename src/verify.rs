@@ -11,7 +11,7 @@ use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::endpoint::Source;
-use crate::endpoint::obsql::round_like_oceanbase;
+use crate::endpoint::oceanbase::sql::round_like_oceanbase;
 use crate::hash::row_hashes;
 use crate::plan::ChunkRange;
 

@@ -16,7 +16,7 @@ use milvus::value::ValueVec;
 
 /// Streams = vmig's default workers.
 const STREAMS: usize = 2;
-/// Upsert request size vmig uses (src/endpoint/milvus_sink.rs).
+/// Upsert request size vmig uses (src/endpoint/milvus/sink.rs).
 pub const REQUEST_BYTES: usize = 8 << 20;
 
 async fn client(base: &str, db: Option<&str>) -> Client {

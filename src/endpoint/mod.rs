@@ -5,12 +5,7 @@
 
 pub mod columns;
 pub mod milvus;
-pub mod milvus_sink;
-pub mod milvus_source;
-pub mod obsql;
 pub mod oceanbase;
-pub mod oceanbase_sink;
-pub mod pgcopy;
 pub mod postgres;
 pub mod staging;
 

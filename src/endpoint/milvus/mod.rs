@@ -5,7 +5,14 @@
 //! go straight between Arrow arrays and Milvus `FieldData`.
 //!
 //! This module connects and maps schemas (SQL columns ↔ Milvus fields); the
-//! Source is in `milvus_source.rs`, the Sink in `milvus_sink.rs`.
+//! source is in `source.rs`, the sink in `sink.rs`.
+
+mod encode;
+mod sink;
+mod source;
+
+pub use sink::{LEDGER_FILE, MilvusSink};
+pub use source::MilvusSource;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -441,7 +448,7 @@ pub fn map_collection(
     let mut pk = None;
     let mut auto_id = false;
     for f in &schema.fields {
-        if f.is_dynamic || f.name == super::milvus_source::DYNAMIC_FIELD {
+        if f.is_dynamic || f.name == source::DYNAMIC_FIELD {
             continue;
         }
         if f.is_function_output {

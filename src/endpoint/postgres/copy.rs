@@ -10,7 +10,7 @@ use arrow::datatypes::SchemaRef;
 use bytes::{BufMut, BytesMut};
 use half::f16;
 
-use super::columns::{BatchBuilder, ColBuilder};
+use crate::endpoint::columns::{BatchBuilder, ColBuilder};
 use crate::schema::ColumnType;
 
 pub const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";

@@ -14,8 +14,8 @@ use arrow::record_batch::RecordBatch;
 use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
 use tokio::runtime::Handle;
 
-use super::Source;
-use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, discover, scalar};
+use crate::endpoint::Source;
+use super::{Collection, FieldInfo, FieldKind, Milvus, discover, scalar};
 use crate::config::MilvusUrl;
 use crate::plan::{ChunkRange, ranges_from_bounds};
 use crate::schema::{IndexKind, TableSpec, vector_item_field};

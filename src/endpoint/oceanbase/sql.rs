@@ -11,8 +11,8 @@ use arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondAr
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
-use super::columns::{BatchBuilder, ColBuilder};
-use super::pgcopy::vector_values;
+use crate::endpoint::columns::{BatchBuilder, ColBuilder};
+use crate::endpoint::postgres::copy::vector_values;
 use crate::schema::ColumnType;
 
 /// How vectors are spelled in INSERT statements.

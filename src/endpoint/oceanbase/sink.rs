@@ -13,9 +13,9 @@ use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 use tokio::runtime::Handle;
 
-use super::obsql::{VectorLiteral, encode_row, ident};
-use super::oceanbase::*;
-use super::{
+use super::sql::{VectorLiteral, encode_row, ident};
+use super::*;
+use crate::endpoint::{
     ChunkWriter, Feedback, Holder, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action,
     job_locked,
 };

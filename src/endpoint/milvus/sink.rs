@@ -1,31 +1,28 @@
 //! Milvus as a target: creates the collection (autoID off, FastGPT's index
-//! after the load), writes each chunk by `upsert` in requests sized by bytes,
-//! flushes and waits for the flush, then records the chunk in a local ledger
-//! file (Milvus has no transactions; replaying an unrecorded chunk is
-//! harmless because upsert by id is idempotent).
+//! after the load), writes each chunk by `upsert` in requests sized by bytes
+//! (columns encoded in `encode.rs`), flushes and waits for the flush, then
+//! records the chunk in a local ledger file (Milvus has no transactions;
+//! replaying an unrecorded chunk is harmless because upsert by id is
+//! idempotent).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType as ArrowType, Float32Type, Float64Type, Int32Type, Int64Type, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use milvus::proto::common::{ConsistencyLevel, IndexState, KeyValuePair, MsgType};
 use milvus::proto::milvus::{
     CreateCollectionRequest, CreateDatabaseRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest,
-    GetCollectionStatisticsRequest, GetFlushStateRequest, UpsertRequest,
+    GetCollectionStatisticsRequest, GetFlushStateRequest,
 };
-use milvus::proto::schema::{
-    BoolArray, CollectionSchema, DataType, DoubleArray, FieldData, FieldSchema, FloatArray, IntArray, JsonArray,
-    LongArray, ScalarField, StringArray, VectorField, field_data, scalar_field, vector_field,
-};
+use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema};
 use prost::Message;
 use tokio::runtime::Handle;
 
-use super::milvus::{Collection, FieldInfo, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
-use super::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use super::encode::{refused_rows, start_upsert};
+use super::{Collection, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
+use crate::endpoint::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, FileLock, Ledger, LedgerFile};
 use crate::plan::ChunkRange;
@@ -218,137 +215,6 @@ fn wait_for_indexes(conn: &Milvus, name: &str, fb: &dyn Feedback) -> Result<()> 
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-// ---------------------------------------------------------------- encoding
-
-fn scalars(dt: DataType, name: &str, data: scalar_field::Data) -> FieldData {
-    FieldData {
-        r#type: dt as i32,
-        field_name: name.into(),
-        field: Some(field_data::Field::Scalars(ScalarField { data: Some(data), ..Default::default() })),
-        ..Default::default()
-    }
-}
-
-/// One column as a Milvus field (rows already checked by `refused_rows`).
-fn encode_field(info: &FieldInfo, col: &dyn Array) -> Result<FieldData> {
-    use scalar_field::Data as D;
-    let cast = |t: &ArrowType| arrow::compute::cast(col, t);
-    let f = &info.field;
-    Ok(match &info.kind {
-        FieldKind::Int64 => scalars(DataType::Int64, f, D::LongData(LongArray { data: cast_to_i64(col)? })),
-        FieldKind::EpochMs => {
-            let us = cast_to_i64(cast(&ArrowType::Timestamp(TimeUnit::Microsecond, None))?.as_ref())?;
-            // Milvus keeps milliseconds: sub-millisecond digits are dropped (floor).
-            let ms = us.iter().map(|us| us.div_euclid(1000)).collect();
-            scalars(DataType::Int64, f, D::LongData(LongArray { data: ms }))
-        }
-        FieldKind::Int32 | FieldKind::Int16 | FieldKind::Int8 => {
-            let dt = match info.kind {
-                FieldKind::Int32 => DataType::Int32,
-                FieldKind::Int16 => DataType::Int16,
-                _ => DataType::Int8,
-            };
-            let a = cast(&ArrowType::Int32)?;
-            scalars(dt, f, D::IntData(IntArray { data: a.as_primitive::<Int32Type>().values().to_vec() }))
-        }
-        FieldKind::Bool => {
-            let a = cast(&ArrowType::Boolean)?;
-            scalars(DataType::Bool, f, D::BoolData(BoolArray { data: a.as_boolean().iter().map(|v| v.unwrap_or(false)).collect() }))
-        }
-        FieldKind::Float => {
-            let a = cast(&ArrowType::Float32)?;
-            scalars(DataType::Float, f, D::FloatData(FloatArray { data: a.as_primitive::<Float32Type>().values().to_vec() }))
-        }
-        FieldKind::Double => {
-            let a = cast(&ArrowType::Float64)?;
-            scalars(DataType::Double, f, D::DoubleData(DoubleArray { data: a.as_primitive::<Float64Type>().values().to_vec() }))
-        }
-        FieldKind::VarChar { .. } => {
-            let a = cast(&ArrowType::Utf8)?;
-            let s = a.as_string::<i32>().iter().map(|v| v.unwrap_or_default().to_string()).collect();
-            scalars(DataType::VarChar, f, D::StringData(StringArray { data: s }))
-        }
-        FieldKind::Json => {
-            let a = cast(&ArrowType::Utf8)?;
-            let s = a.as_string::<i32>().iter().map(|v| v.unwrap_or("null").as_bytes().to_vec()).collect();
-            scalars(DataType::Json, f, D::JsonData(JsonArray { data: s }))
-        }
-        FieldKind::FloatVector { dim } => {
-            let l = col.as_fixed_size_list_opt().ok_or_else(|| anyhow!("column {} is not a vector", info.column))?;
-            let values = l.values().as_primitive::<Float32Type>();
-            let start = l.value_offset_at(0);
-            let data = values.values()[start..start + l.len() * *dim as usize].to_vec();
-            FieldData {
-                r#type: DataType::FloatVector as i32,
-                field_name: f.clone(),
-                field: Some(field_data::Field::Vectors(VectorField {
-                    dim: *dim as i64,
-                    data: Some(vector_field::Data::FloatVector(FloatArray { data })),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }
-        }
-    })
-}
-
-fn cast_to_i64(a: &dyn Array) -> Result<Vec<i64>> {
-    let a = arrow::compute::cast(a, &ArrowType::Int64)?;
-    Ok(a.as_primitive::<Int64Type>().values().to_vec())
-}
-
-/// Rows Milvus would refuse for the whole request: NULLs (Milvus 2.3 fields
-/// cannot be null) and strings over a VarChar's max_length in bytes.
-fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec<RowReject>> {
-    // The first reason found for each row.
-    let mut reasons: Vec<Option<String>> = vec![None; batch.num_rows()];
-    for info in &coll.fields {
-        let col = batch
-            .column_by_name(&info.column)
-            .ok_or_else(|| anyhow!("rows have no column {} for Milvus field {}", info.column, info.field))?;
-        for (row, reason) in reasons.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
-            if col.is_null(row) {
-                *reason = Some(format!("NULL in {}: Milvus field {} cannot be null", info.column, info.field));
-            } else if let (FieldKind::VarChar { max_len }, Some(s)) = (&info.kind, col.as_string_opt::<i32>()) {
-                let n = s.value(row).len();
-                if n > *max_len as usize {
-                    *reason = Some(format!(
-                        "{}: {n} bytes exceed the Milvus VarChar max_length {max_len} of field {}",
-                        info.column, info.field
-                    ));
-                }
-            }
-        }
-    }
-    Ok(reasons.into_iter().enumerate().filter_map(|(row, r)| r.map(|reason| RowReject { row, reason })).collect())
-}
-
-/// Starts an upsert of `batch` and returns at once; the handle says how it ended.
-fn start_upsert(conn: &Milvus, coll: &Collection, batch: &RecordBatch) -> Result<tokio::task::JoinHandle<Result<()>>> {
-    let fields = coll
-        .fields
-        .iter()
-        .map(|info| encode_field(info, batch.column_by_name(&info.column).unwrap().as_ref()))
-        .collect::<Result<Vec<_>>>()?;
-    let req = UpsertRequest {
-        base: base(MsgType::Upsert),
-        db_name: conn.url.database.clone(),
-        collection_name: coll.spec.name.clone(),
-        fields_data: fields,
-        num_rows: batch.num_rows() as u32,
-        ..Default::default()
-    };
-    let what = format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name);
-    let upsert = conn.request(&what, |mut c| async move { c.upsert(req).await });
-    Ok(conn.spawn(async move {
-        let r = upsert.await?;
-        if !r.err_index.is_empty() {
-            bail!("Milvus refused {} rows of the {what}", r.err_index.len());
-        }
-        Ok(())
-    }))
 }
 
 // ---------------------------------------------------------------- sink

@@ -1,0 +1,152 @@
+//! PostgreSQL as a source: plans by key, reads each chunk by binary COPY OUT
+//! inside one snapshot exported for the whole run.
+
+use super::copy::CopyDecoder;
+use super::*;
+
+pub struct PgSource {
+    url: PgUrl,
+    table: TableName,
+    handle: Handle,
+    discovered: Discovered,
+    pool: Pool,
+    /// A transaction held open for the whole run whose snapshot every chunk
+    /// reader imports, so all chunks see the same consistent state.
+    snapshot: Mutex<Option<(Client, String)>>,
+}
+
+impl PgSource {
+    pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
+        let table = TableName::parse(table);
+        let (discovered, client) = handle.block_on(async {
+            let client = connect(&url).await?;
+            let enc: String = client.query_one("SHOW server_encoding", &[]).await.pg("server encoding")?.get(0);
+            if enc != "UTF8" {
+                bail!("{}: server encoding is {enc}; vmig reads UTF8 databases only", url.redacted());
+            }
+            let d = discover(&client, &table, &url)
+                .await?
+                .ok_or_else(|| anyhow!("table {} does not exist in {}", table.name, url.redacted()))?;
+            Ok::<_, anyhow::Error>((d, client))
+        })?;
+        let pool = Pool::new(&url, client);
+        Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None) })
+    }
+
+    pub fn skipped_indexes(&self) -> &[String] {
+        &self.discovered.skipped_indexes
+    }
+
+    async fn snapshot_id(&self) -> Result<String> {
+        {
+            let mut g = self.snapshot.lock().unwrap();
+            match g.as_ref() {
+                Some((c, id)) if !c.is_closed() => return Ok(id.clone()),
+                // The source restarted: later chunks read a new snapshot.
+                Some(_) => {
+                    eprintln!(
+                        "note: the source's snapshot was lost (its server restarted); chunks read from now on see a newer \
+                         snapshot, so rows written to the source meanwhile may show up (offline mode expects no writes)"
+                    );
+                    *g = None
+                }
+                None => {}
+            }
+        }
+        let c = connect(&self.url).await?;
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.pg("starting snapshot")?;
+        let id: String = c.query_one("SELECT pg_export_snapshot()", &[]).await.pg("exporting snapshot")?.get(0);
+        let mut g = self.snapshot.lock().unwrap();
+        if g.is_none() {
+            *g = Some((c, id));
+        }
+        Ok(g.as_ref().unwrap().1.clone())
+    }
+
+    async fn begin_in_snapshot(&self, client: &Client) -> Result<()> {
+        let snap = self.snapshot_id().await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{snap}'"
+            ))
+            .await
+            .pg("joining snapshot")
+    }
+}
+
+impl Source for PgSource {
+    fn describe(&self) -> String {
+        format!("{} table {}", self.url.redacted(), self.table.name)
+    }
+
+    fn spec(&self) -> &TableSpec {
+        &self.discovered.spec
+    }
+
+    fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
+        let pk = ident(&self.spec().primary_key);
+        let t = self.table.sql();
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            self.begin_in_snapshot(&c).await?;
+            let total: i64 = c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.pg("counting rows")?.get(0);
+            let bounds: Vec<i64> = c
+                .query(
+                    &format!(
+                        "SELECT k FROM (SELECT {pk}::int8 AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}) s \
+                         WHERE rn % $1 = 0 ORDER BY k"
+                    ),
+                    &[&(chunk_rows as i64)],
+                )
+                .await
+                .pg("planning chunks")?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            c.batch_execute("COMMIT").await.pg("planning")?;
+            self.pool.put(c);
+            Ok(ranges_from_bounds(&bounds, total as u64, chunk_rows))
+        })
+    }
+
+    fn read_chunk(
+        &self,
+        chunk: &ChunkRange,
+        batch_rows: usize,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<()> {
+        let spec = self.spec();
+        let pk = ident(&spec.primary_key);
+        let sql = format!(
+            "COPY (SELECT {} FROM {} WHERE {pk} BETWEEN {} AND {} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
+            column_list(spec),
+            self.table.sql(),
+            chunk.lo,
+            chunk.hi
+        );
+        let mut decoder = CopyDecoder::new(
+            spec.arrow_schema(),
+            spec.columns.iter().map(|c| c.ty.clone()).collect(),
+            self.discovered.fixed_dims.clone(),
+        );
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            self.begin_in_snapshot(&c).await?;
+            let stream = c.copy_out(&sql).await.pg(&format!("reading chunk {}", chunk.id))?;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(data) = stream.next().await {
+                let data = data.pg(&format!("reading chunk {}", chunk.id))?;
+                decoder
+                    .feed(&data, batch_rows, out)
+                    .with_context(|| format!("decoding chunk {}", chunk.id))?;
+            }
+            if decoder.rows() > 0 {
+                out(decoder.take_batch()?)?;
+            }
+            c.batch_execute("COMMIT").await.pg("ending read")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+}
+
