@@ -72,9 +72,13 @@ fn import_killed_at_several_points_resumes_exactly() {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let st_dir = std::path::Path::new(st);
         loop {
             let n = ledger_chunks(&dst);
-            if n >= kill_after_chunks && (kill_after_chunks > 0 || Instant::now() > deadline - Duration::from_millis(29_700)) {
+            // The first kill lands as the load starts (status says so), the others after chunks.
+            let loading = common::faults::status_of(st_dir, "import")
+                .is_some_and(|s| s["phase"] == "loading" && s["pid"].as_u64() == Some(child.id() as u64));
+            if n >= kill_after_chunks && (kill_after_chunks > 0 || loading) {
                 break;
             }
             assert!(Instant::now() < deadline, "import did not progress");
@@ -104,12 +108,13 @@ fn export_killed_resumes_and_tampered_chunks_are_refused() {
     let dir = tempdir();
     let st = dir.path().join("st");
     let st_s = st.to_str().unwrap();
-    let mut child = Command::new(VMIG)
-        .args(["export", "--from", &src, "--staging", st_s, "--chunk-rows", "100", "--rate-limit", "1000", "--quiet"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    let args: Vec<String> = ["export", "--from", &src, "--staging", st_s, "--chunk-rows", "100", "--rate-limit", "1000", "--quiet"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let moment = common::faults::Moment::Committed(5);
+    let mut child = common::faults::start(&args, &moment);
+    common::faults::wait_for(&mut child, &st, "export", &moment, "export");
     child.kill().unwrap();
     child.wait().unwrap();
     ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "100"]);
