@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod retry;
 pub mod schema;
 pub mod transform;
 pub mod verify;

@@ -17,6 +17,7 @@ use crate::endpoint::{OnExisting, Sink, SinkOptions, Source};
 use crate::hash::{ContentHash, row_hashes};
 use crate::ledger::{CommitRecord, JobDir, Ledger, check_ledger_matches_plan, now_rfc3339};
 use crate::plan::ChunkRange;
+use crate::retry::with_retries;
 use crate::progress::{ChunkFailure, Progress, Report, StageReport, Status, peak_rss_mb};
 use crate::schema::TableSpec;
 use crate::transform::{Transformer, reject_batch, write_rejects};
@@ -150,104 +151,6 @@ pub fn run(
     progress.stop();
     let _ = ticker.join();
     result
-}
-
-/// Retries `f` while it fails with errors that a restarting server or a
-/// dropped connection explain, with backoff, for at most `retry_for`; any
-/// other error is retried `quick` times. Says what it does.
-pub fn with_retries<T>(
-    what: &str,
-    retry_for: Duration,
-    quick: u32,
-    cancel: &AtomicBool,
-    say: &dyn Fn(&str),
-    mut f: impl FnMut() -> Result<T>,
-) -> Result<T> {
-    let started = Instant::now();
-    let mut attempt = 0u32;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => return Err(e),
-            Err(e) => {
-                attempt += 1;
-                let transient = is_transient(&e);
-                let delay = Duration::from_millis(500u64 << attempt.min(5)).min(Duration::from_secs(10));
-                let in_time = started.elapsed() + delay <= retry_for;
-                if (transient && in_time) || (!transient && attempt <= quick) {
-                    say(&format!(
-                        "{what}: {e:#}; retrying in {:.1}s ({})",
-                        delay.as_secs_f64(),
-                        if transient {
-                            format!("server unavailable for {:.0}s of at most {:.0}s", started.elapsed().as_secs_f64(), retry_for.as_secs_f64())
-                        } else {
-                            format!("{attempt}/{quick}")
-                        }
-                    ));
-                    std::thread::sleep(delay);
-                    continue;
-                }
-                if transient {
-                    return Err(e.context(format!(
-                        "the server stayed unavailable for {:.0}s (--retry-for); run the same command again to resume",
-                        started.elapsed().as_secs_f64()
-                    )));
-                }
-                return Err(e);
-            }
-        }
-    }
-}
-
-/// Errors a server restart or a broken connection cause (as opposed to
-/// errors in the data or the schema, which a retry cannot fix).
-pub fn is_transient(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}").to_lowercase();
-    [
-        "connection refused",
-        "connection reset",
-        "connection closed",
-        "connection aborted",
-        "broken pipe",
-        "unexpected eof",
-        "cannot connect",
-        "shutting down",
-        "terminating connection",
-        "the database system is starting up",
-        "the database system is in recovery mode",
-        "server closed the connection",
-        "connection to server",
-        "error communicating with the server",
-        "io error",
-        "transport error",
-        "status: unavailable",
-        "code: unavailable",
-        "service unavailable",
-        "not ready",
-        "server is initializing",
-        "timed out",
-        "deadline has elapsed",
-        "os error 104",
-        "os error 111",
-        "os error 32",
-        "lost connection",
-        "gone away",
-        "driver error: \"connection",
-        "server is not serving",
-        "tcp connect error",
-        // Milvus just after a restart, while its nodes re-register.
-        "node not found",
-        "node not match",
-        "session not found",
-        "channel not found",
-        "timeout expired",
-        "(unavailable)",
-        "not healthy",
-        "is initializing",
-        "stopping",
-    ]
-    .iter()
-    .any(|p| text.contains(p))
 }
 
 fn run_phases(

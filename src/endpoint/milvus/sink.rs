@@ -588,7 +588,7 @@ impl ChunkWriter for MilvusChunkWriter {
             // A Milvus restart interrupts the wait: the upserts were acknowledged
             // (they are in Milvus' log), so flush again until it holds.
             let mut ticket = Some(ticket);
-            crate::pipeline::with_retries(
+            crate::retry::with_retries(
                 &format!("flushing chunk {}", rec.chunk),
                 FLUSH_RETRY_FOR,
                 0,
