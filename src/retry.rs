@@ -96,6 +96,8 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
         "node not match",
         "session not found",
         "channel not found",
+        "operation was canceled",
+        "(cancelled)",
         "timeout expired",
         "(unavailable)",
         "not healthy",
