@@ -205,6 +205,16 @@ synchronous_commit = on
 logging_collector = off
 CONF
   fi
+  # The source runs logical decoding for online migration (its publication and
+  # slot); the target keeps wal_level = replica, so a test can show the error
+  # a source without it gives.
+  if [ "$name" = pg-source ] && ! grep -q '^wal_level = logical' "$dir/postgresql.conf"; then
+    echo "wal_level = logical" >>"$dir/postgresql.conf"
+    if as_pg "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+      as_pg "$bin/pg_ctl" -D "$dir" -m fast -w restart >/dev/null
+      log "$name restarted for wal_level = logical"
+    fi
+  fi
   if as_pg "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     log "$name already running on 127.0.0.1:$port"
   else

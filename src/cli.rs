@@ -26,6 +26,8 @@ pub enum Command {
     Export(RunArgs),
     /// Load a staging directory into the target (no access to the source needed).
     Import(RunArgs),
+    /// Finish an online job: drain the source's changes, finish and verify the target, print when it is safe to switch.
+    Cutover(RunArgs),
     /// Show a job's plan, committed chunks, rows, failures and last error (works while it runs).
     Status(StatusArgs),
     /// Compare two sides chunk by chunk (row counts and content hashes); exit 1 on any difference.
@@ -83,6 +85,10 @@ pub struct RunArgs {
     /// database is unreachable (a restart). Default: 120.
     #[arg(long)]
     pub retry_for: Option<u64>,
+    /// Online: copy a snapshot, then apply the source's changes continuously
+    /// until `vmig cutover` (PostgreSQL sources; wal_level = logical).
+    #[arg(long)]
+    pub online: bool,
     /// Do not build secondary and vector indexes after the load.
     #[arg(long)]
     pub no_indexes: bool,
@@ -164,6 +170,9 @@ pub struct ResetArgs {
     /// Target whose ledger rows for the job are deleted too (the copied rows stay).
     #[arg(long)]
     pub to: Option<String>,
+    /// Source of an online job: its replication slot and publication are dropped.
+    #[arg(long)]
+    pub from: Option<String>,
     #[arg(long, env = "VMIG_STATE_ROOT")]
     pub state_root: Option<PathBuf>,
     /// Do not ask for confirmation.

@@ -18,6 +18,7 @@ use crate::endpoint::{OnExisting, Sink, Source};
 use crate::hash::ContentHash;
 use crate::ledger::JobDir;
 use crate::pipeline::{JobConfig, run};
+
 use crate::progress::{Report, Status};
 
 pub const DEFAULT_TABLE: &str = "modeldata";
@@ -105,8 +106,20 @@ fn state_root(a: &Option<PathBuf>) -> PathBuf {
     a.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT))
 }
 
-/// `migrate`, `export` and `import`.
-pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+/// A job resolved from its flags: settings, endpoints, directory.
+pub struct JobSetup {
+    pub args: RunArgs,
+    pub cfg: JobConfig,
+    pub source_ep: Endpoint,
+    pub target_ep: Option<Endpoint>,
+    pub source: Arc<dyn Source>,
+    pub sinks: Vec<(String, Arc<dyn Sink>)>,
+    pub table: String,
+    pub target_table: String,
+}
+
+/// Resolves flags, pipeline file and environment into a job (opens its endpoints).
+pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSetup> {
     let a = resolve_run_args(args)?;
     let table = a.table.clone().unwrap_or_else(|| DEFAULT_TABLE.to_string());
     let need = |v: &Option<String>, flag: &str| -> Result<Endpoint> {
@@ -159,11 +172,6 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
     if let Some(t) = &target_ep {
         sinks.push(("target".into(), open_sink(t, &target_table, handle, Some(&job_dir))?));
     }
-
-    let ready = match command {
-        "import" => Some(StagingSource::open(job_dir.clone())?.ready_chunks()?),
-        _ => None,
-    };
     let vectors_exact = source.vectors_exact();
     let cfg = JobConfig {
         command: command.to_string(),
@@ -180,13 +188,28 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         retry_for: std::time::Duration::from_secs(a.retry_for.unwrap_or(120)),
         quiet: a.quiet,
         vectors_exact,
+        online: a.online,
     };
-    let report = run(&cfg, source, sinks, ready, cancel)?;
+    Ok(JobSetup { args: a, cfg, source_ep, target_ep, source, sinks, table, target_table })
+}
+
+/// `migrate`, `export` and `import`.
+pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    let job = setup_job(command, args, handle)?;
+    let report = if job.cfg.online {
+        crate::online::commands::run_online_job(&job, handle, cancel)?
+    } else {
+        let ready = match command {
+            "import" => Some(StagingSource::open(job.cfg.job_dir.clone())?.ready_chunks()?),
+            _ => None,
+        };
+        run(&job.cfg, job.source.clone(), job.sinks.clone(), ready, cancel)?
+    };
     eprintln!("{}", report.table());
     for n in &report.notes {
         eprintln!("note: {n}");
     }
-    if let Some(path) = &a.report {
+    if let Some(path) = &job.args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing report {}", path.display()))?;
     }
@@ -268,6 +291,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
         if let Some(e) = &s.last_error {
             println!("  last error: {e}");
         }
+    }
+    for line in crate::online::commands::status_lines(&dir, &runs)? {
+        println!("{line}");
     }
     if rejects > 0 {
         println!("rejects: {rejects} files in {}", JobDir::new(&dir).rejects().display());
@@ -362,6 +388,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
             bail!("reset aborted");
         }
     }
+    crate::online::commands::reset_artifacts(&dir, a.from.as_deref(), handle)?;
     if let Some(t) = &target {
         // The ledger is per database, not per table.
         let n = open_sink(t, DEFAULT_TABLE, handle, Some(&dir))?.forget_job(&job)?;
@@ -373,7 +400,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    for p in [jd.manifest(), jd.status("export"), jd.status("import"), jd.status("migrate")] {
+    for p in [jd.manifest(), jd.status("export"), jd.status("import"), jd.status("migrate"), crate::online::CutoverRequest::path(&dir)] {
         if p.exists() {
             std::fs::remove_file(&p)?;
         }

@@ -44,6 +44,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
         Command::Migrate(a) => job_exit("migrate", a, handle, cancel),
         Command::Export(a) => job_exit("export", a, handle, cancel),
         Command::Import(a) => job_exit("import", a, handle, cancel),
+        Command::Cutover(a) => vmig::online::commands::cutover(a, handle, cancel),
         Command::Status(a) => commands::status(a).map(|_| 0),
         Command::Inspect(a) => commands::inspect(a).map(|ok| if ok { 0 } else { 1 }),
         Command::Reset(a) => commands::reset(a, handle).map(|_| 0),

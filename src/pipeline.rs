@@ -44,17 +44,21 @@ pub struct JobConfig {
     pub quiet: bool,
     /// Vectors are bit-exact copies of the source's storage.
     pub vectors_exact: bool,
+    /// Snapshot, then follow the source's changes until cutover.
+    pub online: bool,
 }
 
 /// Retries of a chunk that failed for another reason than an unreachable server.
 const QUICK_RETRIES: u32 = 2;
 
 /// A sink plus what the pipeline learned about it at start.
-struct Target {
-    sink: Arc<dyn Sink>,
-    name: String,
-    transformer: Transformer,
-    committed: Mutex<Ledger>,
+pub struct Target {
+    pub sink: Arc<dyn Sink>,
+    pub name: String,
+    /// The target table's spec (what rows must satisfy).
+    pub spec: TableSpec,
+    pub transformer: Transformer,
+    pub committed: Mutex<Ledger>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,14 +129,38 @@ pub fn run(
     ready: Option<BTreeSet<u32>>,
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
+    let describe = (source.describe(), sinks.iter().map(|(_, s)| s.describe()).collect());
+    with_progress(cfg, describe, |progress| {
+        let locks = lock_targets(cfg, &sinks, progress)?;
+        let job = plan_and_prepare(cfg, source, sinks, progress)?;
+        let loaded = load(cfg, &job, ready.as_ref(), &cancel, progress);
+        let mut error = loaded.error();
+        if error.is_none() {
+            progress.set_phase("finishing");
+            error = finish_targets(cfg, &job, &cancel, progress);
+        }
+        let report = report(cfg, &job, &loaded, error, progress);
+        drop(locks);
+        Ok(report)
+    })
+}
+
+/// Runs `body` with the live display, the status file and its ticker; a
+/// run that could not start leaves its error in the status file.
+/// `describe`: the source's and the targets' descriptions.
+pub fn with_progress(
+    cfg: &JobConfig,
+    describe: (String, Vec<String>),
+    body: impl FnOnce(&Arc<Progress>) -> Result<Report>,
+) -> Result<Report> {
     JobDir::new(&cfg.job_dir).create()?;
     let status = Status {
         job: cfg.job.clone(),
         command: cfg.command.clone(),
         state: "running".into(),
         pid: std::process::id(),
-        source: source.describe(),
-        targets: sinks.iter().map(|(_, s)| s.describe()).collect(),
+        source: describe.0,
+        targets: describe.1,
         started_at: now_rfc3339(),
         ..Default::default()
     };
@@ -143,7 +171,7 @@ pub fn run(
         let p = progress.clone();
         std::thread::spawn(move || p.run_ticker())
     };
-    let result = run_phases(cfg, source, sinks, ready, cancel, &progress);
+    let result = body(&progress);
     if let Err(e) = &result {
         progress.status.lock().unwrap().last_error = Some(format!("{e:#}"));
         progress.write_status(Some("failed"));
@@ -153,25 +181,48 @@ pub fn run(
     result
 }
 
-fn run_phases(
+/// Takes the job's lock in every target (held while the guards live): one
+/// run of a job per target at a time. From then on this run owns the status.
+pub fn lock_targets(
+    cfg: &JobConfig,
+    sinks: &[(String, Arc<dyn Sink>)],
+    progress: &Arc<Progress>,
+) -> Result<Vec<Box<dyn std::any::Any + Send>>> {
+    let mut locks = Vec::new();
+    for (_, sink) in sinks {
+        locks.push(sink.lock_job(&cfg.job, progress.as_ref())?);
+    }
+    progress.own_status();
+    Ok(locks)
+}
+
+/// A job whose plan is made and whose targets are prepared.
+pub struct PreparedJob {
+    pub manifest: Manifest,
+    pub plan: Vec<ChunkRange>,
+    pub spec: TableSpec,
+    pub opts: SinkOptions,
+    pub source: Arc<dyn Source>,
+    pub targets: Vec<Arc<Target>>,
+}
+
+/// Plans the job (or loads its plan) and prepares every target.
+pub fn plan_and_prepare(
     cfg: &JobConfig,
     source: Arc<dyn Source>,
     sinks: Vec<(String, Arc<dyn Sink>)>,
-    ready: Option<BTreeSet<u32>>,
-    cancel: Arc<AtomicBool>,
     progress: &Arc<Progress>,
-) -> Result<Report> {
-    // Held until the run ends: one run of a job per target at a time.
-    let mut _locks = Vec::new();
-    for (_, sink) in &sinks {
-        _locks.push(sink.lock_job(&cfg.job, progress.as_ref())?);
-    }
-    progress.own_status();
+) -> Result<PreparedJob> {
     progress.set_phase("planning");
     let manifest = load_or_plan(cfg, source.as_ref())?;
     let plan = manifest.plan.clone();
     let spec = source.spec().clone();
-    let opts = SinkOptions { job: cfg.job.clone(), on_existing: cfg.on_existing, create_indexes: cfg.create_indexes };
+    let opts = SinkOptions {
+        job: cfg.job.clone(),
+        on_existing: cfg.on_existing,
+        create_indexes: cfg.create_indexes,
+        online: cfg.online,
+    };
     progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
 
     progress.set_phase("preparing target");
@@ -182,6 +233,7 @@ fn run_phases(
         check_ledger_matches_plan(&committed, &plan, &sink.describe())?;
         targets.push(Arc::new(Target {
             transformer: Transformer::new(&target_spec),
+            spec: target_spec,
             sink,
             name,
             committed: Mutex::new(committed),
@@ -206,17 +258,55 @@ fn run_phases(
         cfg.batch_rows,
         row_bytes as f64 / 1000.0
     ));
+    Ok(PreparedJob { manifest, plan, spec, opts, source, targets })
+}
 
+/// How the load of the plan's chunks ended.
+pub struct Loaded {
+    pub cancelled: bool,
+    pub failed: bool,
+    /// Chunks not exported yet (an import running beside its export).
+    pub pending: u64,
+    pub seconds: f64,
+    pub last_error: Option<String>,
+}
+
+impl Loaded {
+    /// Why the job cannot go on to its finish, if it cannot.
+    pub fn error(&self) -> Option<String> {
+        if self.cancelled {
+            Some("cancelled; committed chunks are kept, run the same command again to resume".into())
+        } else if self.failed {
+            self.last_error.clone()
+        } else if self.pending > 0 {
+            Some(format!("{} chunks are not exported yet; run import again when export has finished", self.pending))
+        } else {
+            None
+        }
+    }
+}
+
+/// Copies every chunk not yet committed in every target (`ready`: only
+/// these chunks exist yet), `workers` chunks at a time.
+pub fn load(
+    cfg: &JobConfig,
+    job: &PreparedJob,
+    ready: Option<&BTreeSet<u32>>,
+    cancel: &Arc<AtomicBool>,
+    progress: &Arc<Progress>,
+) -> Loaded {
+    let targets = &job.targets;
+    let source = &job.source;
     // What is left to do; chunks committed in every target are skipped.
     let mut todo = Vec::new();
     let mut pending = 0u64;
-    for c in &plan {
+    for c in &job.plan {
         let done_everywhere = targets.iter().all(|t| t.committed.lock().unwrap().contains_key(&c.id));
         if done_everywhere {
             progress.counters.chunks_skipped.fetch_add(1, Relaxed);
             let rows = targets[0].committed.lock().unwrap()[&c.id].rows;
             progress.counters.rows_skipped.fetch_add(rows, Relaxed);
-        } else if ready.as_ref().is_some_and(|r| !r.contains(&c.id)) {
+        } else if ready.is_some_and(|r| !r.contains(&c.id)) {
             pending += 1;
         } else {
             todo.push(*c);
@@ -230,7 +320,7 @@ fn run_phases(
         ));
     }
 
-    progress.set_phase("loading");
+    progress.set_phase(if cfg.online { "snapshot" } else { "loading" });
     let rate = cfg.rate_limit.map(|r| RateLimit { rows_per_sec: r.max(1), state: Mutex::new((Instant::now(), 0)) });
     let (work_tx, work_rx) = crossbeam_channel::unbounded::<ChunkRange>();
     for c in todo {
@@ -251,9 +341,9 @@ fn run_phases(
                         &format!("chunk {}", chunk.id),
                         cfg.retry_for,
                         QUICK_RETRIES,
-                        &cancel,
+                        cancel,
                         &|m| progress.println(m),
-                        || run_chunk(cfg, source.as_ref(), &targets, &chunk, progress, &cancel, rate.as_ref()),
+                        || run_chunk(cfg, source.as_ref(), targets, &chunk, progress, cancel, rate.as_ref()),
                     );
                     match res {
                         Ok(()) => {}
@@ -275,38 +365,49 @@ fn run_phases(
             let _ = l.join();
         }
     });
-    let load_seconds = load_started.elapsed().as_secs_f64();
+    Loaded {
+        cancelled: cancel.load(Relaxed),
+        failed: failed.load(Relaxed),
+        pending,
+        seconds: load_started.elapsed().as_secs_f64(),
+        last_error: progress.status.lock().unwrap().last_error.clone(),
+    }
+}
 
-    let cancelled = cancel.load(Relaxed);
-    let failed = failed.load(Relaxed);
-    let mut notes = Vec::new();
-    let finish_started = Instant::now();
+/// Indexes, sequences and final guards in every target; the error, if any.
+pub fn finish_targets(cfg: &JobConfig, job: &PreparedJob, cancel: &Arc<AtomicBool>, progress: &Arc<Progress>) -> Option<String> {
+    let started = Instant::now();
     let mut error = None;
-    if !cancelled && !failed && pending == 0 {
-        progress.set_phase("finishing");
-        for t in &targets {
-            let res = with_retries(
-                &format!("finishing {}", t.sink.describe()),
-                cfg.retry_for,
-                0,
-                &cancel,
-                &|m| progress.println(m),
-                || t.sink.finish(&spec, &plan, &opts, progress.as_ref()),
-            );
-            if let Err(e) = res {
-                error = Some(format!("{}: {e:#}", t.sink.describe()));
-                break;
-            }
+    for t in &job.targets {
+        let res = with_retries(
+            &format!("finishing {}", t.sink.describe()),
+            cfg.retry_for,
+            0,
+            cancel,
+            &|m| progress.println(m),
+            || t.sink.finish(&job.spec, &job.plan, &job.opts, progress.as_ref()),
+        );
+        if let Err(e) = res {
+            error = Some(format!("{}: {e:#}", t.sink.describe()));
+            break;
         }
     }
-    let finish_seconds = finish_started.elapsed().as_secs_f64();
+    progress.counters.finish_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+    error
+}
 
+/// Final state, status file and report. `error`: why the job did not
+/// complete (None: it did).
+pub fn report(cfg: &JobConfig, job: &PreparedJob, loaded: &Loaded, mut error: Option<String>, progress: &Arc<Progress>) -> Report {
+    let targets = &job.targets;
+    let mut notes = Vec::new();
     // Totals over the whole job (this run and earlier ones), from the ledgers.
     let rejected_total: u64 = targets
         .iter()
         .map(|t| t.committed.lock().unwrap().values().map(|r| r.rejected).sum::<u64>())
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        + progress.counters.change_rows_rejected.load(Relaxed);
     if rejected_total > 0 {
         notes.push(format!(
             "{rejected_total} rows were rejected; they are in {}",
@@ -316,20 +417,10 @@ fn run_phases(
     if !cfg.vectors_exact {
         notes.push("vectors are not bit-exact copies of the source (see verify's tolerance)".into());
     }
-    if error.is_none() {
-        error = if cancelled {
-            Some("cancelled; committed chunks are kept, run the same command again to resume".into())
-        } else if failed {
-            progress.status.lock().unwrap().last_error.clone()
-        } else if pending > 0 {
-            Some(format!("{pending} chunks are not exported yet; run import again when export has finished"))
-        } else if rejected_total > cfg.max_rejects {
-            Some(format!("{rejected_total} rows rejected, more than --max-rejects {}", cfg.max_rejects))
-        } else {
-            None
-        };
+    if error.is_none() && rejected_total > cfg.max_rejects {
+        error = Some(format!("{rejected_total} rows rejected, more than --max-rejects {}", cfg.max_rejects));
     }
-    let state = if cancelled {
+    let state = if loaded.cancelled {
         "cancelled"
     } else if error.is_some() {
         "failed"
@@ -346,7 +437,7 @@ fn run_phases(
 
     let c = &progress.counters;
     let written = c.rows_written.load(Relaxed);
-    let mut stages = vec![
+    let stages = vec![
         StageReport {
             stage: "export".into(),
             rows: c.rows_read.load(Relaxed),
@@ -360,38 +451,36 @@ fn run_phases(
             rejected: c.rows_rejected.load(Relaxed),
             ..Default::default()
         },
+        StageReport {
+            stage: "import".into(),
+            rows: written,
+            skipped_committed: c.rows_skipped.load(Relaxed),
+            bytes: c.bytes_written.load(Relaxed),
+            seconds: c.write_ns.load(Relaxed) as f64 / 1e9,
+            ..Default::default()
+        },
     ];
-    stages.push(StageReport {
-        stage: "import".into(),
-        rows: written,
-        skipped_committed: c.rows_skipped.load(Relaxed),
-        bytes: c.bytes_written.load(Relaxed),
-        seconds: c.write_ns.load(Relaxed) as f64 / 1e9,
-        ..Default::default()
-    });
-    let total = progress.elapsed();
-    drop(_locks);
-    Ok(Report {
+    Report {
         job: cfg.job.clone(),
         command: cfg.command.clone(),
         ok: error.is_none(),
-        source: source.describe(),
+        source: job.source.describe(),
         targets: targets.iter().map(|t| format!("{}: {}", t.name, t.sink.describe())).collect(),
         stages,
-        chunks_total: plan.len() as u64,
+        chunks_total: job.plan.len() as u64,
         chunks_committed: c.chunks_committed.load(Relaxed),
         chunks_skipped: c.chunks_skipped.load(Relaxed),
-        chunks_pending: pending,
+        chunks_pending: loaded.pending,
         rows_rejected_total: rejected_total,
-        load_seconds,
-        finish_seconds,
-        total_seconds: total,
-        rows_per_second: written as f64 / load_seconds.max(1e-9),
+        load_seconds: loaded.seconds,
+        finish_seconds: c.finish_ns.load(Relaxed) as f64 / 1e9,
+        total_seconds: progress.elapsed(),
+        rows_per_second: written as f64 / loaded.seconds.max(1e-9),
         peak_rss_mb: peak_rss_mb(),
         vectors_exact: cfg.vectors_exact,
         notes,
         error,
-    })
+    }
 }
 
 /// Bytes of a batch's values (a slice counts only its part of shared buffers).

@@ -23,6 +23,9 @@ pub struct Counters {
     pub rows_skipped: AtomicU64,
     pub read_ns: AtomicU64,
     pub write_ns: AtomicU64,
+    pub finish_ns: AtomicU64,
+    /// Rows of applied changes the targets' rules refused (online).
+    pub change_rows_rejected: AtomicU64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +60,9 @@ pub struct Status {
     pub bytes_written: u64,
     pub failures: Vec<ChunkFailure>,
     pub last_error: Option<String>,
+    /// Online jobs: change capture and apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<crate::online::OnlineStatus>,
 }
 
 /// Drives the display and the status file while a job runs.
@@ -182,8 +188,15 @@ impl Progress {
     }
 
     fn plain_line(&self) {
-        let phase = self.status.lock().unwrap().phase.clone();
-        if !phase.is_empty() && phase != "loading" {
+        let (phase, online) = {
+            let s = self.status.lock().unwrap();
+            (s.phase.clone(), s.online.clone())
+        };
+        if let (Some(o), "following" | "catching up" | "cutting over") = (&online, phase.as_str()) {
+            eprintln!("progress: {phase} · {}", o.summary());
+            return;
+        }
+        if !phase.is_empty() && phase != "loading" && phase != "snapshot" {
             eprintln!("progress: {phase} · {:.0}s", self.elapsed());
             return;
         }

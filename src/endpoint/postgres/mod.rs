@@ -4,7 +4,11 @@
 //! its ledger row in one transaction; job lock; leftovers) in `sink.rs`, the
 //! binary COPY codec in `copy.rs`.
 
+mod apply;
+pub mod changes;
 pub mod copy;
+pub mod pgoutput;
+pub mod replication;
 mod sink;
 mod source;
 
@@ -32,6 +36,8 @@ use crate::plan::{ChunkRange, ranges_from_bounds};
 use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
 
 pub const LEDGER_TABLE: &str = "vmig_ledger";
+/// Online jobs: the change-stream position applied, per job (the ledger's position row).
+pub const POSITIONS_TABLE: &str = "vmig_positions";
 
 /// Quotes an identifier for SQL.
 pub fn ident(name: &str) -> String {

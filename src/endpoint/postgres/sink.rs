@@ -6,10 +6,10 @@ use super::copy::{copy_header, copy_trailer, encode_rows};
 use super::*;
 
 pub struct PgSink {
-    url: PgUrl,
-    table: TableName,
-    handle: Handle,
-    pool: Arc<Pool>,
+    pub(super) url: PgUrl,
+    pub(super) table: TableName,
+    pub(super) handle: Handle,
+    pub(super) pool: Arc<Pool>,
     target: Mutex<Option<TableSpec>>,
     upsert: Mutex<bool>,
     ledger: Mutex<bool>,
@@ -30,7 +30,7 @@ impl PgSink {
         })
     }
 
-    fn target_spec(&self) -> TableSpec {
+    pub(super) fn target_spec(&self) -> TableSpec {
         self.target.lock().unwrap().clone().expect("prepare() before writing")
     }
 
@@ -191,7 +191,7 @@ impl PgSink {
 
 /// application_name of a job's sessions: `vmig <job> <pid>@<host>`
 /// (PostgreSQL keeps 63 bytes).
-fn session_name(job: &str) -> String {
+pub(super) fn session_name(job: &str) -> String {
     let me = Holder::me();
     let mut name = format!("vmig {job} {}@{}", me.pid, me.host);
     while name.len() > 63 {
@@ -267,6 +267,9 @@ impl Sink for PgSink {
             let mut n = 0;
             if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE]).await.pg("reading ledger")?.get::<_, bool>(0) {
                 n = c.execute(&format!("DELETE FROM {LEDGER_TABLE} WHERE job = $1"), &[&job]).await.pg("deleting ledger rows")?;
+            }
+            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&POSITIONS_TABLE]).await.pg("reading ledger")?.get::<_, bool>(0) {
+                n += c.execute(&format!("DELETE FROM {POSITIONS_TABLE} WHERE job = $1"), &[&job]).await.pg("deleting ledger rows")?;
             }
             self.pool.put(c);
             Ok(n)
@@ -361,6 +364,14 @@ impl Sink for PgSink {
         })?;
         *self.target.lock().unwrap() = Some(spec.clone());
         Ok(spec)
+    }
+
+    fn applied_position(&self, job: &str) -> Result<Option<crate::online::AppliedPosition>> {
+        self.handle.block_on(self.read_position(job))
+    }
+
+    fn apply_changes(&self, job: &str, set: &crate::online::ChangeSet) -> Result<()> {
+        self.handle.block_on(self.apply(job, set))
     }
 
     fn committed(&self, job: &str) -> Result<Ledger> {

@@ -33,6 +33,27 @@ impl PgSource {
         Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None) })
     }
 
+    /// Per column: the vector dimension is declared (typmod).
+    pub fn fixed_dims(&self) -> &[bool] {
+        &self.discovered.fixed_dims
+    }
+
+    /// Reads every chunk in the snapshot another session exported (the
+    /// replication slot's), re-exported from a transaction of our own that
+    /// stays open for the run.
+    pub async fn adopt_snapshot(&self, exported: &str) -> Result<()> {
+        let c = connect(&self.url).await?;
+        c.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            exported.replace('\'', "")
+        ))
+        .await
+        .pg("importing the replication slot's snapshot")?;
+        let id: String = c.query_one("SELECT pg_export_snapshot()", &[]).await.pg("exporting snapshot")?.get(0);
+        *self.snapshot.lock().unwrap() = Some((c, id));
+        Ok(())
+    }
+
     pub fn skipped_indexes(&self) -> &[String] {
         &self.discovered.skipped_indexes
     }

@@ -1,0 +1,324 @@
+//! The online job: change capture set up before the snapshot is read, the
+//! snapshot copied by the offline pipeline, then the source's changes
+//! applied batch by batch (position in each target's ledger with the batch,
+//! confirmed to the source only after every target has it), until a cutover
+//! drains, finishes, verifies and removes the source's artefacts.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use arrow::record_batch::RecordBatch;
+
+use super::{AppliedPosition, ChangeSet, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
+use crate::endpoint::{Sink, Source};
+use crate::ledger::{JobDir, now_rfc3339};
+use crate::pipeline::{
+    JobConfig, PreparedJob, Target, finish_targets, load, lock_targets, plan_and_prepare, report, with_progress,
+};
+use crate::progress::{Progress, Report};
+use crate::retry::with_retries;
+use crate::schema::TableSpec;
+use crate::transform::{Transformer, write_rejects};
+use crate::verify::VerifyReport;
+
+/// Changes asked for per batch (whole transactions: a large one exceeds it).
+const BATCH_CHANGES: usize = 5_000;
+/// Wait between two polls of a source with nothing new.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// Sets up (or, on resume, reopens) a source's change capture; `committed`:
+/// a target already holds part of this job, so a lost capture cannot be
+/// silently recreated.
+pub type OpenStream<'a> = Box<dyn FnOnce(&Progress, bool) -> Result<Box<dyn ChangeStream>> + 'a>;
+
+/// Runs an online job until cutover (exit 0) or cancellation.
+pub fn run_online(
+    cfg: &JobConfig,
+    source: Arc<dyn Source>,
+    sinks: Vec<(String, Arc<dyn Sink>)>,
+    open_stream: OpenStream<'_>,
+    verify: &dyn Fn() -> Result<VerifyReport>,
+    cancel: Arc<AtomicBool>,
+) -> Result<Report> {
+    let describe = (source.describe(), sinks.iter().map(|(_, s)| s.describe()).collect());
+    with_progress(cfg, describe, |progress| {
+        let locks = lock_targets(cfg, &sinks, progress)?;
+        progress.set_phase("setting up change capture");
+        let mut committed = false;
+        for (_, s) in &sinks {
+            committed |= !s.committed(&cfg.job)?.is_empty() || s.applied_position(&cfg.job)?.is_some();
+        }
+        let mut stream = open_stream(progress, committed)?;
+        progress.println(&format!("change capture: {}", stream.artifacts()));
+        let job = plan_and_prepare(cfg, source, sinks, progress)?;
+        let mut loaded = load(cfg, &job, None, &cancel, progress);
+        let mut error = loaded.error();
+        if error.is_none() {
+            progress.set_phase("finishing snapshot");
+            error = finish_targets(cfg, &job, &cancel, progress);
+        }
+        if error.is_none() {
+            match follow(cfg, &job, stream.as_mut(), &cancel, progress, verify) {
+                Ok(true) => {}
+                Ok(false) => {
+                    loaded.cancelled = true;
+                    error = Some("stopped; the change stream resumes from its last applied position when the same command runs again".into());
+                }
+                Err(e) => error = Some(format!("{e:#}")),
+            }
+        }
+        let mut r = report(cfg, &job, &loaded, error, progress);
+        if let Some(o) = &progress.status.lock().unwrap().online {
+            r.notes.push(format!(
+                "changes applied: {} inserts, {} updates, {} deletes",
+                o.applied.inserts, o.applied.updates, o.applied.deletes
+            ));
+        }
+        drop(locks);
+        Ok(r)
+    })
+}
+
+/// Follows the stream until a cutover completes (true) or the run is
+/// cancelled (false).
+fn follow(
+    cfg: &JobConfig,
+    job: &PreparedJob,
+    stream: &mut dyn ChangeStream,
+    cancel: &Arc<AtomicBool>,
+    progress: &Arc<Progress>,
+    verify: &dyn Fn() -> Result<VerifyReport>,
+) -> Result<bool> {
+    let dir = cfg.job_dir.clone();
+    let mut applied: Vec<AppliedPosition> = Vec::new();
+    for t in &job.targets {
+        applied.push(t.sink.applied_position(&cfg.job)?.unwrap_or_default());
+    }
+    let start = applied.iter().map(|a| a.position).min().unwrap_or(0);
+    stream.skip_to(start)?;
+    let mut totals = applied.iter().map(|a| a.counts).max_by_key(|c| c.total()).unwrap_or_default();
+    let mut rate = RateWindow::new(totals.total());
+    let mut lag_seconds = 0.0;
+    let mut last_stats: Option<Instant> = None;
+    let mut drain_to: Option<u64> = None;
+    let mut applied_position = start;
+    let retry = |what: &str, f: &mut dyn FnMut() -> Result<()>| {
+        with_retries(what, cfg.retry_for, 2, cancel, &|m| progress.println(m), f)
+    };
+    progress.set_phase("catching up");
+    loop {
+        if cancel.load(Relaxed) {
+            return Ok(false);
+        }
+        if drain_to.is_none() {
+            if let Some(mut req) = CutoverRequest::load(&dir)?.filter(|r| r.state == "requested") {
+                let p = stream.current_position()?;
+                req.position = Some(stream.format_position(p));
+                req.save(&dir)?;
+                progress.println(&format!("cutover requested: draining to {}", stream.format_position(p)));
+                progress.set_phase("cutting over");
+                drain_to = Some(p);
+            }
+        }
+        let upto = match drain_to {
+            Some(p) => p,
+            None => stream.current_position()?,
+        };
+        let mut batch = None;
+        retry("reading changes", &mut || {
+            batch = Some(stream.next_batch(BATCH_CHANGES, upto)?);
+            Ok(())
+        })?;
+        let batch = batch.unwrap();
+        let set = &batch.set;
+        if set.has_rows() || set.counts.total() > 0 {
+            for (i, t) in job.targets.iter().enumerate() {
+                if applied[i].position >= set.position {
+                    continue; // this target has it (a resume after a crash between targets)
+                }
+                retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(cfg, t, set, progress))?;
+                applied[i].position = set.position;
+            }
+            stream.confirm(set.position)?;
+            applied_position = set.position;
+            totals.add(&set.counts);
+            if let Some(ts) = set.commit_time_us {
+                lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
+            }
+        }
+        if batch.complete {
+            stream.confirm(upto)?;
+            if !set.has_rows() {
+                lag_seconds = 0.0;
+            }
+        }
+        let phase = if drain_to.is_some() {
+            "cutting over"
+        } else if batch.complete {
+            "following"
+        } else {
+            "catching up"
+        };
+        if progress.status.lock().unwrap().phase != phase {
+            progress.set_phase(phase);
+        }
+        if last_stats.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || batch.complete && drain_to.is_some() {
+            let stats = stream.stats()?;
+            let mut st = progress.status.lock().unwrap();
+            let warning = (stats.retained_bytes > RETAINED_WARN_BYTES).then(|| {
+                format!(
+                    "the source keeps {} of change log for this job ({}); it is freed as changes are applied, by cutover or by reset",
+                    human_bytes(stats.retained_bytes),
+                    stream.artifacts()
+                )
+            });
+            st.online = Some(OnlineStatus {
+                artifacts: stream.artifacts(),
+                applied: totals,
+                changes_per_second: rate.per_second(totals.total()),
+                lag_bytes: stats.source_position.saturating_sub(stats.confirmed),
+                lag_seconds,
+                retained_bytes: stats.retained_bytes,
+                applied_position: stream.format_position(applied_position.max(stats.confirmed)),
+                source_position: stream.format_position(stats.source_position),
+                warning,
+            });
+            drop(st);
+            progress.write_status(None);
+            last_stats = Some(Instant::now());
+        }
+        if batch.complete && drain_to.is_some() {
+            break;
+        }
+        if batch.complete && !set.has_rows() {
+            std::thread::sleep(IDLE_POLL);
+        }
+    }
+    cutover(cfg, job, stream, cancel, progress, verify)?;
+    Ok(true)
+}
+
+/// Drained: finish every target, verify, remove the source's artefacts.
+fn cutover(
+    cfg: &JobConfig,
+    job: &PreparedJob,
+    stream: &mut dyn ChangeStream,
+    cancel: &Arc<AtomicBool>,
+    progress: &Arc<Progress>,
+    verify: &dyn Fn() -> Result<VerifyReport>,
+) -> Result<()> {
+    let dir = cfg.job_dir.clone();
+    let fail = |msg: String| -> Result<()> {
+        if let Some(mut req) = CutoverRequest::load(&dir)? {
+            req.state = "failed".into();
+            req.message = Some(msg.clone());
+            req.finished_at = Some(now_rfc3339());
+            req.save(&dir)?;
+        }
+        bail!("{msg}")
+    };
+    if let Some(e) = finish_targets(cfg, job, cancel, progress) {
+        return fail(format!("cutover: finishing the target failed: {e}"));
+    }
+    progress.set_phase("verifying");
+    let r = match verify() {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cutover: verify failed to run: {e:#}")),
+    };
+    if !r.equal {
+        let ids: Vec<String> = r
+            .differing_chunks
+            .iter()
+            .take(3)
+            .map(|d| format!("chunk {} (missing {:?}, extra {:?}, different {:?})", d.chunk, d.missing, d.extra, d.different))
+            .collect();
+        return fail(format!(
+            "cutover: the target differs from the source after draining (source {} rows, target {} rows; {}); \
+             were writes to the source stopped? The job keeps following; request the cutover again",
+            r.source_rows,
+            r.target_rows,
+            ids.join("; ")
+        ));
+    }
+    let artifacts = stream.artifacts();
+    stream.drop_artifacts()?;
+    let _ = std::fs::remove_file(OnlineState::path(&dir));
+    let msg = format!(
+        "safe to switch: the target equals the source ({} rows, ids and every column; vectors {}); {} removed",
+        r.target_rows, r.vector_comparison, artifacts
+    );
+    if let Some(mut req) = CutoverRequest::load(&dir)? {
+        req.state = "done".into();
+        req.message = Some(msg.clone());
+        req.finished_at = Some(now_rfc3339());
+        req.save(&dir)?;
+    }
+    progress.println(&msg);
+    Ok(())
+}
+
+/// Transforms a change set for one target (bad rows to rejects) and applies it.
+fn apply_to_target(cfg: &JobConfig, t: &Target, set: &ChangeSet, progress: &Progress) -> Result<()> {
+    let mut rejects: Vec<RecordBatch> = Vec::new();
+    let mut out = ChangeSet { images: Vec::new(), partial: Vec::new(), ..set.clone() };
+    for b in &set.images {
+        let tr = t.transformer.apply(0, b)?;
+        rejects.extend(tr.rejects);
+        out.images.push(tr.valid);
+    }
+    for b in &set.partial {
+        let tr = Transformer::new(&columns_of(&t.spec, b)).apply(0, b)?;
+        rejects.extend(tr.rejects);
+        out.partial.push(tr.valid);
+    }
+    if !rejects.is_empty() {
+        let n: u64 = rejects.iter().map(|b| b.num_rows() as u64).sum();
+        progress.counters.change_rows_rejected.fetch_add(n, Relaxed);
+        write_rejects(
+            &JobDir::new(&cfg.job_dir).rejects(),
+            &format!("{}-{}-changes-{:016X}", cfg.command, t.name, set.position),
+            0,
+            &rejects,
+        )?;
+        progress.println(&format!(
+            "{n} changed rows refused by {} (in rejects/; the target keeps their previous version)",
+            t.name
+        ));
+    }
+    t.sink.apply_changes(&cfg.job, &out)
+}
+
+/// The target spec narrowed to the columns a partial batch carries.
+fn columns_of(spec: &TableSpec, batch: &RecordBatch) -> TableSpec {
+    let names: Vec<&str> = batch.schema_ref().fields().iter().map(|f| f.name().as_str()).collect();
+    TableSpec {
+        name: spec.name.clone(),
+        columns: spec.columns.iter().filter(|c| names.contains(&c.name.as_str())).cloned().collect(),
+        primary_key: spec.primary_key.clone(),
+        indexes: Vec::new(),
+    }
+}
+
+/// Changes per second over the last ~10 seconds.
+struct RateWindow {
+    samples: Mutex<Vec<(Instant, u64)>>,
+}
+
+impl RateWindow {
+    fn new(total: u64) -> Self {
+        RateWindow { samples: Mutex::new(vec![(Instant::now(), total)]) }
+    }
+    fn per_second(&mut self, total: u64) -> f64 {
+        let s = self.samples.get_mut().unwrap();
+        let now = Instant::now();
+        s.push((now, total));
+        while s.len() > 2 && now.duration_since(s[0].0) > Duration::from_secs(10) {
+            s.remove(0);
+        }
+        let (t0, n0) = s[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs < 1e-3 { 0.0 } else { (total - n0) as f64 / secs }
+    }
+}
