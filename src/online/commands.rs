@@ -78,9 +78,16 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         }
         bail!("no online job in {} (start one with migrate --online, with the same flags)", dir.display());
     }
-    CutoverRequest { requested_at: now_rfc3339(), state: "requested".into(), position: None, message: None, finished_at: None }
-        .save(&dir)?;
     let running = read_status(&dir).filter(|s| s.state == "running" && process_alive(s.pid));
+    CutoverRequest {
+        requested_at: now_rfc3339(),
+        state: "requested".into(),
+        position: None,
+        message: None,
+        finished_at: None,
+        standalone: running.is_none(),
+    }
+    .save(&dir)?;
     let Some(run) = running else {
         eprintln!("no online run of this job is alive; cutting over here");
         let report = run_job("migrate", args, handle, cancel.clone())?;

@@ -190,14 +190,24 @@ fn follow(
             last_stats = Some(Instant::now());
         }
         if batch.complete && drain_to.is_some() {
-            break;
+            match cutover(cfg, job, stream, cancel, progress, verify) {
+                Ok(()) => return Ok(true),
+                // Run by `vmig cutover` itself: nothing left to follow for.
+                Err(e) if standalone_cutover(&dir) => return Err(e),
+                Err(e) => {
+                    progress.println(&format!("error: {e:#}"));
+                    drain_to = None;
+                }
+            }
         }
         if batch.complete && !set.has_rows() {
             std::thread::sleep(IDLE_POLL);
         }
     }
-    cutover(cfg, job, stream, cancel, progress, verify)?;
-    Ok(true)
+}
+
+fn standalone_cutover(dir: &std::path::Path) -> bool {
+    CutoverRequest::load(dir).ok().flatten().is_some_and(|r| r.standalone)
 }
 
 /// Drained: finish every target, verify, remove the source's artefacts.
@@ -236,7 +246,7 @@ fn cutover(
             .collect();
         return fail(format!(
             "cutover: the target differs from the source after draining (source {} rows, target {} rows; {}); \
-             were writes to the source stopped? The job keeps following; request the cutover again",
+             were writes to the source stopped? The job keeps following; stop the writes and request the cutover again",
             r.source_rows,
             r.target_rows,
             ids.join("; ")

@@ -146,6 +146,10 @@ pub struct CutoverRequest {
     pub message: Option<String>,
     #[serde(default)]
     pub finished_at: Option<String>,
+    /// Made by a `vmig cutover` that runs the job itself (no online run was
+    /// alive): a failed cutover ends the run instead of following on.
+    #[serde(default)]
+    pub standalone: bool,
 }
 
 impl CutoverRequest {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod online;
 pub mod milvus_db;
 
 use std::process::{Command, Output};
@@ -156,6 +157,11 @@ fn as_pg_user(cmd: &str, args: &[&str]) -> std::process::ExitStatus {
 
 impl PrivateCluster {
     pub fn start(name: &str, port: u16) -> Self {
+        Self::start_with(name, port, "")
+    }
+
+    /// `settings`: more server options, e.g. "-c wal_level=logical".
+    pub fn start_with(name: &str, port: u16, settings: &str) -> Self {
         let bin = std::env::var("VMIG_PG_BIN").expect("VMIG_PG_BIN (run through scripts/test.sh)");
         let dir = std::env::temp_dir().join(format!("vmig-test-{name}-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -165,7 +171,7 @@ impl PrivateCluster {
         }
         let data = dir.join("data");
         assert!(as_pg_user(&format!("{bin}/initdb"), &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]).success());
-        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}", dir.display());
+        let opts = format!("-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} {settings}", dir.display());
         assert!(as_pg_user(&format!("{bin}/pg_ctl"), &["-D", data.to_str().unwrap(), "-o", &opts, "-l", dir.join("log").to_str().unwrap(), "-w", "start"]).success());
         let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
         exec(&url, "CREATE EXTENSION vector");

@@ -1,0 +1,149 @@
+//! Online migration from PostgreSQL against real servers: a writer imitates
+//! FastGPT traffic on the source through the snapshot and the stream; the
+//! job is killed (SIGKILL) during the snapshot and while following, resumed,
+//! cut over; the target must then equal the source row by row, with the
+//! sequence past max(id) and no slot or publication left on the source.
+mod common;
+
+use std::path::Path;
+use std::process::Child;
+
+use common::faults::{Moment, start, status_of, wait_for};
+use common::online::{Writer, applied, source_artifacts, wait_following};
+use common::*;
+
+fn online_args(src: &str, dst: &str, state: &Path, job: &str) -> Vec<String> {
+    [
+        "migrate", "--online", "--from", src, "--to", dst, "--job", job, "--state-root", state.to_str().unwrap(),
+        "--chunk-rows", "400", "--workers", "1", "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn kill(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Kills the job during the snapshot and again while following, resumes
+/// it, stops the writer, cuts over; returns when the target is checked.
+fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
+    let src = fresh_db(&source_base(), &format!("{name}_src"), true);
+    ok(&["generate", "--to", &src, "--rows", "2400", "--dim", "1536"]);
+    let state = tempdir();
+    let args = online_args(&src, dst, state.path(), name);
+    let job_dir = state.path().join(name);
+    let writer = Writer::start(&src);
+
+    // 1. Killed during the snapshot copy (throttled so the moment can be hit).
+    let mut a = args.clone();
+    a.extend(["--rate-limit".into(), "400".into()]);
+    let mut first = start(&a, &Moment::Committed(1));
+    wait_for(&mut first, &job_dir, "migrate", &Moment::Committed(1), name);
+    assert_eq!(status_of(&job_dir, "migrate").unwrap()["phase"], "snapshot", "{name}: killed outside the snapshot");
+    kill(first);
+    writer.wait_for_more(20);
+
+    // 2. Resumed; killed while following the writer's changes.
+    let mut second = start(&args, &Moment::Committed(0));
+    wait_following(&mut second, &job_dir, 0, name);
+    writer.wait_for_more(30);
+    wait_following(&mut second, &job_dir, applied(&job_dir), name);
+    kill(second);
+    let before = applied(&job_dir);
+    writer.wait_for_more(30);
+
+    // 3. Resumed again; it picks up from its last applied position.
+    let mut third = start(&args, &Moment::Committed(0));
+    wait_following(&mut third, &job_dir, before, name);
+    let ops = writer.stop();
+
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let out = ok(&cut);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("safe to switch"), "{name}: {said}");
+    let status = third.wait().unwrap();
+    assert!(status.success(), "{name}: the online job did not exit 0 after cutover ({status})");
+    eprintln!("{name}: writer made {ops} changes; {} applied in the last run's count", applied(&job_dir));
+    check(&src);
+    assert_eq!(source_artifacts(&src, &format!("vmig_{name}")), (0, 0), "{name}: slot or publication left on the source");
+}
+
+#[test]
+fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
+    let dst = fresh_db(&target_base(), "online_pg_dst", true);
+    online_scenario("online_pg", &dst, &|src| {
+        let n = assert_same_rows(src, "modeldata", &dst, "modeldata");
+        let max_id = query_i64(&dst, "SELECT max(id) FROM modeldata");
+        let next = query_i64(&dst, "SELECT nextval('modeldata_id_seq')");
+        assert!(next > max_id, "sequence {next} not past max(id) {max_id}");
+        assert!(n > 2000);
+    });
+}
+
+#[test]
+fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
+    let (src, dst) = dbs("online_reset");
+    ok(&["generate", "--to", &src, "--rows", "300", "--dim", "16"]);
+    let state = tempdir();
+    let job = "online_reset";
+    let args = online_args(&src, &dst, state.path(), job);
+    let job_dir = state.path().join(job);
+    let mut run = start(&args, &Moment::Committed(0));
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    exec(&src, "DELETE FROM modeldata WHERE id IN (SELECT id FROM modeldata ORDER BY id LIMIT 5)");
+    wait_following(&mut run, &job_dir, 0, job);
+    kill(run);
+    assert_eq!(source_artifacts(&src, "vmig_online_reset"), (1, 1));
+    let st = state.path().to_str().unwrap();
+    let out = vmig(&["reset", "--job", job, "--state-root", st, "--to", &dst, "--yes"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("give --from"), "{}", stderr(&out));
+    assert_eq!(source_artifacts(&src, "vmig_online_reset"), (1, 1), "a refused reset must not drop anything");
+    ok(&["reset", "--job", job, "--state-root", st, "--to", &dst, "--from", &src, "--yes"]);
+    assert_eq!(source_artifacts(&src, "vmig_online_reset"), (0, 0));
+    assert!(!job_dir.exists());
+}
+
+/// Each missing prerequisite: one clear line before anything is copied.
+#[test]
+fn missing_prerequisites_are_one_clear_line_each() {
+    let expect_line = |src: &str, dst: &str, wanted: &[&str], what: &str| {
+        let state = tempdir();
+        let args = online_args(src, dst, state.path(), what);
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = vmig(&a);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{what}: started");
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{what}: one line expected: {err}");
+        for w in wanted {
+            assert!(lines[0].contains(w), "{what}: {w:?} not in {err}");
+        }
+        assert_eq!(query_i64(dst, "SELECT count(*) FROM pg_tables WHERE tablename = 'modeldata'"), 0, "{what}: copied");
+    };
+
+    // wal_level: the target cluster runs with replica.
+    let no_logical = fresh_db(&target_base(), "online_prereq_wal", true);
+    ok(&["generate", "--to", &no_logical, "--rows", "20", "--dim", "8"]);
+    let dst = fresh_db(&target_base(), "online_prereq_dst", true);
+    expect_line(&no_logical, &dst, &["wal_level = replica", "wal_level = logical", "restart"], "prereq_wal");
+
+    // REPLICATION privilege.
+    let src = fresh_db(&source_base(), "online_prereq_role", true);
+    ok(&["generate", "--to", &src, "--rows", "20", "--dim", "8"]);
+    exec(&src, "DROP ROLE IF EXISTS vmig_norepl; CREATE ROLE vmig_norepl LOGIN PASSWORD 'pw'; ALTER TABLE modeldata OWNER TO vmig_norepl");
+    let as_user = src.replacen("postgres:postgres@", "vmig_norepl:pw@", 1);
+    expect_line(&as_user, &dst, &["vmig_norepl", "REPLICATION", "ALTER ROLE"], "prereq_role");
+    exec(&src, "DROP TABLE modeldata; DROP ROLE vmig_norepl");
+
+    // No free slot.
+    let cluster = PrivateCluster::start_with("online-slots", 55495, "-c wal_level=logical -c max_replication_slots=1");
+    ok(&["generate", "--to", &cluster.url, "--rows", "20", "--dim", "8"]);
+    exec(&cluster.url, "SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')");
+    expect_line(&cluster.url, &dst, &["no free replication slot", "max_replication_slots = 1"], "prereq_slot");
+}
