@@ -88,9 +88,10 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("fsync of directory {}", dir.display()))
 }
 
-/// One line of a ledger file: a committed chunk, or (no record) the mark
-/// that the job began writing to the target, made before its first write.
-#[derive(Serialize, Deserialize)]
+/// One line of a ledger file: a committed chunk, the mark that the job
+/// began writing to the target (made before its first write), or an
+/// applied change-stream position.
+#[derive(Serialize, Deserialize, Default)]
 struct LedgerLine {
     job: String,
     target: String,
@@ -98,6 +99,9 @@ struct LedgerLine {
     record: Option<CommitRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     began_at: Option<String>,
+    /// Online: the change-stream position applied (and changes so far).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position: Option<crate::online::AppliedPosition>,
 }
 
 /// A ledger for targets without transactions (Milvus): append-only JSON
@@ -155,11 +159,21 @@ impl LedgerFile {
 
     /// Records, durably, that the job is about to write to the target.
     pub fn mark_began(&self, job: &str) -> Result<()> {
-        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), record: None, began_at: Some(now_rfc3339()) })
+        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), began_at: Some(now_rfc3339()), ..Default::default() })
     }
 
     pub fn append(&self, job: &str, record: &CommitRecord) -> Result<()> {
-        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), record: Some(record.clone()), began_at: None })
+        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), record: Some(record.clone()), ..Default::default() })
+    }
+
+    /// The last change-stream position recorded for the job.
+    pub fn position(&self, job: &str) -> Result<Option<crate::online::AppliedPosition>> {
+        Ok(self.lines()?.into_iter().filter(|l| l.job == job && l.target == self.target).filter_map(|l| l.position).last())
+    }
+
+    /// Records, durably, that the job applied changes up to `position`.
+    pub fn record_position(&self, job: &str, position: &crate::online::AppliedPosition) -> Result<()> {
+        self.write_line(&LedgerLine { job: job.into(), target: self.target.clone(), position: Some(position.clone()), ..Default::default() })
     }
 
     fn write_line(&self, l: &LedgerLine) -> Result<()> {
@@ -190,7 +204,7 @@ impl LedgerFile {
             }
             write_atomic(&self.path, &text)?;
         }
-        Ok(gone.iter().filter(|l| l.record.is_some()).count() as u64)
+        Ok(gone.iter().filter(|l| l.record.is_some() || l.position.is_some()).count() as u64)
     }
 }
 

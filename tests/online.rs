@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Child;
 
 use common::faults::{Moment, start, status_of, wait_for};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
 use common::online::{Writer, applied, source_artifacts, wait_following};
 use common::*;
 
@@ -82,6 +83,29 @@ fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
         let next = query_i64(&dst, "SELECT nextval('modeldata_id_seq')");
         assert!(next > max_id, "sequence {next} not past max(id) {max_id}");
         assert!(n > 2000);
+    });
+}
+
+#[test]
+fn online_into_oceanbase_survives_kills_and_cuts_over_within_its_tolerance() {
+    let ob = fresh_ob_db("online_ob");
+    online_scenario("online_ob", &ob, &|src| {
+        let want = rows(src, "modeldata");
+        assert_rows_close(&want, &ob_rows(&ob, "modeldata"));
+        assert_eq!(ob_query_i64(&ob, "SELECT count(DISTINCT id) FROM modeldata"), want.len() as i64);
+        let ddl = ob_query_string(&ob, "SHOW CREATE TABLE modeldata");
+        let auto: i64 = ddl.split("AUTO_INCREMENT = ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap().parse().unwrap();
+        assert!(auto > want.last().unwrap().id, "AUTO_INCREMENT {auto} past max(id)");
+    });
+}
+
+#[test]
+fn online_into_milvus_survives_kills_and_cuts_over_exactly() {
+    let m = fresh_milvus_db("online_mv");
+    online_scenario("online_mv", &m, &|src| {
+        let want = as_mrows(&rows(src, "modeldata"));
+        assert_eq!(milvus_count(&m, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_rows(&m, "modeldata"), want);
     });
 }
 

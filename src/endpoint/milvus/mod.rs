@@ -7,6 +7,7 @@
 //! This module connects and maps schemas (SQL columns ↔ Milvus fields); the
 //! source is in `source.rs`, the sink in `sink.rs`.
 
+mod apply;
 mod encode;
 mod sink;
 mod source;

@@ -150,14 +150,14 @@ fn row_count(conn: &Milvus, coll: &Collection) -> Result<u64> {
 }
 
 /// A flush Milvus has accepted: what to ask about until it is done.
-struct FlushTicket {
+pub(super) struct FlushTicket {
     segments: Vec<i64>,
     flush_ts: u64,
 }
 
 /// Asks Milvus to flush the collection (seals its growing segments); returns
 /// before the data is persisted.
-fn request_flush(conn: &Milvus, name: &str) -> Result<FlushTicket> {
+pub(super) fn request_flush(conn: &Milvus, name: &str) -> Result<FlushTicket> {
     let req = FlushRequest { base: base(MsgType::Flush), db_name: conn.url.database.clone(), collection_names: vec![name.into()] };
     let r = conn.call(&format!("flushing {name}"), |mut c| async move { c.flush(req).await })?;
     Ok(FlushTicket {
@@ -169,7 +169,7 @@ fn request_flush(conn: &Milvus, name: &str) -> Result<FlushTicket> {
 /// Polls the flush state until Milvus says the flushed data is persisted.
 /// A ticket can go stale (a Milvus restart renumbers what was growing): a
 /// flush not confirmed within a minute is requested again.
-fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
+pub(super) fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Result<()> {
     let started = Instant::now();
     let mut ticket = ticket;
     let mut asked = Instant::now();
@@ -220,10 +220,10 @@ fn wait_for_indexes(conn: &Milvus, name: &str, fb: &dyn Feedback) -> Result<()> 
 // ---------------------------------------------------------------- sink
 
 pub struct MilvusSink {
-    conn: Milvus,
-    name: String,
+    pub(super) conn: Milvus,
+    pub(super) name: String,
     fields: Vec<FieldMap>,
-    ledger: Option<Arc<LedgerFile>>,
+    pub(super) ledger: Option<Arc<LedgerFile>>,
     target: Mutex<Option<Collection>>,
     request_bytes: usize,
     flushes: Arc<Flushes>,
@@ -322,7 +322,7 @@ impl MilvusSink {
         }
     }
 
-    fn collection(&self) -> Result<Collection> {
+    pub(super) fn collection(&self) -> Result<Collection> {
         self.target.lock().unwrap().clone().ok_or_else(|| anyhow!("Milvus sink used before prepare"))
     }
 }
@@ -504,6 +504,17 @@ impl Sink for MilvusSink {
             drop_collection(&self.conn, &self.name)?;
         }
         Ok(())
+    }
+
+    fn applied_position(&self, job: &str) -> Result<Option<crate::online::AppliedPosition>> {
+        match &self.ledger {
+            Some(l) => l.position(job),
+            None => Ok(None),
+        }
+    }
+
+    fn apply_changes(&self, job: &str, set: &crate::online::ChangeSet) -> Result<()> {
+        self.apply(job, set)
     }
 
     fn forget_job(&self, job: &str) -> Result<u64> {

@@ -4,6 +4,7 @@
 //! ledger in the chunk's transaction, job lease) in `sink.rs`, SQL literals
 //! and the text decoder in `sql.rs`.
 
+mod apply;
 mod sink;
 mod source;
 pub mod sql;
@@ -26,6 +27,8 @@ use crate::plan::{ChunkRange, ranges_from_bounds};
 use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
 
 pub const LEDGER_TABLE: &str = "vmig_ledger";
+/// Online jobs: the change-stream position applied, per job.
+pub const POSITIONS_TABLE: &str = "vmig_positions";
 /// Statement size we aim for. Measured on seekdb (1536-d rows): 2–8 MiB
 /// statements ingest at the same rate; smaller ones pay per-statement costs.
 pub(super) const DEFAULT_STATEMENT_BYTES: usize = 4 << 20;

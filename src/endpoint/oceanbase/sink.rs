@@ -26,14 +26,14 @@ use crate::schema::{ColumnType, IndexKind, TableSpec};
 
 pub struct ObSink {
     url: ObUrl,
-    table: String,
+    pub(super) table: String,
     handle: Handle,
-    pool: Arc<Pool>,
+    pub(super) pool: Arc<Pool>,
     target: Mutex<Option<TableSpec>>,
     upsert: Mutex<bool>,
     ledger: Mutex<bool>,
-    statement_bytes: Mutex<usize>,
-    literal: VectorLiteral,
+    pub(super) statement_bytes: Mutex<usize>,
+    pub(super) literal: VectorLiteral,
     /// `/* vmig <job> */ `, put before every statement a job's run sends, so
     /// a later run can find what a killed one left running (processlist).
     tag: Mutex<String>,
@@ -166,7 +166,7 @@ impl ObSink {
         })
     }
 
-    fn target_spec(&self) -> TableSpec {
+    pub(super) fn target_spec(&self) -> TableSpec {
         self.target.lock().unwrap().clone().expect("prepare() before writing")
     }
 
@@ -197,7 +197,7 @@ impl ObSink {
         Ok(())
     }
 
-    fn tag(&self) -> String {
+    pub(super) fn tag(&self) -> String {
         self.tag.lock().unwrap().clone()
     }
 
@@ -470,9 +470,22 @@ impl Sink for ObSink {
         })
     }
 
+    fn applied_position(&self, job: &str) -> Result<Option<crate::online::AppliedPosition>> {
+        self.handle.block_on(self.read_position(job))
+    }
+
+    fn apply_changes(&self, job: &str, set: &crate::online::ChangeSet) -> Result<()> {
+        self.handle.block_on(self.apply(job, set))
+    }
+
     fn forget_job(&self, job: &str) -> Result<u64> {
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
+            if let Err(e) = c.query_drop(format!("DELETE FROM {POSITIONS_TABLE} WHERE job = {}", str_literal(job))).await {
+                if !matches!(&e, mysql_async::Error::Server(s) if s.code == 1146) {
+                    return Err(e).ob("deleting the job's position");
+                }
+            }
             let r = c.query_drop(format!("DELETE FROM {LEDGER_TABLE} WHERE job = {}", str_literal(job))).await;
             let n = match r {
                 Ok(()) => c.affected_rows(),

@@ -71,64 +71,70 @@ pub fn encode_row(cols: &[ArrayRef], types: &[ColumnType], row: usize, lit: Vect
         if i > 0 {
             out.push(b',');
         }
-        if col.is_null(row) {
-            out.extend_from_slice(b"NULL");
-            continue;
+        encode_value(col, ty, row, lit, out)?;
+    }
+    out.push(b')');
+    Ok(())
+}
+
+/// Appends one value as an SQL literal.
+pub fn encode_value(col: &ArrayRef, ty: &ColumnType, row: usize, lit: VectorLiteral, out: &mut Vec<u8>) -> Result<()> {
+    if col.is_null(row) {
+        out.extend_from_slice(b"NULL");
+        return Ok(());
+    }
+    match ty {
+        ColumnType::Int16 | ColumnType::Int32 | ColumnType::Int64 => write!(out, "{}", int_value(col, row))?,
+        ColumnType::Float32 | ColumnType::Float64 => {
+            let v = match col.data_type() {
+                DataType::Float32 => col.as_primitive::<Float32Type>().value(row) as f64,
+                _ => col.as_primitive::<Float64Type>().value(row),
+            };
+            if !v.is_finite() {
+                bail!("{v} cannot be stored in OceanBase");
+            }
+            // Display prints the shortest decimal that parses back to the same value.
+            match col.data_type() {
+                DataType::Float32 => write!(out, "{}", v as f32)?,
+                _ => write!(out, "{v}")?,
+            }
         }
-        match ty {
-            ColumnType::Int16 | ColumnType::Int32 | ColumnType::Int64 => write!(out, "{}", int_value(col, row))?,
-            ColumnType::Float32 | ColumnType::Float64 => {
-                let v = match col.data_type() {
-                    DataType::Float32 => col.as_primitive::<Float32Type>().value(row) as f64,
-                    _ => col.as_primitive::<Float64Type>().value(row),
-                };
-                if !v.is_finite() {
-                    bail!("{v} cannot be stored in OceanBase");
-                }
-                // Display prints the shortest decimal that parses back to the same value.
-                match col.data_type() {
-                    DataType::Float32 => write!(out, "{}", v as f32)?,
-                    _ => write!(out, "{v}")?,
-                }
-            }
-            ColumnType::Bool => out.push(if col.as_boolean().value(row) { b'1' } else { b'0' }),
-            ColumnType::Text { .. } | ColumnType::Json { .. } => {
-                push_str_literal(col.as_any().downcast_ref::<StringArray>().unwrap().value(row), out)
-            }
-            ColumnType::Timestamp { .. } => {
-                let us = col.as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().value(row);
-                push_str_literal(&format_timestamp(us)?, out);
-            }
-            ColumnType::Vector { .. } | ColumnType::HalfVec { .. } => {
-                let v = vector_values(col, row);
-                match lit {
-                    VectorLiteral::Binary => {
-                        out.extend_from_slice(b"X'");
-                        let start = out.len();
-                        out.resize(start + v.len() * 8, 0);
-                        for (dst, x) in out[start..].chunks_exact_mut(8).zip(v) {
-                            for (j, b) in x.to_le_bytes().into_iter().enumerate() {
-                                dst[2 * j] = HEX[(b >> 4) as usize];
-                                dst[2 * j + 1] = HEX[(b & 15) as usize];
-                            }
+        ColumnType::Bool => out.push(if col.as_boolean().value(row) { b'1' } else { b'0' }),
+        ColumnType::Text { .. } | ColumnType::Json { .. } => {
+            push_str_literal(col.as_any().downcast_ref::<StringArray>().unwrap().value(row), out)
+        }
+        ColumnType::Timestamp { .. } => {
+            let us = col.as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().value(row);
+            push_str_literal(&format_timestamp(us)?, out);
+        }
+        ColumnType::Vector { .. } | ColumnType::HalfVec { .. } => {
+            let v = vector_values(col, row);
+            match lit {
+                VectorLiteral::Binary => {
+                    out.extend_from_slice(b"X'");
+                    let start = out.len();
+                    out.resize(start + v.len() * 8, 0);
+                    for (dst, x) in out[start..].chunks_exact_mut(8).zip(v) {
+                        for (j, b) in x.to_le_bytes().into_iter().enumerate() {
+                            dst[2 * j] = HEX[(b >> 4) as usize];
+                            dst[2 * j + 1] = HEX[(b & 15) as usize];
                         }
-                        out.push(b'\'');
                     }
-                    VectorLiteral::Text => {
-                        out.extend_from_slice(b"'[");
-                        for (j, x) in v.iter().enumerate() {
-                            if j > 0 {
-                                out.push(b',');
-                            }
-                            write!(out, "{x}")?;
+                    out.push(b'\'');
+                }
+                VectorLiteral::Text => {
+                    out.extend_from_slice(b"'[");
+                    for (j, x) in v.iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
                         }
-                        out.extend_from_slice(b"]'");
+                        write!(out, "{x}")?;
                     }
+                    out.extend_from_slice(b"]'");
                 }
             }
         }
     }
-    out.push(b')');
     Ok(())
 }
 

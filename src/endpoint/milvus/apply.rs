@@ -1,0 +1,96 @@
+//! Milvus as an online target. Milvus has no transactions and (in 2.3) no
+//! partial update, so a change batch is: final images upserted (a partial
+//! image completed from the row the target holds, so an unchanged vector is
+//! kept as it is), deleted ids deleted, a flush waited for, and only then the
+//! position appended to the job's ledger file. Replaying a batch after a
+//! kill converges: upsert and delete by id are idempotent.
+
+use anyhow::{Result, anyhow};
+use arrow::array::{ArrayRef, UInt32Array};
+use arrow::record_batch::RecordBatch;
+use milvus::proto::common::MsgType;
+use milvus::proto::milvus::DeleteRequest;
+
+use super::encode::start_upsert;
+use super::sink::{MilvusSink, request_flush, wait_flushed};
+use super::source::decode_result;
+use super::{Collection, base};
+use crate::online::{AppliedPosition, ChangeSet, keys_of};
+
+/// Ids per delete or lookup expression.
+const IDS_PER_EXPR: usize = 4_000;
+
+impl MilvusSink {
+    pub(super) fn apply(&self, job: &str, set: &ChangeSet) -> Result<()> {
+        let coll = self.collection()?;
+        let mut images: Vec<RecordBatch> = set.images.iter().filter(|b| b.num_rows() > 0).cloned().collect();
+        for b in set.partial.iter().filter(|b| b.num_rows() > 0) {
+            images.extend(self.complete_partial(&coll, b)?);
+        }
+        for b in &images {
+            let h = start_upsert(&self.conn, &coll, b)?;
+            self.conn.block_on(h).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
+        }
+        for part in set.deletes.chunks(IDS_PER_EXPR) {
+            let req = DeleteRequest {
+                base: base(MsgType::Delete),
+                db_name: self.conn.url.database.clone(),
+                collection_name: self.name.clone(),
+                expr: in_expr(&coll.pk_field, part),
+                ..Default::default()
+            };
+            self.conn.call(&format!("deleting {} rows from {}", part.len(), self.name), |mut c| async move { c.delete(req).await })?;
+        }
+        let ticket = request_flush(&self.conn, &self.name)?;
+        wait_flushed(&self.conn, &self.name, ticket)?;
+        if let Some(l) = &self.ledger {
+            let mut counts = l.position(job)?.map(|p| p.counts).unwrap_or_default();
+            counts.add(&set.counts);
+            l.record_position(job, &AppliedPosition { position: set.position, counts })?;
+        }
+        Ok(())
+    }
+
+    /// Full images for rows of which only some columns changed: the other
+    /// columns from the row the target holds now (rows it does not hold are
+    /// skipped: a later change in the stream deletes or rewrites them).
+    fn complete_partial(&self, coll: &Collection, partial: &RecordBatch) -> Result<Option<RecordBatch>> {
+        let keys = keys_of(partial, &coll.spec.primary_key)?;
+        let output: Vec<String> = coll.fields.iter().map(|f| f.field.clone()).collect();
+        let mut current = Vec::new();
+        for part in keys.chunks(IDS_PER_EXPR) {
+            let data = self.conn.query(&self.name, &in_expr(&coll.pk_field, part), &output, part.len(), None)?;
+            current.push(decode_result(coll, data)?);
+        }
+        let current = arrow::compute::concat_batches(&coll.spec.arrow_schema(), &current)?;
+        let have = keys_of(&current, &coll.spec.primary_key)?;
+        let at: std::collections::HashMap<i64, u32> = have.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+        let (mut from_current, mut from_partial) = (Vec::new(), Vec::new());
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(&j) = at.get(k) {
+                from_current.push(j);
+                from_partial.push(i as u32);
+            }
+        }
+        if from_current.is_empty() {
+            return Ok(None);
+        }
+        let (from_current, from_partial) = (UInt32Array::from(from_current), UInt32Array::from(from_partial));
+        let columns = coll
+            .spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match partial.column_by_name(&c.name) {
+                Some(changed) => arrow::compute::take(changed, &from_partial, None),
+                None => arrow::compute::take(current.column(i), &from_current, None),
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        Ok(Some(RecordBatch::try_new(coll.spec.arrow_schema(), columns)?))
+    }
+}
+
+fn in_expr(pk_field: &str, ids: &[i64]) -> String {
+    let list: Vec<String> = ids.iter().map(|k| k.to_string()).collect();
+    format!("{pk_field} in [{}]", list.join(","))
+}
