@@ -400,7 +400,11 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
-    for p in [jd.manifest(), jd.status("export"), jd.status("import"), jd.status("migrate"), crate::online::CutoverRequest::path(&dir)] {
+    let mut files = vec![jd.manifest()];
+    for command in ["export", "import", "migrate"] {
+        files.extend([jd.status(command), crate::online::CutoverRequest::path(&dir, command)]);
+    }
+    for p in files {
         if p.exists() {
             std::fs::remove_file(&p)?;
         }

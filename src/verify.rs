@@ -83,32 +83,98 @@ fn normalise(b: &RecordBatch, n: Normalise) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(b.schema(), cols)?)
 }
 
+impl Normalise {
+    /// The name of a comparison mode (keys of an export's source digests).
+    pub fn key(&self) -> &'static str {
+        match (self.round_vectors, self.timestamps_ms) {
+            (false, false) => "exact",
+            (true, false) => "rounded",
+            (false, true) => "ms",
+            (true, true) => "rounded+ms",
+        }
+    }
+    const ALL: [Normalise; 4] = [
+        Normalise { round_vectors: false, timestamps_ms: false },
+        Normalise { round_vectors: true, timestamps_ms: false },
+        Normalise { round_vectors: false, timestamps_ms: true },
+        Normalise { round_vectors: true, timestamps_ms: true },
+    ];
+}
+
 /// id -> row hash of one side's chunk, with rows projected to `columns` order.
 fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: Normalise) -> Result<HashMap<i64, u64>> {
+    Ok(read_side_modes(side, chunk, columns, &[norm])?.pop().unwrap())
+}
+
+/// `read_side` under several comparison modes, reading the chunk once.
+fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<i64, u64>>> {
     let pk = &side.spec().primary_key;
-    let mut rows = HashMap::new();
-    side.read_chunk(chunk, 2048, &mut |b: RecordBatch| {
-        let b = normalise(&b, norm)?;
-        let projected: Vec<_> = columns
-            .iter()
-            .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
-            .collect::<Result<_>>()?;
-        let fields: Vec<_> = columns
-            .iter()
-            .zip(&projected)
-            .map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true))
-            .collect();
-        let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
-        let ids = arrow::compute::cast(b.column_by_name(pk).unwrap(), &arrow::datatypes::DataType::Int64)?;
-        let ids = ids.as_primitive::<Int64Type>();
-        for (i, h) in row_hashes(&pb).into_iter().enumerate() {
-            if ids.is_valid(i) {
-                rows.insert(ids.value(i), h);
+    let mut out = vec![HashMap::new(); norms.len()];
+    side.read_chunk(chunk, 2048, &mut |raw: RecordBatch| {
+        for (rows, norm) in out.iter_mut().zip(norms) {
+            let b = normalise(&raw, *norm)?;
+            let projected: Vec<_> = columns
+                .iter()
+                .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
+                .collect::<Result<_>>()?;
+            let fields: Vec<_> = columns
+                .iter()
+                .zip(&projected)
+                .map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true))
+                .collect();
+            let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
+            let ids = arrow::compute::cast(b.column_by_name(pk).unwrap(), &arrow::datatypes::DataType::Int64)?;
+            let ids = ids.as_primitive::<Int64Type>();
+            for (i, h) in row_hashes(&pb).into_iter().enumerate() {
+                if ids.is_valid(i) {
+                    rows.insert(ids.value(i), h);
+                }
             }
         }
         Ok(())
     })?;
-    Ok(rows)
+    Ok(out)
+}
+
+/// One chunk of a side in a few numbers: rows and an order-independent
+/// digest of their values (for sides that cannot be read together: the
+/// export's source and the import's target).
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ChunkDigest {
+    pub chunk: u32,
+    pub lo: i64,
+    pub hi: i64,
+    pub rows: u64,
+    pub digest: String,
+}
+
+fn digest_of(chunk: &ChunkRange, rows: &HashMap<i64, u64>) -> ChunkDigest {
+    let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
+    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, rows: rows.len() as u64, digest: format!("{sum:016x}") }
+}
+
+/// Digests of every chunk of `side` under every comparison mode, by mode.
+pub fn digests_all_modes(side: &dyn Source, plan: &[ChunkRange]) -> Result<std::collections::BTreeMap<String, Vec<ChunkDigest>>> {
+    let columns: Vec<String> = side.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let mut out: std::collections::BTreeMap<String, Vec<ChunkDigest>> = Default::default();
+    for chunk in plan {
+        let modes = read_side_modes(side, chunk, &columns, &Normalise::ALL)?;
+        for (norm, rows) in Normalise::ALL.iter().zip(&modes) {
+            out.entry(norm.key().to_string()).or_default().push(digest_of(chunk, rows));
+        }
+    }
+    Ok(out)
+}
+
+/// Digests of `side` in the mode a comparison with a source of these
+/// properties needs; returns (mode, digests). `columns`: the source's.
+pub fn digests_for(side: &dyn Source, plan: &[ChunkRange], columns: &[String], source_exact: bool, source_ms: bool) -> Result<(String, Vec<ChunkDigest>)> {
+    let norm = Normalise { round_vectors: !source_exact || !side.vectors_exact(), timestamps_ms: source_ms || side.timestamps_ms() };
+    let mut out = Vec::new();
+    for chunk in plan {
+        out.push(digest_of(chunk, &read_side(side, chunk, columns, norm)?));
+    }
+    Ok((norm.key().to_string(), out))
 }
 
 fn first(mut v: Vec<i64>) -> Vec<i64> {

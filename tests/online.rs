@@ -49,16 +49,16 @@ fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
 
     // 2. Resumed; killed while following the writer's changes.
     let mut second = start(&args, &Moment::Committed(0));
-    wait_following(&mut second, &job_dir, 0, name);
+    wait_following(&mut second, &job_dir, "migrate", 0, name);
     writer.wait_for_more(30);
-    wait_following(&mut second, &job_dir, applied(&job_dir), name);
+    wait_following(&mut second, &job_dir, "migrate", applied(&job_dir, "migrate"), name);
     kill(second);
-    let before = applied(&job_dir);
+    let before = applied(&job_dir, "migrate");
     writer.wait_for_more(30);
 
     // 3. Resumed again; it picks up from its last applied position.
     let mut third = start(&args, &Moment::Committed(0));
-    wait_following(&mut third, &job_dir, before, name);
+    wait_following(&mut third, &job_dir, "migrate", before, name);
     let ops = writer.stop();
 
     let mut cut = args.clone();
@@ -69,7 +69,7 @@ fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
     assert!(said.contains("safe to switch"), "{name}: {said}");
     let status = third.wait().unwrap();
     assert!(status.success(), "{name}: the online job did not exit 0 after cutover ({status})");
-    eprintln!("{name}: writer made {ops} changes; {} applied in the last run's count", applied(&job_dir));
+    eprintln!("{name}: writer made {ops} changes; {} applied in the last run's count", applied(&job_dir, "migrate"));
     check(&src);
     assert_eq!(source_artifacts(&src, &format!("vmig_{name}")), (0, 0), "{name}: slot or publication left on the source");
 }
@@ -109,6 +109,66 @@ fn online_into_milvus_survives_kills_and_cuts_over_exactly() {
     });
 }
 
+/// Online across hosts: export and import are separate processes joined
+/// only by the staging directory (snapshot chunks, then change files).
+#[test]
+fn online_through_staging_with_separate_export_and_import_survives_kills() {
+    let name = "online_st";
+    let src = fresh_db(&source_base(), &format!("{name}_src"), true);
+    let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
+    ok(&["generate", "--to", &src, "--rows", "2400", "--dim", "1536"]);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap().to_string();
+    let export: Vec<String> = ["export", "--online", "--from", &src, "--staging", &st_s, "--job", name, "--chunk-rows", "400", "--workers", "1", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let import: Vec<String> = ["import", "--online", "--staging", &st_s, "--to", &dst, "--quiet"].iter().map(|s| s.to_string()).collect();
+    let writer = Writer::start(&src);
+
+    // The export killed during its snapshot, then resumed.
+    let mut a = export.clone();
+    a.extend(["--rate-limit".into(), "400".into()]);
+    let mut exp = start(&a, &Moment::Committed(1));
+    wait_for(&mut exp, &st, "export", &Moment::Committed(1), name);
+    kill(exp);
+    let mut exp = start(&export, &Moment::Committed(0));
+    wait_following(&mut exp, &st, "export", 0, name);
+
+    // The import follows the change files; killed, the export killed too, both resumed.
+    let mut imp = start(&import, &Moment::Committed(0));
+    wait_following(&mut imp, &st, "import", 0, name);
+    writer.wait_for_more(30);
+    kill(imp);
+    kill(exp);
+    let exported = applied(&st, "export");
+    writer.wait_for_more(30);
+    let mut exp = start(&export, &Moment::Committed(0));
+    wait_following(&mut exp, &st, "export", exported, name);
+    let mut imp = start(&import, &Moment::Committed(0));
+    wait_following(&mut imp, &st, "import", 0, name);
+    writer.stop();
+
+    let mut cut = export.clone();
+    cut[0] = "cutover".into();
+    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the export is complete"), "export cutover");
+    assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
+    // The import cuts over by itself once it has applied the export's last file.
+    let mut cut = import.clone();
+    cut[0] = "cutover".into();
+    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
+    assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+    assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > query_i64(&dst, "SELECT max(id) FROM modeldata"));
+    assert_eq!(source_artifacts(&src, "vmig_online_st"), (0, 0));
+    // Change files are plain Parquet with an op column.
+    let files = std::fs::read_dir(st.join("changes")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count();
+    assert!(files > 0);
+}
+
 #[test]
 fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     let (src, dst) = dbs("online_reset");
@@ -120,7 +180,7 @@ fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     let mut run = start(&args, &Moment::Committed(0));
     wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
     exec(&src, "DELETE FROM modeldata WHERE id IN (SELECT id FROM modeldata ORDER BY id LIMIT 5)");
-    wait_following(&mut run, &job_dir, 0, job);
+    wait_following(&mut run, &job_dir, "migrate", 0, job);
     kill(run);
     assert_eq!(source_artifacts(&src, "vmig_online_reset"), (1, 1));
     let st = state.path().to_str().unwrap();

@@ -8,77 +8,159 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 use tokio::runtime::Handle;
 
-use super::{CutoverRequest, OnlineState, run_online};
+use super::follow::OpenStream;
+use super::{CutoverCheck, CutoverRequest, OnlineState, run_online};
 use crate::cli::RunArgs;
 use crate::commands::{EXIT_CANCELLED, JobSetup, open_source, run_job, setup_job};
 use crate::config::Endpoint;
 use crate::endpoint::postgres::PgSource;
 use crate::endpoint::postgres::changes::{PgChangeStream, drop_artifacts};
+use crate::endpoint::staging::StagingSource;
+use crate::endpoint::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
 use crate::endpoint::{Feedback, Source};
 use crate::ledger::{JobDir, now_rfc3339};
 use crate::progress::{Report, Status};
 
-/// `migrate --online`.
+/// `migrate --online`, `export --online`, `import --online`.
 pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    match &job.source_ep {
+        Endpoint::Postgres(url) => from_postgres(job, url, handle, cancel),
+        Endpoint::Staging(dir) => from_staging(job, dir, handle, cancel),
+        other => bail!(
+            "online migration from {} is not available yet; online sources today: PostgreSQL (wal_level = logical), \
+             and a staging area written by export --online",
+            other.describe()
+        ),
+    }
+}
+
+/// Change capture on a PostgreSQL source, into a database, a staging area, or both.
+fn from_postgres(job: &JobSetup, url: &crate::config::PgUrl, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
     let cfg = &job.cfg;
-    if cfg.command != "migrate" {
-        bail!(
-            "{} --online (online through staging files) is not available yet; use migrate --online between two databases",
-            cfg.command
-        );
-    }
-    if job.args.staging.is_some() {
-        bail!("migrate --online with --staging is not available yet; use migrate --online without --staging");
-    }
-    let Endpoint::Postgres(url) = &job.source_ep else {
-        bail!(
-            "online migration from {} is not available yet; online sources today: PostgreSQL (wal_level = logical)",
-            job.source_ep.describe()
-        );
-    };
-    let target_ep = job.target_ep.clone().ok_or_else(|| anyhow!("migrate needs --to"))?;
     let pg = Arc::new(PgSource::open(url.clone(), &job.table, handle.clone())?);
     let source: Arc<dyn Source> = pg.clone();
     let job_dir = cfg.job_dir.clone();
-    let open_stream: super::follow::OpenStream<'_> = Box::new(|fb: &crate::progress::Progress, committed: bool| {
-        let s = PgChangeStream::open(
-            url.clone(),
-            &job.table,
-            handle.clone(),
-            &cfg.job,
-            &job_dir,
-            &pg,
-            committed,
-            fb as &dyn Feedback,
-        )?;
+    let open_stream: OpenStream<'_> = Box::new(|fb: &crate::progress::Progress, committed: bool| {
+        let s = PgChangeStream::open(url.clone(), &job.table, handle.clone(), &cfg.job, &job_dir, &pg, committed, fb as &dyn Feedback)?;
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
-    let verify = || {
-        // The source as it is now (not the snapshot the copy read).
-        let now = PgSource::open(url.clone(), &job.table, handle.clone())?;
-        let target = open_source(&target_ep, &job.target_table, handle)?;
+    // The source as it is now (not the snapshot the copy read).
+    let source_now = || PgSource::open(url.clone(), &job.table, handle.clone());
+    let check = || -> Result<CutoverCheck> {
+        let now = source_now()?;
         let plan = now.plan(cfg.chunk_rows)?;
-        crate::verify::verify(&now, target.as_ref(), &plan, cfg.workers)
+        match &job.target_ep {
+            Some(target_ep) => {
+                let target = open_source(target_ep, &job.target_table, handle)?;
+                Ok(crate::verify::verify(&now, target.as_ref(), &plan, cfg.workers)?.into())
+            }
+            // Export: the import side verifies against these digests.
+            None => {
+                let digests = crate::verify::digests_all_modes(&now, &plan)?;
+                let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
+                let last_file = read_change_markers(&cfg.job_dir)?.keys().next_back().copied().unwrap_or(0);
+                write_end(
+                    &cfg.job_dir,
+                    &EndMarker { last_file, source_rows, plan, digests, written_at: now_rfc3339() },
+                )?;
+                Ok(CutoverCheck {
+                    equal: true,
+                    summary: format!(
+                        "the export is complete ({source_rows} source rows, {last_file} change files; digests in changes/end.json). \
+                         The target is ready once `vmig import --online` on this staging area prints its own \"safe to switch\""
+                    ),
+                    differences: String::new(),
+                })
+            }
+        }
     };
-    run_online(cfg, source, job.sinks.clone(), open_stream, &verify, cancel)
+    run_online(cfg, source, job.sinks.clone(), open_stream, &check, cancel)
+}
+
+/// `import --online`: the export's snapshot chunks, then its change files in
+/// order; cuts over once the export has cut over and everything is applied.
+fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    let cfg = &job.cfg;
+    let staging = StagingSource::open(dir.to_path_buf())?;
+    wait_for_snapshot(&staging, &cancel)?;
+    let spec = staging.spec().clone();
+    let exact = staging.vectors_exact();
+    let source: Arc<dyn Source> = Arc::new(staging);
+    let open_stream: OpenStream<'_> = Box::new(|_: &crate::progress::Progress, _| {
+        Ok(Box::new(StagingChangeStream::open(dir.to_path_buf(), spec.clone())) as Box<dyn super::ChangeStream>)
+    });
+    let target_ep = job.target_ep.clone().ok_or_else(|| anyhow!("import needs --to"))?;
+    let check = || -> Result<CutoverCheck> {
+        let end = read_end(dir)?.ok_or_else(|| anyhow!("the export has not cut over (no changes/end.json)"))?;
+        let target = open_source(&target_ep, &job.target_table, handle)?;
+        let columns: Vec<String> = source.spec().columns.iter().map(|c| c.name.clone()).collect();
+        let (mode, got) = crate::verify::digests_for(target.as_ref(), &end.plan, &columns, exact, false)?;
+        let want = end.digests.get(&mode).ok_or_else(|| anyhow!("changes/end.json has no digests for comparison mode {mode}"))?;
+        let diffs = compare_digests(want, &got);
+        let rows: u64 = got.iter().map(|d| d.rows).sum();
+        Ok(CutoverCheck {
+            equal: diffs.is_empty(),
+            summary: format!(
+                "the target equals the export's source at its cutover ({rows} rows; per-chunk digests of ids and every column, {mode})"
+            ),
+            differences: diffs.into_iter().take(5).collect::<Vec<_>>().join("; "),
+        })
+    };
+    run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, cancel)
+}
+
+/// An online import starts once the export's snapshot is complete.
+fn wait_for_snapshot(staging: &StagingSource, cancel: &AtomicBool) -> Result<()> {
+    let total = staging.manifest().plan.len();
+    let mut said = usize::MAX;
+    loop {
+        let ready = staging.ready_chunks()?.len();
+        if ready >= total {
+            return Ok(());
+        }
+        if cancel.load(Relaxed) {
+            bail!("cancelled while waiting for the export's snapshot ({ready} of {total} chunks)");
+        }
+        if ready != said {
+            eprintln!("waiting for the export's snapshot: {ready} of {total} chunks exported");
+            said = ready;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// `vmig cutover`: asks the running online job to cut over and waits for
 /// it, or cuts over itself when no run is alive. Returns the exit code.
 pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
     args.online = true;
-    let job = setup_job("migrate", args.clone(), handle)?;
+    let resolved = crate::commands::resolve_run_args(args.clone())?;
+    // The flags say which job: import (staging → database), export
+    // (database → staging) or migrate.
+    let command = match (&resolved.from, &resolved.to, &resolved.staging) {
+        (None, Some(_), Some(_)) => "import",
+        (Some(_), None, Some(_)) => "export",
+        _ => "migrate",
+    };
+    let job = setup_job(command, args.clone(), handle)?;
     let dir = job.cfg.job_dir.clone();
     drop(job);
-    if OnlineState::load(&dir)?.is_none() {
-        if let Some(r) = CutoverRequest::load(&dir)?.filter(|r| r.state == "done") {
-            println!("{}", r.message.unwrap_or_default());
-            eprintln!("job in {} was already cut over at {}", dir.display(), r.finished_at.unwrap_or_default());
-            return Ok(0);
-        }
-        bail!("no online job in {} (start one with migrate --online, with the same flags)", dir.display());
+    if let Some(r) = CutoverRequest::load(&dir, command)?.filter(|r| r.state == "done") {
+        println!("{}", r.message.unwrap_or_default());
+        eprintln!("the {command} job in {} was already cut over at {}", dir.display(), r.finished_at.unwrap_or_default());
+        return Ok(0);
     }
-    let running = read_status(&dir).filter(|s| s.state == "running" && process_alive(s.pid));
+    if command == "import" {
+        if read_end(&dir)?.is_none() {
+            bail!(
+                "the export into {} has not cut over yet: run `vmig cutover` with the export's flags on the source's side \
+                 first, then bring the staging area here",
+                dir.display()
+            );
+        }
+    } else if OnlineState::load(&dir)?.is_none() {
+        bail!("no online job in {} (start one with {command} --online, with the same flags)", dir.display());
+    }
+    let running = read_status(&dir, command).filter(|s| s.state == "running" && process_alive(s.pid));
     CutoverRequest {
         requested_at: now_rfc3339(),
         state: "requested".into(),
@@ -87,17 +169,17 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         finished_at: None,
         standalone: running.is_none(),
     }
-    .save(&dir)?;
+    .save(&dir, command)?;
     let Some(run) = running else {
         eprintln!("no online run of this job is alive; cutting over here");
-        let report = run_job("migrate", args, handle, cancel.clone())?;
+        let report = run_job(command, args, handle, cancel.clone())?;
         if cancel.load(Relaxed) {
             return Ok(EXIT_CANCELLED as u8);
         }
         if let Some(e) = report.error {
             bail!("{e}");
         }
-        let r = CutoverRequest::load(&dir)?.ok_or_else(|| anyhow!("cutover left no result"))?;
+        let r = CutoverRequest::load(&dir, command)?.ok_or_else(|| anyhow!("cutover left no result"))?;
         println!("{}", r.message.unwrap_or_default());
         return Ok(0);
     };
@@ -108,7 +190,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
             eprintln!("stopped waiting; the online job goes on with the cutover (see vmig status)");
             return Ok(EXIT_CANCELLED as u8);
         }
-        if let Some(r) = CutoverRequest::load(&dir)? {
+        if let Some(r) = CutoverRequest::load(&dir, command)? {
             match r.state.as_str() {
                 "done" => {
                     println!("{}", r.message.unwrap_or_default());
@@ -118,7 +200,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
                 _ => {}
             }
         }
-        match read_status(&dir) {
+        match read_status(&dir, command) {
             Some(s) if s.state == "running" && process_alive(s.pid) => {
                 if s.phase != last_phase {
                     eprintln!("online job: {}", s.phase);
@@ -131,8 +213,8 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
     }
 }
 
-fn read_status(dir: &std::path::Path) -> Option<Status> {
-    let bytes = std::fs::read(JobDir::new(dir).status("migrate")).ok()?;
+fn read_status(dir: &std::path::Path, command: &str) -> Option<Status> {
+    let bytes = std::fs::read(JobDir::new(dir).status(command)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -162,7 +244,6 @@ pub fn reset_artifacts(dir: &std::path::Path, from: Option<&str>, handle: &Handl
         eprintln!("dropped {} on {}", dropped.join(" and "), url.redacted());
     }
     std::fs::remove_file(OnlineState::path(dir))?;
-    let _ = std::fs::remove_file(CutoverRequest::path(dir));
     Ok(())
 }
 
@@ -189,8 +270,10 @@ pub fn status_lines(dir: &std::path::Path, runs: &[Status]) -> Result<Vec<String
             st.slot, st.publication, st.source
         ));
     }
-    if let Some(r) = CutoverRequest::load(dir)? {
-        out.push(format!("cutover: {}{}", r.state, r.message.map(|m| format!(" · {m}")).unwrap_or_default()));
+    for command in ["export", "import", "migrate"] {
+        if let Some(r) = CutoverRequest::load(dir, command)? {
+            out.push(format!("{command} cutover: {}{}", r.state, r.message.map(|m| format!(" · {m}")).unwrap_or_default()));
+        }
     }
     Ok(out)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use arrow::record_batch::RecordBatch;
 
-use super::{AppliedPosition, ChangeSet, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
+use super::{AppliedPosition, ChangeSet, CutoverCheck, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
 use crate::endpoint::{Sink, Source};
 use crate::ledger::{JobDir, now_rfc3339};
 use crate::pipeline::{
@@ -21,7 +21,6 @@ use crate::progress::{Progress, Report};
 use crate::retry::with_retries;
 use crate::schema::TableSpec;
 use crate::transform::{Transformer, write_rejects};
-use crate::verify::VerifyReport;
 
 /// Changes asked for per batch (whole transactions: a large one exceeds it).
 const BATCH_CHANGES: usize = 5_000;
@@ -31,7 +30,7 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Sets up (or, on resume, reopens) a source's change capture; `committed`:
 /// a target already holds part of this job, so a lost capture cannot be
 /// silently recreated.
-pub type OpenStream<'a> = Box<dyn FnOnce(&Progress, bool) -> Result<Box<dyn ChangeStream>> + 'a>;
+pub(crate) type OpenStream<'a> = Box<dyn FnOnce(&Progress, bool) -> Result<Box<dyn ChangeStream>> + 'a>;
 
 /// Runs an online job until cutover (exit 0) or cancellation.
 pub fn run_online(
@@ -39,7 +38,7 @@ pub fn run_online(
     source: Arc<dyn Source>,
     sinks: Vec<(String, Arc<dyn Sink>)>,
     open_stream: OpenStream<'_>,
-    verify: &dyn Fn() -> Result<VerifyReport>,
+    check: &dyn Fn() -> Result<CutoverCheck>,
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
     let describe = (source.describe(), sinks.iter().map(|(_, s)| s.describe()).collect());
@@ -60,7 +59,7 @@ pub fn run_online(
             error = finish_targets(cfg, &job, &cancel, progress);
         }
         if error.is_none() {
-            match follow(cfg, &job, stream.as_mut(), &cancel, progress, verify) {
+            match follow(cfg, &job, stream.as_mut(), &cancel, progress, check) {
                 Ok(true) => {}
                 Ok(false) => {
                     loaded.cancelled = true;
@@ -89,7 +88,7 @@ fn follow(
     stream: &mut dyn ChangeStream,
     cancel: &Arc<AtomicBool>,
     progress: &Arc<Progress>,
-    verify: &dyn Fn() -> Result<VerifyReport>,
+    check: &dyn Fn() -> Result<CutoverCheck>,
 ) -> Result<bool> {
     let dir = cfg.job_dir.clone();
     let mut applied: Vec<AppliedPosition> = Vec::new();
@@ -113,10 +112,14 @@ fn follow(
             return Ok(false);
         }
         if drain_to.is_none() {
-            if let Some(mut req) = CutoverRequest::load(&dir)?.filter(|r| r.state == "requested") {
+            if let Some(end) = stream.ends_at()? {
+                progress.println(&format!("the stream ends at {}: applying it, then cutting over", stream.format_position(end)));
+                progress.set_phase("cutting over");
+                drain_to = Some(end);
+            } else if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)?.filter(|r| r.state == "requested") {
                 let p = stream.current_position()?;
                 req.position = Some(stream.format_position(p));
-                req.save(&dir)?;
+                req.save(&dir, &cfg.command)?;
                 progress.println(&format!("cutover requested: draining to {}", stream.format_position(p)));
                 progress.set_phase("cutting over");
                 drain_to = Some(p);
@@ -190,10 +193,10 @@ fn follow(
             last_stats = Some(Instant::now());
         }
         if batch.complete && drain_to.is_some() {
-            match cutover(cfg, job, stream, cancel, progress, verify) {
+            match cutover(cfg, job, stream, cancel, progress, check) {
                 Ok(()) => return Ok(true),
                 // Run by `vmig cutover` itself: nothing left to follow for.
-                Err(e) if standalone_cutover(&dir) => return Err(e),
+                Err(e) if standalone_cutover(&dir, &cfg.command) => return Err(e),
                 Err(e) => {
                     progress.println(&format!("error: {e:#}"));
                     drain_to = None;
@@ -206,8 +209,8 @@ fn follow(
     }
 }
 
-fn standalone_cutover(dir: &std::path::Path) -> bool {
-    CutoverRequest::load(dir).ok().flatten().is_some_and(|r| r.standalone)
+fn standalone_cutover(dir: &std::path::Path, command: &str) -> bool {
+    CutoverRequest::load(dir, command).ok().flatten().is_some_and(|r| r.standalone)
 }
 
 /// Drained: finish every target, verify, remove the source's artefacts.
@@ -217,15 +220,15 @@ fn cutover(
     stream: &mut dyn ChangeStream,
     cancel: &Arc<AtomicBool>,
     progress: &Arc<Progress>,
-    verify: &dyn Fn() -> Result<VerifyReport>,
+    check: &dyn Fn() -> Result<CutoverCheck>,
 ) -> Result<()> {
     let dir = cfg.job_dir.clone();
     let fail = |msg: String| -> Result<()> {
-        if let Some(mut req) = CutoverRequest::load(&dir)? {
+        if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {
             req.state = "failed".into();
             req.message = Some(msg.clone());
             req.finished_at = Some(now_rfc3339());
-            req.save(&dir)?;
+            req.save(&dir, &cfg.command)?;
         }
         bail!("{msg}")
     };
@@ -233,37 +236,27 @@ fn cutover(
         return fail(format!("cutover: finishing the target failed: {e}"));
     }
     progress.set_phase("verifying");
-    let r = match verify() {
+    let r = match check() {
         Ok(r) => r,
         Err(e) => return fail(format!("cutover: verify failed to run: {e:#}")),
     };
     if !r.equal {
-        let ids: Vec<String> = r
-            .differing_chunks
-            .iter()
-            .take(3)
-            .map(|d| format!("chunk {} (missing {:?}, extra {:?}, different {:?})", d.chunk, d.missing, d.extra, d.different))
-            .collect();
         return fail(format!(
-            "cutover: the target differs from the source after draining (source {} rows, target {} rows; {}); \
-             were writes to the source stopped? The job keeps following; stop the writes and request the cutover again",
-            r.source_rows,
-            r.target_rows,
-            ids.join("; ")
+            "cutover: the target differs from the source after draining ({}); were writes to the source stopped? \
+             The job keeps following; stop the writes and request the cutover again",
+            r.differences
         ));
     }
     let artifacts = stream.artifacts();
     stream.drop_artifacts()?;
     let _ = std::fs::remove_file(OnlineState::path(&dir));
-    let msg = format!(
-        "safe to switch: the target equals the source ({} rows, ids and every column; vectors {}); {} removed",
-        r.target_rows, r.vector_comparison, artifacts
-    );
-    if let Some(mut req) = CutoverRequest::load(&dir)? {
+    let removed = if stream.removes_artifacts() { format!("; {artifacts} removed") } else { String::new() };
+    let msg = format!("safe to switch: {}{removed}", r.summary);
+    if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {
         req.state = "done".into();
         req.message = Some(msg.clone());
         req.finished_at = Some(now_rfc3339());
-        req.save(&dir)?;
+        req.save(&dir, &cfg.command)?;
     }
     progress.println(&msg);
     Ok(())

@@ -92,6 +92,11 @@ pub trait ChangeStream: Send {
     fn format_position(&self, p: u64) -> String;
     /// The source's current position: a cutover drains up to it.
     fn current_position(&mut self) -> Result<u64>;
+    /// Where the stream ends, once its source has said so (an import's export
+    /// cut over): the job then cuts over when it has applied that far.
+    fn ends_at(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Moves the stream past what every target has applied (a resume after a
     /// crash between a target's commit and the confirmation).
     fn skip_to(&mut self, position: u64) -> Result<()>;
@@ -103,6 +108,10 @@ pub trait ChangeStream: Send {
     fn stats(&mut self) -> Result<StreamStats>;
     /// Removes the source-side artefacts (finished cutover).
     fn drop_artifacts(&mut self) -> Result<()>;
+    /// The artefacts are the source's and go at cutover (false: files kept).
+    fn removes_artifacts(&self) -> bool {
+        true
+    }
 }
 
 /// `online.json` in the job's directory: which source artefacts the job
@@ -132,8 +141,9 @@ impl OnlineState {
     }
 }
 
-/// `cutover.json` in the job's directory: written by `vmig cutover`
-/// (requested), answered by the online job (done or failed).
+/// `cutover-<command>.json` in the job's directory: written by `vmig
+/// cutover` (requested), answered by the online job (done or failed). Per
+/// command: an export and its import share a staging directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CutoverRequest {
     pub requested_at: String,
@@ -153,14 +163,14 @@ pub struct CutoverRequest {
 }
 
 impl CutoverRequest {
-    pub fn path(job_dir: &Path) -> PathBuf {
-        job_dir.join("cutover.json")
+    pub fn path(job_dir: &Path, command: &str) -> PathBuf {
+        job_dir.join(format!("cutover-{command}.json"))
     }
-    pub fn load(job_dir: &Path) -> Result<Option<CutoverRequest>> {
-        load_json(&Self::path(job_dir))
+    pub fn load(job_dir: &Path, command: &str) -> Result<Option<CutoverRequest>> {
+        load_json(&Self::path(job_dir, command))
     }
-    pub fn save(&self, job_dir: &Path) -> Result<()> {
-        write_atomic(&Self::path(job_dir), &serde_json::to_vec_pretty(self)?)
+    pub fn save(&self, job_dir: &Path, command: &str) -> Result<()> {
+        write_atomic(&Self::path(job_dir, command), &serde_json::to_vec_pretty(self)?)
     }
 }
 
@@ -209,6 +219,34 @@ pub fn human_bytes(b: u64) -> String {
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
         b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
         b => format!("{b} B"),
+    }
+}
+
+/// What a cutover's check found (verify, or digests across a staging area).
+pub struct CutoverCheck {
+    pub equal: bool,
+    /// Completes "safe to switch: …" when equal.
+    pub summary: String,
+    /// What differs, when not equal.
+    pub differences: String,
+}
+
+impl From<crate::verify::VerifyReport> for CutoverCheck {
+    fn from(r: crate::verify::VerifyReport) -> Self {
+        let diffs: Vec<String> = r
+            .differing_chunks
+            .iter()
+            .take(3)
+            .map(|d| format!("chunk {} (missing {:?}, extra {:?}, different {:?})", d.chunk, d.missing, d.extra, d.different))
+            .collect();
+        CutoverCheck {
+            equal: r.equal,
+            summary: format!(
+                "the target equals the source ({} rows, ids and every column; vectors {})",
+                r.target_rows, r.vector_comparison
+            ),
+            differences: format!("source {} rows, target {} rows; {}", r.source_rows, r.target_rows, diffs.join("; ")),
+        }
     }
 }
 

@@ -86,8 +86,8 @@ impl Writer {
 }
 
 /// Changes the online job has applied (all kinds), from its status file.
-pub fn applied(job_dir: &Path) -> u64 {
-    status_of(job_dir, "migrate")
+pub fn applied(job_dir: &Path, command: &str) -> u64 {
+    status_of(job_dir, command)
         .and_then(|s| {
             let a = &s["online"]["applied"];
             Some(a["inserts"].as_u64()? + a["updates"].as_u64()? + a["deletes"].as_u64()?)
@@ -97,12 +97,12 @@ pub fn applied(job_dir: &Path) -> u64 {
 
 /// Waits until the online job follows the source (phase) having applied more
 /// than `than` changes.
-pub fn wait_following(child: &mut Child, job_dir: &Path, than: u64, what: &str) {
+pub fn wait_following(child: &mut Child, job_dir: &Path, command: &str, than: u64, what: &str) {
     let t = Instant::now();
     loop {
-        let st = status_of(job_dir, "migrate");
+        let st = status_of(job_dir, command);
         let phase = st.as_ref().and_then(|s| s["phase"].as_str().map(str::to_string)).unwrap_or_default();
-        if (phase == "following" || phase == "catching up") && applied(job_dir) > than {
+        if (phase == "following" || phase == "catching up") && applied(job_dir, command) > than {
             return;
         }
         if let Some(code) = child.try_wait().unwrap() {

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, Source};
+pub mod changes;
+
 use crate::ledger::{CommitRecord, FileLock, JobDir, Ledger, now_rfc3339, sync_dir, write_atomic};
 use crate::plan::ChunkRange;
 use crate::schema::TableSpec;
@@ -95,12 +97,15 @@ pub fn read_markers(dir: &Path) -> Result<Ledger> {
 
 /// Checks a chunk file against its commit marker (size and sha256).
 pub fn check_chunk_file(dir: &Path, rec: &CommitRecord) -> Result<()> {
-    let path = chunk_path(dir, rec.chunk);
-    let name = format!("chunk {:06}", rec.chunk);
-    let mut f = fs::File::open(&path).map_err(|e| anyhow!("{name}: cannot open {}: {e}", path.display()))?;
+    check_file(&chunk_path(dir, rec.chunk), &format!("chunk {:06}", rec.chunk), rec.bytes, rec.sha256.as_deref())
+}
+
+/// Checks a staged file against the size and sha256 its marker records.
+pub fn check_file(path: &Path, name: &str, bytes: u64, sha256: Option<&str>) -> Result<()> {
+    let mut f = fs::File::open(path).map_err(|e| anyhow!("{name}: cannot open {}: {e}", path.display()))?;
     let len = f.metadata()?.len();
-    if len != rec.bytes {
-        bail!("{name}: file is {len} bytes, its commit marker says {} (truncated or altered); refusing it", rec.bytes);
+    if len != bytes {
+        bail!("{name}: file is {len} bytes, its commit marker says {bytes} (truncated or altered); refusing it");
     }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -112,7 +117,7 @@ pub fn check_chunk_file(dir: &Path, rec: &CommitRecord) -> Result<()> {
         h.update(&buf[..n]);
     }
     let got = hex::encode(h.finalize());
-    if Some(&got) != rec.sha256.as_ref() {
+    if Some(got.as_str()) != sha256 {
         bail!("{name}: sha256 of the file does not match its commit marker (file altered or damaged); refusing it");
     }
     Ok(())
@@ -120,10 +125,15 @@ pub fn check_chunk_file(dir: &Path, rec: &CommitRecord) -> Result<()> {
 
 /// Writer properties: zstd, vector leaf BYTE_STREAM_SPLIT without dictionary.
 pub fn writer_properties(spec: &TableSpec) -> Result<WriterProperties> {
+    writer_properties_for(spec, &spec.arrow_schema())
+}
+
+/// Writer properties for a file of `schema` whose columns include `spec`'s.
+pub fn writer_properties_for(spec: &TableSpec, schema: &arrow::datatypes::Schema) -> Result<WriterProperties> {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
-    let parquet_schema = parquet::arrow::ArrowSchemaConverter::new().convert(&spec.arrow_schema())?;
+    let parquet_schema = parquet::arrow::ArrowSchemaConverter::new().convert(schema)?;
     for col in parquet_schema.columns() {
         let path = col.path();
         if spec.column(&path.parts()[0]).is_some_and(|c| c.ty.is_vector()) {
@@ -187,7 +197,7 @@ impl ParquetFileWriter {
 // ---------------------------------------------------------------- sink
 
 pub struct StagingSink {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     spec: std::sync::Mutex<Option<TableSpec>>,
 }
 
@@ -228,6 +238,19 @@ impl Sink for StagingSink {
 
     fn finish(&self, _: &TableSpec, _: &[ChunkRange], _: &SinkOptions, _: &dyn Feedback) -> Result<()> {
         Ok(())
+    }
+
+    fn applied_position(&self, _job: &str) -> Result<Option<crate::online::AppliedPosition>> {
+        Ok(changes::read_change_markers(&self.dir)?.values().next_back().map(|m| crate::online::AppliedPosition {
+            position: m.position,
+            counts: m.total,
+        }))
+    }
+
+    /// Writes the batch as the next change file (data, then its marker).
+    fn apply_changes(&self, _job: &str, set: &crate::online::ChangeSet) -> Result<()> {
+        let spec = self.spec.lock().unwrap().clone().expect("prepare() before writing");
+        changes::write_change_file(&self.dir, &spec, set)
     }
 }
 
