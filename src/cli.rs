@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// Write the final report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187) while the job runs.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Directory holding jobs' local state when no --staging is given. Default: staging.
     #[arg(long, env = "VMIG_STATE_ROOT")]
     pub state_root: Option<PathBuf>,

@@ -55,6 +55,8 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.rate_limit = a.rate_limit.or(file.rate_limit);
     a.retry_for = a.retry_for.or(file.retry_for);
     a.report = a.report.or(file.report);
+    a.metrics = a.metrics.or(file.metrics);
+    a.online = a.online || file.online.unwrap_or(false);
     a.milvus_fields = a.milvus_fields.or(file.milvus_fields);
     Ok(a)
 }
@@ -189,6 +191,7 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
         quiet: a.quiet,
         vectors_exact,
         online: a.online,
+        metrics: a.metrics.clone(),
     };
     Ok(JobSetup { args: a, cfg, source_ep, target_ep, source, sinks, table, target_table })
 }

@@ -348,6 +348,11 @@ pub struct PipelineFile {
     pub rate_limit: Option<u64>,
     pub retry_for: Option<u64>,
     pub report: Option<PathBuf>,
+    /// Online: snapshot, then follow the source until cutover.
+    #[serde(default)]
+    pub online: Option<bool>,
+    /// Prometheus metrics address while the job runs.
+    pub metrics: Option<String>,
     /// SQL column ↔ Milvus field mapping (default: FastGPT's modeldata).
     pub milvus_fields: Option<Vec<FieldMap>>,
 }

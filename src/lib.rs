@@ -9,6 +9,7 @@ pub mod endpoint;
 pub mod generate;
 pub mod hash;
 pub mod ledger;
+pub mod metrics;
 pub mod online;
 pub mod pipeline;
 pub mod plan;

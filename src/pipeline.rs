@@ -46,6 +46,8 @@ pub struct JobConfig {
     pub vectors_exact: bool,
     /// Snapshot, then follow the source's changes until cutover.
     pub online: bool,
+    /// Serve Prometheus metrics on this address while the job runs.
+    pub metrics: Option<String>,
 }
 
 /// Retries of a chunk that failed for another reason than an unreachable server.
@@ -171,7 +173,14 @@ pub fn with_progress(
         let p = progress.clone();
         std::thread::spawn(move || p.run_ticker())
     };
+    let metrics = match &cfg.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, &cfg.job, progress.clone())?),
+        None => None,
+    };
     let result = body(&progress);
+    if let Some(stop) = metrics {
+        stop.store(true, Relaxed);
+    }
     if let Err(e) = &result {
         progress.status.lock().unwrap().last_error = Some(format!("{e:#}"));
         progress.write_status(Some("failed"));

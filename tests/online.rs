@@ -23,6 +23,15 @@ fn online_args(src: &str, dst: &str, state: &Path, job: &str) -> Vec<String> {
     .collect()
 }
 
+fn http_get(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
 fn kill(mut child: Child) {
     child.kill().unwrap();
     child.wait().unwrap();
@@ -177,10 +186,19 @@ fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     let job = "online_reset";
     let args = online_args(&src, &dst, state.path(), job);
     let job_dir = state.path().join(job);
-    let mut run = start(&args, &Moment::Committed(0));
+    let mut with_metrics = args.clone();
+    with_metrics.extend(["--metrics".into(), "127.0.0.1:19187".into()]);
+    let mut run = start(&with_metrics, &Moment::Committed(0));
     wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
     exec(&src, "DELETE FROM modeldata WHERE id IN (SELECT id FROM modeldata ORDER BY id LIMIT 5)");
     wait_following(&mut run, &job_dir, "migrate", 0, job);
+    // The status and the metrics show what was applied.
+    let status = String::from_utf8_lossy(&ok(&["status", "--job", job, "--state-root", state.path().to_str().unwrap()]).stdout).into_owned();
+    assert!(status.contains("online (following): applied 0 inserts, 0 updates, 5 deletes"), "{status}");
+    assert!(status.contains("replication slot vmig_online_reset"), "{status}");
+    let metrics = http_get("127.0.0.1:19187");
+    assert!(metrics.contains("vmig_changes_applied_total{job=\"online_reset\",kind=\"delete\"} 5"), "{metrics}");
+    assert!(metrics.contains("vmig_lag_bytes{job=\"online_reset\"}"), "{metrics}");
     kill(run);
     assert_eq!(source_artifacts(&src, "vmig_online_reset"), (1, 1));
     let st = state.path().to_str().unwrap();
