@@ -379,9 +379,12 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     };
     let target = a.to.as_deref().map(Endpoint::parse).transpose()?;
     if !a.yes {
-        eprintln!("This forgets job {job}: removes {} (manifest, chunks, status, rejects)", dir.display());
+        eprintln!("This forgets job {job}: removes {} (manifest, chunks, change files, status, rejects)", dir.display());
         if let Some(t) = &target {
             eprintln!("and its ledger rows in {} (rows already copied stay).", t.describe());
+        }
+        if let Some(st) = crate::online::OnlineState::load(&dir)? {
+            eprintln!("It drops replication slot {} and publication {} on {}.", st.slot, st.publication, st.source);
         }
         eprint!("Proceed? [y/N] ");
         std::io::stderr().flush()?;
@@ -398,7 +401,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
         eprintln!("deleted {n} ledger rows of job {job}");
     }
     let jd = JobDir::new(&dir);
-    for p in [jd.chunks(), jd.rejects()] {
+    for p in [jd.chunks(), jd.rejects(), crate::endpoint::staging::changes::changes_dir(&dir)] {
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }

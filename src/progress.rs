@@ -26,6 +26,9 @@ pub struct Counters {
     pub finish_ns: AtomicU64,
     /// Rows of applied changes the targets' rules refused (online).
     pub change_rows_rejected: AtomicU64,
+    /// Online: time spent reading changes from the source and applying them.
+    pub change_read_ns: AtomicU64,
+    pub change_apply_ns: AtomicU64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

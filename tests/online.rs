@@ -173,9 +173,24 @@ fn online_through_staging_with_separate_export_and_import_survives_kills() {
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
     assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > query_i64(&dst, "SELECT max(id) FROM modeldata"));
     assert_eq!(source_artifacts(&src, "vmig_online_st"), (0, 0));
-    // Change files are plain Parquet with an op column.
-    let files = std::fs::read_dir(st.join("changes")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".parquet")).count();
-    assert!(files > 0);
+    // Change files are plain Parquet: any reader gets ops, keys and row images.
+    let py = std::env::var("VMIG_TEST_PYTHON").expect("VMIG_TEST_PYTHON not set: run the suite through scripts/test.sh");
+    let script = format!(
+        "import pyarrow.parquet as pq, pyarrow as pa, duckdb, glob, json\n\
+         files = sorted(glob.glob('{st_s}/changes/*.parquet'))\n\
+         t = pa.concat_tables([pq.read_table(f) for f in files])\n\
+         marked = sum(json.load(open(f))['rows'] for f in glob.glob('{st_s}/changes/*.commit.json'))\n\
+         assert t.num_rows == marked, (t.num_rows, marked)\n\
+         assert str(t.schema.field('vector').type) == 'fixed_size_list<item: float not null>[1536]', t.schema\n\
+         ops = dict(duckdb.sql(\"select op, count(*) from '{st_s}/changes/*.parquet' group by op\").fetchall())\n\
+         assert set(ops) == {{'upsert', 'update', 'delete'}}, ops\n\
+         kept = duckdb.sql(\"select count(*) from '{st_s}/changes/*.parquet' where op = 'update' and unchanged = 'vector' and vector is null\").fetchall()[0][0]\n\
+         assert kept > 0, 'no scalar-only update carried'\n\
+         print(len(files), ops)\n"
+    );
+    let out = std::process::Command::new(py).args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "pyarrow/duckdb: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("change files: {}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
@@ -199,7 +214,9 @@ fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     let metrics = http_get("127.0.0.1:19187");
     assert!(metrics.contains("vmig_changes_applied_total{job=\"online_reset\",kind=\"delete\"} 5"), "{metrics}");
     assert!(metrics.contains("vmig_lag_bytes{job=\"online_reset\"}"), "{metrics}");
-    kill(run);
+    // SIGTERM stops it cleanly: exit 130, the slot kept for the resume.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert_eq!(run.wait().unwrap().code(), Some(130));
     assert_eq!(source_artifacts(&src, "vmig_online_reset"), (1, 1));
     let st = state.path().to_str().unwrap();
     let out = vmig(&["reset", "--job", job, "--state-root", st, "--to", &dst, "--yes"]);

@@ -23,6 +23,15 @@ use crate::progress::{Report, Status};
 
 /// `migrate --online`, `export --online`, `import --online`.
 pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    let dir = &job.cfg.job_dir;
+    if let Some(done) = CutoverRequest::load(dir, &job.cfg.command)?.filter(|r| r.state == "done") {
+        bail!(
+            "job {} was cut over at {} ({}); nothing left to follow. `vmig reset` it to start over",
+            job.cfg.job,
+            done.finished_at.unwrap_or_default(),
+            done.message.unwrap_or_default()
+        );
+    }
     match &job.source_ep {
         Endpoint::Postgres(url) => from_postgres(job, url, handle, cancel),
         Endpoint::Staging(dir) => from_staging(job, dir, handle, cancel),

@@ -70,9 +70,14 @@ pub fn run_online(
         }
         let mut r = report(cfg, &job, &loaded, error, progress);
         if let Some(o) = &progress.status.lock().unwrap().online {
+            let c = &progress.counters;
             r.notes.push(format!(
-                "changes applied: {} inserts, {} updates, {} deletes",
-                o.applied.inserts, o.applied.updates, o.applied.deletes
+                "changes applied: {} inserts, {} updates, {} deletes (this run: {:.1} s reading them from the source, {:.1} s applying)",
+                o.applied.inserts,
+                o.applied.updates,
+                o.applied.deletes,
+                c.change_read_ns.load(Relaxed) as f64 / 1e9,
+                c.change_apply_ns.load(Relaxed) as f64 / 1e9
             ));
         }
         drop(locks);
@@ -130,6 +135,7 @@ fn follow(
             None => stream.current_position()?,
         };
         let mut batch = None;
+        let read_started = Instant::now();
         retry("reading changes", &mut || {
             batch = Some(stream.next_batch(BATCH_CHANGES, upto)?);
             Ok(())
@@ -137,6 +143,8 @@ fn follow(
         let batch = batch.unwrap();
         let set = &batch.set;
         if set.has_rows() || set.counts.total() > 0 {
+            progress.counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
+            let apply_started = Instant::now();
             for (i, t) in job.targets.iter().enumerate() {
                 if applied[i].position >= set.position {
                     continue; // this target has it (a resume after a crash between targets)
@@ -145,6 +153,7 @@ fn follow(
                 applied[i].position = set.position;
             }
             stream.confirm(set.position)?;
+            progress.counters.change_apply_ns.fetch_add(apply_started.elapsed().as_nanos() as u64, Relaxed);
             applied_position = set.position;
             totals.add(&set.counts);
             if let Some(ts) = set.commit_time_us {

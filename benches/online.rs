@@ -1,0 +1,263 @@
+//! Online benchmark against the real local databases (scripts/dbs.sh start):
+//!
+//!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS, BENCH_TARGETS=pg,ob,milvus)
+//!
+//! For each target, in the same run:
+//! - the raw bulk-write ceiling of BENCH_CHANGES rows (binary COPY; multi-row
+//!   INSERT with `X'…'` literals; SDK upserts), as in the e2e benchmark;
+//! - steady lag: an online job follows a FastGPT-like insert load of
+//!   BENCH_RATE rows/s (10 rows per transaction) for BENCH_STEADY_SECS; the
+//!   job's reported commit-to-apply lag is sampled every 100 ms (p50/p99);
+//! - catch-up: the job is stopped, BENCH_CHANGES inserts (1,000 per
+//!   transaction) pile up on the source, the job is restarted, and the time
+//!   until all are applied gives changes/s, beside the raw ceiling;
+//! - then cutover (drain, finish, verify) and its duration.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+
+#[path = "support/oceanbase.rs"]
+mod oceanbase;
+#[path = "support/milvus.rs"]
+mod milvus_bench;
+
+const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+fn with_db(base: &str, db: &str) -> String {
+    format!("{}/{db}", base.rsplit_once('/').unwrap().0)
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect (is scripts/dbs.sh start running?)");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+async fn fresh_pg(base: &str, db: &str) -> String {
+    let c = client(base).await;
+    c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+    c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+    let url = with_db(base, db);
+    client(&url).await.batch_execute("CREATE EXTENSION vector").await.unwrap();
+    url
+}
+
+fn vmig(args: &[&str]) {
+    let s = Command::new(VMIG).args(args).stdout(Stdio::null()).status().unwrap();
+    assert!(s.success(), "vmig {args:?} failed");
+}
+
+fn status(dir: &std::path::Path) -> serde_json::Value {
+    std::fs::read(dir.join("status-migrate.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn applied(dir: &std::path::Path) -> u64 {
+    let a = &status(dir)["online"]["applied"];
+    a["inserts"].as_u64().unwrap_or(0) + a["updates"].as_u64().unwrap_or(0) + a["deletes"].as_u64().unwrap_or(0)
+}
+
+fn wait(what: &str, mut cond: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(1800), "{what}: not reached in 30 min");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Figures {
+    target: String,
+    raw: f64,
+    lag_p50: f64,
+    lag_p99: f64,
+    steady_rate: f64,
+    catch_up: f64,
+    cutover: f64,
+}
+
+fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, raw: f64) -> Figures {
+    let changes: u64 = env_or("BENCH_CHANGES", "100000").parse().unwrap();
+    let rate: u64 = env_or("BENCH_RATE", "200").parse().unwrap();
+    let steady: u64 = env_or("BENCH_STEADY_SECS", "30").parse().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let job = format!("bench_online_{name}");
+    let mut args: Vec<String> = ["migrate", "--online", "--from", src, "--to", dst, "--job", &job, "--state-root", tmp.path().to_str().unwrap(), "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // Like the raw ceiling, into a table without a vector index (BENCH_INDEXES=1 keeps them).
+    if env_or("BENCH_INDEXES", "0") == "0" {
+        args.push("--no-indexes".into());
+    }
+    let dir = tmp.path().join(&job);
+    let log = tmp.path().join("log");
+    let start = || -> Child {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        Command::new(VMIG).args(&args).stdout(Stdio::null()).stderr(f).spawn().unwrap()
+    };
+    let mut run = start();
+    wait("following", || status(&dir)["phase"] == "following");
+
+    // Steady lag under a FastGPT-like insert load.
+    eprintln!("{name}: steady load of {rate} rows/s for {steady} s …");
+    let mut lags = Vec::new();
+    let before = applied(&dir);
+    let t = Instant::now();
+    rt.block_on(async {
+        let c = client(src).await;
+        let period = Duration::from_secs_f64(10.0 / rate as f64);
+        let mut next = Instant::now();
+        let mut last_sample = Instant::now();
+        while t.elapsed() < Duration::from_secs(steady) {
+            c.batch_execute(
+                "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
+                 SELECT vector, 'bench', dataset_id, collection_id FROM modeldata_seed ORDER BY random() LIMIT 10",
+            )
+            .await
+            .unwrap();
+            if last_sample.elapsed() >= Duration::from_millis(100) {
+                if let Some(l) = status(&dir)["online"]["lag_seconds"].as_f64() {
+                    lags.push(l);
+                }
+                last_sample = Instant::now();
+            }
+            next += period;
+            if let Some(d) = next.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(d).await;
+            }
+        }
+    });
+    let written = t.elapsed().as_secs_f64();
+    let steady_rate = (rate * steady) as f64 / written;
+    wait("steady load applied", || applied(&dir) >= before + (steady_rate * written) as u64 - 10);
+    let (lag_p50, lag_p99) = (percentile(&mut lags, 0.5), percentile(&mut lags, 0.99));
+
+    // Catch-up of a backlog.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    run.wait().unwrap();
+    eprintln!("{name}: backlog of {changes} inserts …");
+    rt.block_on(async {
+        let c = client(src).await;
+        let mut left = changes;
+        while left > 0 {
+            let n = left.min(1000);
+            c.batch_execute(&format!(
+                "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
+                 SELECT vector, 'backlog', dataset_id, collection_id FROM modeldata_seed LIMIT {n}"
+            ))
+            .await
+            .unwrap();
+            left -= n;
+        }
+    });
+    let before = applied(&dir);
+    let t = Instant::now();
+    let mut run = start();
+    wait("backlog applied", || applied(&dir) >= before + changes);
+    let catch_up = changes as f64 / t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    vmig(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let cutover = t.elapsed().as_secs_f64();
+    assert!(run.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    if let Some(l) = text.lines().filter(|l| l.contains("changes applied")).last() {
+        eprintln!("{name}: {l}");
+    }
+    Figures { target: name.into(), raw, lag_p50, lag_p99, steady_rate, catch_up, cutover }
+}
+
+fn main() {
+    let changes: u64 = env_or("BENCH_CHANGES", "100000").parse().unwrap();
+    let dim = 1536u32;
+    let src_base = env_or("VMIG_TEST_PG_SOURCE", "postgresql://postgres:postgres@127.0.0.1:55432/postgres");
+    let dst_base = env_or("VMIG_TEST_PG_TARGET", "postgresql://postgres:postgres@127.0.0.1:55433/postgres");
+    let ob_base = env_or("VMIG_TEST_SEEKDB", "mysql://root@127.0.0.1:52881/test");
+    let milvus_base = env_or("VMIG_TEST_MILVUS", "http://127.0.0.1:19530");
+    let targets = env_or("BENCH_TARGETS", "pg,ob,milvus");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut out = Vec::new();
+    for t in targets.split(',') {
+        // A small table to follow, and a pool of vectors the load copies.
+        let src = rt.block_on(fresh_pg(&src_base, &format!("bench_online_src_{t}")));
+        vmig(&["generate", "--to", &src, "--rows", "2000", "--dim", "1536", "--no-vector-index"]);
+        rt.block_on(async { client(&src).await.batch_execute("CREATE TABLE modeldata_seed AS SELECT * FROM modeldata").await.unwrap() });
+        let rows = changes.to_string();
+        let (dst, raw) = match t {
+            "pg" => {
+                let raw_src = rt.block_on(fresh_pg(&src_base, "bench_online_raw_src"));
+                vmig(&["generate", "--to", &raw_src, "--rows", &rows, "--dim", "1536", "--no-vector-index"]);
+                let raw_dst = rt.block_on(fresh_pg(&dst_base, "bench_online_raw"));
+                let secs = rt.block_on(raw_copy(&raw_src, &raw_dst));
+                (rt.block_on(fresh_pg(&dst_base, "bench_online_dst")), changes as f64 / secs)
+            }
+            "ob" => {
+                let raw_db = rt.block_on(oceanbase::fresh_db(&ob_base, "bench_online_ob_raw"));
+                let raw = rt.block_on(oceanbase::raw_insert(&raw_db, changes, dim, false));
+                (rt.block_on(oceanbase::fresh_db(&ob_base, "bench_online_ob")), raw)
+            }
+            "milvus" => {
+                let raw_db = rt.block_on(milvus_bench::fresh_db(&milvus_base, "bench_online_mv_raw"));
+                let raw = rt.block_on(milvus_bench::raw_upsert(&raw_db, changes, dim));
+                (rt.block_on(milvus_bench::fresh_db(&milvus_base, "bench_online_mv")), raw)
+            }
+            other => panic!("BENCH_TARGETS: unknown target {other}"),
+        };
+        out.push(bench_target(&rt, t, &src, &dst, raw));
+    }
+    println!("\nvmig online benchmark: PostgreSQL 18 source, 1536-d rows, backlog of {changes} inserts");
+    println!(
+        "{:<8} {:>14} {:>14} {:>9} {:>11} {:>11} {:>13} {:>11}",
+        "target", "raw rows/s", "catch-up ch/s", "vs raw", "steady r/s", "lag p50 s", "lag p99 s", "cutover s"
+    );
+    for f in &out {
+        println!(
+            "{:<8} {:>14.0} {:>14.0} {:>8.2}× {:>11.0} {:>11.2} {:>13.2} {:>11.1}",
+            f.target,
+            f.raw,
+            f.catch_up,
+            f.catch_up / f.raw,
+            f.steady_rate,
+            f.lag_p50,
+            f.lag_p99,
+            f.cutover
+        );
+    }
+}
+
+/// Seconds of a binary COPY OUT piped into COPY IN (the PostgreSQL ceiling).
+async fn raw_copy(src: &str, dst: &str) -> f64 {
+    use futures_util::{SinkExt, StreamExt};
+    let s = client(src).await;
+    let d = client(dst).await;
+    d.batch_execute(
+        "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR(1536) NOT NULL, team_id VARCHAR(50) NOT NULL, \
+         dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let out = s.copy_out("COPY modeldata TO STDOUT (FORMAT binary)").await.unwrap();
+    let sink = d.copy_in::<_, bytes::Bytes>("COPY modeldata FROM STDIN (FORMAT binary)").await.unwrap();
+    let mut out = std::pin::pin!(out);
+    let mut sink = std::pin::pin!(sink);
+    while let Some(chunk) = out.next().await {
+        sink.send(chunk.unwrap()).await.unwrap();
+    }
+    sink.as_mut().finish().await.unwrap();
+    started.elapsed().as_secs_f64()
+}
