@@ -32,6 +32,17 @@ fn http_get(addr: &str) -> String {
     s
 }
 
+/// Kills a job left running when a test fails (a failed cutover keeps following).
+struct Reaper(Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 fn kill(mut child: Child) {
     child.kill().unwrap();
     child.wait().unwrap();
@@ -67,6 +78,7 @@ fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
 
     // 3. Resumed again; it picks up from its last applied position.
     let mut third = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![third.id()]);
     wait_following(&mut third, &job_dir, "migrate", before, name);
     let ops = writer.stop();
 
@@ -156,6 +168,7 @@ fn online_through_staging_with_separate_export_and_import_survives_kills() {
     let mut exp = start(&export, &Moment::Committed(0));
     wait_following(&mut exp, &st, "export", exported, name);
     let mut imp = start(&import, &Moment::Committed(0));
+    let _reap = Reaper(vec![exp.id(), imp.id()]);
     wait_following(&mut imp, &st, "import", 0, name);
     writer.stop();
 

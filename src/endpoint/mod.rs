@@ -152,6 +152,11 @@ pub trait Sink: Send + Sync {
     fn drop_table(&self) -> Result<()> {
         bail!("{} cannot drop tables", self.describe())
     }
+    /// The target may hold rows this job wrote (committed or not): an online
+    /// job's change capture must then resume, never start over.
+    fn job_began(&self, job: &str) -> Result<bool> {
+        Ok(!self.committed(job)?.is_empty() || self.applied_position(job)?.is_some())
+    }
     /// The change-stream position this job applied last (online), with the
     /// changes applied so far; None before the first change.
     fn applied_position(&self, _job: &str) -> Result<Option<crate::online::AppliedPosition>> {

@@ -47,7 +47,7 @@ pub fn run_online(
         progress.set_phase("setting up change capture");
         let mut committed = false;
         for (_, s) in &sinks {
-            committed |= !s.committed(&cfg.job)?.is_empty() || s.applied_position(&cfg.job)?.is_some();
+            committed |= s.job_began(&cfg.job)?;
         }
         let mut stream = open_stream(progress, committed)?;
         progress.println(&format!("change capture: {}", stream.artifacts()));
@@ -160,23 +160,24 @@ fn follow(
                 lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
             }
         }
-        if batch.complete {
-            stream.confirm(upto)?;
-            if !set.has_rows() {
-                lag_seconds = 0.0;
-            }
+        let complete = batch.drained_to.is_some_and(|p| p >= upto);
+        if let Some(p) = batch.drained_to {
+            stream.confirm(p)?;
+        }
+        if complete && !set.has_rows() {
+            lag_seconds = 0.0;
         }
         let phase = if drain_to.is_some() {
             "cutting over"
-        } else if batch.complete {
-            "following"
-        } else {
+        } else if set.counts.total() >= BATCH_CHANGES as u64 || (!complete && lag_seconds > 5.0) {
             "catching up"
+        } else {
+            "following"
         };
         if progress.status.lock().unwrap().phase != phase {
             progress.set_phase(phase);
         }
-        if last_stats.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || batch.complete && drain_to.is_some() {
+        if last_stats.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || complete && drain_to.is_some() {
             let stats = stream.stats()?;
             let mut st = progress.status.lock().unwrap();
             let warning = (stats.retained_bytes > RETAINED_WARN_BYTES).then(|| {
@@ -201,7 +202,7 @@ fn follow(
             progress.write_status(None);
             last_stats = Some(Instant::now());
         }
-        if batch.complete && drain_to.is_some() {
+        if complete && drain_to.is_some() {
             match cutover(cfg, job, stream, cancel, progress, check) {
                 Ok(()) => return Ok(true),
                 // Run by `vmig cutover` itself: nothing left to follow for.
@@ -212,7 +213,7 @@ fn follow(
                 }
             }
         }
-        if batch.complete && !set.has_rows() {
+        if complete && !set.has_rows() {
             std::thread::sleep(IDLE_POLL);
         }
     }

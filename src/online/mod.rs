@@ -72,8 +72,10 @@ pub struct AppliedPosition {
 /// The next batch a stream returns.
 pub struct StreamBatch {
     pub set: ChangeSet,
-    /// Every change committed before the requested end was returned.
-    pub complete: bool,
+    /// Once `set` is applied, every change committed before this position is
+    /// (nothing else is pending): the position to confirm, and how far a
+    /// cutover has drained.
+    pub drained_to: Option<u64>,
 }
 
 /// Where the source is and how much it keeps for the job.

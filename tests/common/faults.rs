@@ -94,6 +94,11 @@ pub fn database_moments(chunks: u64, finish_phases: &[&str]) -> Vec<Moment> {
 pub fn start(args: &[String], moment: &Moment) -> Child {
     let mut cmd = Command::new(VMIG);
     cmd.args(args).env_remove("VMIG_STATE_ROOT").stdout(Stdio::null()).stderr(Stdio::piped());
+    // Debugging a failure: every run's stderr appended to this file.
+    if let Ok(f) = std::env::var("VMIG_TEST_STDERR") {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(f).unwrap();
+        cmd.stderr(f);
+    }
     if let Moment::Phase(p) = moment {
         cmd.env("VMIG_TEST_PAUSE_AT", p);
     }

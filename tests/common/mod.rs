@@ -41,6 +41,26 @@ pub async fn client(url: &str) -> Client {
 pub fn fresh_db(base: &str, db: &str, vector: bool) -> String {
     rt().block_on(async {
         let c = client(base).await;
+        // Slots an earlier (failed) test left in the database keep it from being dropped.
+        c.batch_execute(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{db}' AND active_pid IS NOT NULL"
+        ))
+        .await
+        .unwrap();
+        for _ in 0..100 {
+            let left: i64 = c
+                .query_one(&format!("SELECT count(*) FROM pg_replication_slots WHERE database = '{db}' AND active"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        c.batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"))
+            .await
+            .unwrap();
         c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
         c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
         let url = with_db(base, db);

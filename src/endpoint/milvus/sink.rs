@@ -506,6 +506,15 @@ impl Sink for MilvusSink {
         Ok(())
     }
 
+    /// Upserts reach Milvus before their chunk's record (after the flush):
+    /// the ledger's mark of the job's first write says whether it began.
+    fn job_began(&self, job: &str) -> Result<bool> {
+        match &self.ledger {
+            Some(l) => l.began(job),
+            None => Ok(false),
+        }
+    }
+
     fn applied_position(&self, job: &str) -> Result<Option<crate::online::AppliedPosition>> {
         match &self.ledger {
             Some(l) => l.position(job),

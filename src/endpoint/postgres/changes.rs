@@ -1,19 +1,14 @@
 //! PostgreSQL change capture for online jobs: a publication for the table and
 //! a logical slot (pgoutput) named after the job, created before the
 //! snapshot is read, whose exported snapshot the snapshot copy reads. Changes
-//! are read with `pg_logical_slot_peek_binary_changes` (binary values) and
-//! confirmed with `pg_replication_slot_advance` only after every target has
-//! committed them, so a kill at any moment loses nothing.
+//! are streamed (`stream.rs`) and confirmed to the slot only after every
+//! target has committed them, so a kill at any moment loses nothing.
 
-use std::collections::HashMap;
-
-use super::copy::{CopyDecoder, copy_header};
-use super::pgoutput::{self, Message};
 use super::replication::{create_slot_with_snapshot, format_lsn, parse_lsn};
+use super::stream::{Decoder, Reader};
 use super::*;
 use crate::ledger::now_rfc3339;
-use crate::online::collapse::{ChangeOp, Collapser, Field, RowChange};
-use crate::online::{ChangeSet, ChangeStream, OnlineState, StreamBatch, StreamStats};
+use crate::online::{ChangeStream, OnlineState, StreamBatch, StreamStats};
 
 /// The slot's and publication's name: `vmig_<job>`, lower-case letters,
 /// digits and `_` only, at most 63 bytes.
@@ -29,6 +24,7 @@ pub fn artifact_name(job: &str) -> String {
 pub struct PgChangeStream {
     url: PgUrl,
     handle: Handle,
+    /// Regular session: positions, slot statistics.
     client: Option<Client>,
     app_name: String,
     slot: String,
@@ -36,8 +32,8 @@ pub struct PgChangeStream {
     table: TableName,
     spec: TableSpec,
     fixed_dims: Vec<bool>,
-    /// Relation id → for each of its columns, the spec column it is.
-    relations: HashMap<u32, Vec<usize>>,
+    /// The streaming thread, started on the first read (again after an error).
+    reader: Option<Reader>,
     confirmed: u64,
 }
 
@@ -147,7 +143,7 @@ impl PgChangeStream {
                 table: table.clone(),
                 spec: source.spec().clone(),
                 fixed_dims: source.fixed_dims().to_vec(),
-                relations: HashMap::new(),
+                reader: None,
                 confirmed: 0,
             };
             match slot {
@@ -235,84 +231,6 @@ impl PgChangeStream {
         parse_lsn(&s)
     }
 
-    /// A tuple in the relation's column order → the spec's order.
-    fn to_spec_order(&self, relation: u32, tuple: Vec<Field>) -> Result<Vec<Field>> {
-        let map = self
-            .relations
-            .get(&relation)
-            .ok_or_else(|| anyhow!("change for relation {relation} before its description"))?;
-        let mut out = vec![Field::Null; self.spec.columns.len()];
-        for (i, f) in tuple.into_iter().enumerate() {
-            if let Some(&j) = map.get(i) {
-                out[j] = f;
-            }
-        }
-        Ok(out)
-    }
-
-    fn key_of(&self, fields: &[Field]) -> Result<i64> {
-        let pk = self.spec.columns.iter().position(|c| c.name == self.spec.primary_key).unwrap();
-        match &fields[pk] {
-            Field::Value(b) => match b.len() {
-                2 => Ok(i16::from_be_bytes(b[..].try_into().unwrap()) as i64),
-                4 => Ok(i32::from_be_bytes(b[..].try_into().unwrap()) as i64),
-                8 => Ok(i64::from_be_bytes(b[..].try_into().unwrap())),
-                n => bail!("primary key {} arrived as {n} bytes; online needs an integer key", self.spec.primary_key),
-            },
-            other => bail!("change without its primary key {} ({other:?})", self.spec.primary_key),
-        }
-    }
-
-    fn describe_relation(&mut self, id: u32, namespace: &str, name: &str, columns: &[String]) -> Result<()> {
-        if name != self.table.name || self.table.schema.as_deref().is_some_and(|s| s != namespace) {
-            return Ok(()); // another table of the publication: not ours
-        }
-        let mut map = Vec::with_capacity(columns.len());
-        for c in columns {
-            match self.spec.columns.iter().position(|s| &s.name == c) {
-                Some(j) => map.push(j),
-                None => bail!(
-                    "source table {name} has a new column {c}; online migration cannot follow schema changes \
-                     (finish with cutover first, or reset the job and start again)"
-                ),
-            }
-        }
-        if map.len() != self.spec.columns.len() {
-            bail!("source table {name} lost columns since the job began; online migration cannot follow schema changes");
-        }
-        self.relations.insert(id, map);
-        Ok(())
-    }
-
-    /// Rows of one shape (`cols`: spec column indexes) decoded into Arrow.
-    fn decode(&self, cols: &[usize], rows: &[(i64, Vec<Field>)]) -> Result<RecordBatch> {
-        let sub = TableSpec {
-            name: self.spec.name.clone(),
-            columns: cols.iter().map(|&i| self.spec.columns[i].clone()).collect(),
-            primary_key: self.spec.primary_key.clone(),
-            indexes: Vec::new(),
-        };
-        let mut decoder = CopyDecoder::new(
-            sub.arrow_schema(),
-            sub.columns.iter().map(|c| c.ty.clone()).collect(),
-            cols.iter().map(|&i| self.fixed_dims[i]).collect(),
-        );
-        let mut buf = copy_header();
-        for (_, fields) in rows {
-            buf.extend_from_slice(&(cols.len() as i16).to_be_bytes());
-            for &i in cols {
-                match &fields[i] {
-                    Field::Value(b) => {
-                        buf.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                        buf.extend_from_slice(b);
-                    }
-                    _ => buf.extend_from_slice(&(-1i32).to_be_bytes()),
-                }
-            }
-        }
-        decoder.feed(&buf, usize::MAX, &mut |_| Ok(())).context("decoding changed rows")?;
-        decoder.take_batch()
-    }
 }
 
 async fn wait_slot_inactive(c: &Client, slot: &str) -> Result<()> {
@@ -339,99 +257,38 @@ impl ChangeStream for PgChangeStream {
         format_lsn(p)
     }
 
+    /// The WAL flushed so far: what the stream can reach.
     fn current_position(&mut self) -> Result<u64> {
         let h = self.handle.clone();
-        h.block_on(self.lsn("SELECT pg_current_wal_lsn()::text"))
+        h.block_on(self.lsn("SELECT pg_current_wal_flush_lsn()::text"))
     }
 
     fn skip_to(&mut self, position: u64) -> Result<()> {
         self.confirm(position)
     }
 
-    fn next_batch(&mut self, max_changes: usize, upto: u64) -> Result<StreamBatch> {
-        let h = self.handle.clone();
-        let (slot, publication) = (self.slot.clone(), self.publication.clone());
-        let rows = h.block_on(async {
-            let c = self.client().await?;
-            c.query(
-                "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
-                 'proto_version', '1', 'publication_names', $4, 'binary', 'true')",
-                &[&slot, &format_lsn(upto), &(max_changes as i32), &publication],
-            )
-            .await
-            .pg("reading changes from the replication slot")
-        })?;
-        let complete = rows.len() < max_changes;
-        let mut collapser = Collapser::default();
-        let mut position = self.confirmed;
-        let mut commit_time_us = None;
-        for r in &rows {
-            let data = Bytes::copy_from_slice(r.get::<_, &[u8]>(0));
-            match pgoutput::parse(&data)? {
-                Message::Relation { id, namespace, name, columns } => self.describe_relation(id, &namespace, &name, &columns)?,
-                Message::Insert { relation, new } => {
-                    let fields = self.to_spec_order(relation, new)?;
-                    let key = self.key_of(&fields)?;
-                    collapser.add(RowChange { op: ChangeOp::Insert, key, old_key: None, fields });
-                }
-                Message::Update { relation, old, new } => {
-                    let fields = self.to_spec_order(relation, new)?;
-                    let key = self.key_of(&fields)?;
-                    let old_key = match old {
-                        Some(o) => Some(self.key_of(&self.to_spec_order(relation, o)?)?),
-                        None => None,
-                    };
-                    collapser.add(RowChange { op: ChangeOp::Update, key, old_key, fields });
-                }
-                Message::Delete { relation, old } => {
-                    let key = self.key_of(&self.to_spec_order(relation, old)?)?;
-                    collapser.add(RowChange { op: ChangeOp::Delete, key, old_key: None, fields: Vec::new() });
-                }
-                Message::Truncate { relations } => {
-                    if relations.iter().any(|r| self.relations.contains_key(r)) {
-                        bail!(
-                            "source table {} was truncated; vmig does not replay TRUNCATE online (it would empty the \
-                             target). Truncate the target yourself if that is intended, then reset the job and start again",
-                            self.table.name
-                        );
-                    }
-                }
-                Message::Commit { end_lsn, commit_time_us: ts } => {
-                    position = end_lsn;
-                    commit_time_us = Some(ts);
-                }
-                Message::Begin | Message::Other => {}
-            }
+    fn next_batch(&mut self, max_changes: usize, _upto: u64) -> Result<StreamBatch> {
+        if self.reader.is_none() {
+            let decoder = Decoder::new(self.table.clone(), self.spec.clone(), self.fixed_dims.clone());
+            self.reader = Some(Reader::start(&self.url, &self.app_name, &self.slot, &self.publication, self.confirmed, decoder, max_changes)?);
         }
-        let counts = collapser.counts;
-        let collapsed = collapser.finish();
-        let all: Vec<usize> = (0..self.spec.columns.len()).collect();
-        let mut set = ChangeSet { position, commit_time_us, deletes: collapsed.deletes, counts, ..Default::default() };
-        if !collapsed.full.is_empty() {
-            set.images.push(self.decode(&all, &collapsed.full)?);
+        let r = self.reader.as_ref().unwrap().next(Duration::from_millis(200));
+        if r.is_err() {
+            // Started again from the applied position by the next read.
+            self.reader = None;
         }
-        for (mask, rows) in &collapsed.partial {
-            let cols: Vec<usize> = all.iter().copied().filter(|&i| mask[i]).collect();
-            set.partial.push(self.decode(&cols, rows)?);
-        }
-        Ok(StreamBatch { set, complete })
+        r
     }
 
     fn confirm(&mut self, position: u64) -> Result<()> {
         if position <= self.confirmed {
             return Ok(());
         }
-        let h = self.handle.clone();
-        let slot = self.slot.clone();
-        h.block_on(async {
-            self.client()
-                .await?
-                .query_one("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)::text", &[&slot, &format_lsn(position)])
-                .await
-                .pg("confirming applied changes to the replication slot")
-        })?;
         self.confirmed = position;
-        Ok(())
+        match &self.reader {
+            Some(r) => r.confirm(position),
+            None => Ok(()), // reported when the stream starts from it
+        }
     }
 
     fn stats(&mut self) -> Result<StreamStats> {
@@ -457,7 +314,8 @@ impl ChangeStream for PgChangeStream {
         let h = self.handle.clone();
         let url = self.url.clone();
         let slot = self.slot.clone();
-        self.client = None; // our session must not hold the slot
+        self.reader = None; // ends our streaming session, which holds the slot
+        self.client = None;
         h.block_on(drop_artifacts(&url, &slot))?;
         Ok(())
     }

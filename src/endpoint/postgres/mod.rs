@@ -10,6 +10,7 @@ pub mod copy;
 pub mod pgoutput;
 pub mod replication;
 mod sink;
+mod stream;
 mod source;
 
 pub use sink::PgSink;

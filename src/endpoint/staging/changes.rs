@@ -262,7 +262,7 @@ impl ChangeStream for StagingChangeStream {
     fn next_batch(&mut self, _max_changes: usize, upto: u64) -> Result<StreamBatch> {
         let next = self.confirmed + 1;
         if next > upto {
-            return Ok(StreamBatch { set: ChangeSet { position: self.confirmed, ..Default::default() }, complete: true });
+            return Ok(StreamBatch { set: ChangeSet { position: self.confirmed, ..Default::default() }, drained_to: Some(self.confirmed) });
         }
         if !self.markers.contains_key(&next) {
             self.refresh()?;
@@ -274,7 +274,7 @@ impl ChangeStream for StagingChangeStream {
             .clone();
         let mut set = read_change_file(&self.dir, &self.spec, &m)?;
         set.position = m.file;
-        Ok(StreamBatch { set, complete: next == upto })
+        Ok(StreamBatch { set, drained_to: Some(next) })
     }
 
     fn confirm(&mut self, position: u64) -> Result<()> {
