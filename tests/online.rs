@@ -241,6 +241,31 @@ fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     assert!(!job_dir.exists());
 }
 
+/// A TRUNCATE of the source is refused, not replayed: the job stops with one
+/// line; its slot stays for a reset.
+#[test]
+fn truncate_of_the_source_stops_the_job_with_one_line() {
+    let (src, dst) = dbs("online_trunc");
+    ok(&["generate", "--to", &src, "--rows", "100", "--dim", "8"]);
+    let state = tempdir();
+    let args = online_args(&src, &dst, state.path(), "online_trunc");
+    let job_dir = state.path().join("online_trunc");
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), "online_trunc");
+    exec(&src, "TRUNCATE modeldata");
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let err = std::io::read_to_string(run.stderr.take().unwrap()).unwrap();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("was truncated") && errors[0].contains("does not replay TRUNCATE"), "{err}");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 100, "the target was not emptied");
+    assert_eq!(source_artifacts(&src, "vmig_online_trunc"), (1, 1));
+    ok(&["reset", "--job", "online_trunc", "--state-root", state.path().to_str().unwrap(), "--from", &src, "--to", &dst, "--yes"]);
+    assert_eq!(source_artifacts(&src, "vmig_online_trunc"), (0, 0));
+}
+
 /// Each missing prerequisite: one clear line before anything is copied.
 #[test]
 fn missing_prerequisites_are_one_clear_line_each() {

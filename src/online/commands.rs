@@ -43,8 +43,21 @@ pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) 
     }
 }
 
+/// Milvus answers reads only from an indexed, loaded collection, and an
+/// online job reads its target (partial updates, the cutover's verify).
+fn check_target(job: &JobSetup) -> Result<()> {
+    if matches!(job.target_ep, Some(Endpoint::Milvus(_))) && !job.cfg.create_indexes {
+        bail!(
+            "online into Milvus needs the collection's vector index (Milvus reads only indexed, loaded collections, and \
+             the job reads its target for partial updates and the cutover's verify); drop --no-indexes"
+        );
+    }
+    Ok(())
+}
+
 /// Change capture on a PostgreSQL source, into a database, a staging area, or both.
 fn from_postgres(job: &JobSetup, url: &crate::config::PgUrl, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    check_target(job)?;
     let cfg = &job.cfg;
     let pg = Arc::new(PgSource::open(url.clone(), &job.table, handle.clone())?);
     let source: Arc<dyn Source> = pg.clone();
@@ -89,6 +102,7 @@ fn from_postgres(job: &JobSetup, url: &crate::config::PgUrl, handle: &Handle, ca
 /// `import --online`: the export's snapshot chunks, then its change files in
 /// order; cuts over once the export has cut over and everything is applied.
 fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    check_target(job)?;
     let cfg = &job.cfg;
     let staging = StagingSource::open(dir.to_path_buf())?;
     wait_for_snapshot(&staging, &cancel)?;

@@ -104,7 +104,9 @@ fn follow(
     stream.skip_to(start)?;
     let mut totals = applied.iter().map(|a| a.counts).max_by_key(|c| c.total()).unwrap_or_default();
     let mut rate = RateWindow::new(totals.total());
+    // Commit-to-apply delay of the last applied transaction.
     let mut lag_seconds = 0.0;
+    let mut last_commit_us: Option<i64> = None;
     let mut last_stats: Option<Instant> = None;
     let mut drain_to: Option<u64> = None;
     let mut applied_position = start;
@@ -158,14 +160,18 @@ fn follow(
             totals.add(&set.counts);
             if let Some(ts) = set.commit_time_us {
                 lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
+                last_commit_us = Some(ts);
             }
         }
         let complete = batch.drained_to.is_some_and(|p| p >= upto);
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
         }
-        if complete && !set.has_rows() {
-            lag_seconds = 0.0;
+        if !complete && !set.has_rows() {
+            // Nothing arrives yet the source is ahead: the delay grows.
+            if let Some(ts) = last_commit_us {
+                lag_seconds = lag_seconds.max((chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6);
+            }
         }
         let phase = if drain_to.is_some() {
             "cutting over"

@@ -1,5 +1,5 @@
 //! OceanBase / seekdb as an online target: one transaction per change batch
-//! holds the bulk delete, the multi-row INSERT of the final images, the
+//! holds the bulk delete, the multi-row REPLACE of the final images, the
 //! updates of the changed columns of partial images, and the job's position
 //! row, so a kill at any moment leaves the whole batch with its position or
 //! neither.
@@ -11,6 +11,7 @@ use super::sink::ObSink;
 use super::sql::{encode_row, encode_value, ident};
 use super::*;
 use crate::online::{AppliedPosition, ChangeCounts, ChangeSet, keys_of};
+
 
 /// Keys per DELETE statement.
 const DELETE_KEYS: usize = 2_000;
@@ -51,19 +52,17 @@ impl ObSink {
         .await
         .ob("creating the positions table")?;
         c.query_drop("START TRANSACTION").await.ob("starting a change batch")?;
-        // Replaced rows go first, then the final images are written as new rows.
-        let mut ids = set.deletes.clone();
-        for b in &set.images {
-            ids.extend(keys_of(b, &spec.primary_key)?);
-        }
-        for part in ids.chunks(DELETE_KEYS) {
+        // Deleted rows by id; final images by REPLACE (a row with the same id,
+        // e.g. from a replayed batch, is replaced: measured faster than
+        // deleting the images' ids first).
+        for part in set.deletes.chunks(DELETE_KEYS) {
             let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
             c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} IN ({})", list.join(",")))
                 .await
                 .ob("applying deletes")?;
         }
         let types: Vec<ColumnType> = spec.columns.iter().map(|c| c.ty.clone()).collect();
-        let prefix = format!("{tag}INSERT INTO {t} ({}) VALUES ", column_list(&spec));
+        let prefix = format!("{tag}REPLACE INTO {t} ({}) VALUES ", column_list(&spec));
         for b in &set.images {
             let cols: Vec<ArrayRef> = b.columns().to_vec();
             let mut sql = prefix.clone().into_bytes();
