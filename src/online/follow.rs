@@ -106,7 +106,7 @@ fn follow(
     let mut rate = RateWindow::new(totals.total());
     // Commit-to-apply delay of the last applied transaction.
     let mut lag_seconds = 0.0;
-    let mut last_commit_us: Option<i64> = None;
+    let mut behind_since: Option<Instant> = None;
     let mut last_stats: Option<Instant> = None;
     let mut drain_to: Option<u64> = None;
     let mut applied_position = start;
@@ -160,18 +160,19 @@ fn follow(
             totals.add(&set.counts);
             if let Some(ts) = set.commit_time_us {
                 lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
-                last_commit_us = Some(ts);
             }
         }
         let complete = batch.drained_to.is_some_and(|p| p >= upto);
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
         }
-        if !complete && !set.has_rows() {
-            // Nothing arrives yet the source is ahead: the delay grows.
-            if let Some(ts) = last_commit_us {
-                lag_seconds = lag_seconds.max((chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6);
-            }
+        // Behind the source with nothing arriving: changes have waited at
+        // most since the stream was last drained, and the delay grows.
+        if complete {
+            behind_since = None;
+        } else if !set.has_rows() {
+            let since = *behind_since.get_or_insert_with(Instant::now);
+            lag_seconds = lag_seconds.max(since.elapsed().as_secs_f64());
         }
         let phase = if drain_to.is_some() {
             "cutting over"
