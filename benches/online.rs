@@ -43,6 +43,16 @@ async fn client(url: &str) -> tokio_postgres::Client {
 
 async fn fresh_pg(base: &str, db: &str) -> String {
     let c = client(base).await;
+    // A slot an earlier, failed run left keeps the database from being dropped.
+    c.batch_execute(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{db}' AND active_pid IS NOT NULL"
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"))
+        .await
+        .unwrap();
     c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
     c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
     let url = with_db(base, db);

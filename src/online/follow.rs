@@ -166,11 +166,11 @@ fn follow(
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
         }
-        // Behind the source with nothing arriving: changes have waited at
-        // most since the stream was last drained, and the delay grows.
-        if complete {
+        // Behind the source with nothing arriving: the delay grows from the
+        // first empty read.
+        if complete || set.has_rows() {
             behind_since = None;
-        } else if !set.has_rows() {
+        } else {
             let since = *behind_since.get_or_insert_with(Instant::now);
             lag_seconds = lag_seconds.max(since.elapsed().as_secs_f64());
         }
