@@ -11,40 +11,16 @@
 use std::process::Command;
 use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::NoTls;
 
 #[path = "support/oceanbase.rs"]
 mod oceanbase;
+#[path = "support/postgres.rs"]
+mod postgres;
+use postgres::{client, env_or, fresh_db};
 #[path = "support/milvus.rs"]
 mod milvus_bench;
 
 const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn with_db(base: &str, db: &str) -> String {
-    format!("{}/{db}", base.rsplit_once('/').unwrap().0)
-}
-
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect (is scripts/dbs.sh start running?)");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
-}
-
-async fn fresh_db(base: &str, db: &str) -> String {
-    let c = client(base).await;
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
-    c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
-    let url = with_db(base, db);
-    client(&url).await.batch_execute("CREATE EXTENSION vector").await.unwrap();
-    url
-}
 
 /// Runs vmig, returning (seconds, peak RSS MB) from wait4's rusage.
 fn run_vmig(args: &[&str]) -> (f64, f64) {
@@ -95,27 +71,7 @@ fn main() {
 
     // Raw ceiling: COPY OUT (binary) piped into COPY IN (binary), one stream.
     let raw_dst = rt.block_on(fresh_db(&dst_base, "bench_raw"));
-    let raw_secs = rt.block_on(async {
-        let s = client(&src).await;
-        let d = client(&raw_dst).await;
-        d.batch_execute(&format!(
-            "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR({dim}) NOT NULL, team_id VARCHAR(50) NOT NULL, \
-             dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)"
-        ))
-        .await
-        .unwrap();
-        let started = Instant::now();
-        let out = s.copy_out("COPY (SELECT id, vector, team_id, dataset_id, collection_id, createtime FROM modeldata ORDER BY id) TO STDOUT (FORMAT binary)").await.unwrap();
-        let sink = d.copy_in::<_, bytes::Bytes>("COPY modeldata FROM STDIN (FORMAT binary)").await.unwrap();
-        let mut out = std::pin::pin!(out);
-        let mut sink = std::pin::pin!(sink);
-        while let Some(chunk) = out.next().await {
-            sink.send(chunk.unwrap()).await.unwrap();
-        }
-        let n = sink.as_mut().finish().await.unwrap();
-        assert_eq!(n, rows);
-        started.elapsed().as_secs_f64()
-    });
+    let raw_secs = rt.block_on(postgres::raw_copy(&src, &raw_dst, dim, rows));
 
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");

@@ -16,49 +16,16 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::NoTls;
 
 #[path = "support/oceanbase.rs"]
 mod oceanbase;
+#[path = "support/postgres.rs"]
+mod postgres;
+use postgres::{client, env_or, fresh_db as fresh_pg};
 #[path = "support/milvus.rs"]
 mod milvus_bench;
 
 const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn with_db(base: &str, db: &str) -> String {
-    format!("{}/{db}", base.rsplit_once('/').unwrap().0)
-}
-
-async fn client(url: &str) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect (is scripts/dbs.sh start running?)");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
-}
-
-async fn fresh_pg(base: &str, db: &str) -> String {
-    let c = client(base).await;
-    // A slot an earlier, failed run left keeps the database from being dropped.
-    c.batch_execute(&format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{db}' AND active_pid IS NOT NULL"
-    ))
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    c.batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"))
-        .await
-        .unwrap();
-    c.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
-    c.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
-    let url = with_db(base, db);
-    client(&url).await.batch_execute("CREATE EXTENSION vector").await.unwrap();
-    url
-}
 
 fn vmig(args: &[&str]) {
     let s = Command::new(VMIG).args(args).stdout(Stdio::null()).status().unwrap();
@@ -217,7 +184,7 @@ fn main() {
                 let raw_src = rt.block_on(fresh_pg(&src_base, "bench_online_raw_src"));
                 vmig(&["generate", "--to", &raw_src, "--rows", &rows, "--dim", "1536", "--no-vector-index"]);
                 let raw_dst = rt.block_on(fresh_pg(&dst_base, "bench_online_raw"));
-                let secs = rt.block_on(raw_copy(&raw_src, &raw_dst));
+                let secs = rt.block_on(postgres::raw_copy(&raw_src, &raw_dst, dim, changes));
                 (rt.block_on(fresh_pg(&dst_base, "bench_online_dst")), changes as f64 / secs)
             }
             "ob" => {
@@ -252,27 +219,4 @@ fn main() {
     for l in &lines {
         println!("{l}");
     }
-}
-
-/// Seconds of a binary COPY OUT piped into COPY IN (the PostgreSQL ceiling).
-async fn raw_copy(src: &str, dst: &str) -> f64 {
-    use futures_util::{SinkExt, StreamExt};
-    let s = client(src).await;
-    let d = client(dst).await;
-    d.batch_execute(
-        "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR(1536) NOT NULL, team_id VARCHAR(50) NOT NULL, \
-         dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)",
-    )
-    .await
-    .unwrap();
-    let started = Instant::now();
-    let out = s.copy_out("COPY modeldata TO STDOUT (FORMAT binary)").await.unwrap();
-    let sink = d.copy_in::<_, bytes::Bytes>("COPY modeldata FROM STDIN (FORMAT binary)").await.unwrap();
-    let mut out = std::pin::pin!(out);
-    let mut sink = std::pin::pin!(sink);
-    while let Some(chunk) = out.next().await {
-        sink.send(chunk.unwrap()).await.unwrap();
-    }
-    sink.as_mut().finish().await.unwrap();
-    started.elapsed().as_secs_f64()
 }

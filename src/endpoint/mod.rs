@@ -152,6 +152,11 @@ pub trait Sink: Send + Sync {
     fn drop_table(&self) -> Result<()> {
         bail!("{} cannot drop tables", self.describe())
     }
+    /// Changes per online batch this target works best with (each batch has a
+    /// fixed cost: a transaction, or Milvus' flush).
+    fn change_batch_rows(&self) -> usize {
+        5_000
+    }
     /// The target may hold rows this job wrote (committed or not): an online
     /// job's change capture must then resume, never start over.
     fn job_began(&self, job: &str) -> Result<bool> {

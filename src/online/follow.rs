@@ -22,8 +22,6 @@ use crate::retry::with_retries;
 use crate::schema::TableSpec;
 use crate::transform::{Transformer, write_rejects};
 
-/// Changes asked for per batch (whole transactions: a large one exceeds it).
-const BATCH_CHANGES: usize = 5_000;
 /// Wait between two polls of a source with nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
@@ -113,6 +111,8 @@ fn follow(
     let retry = |what: &str, f: &mut dyn FnMut() -> Result<()>| {
         with_retries(what, cfg.retry_for, 2, cancel, &|m| progress.println(m), f)
     };
+    // Changes per batch (whole transactions: a large one exceeds it).
+    let batch_changes = job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000);
     progress.set_phase("catching up");
     loop {
         if cancel.load(Relaxed) {
@@ -139,7 +139,7 @@ fn follow(
         let mut batch = None;
         let read_started = Instant::now();
         retry("reading changes", &mut || {
-            batch = Some(stream.next_batch(BATCH_CHANGES, upto)?);
+            batch = Some(stream.next_batch(batch_changes, upto)?);
             Ok(())
         })?;
         let batch = batch.unwrap();
@@ -176,7 +176,7 @@ fn follow(
         }
         let phase = if drain_to.is_some() {
             "cutting over"
-        } else if set.counts.total() >= BATCH_CHANGES as u64 || (!complete && lag_seconds > 5.0) {
+        } else if set.counts.total() >= batch_changes as u64 || (!complete && lag_seconds > 5.0) {
             "catching up"
         } else {
             "following"

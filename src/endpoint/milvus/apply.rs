@@ -27,9 +27,22 @@ impl MilvusSink {
         for b in set.partial.iter().filter(|b| b.num_rows() > 0) {
             images.extend(self.complete_partial(&coll, b)?);
         }
+        // Requests of about request_bytes, one in flight while the next is encoded.
+        let per_request = (self.request_bytes / crate::pipeline::estimate_row_bytes(&coll.spec).max(1)).max(1);
+        let mut in_flight = None;
         for b in &images {
-            let h = start_upsert(&self.conn, &coll, b)?;
-            self.conn.block_on(h).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
+            let mut start = 0;
+            while start < b.num_rows() {
+                let n = per_request.min(b.num_rows() - start);
+                let h = start_upsert(&self.conn, &coll, &b.slice(start, n))?;
+                if let Some(prev) = in_flight.replace(h) {
+                    self.conn.block_on(prev).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
+                }
+                start += n;
+            }
+        }
+        if let Some(last) = in_flight {
+            self.conn.block_on(last).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
         }
         for part in set.deletes.chunks(IDS_PER_EXPR) {
             let req = DeleteRequest {

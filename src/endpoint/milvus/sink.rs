@@ -225,7 +225,7 @@ pub struct MilvusSink {
     fields: Vec<FieldMap>,
     pub(super) ledger: Option<Arc<LedgerFile>>,
     target: Mutex<Option<Collection>>,
-    request_bytes: usize,
+    pub(super) request_bytes: usize,
     flushes: Arc<Flushes>,
 }
 
@@ -504,6 +504,11 @@ impl Sink for MilvusSink {
             drop_collection(&self.conn, &self.name)?;
         }
         Ok(())
+    }
+
+    /// Every batch waits for a flush (1–3 s here): fewer, larger batches.
+    fn change_batch_rows(&self) -> usize {
+        20_000
     }
 
     /// Upserts reach Milvus before their chunk's record (after the flush):

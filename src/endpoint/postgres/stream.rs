@@ -181,6 +181,9 @@ pub(super) struct Reader {
 
 /// Batches buffered between the stream and the applier.
 const BUFFERED_BATCHES: usize = 2;
+/// A batch is handed over at the first commit after this age when the
+/// applier has nothing to do, full or not.
+const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
 
 /// The streaming thread's state.
 struct Streamer {
@@ -191,6 +194,8 @@ struct Streamer {
     pending: usize,
     in_txn: bool,
     last_commit: Option<(u64, i64)>,
+    /// When the batch being collected got its first change.
+    batch_started: Option<Instant>,
     last_ask: Instant,
     tx: Sender<Result<ChangeSet>>,
     stop: Arc<AtomicBool>,
@@ -222,13 +227,18 @@ impl Streamer {
                 Message::Commit { end_lsn, commit_time_us } => {
                     self.in_txn = false;
                     self.last_commit = Some((end_lsn, commit_time_us));
-                    if self.pending >= self.max_changes {
+                    // Full; or old enough while the applier waits (a steady
+                    // trickle must not wait for a full batch, a backlog
+                    // should still come in large ones).
+                    let waited = self.batch_started.is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE);
+                    if self.pending >= self.max_changes || (waited && self.tx.is_empty()) {
                         return self.flush();
                     }
                 }
                 msg => {
                     if matches!(msg, Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. }) {
                         self.pending += 1;
+                        self.batch_started.get_or_insert_with(Instant::now);
                     }
                     self.decoder.add(msg, &mut self.batch)?;
                 }
@@ -261,6 +271,7 @@ impl Streamer {
     fn flush(&mut self) -> Result<bool> {
         let Some((end, ts)) = self.last_commit.take() else { return Ok(true) };
         self.pending = 0;
+        self.batch_started = None;
         let mut set = Ok(self.decoder.finish(std::mem::take(&mut self.batch), end, Some(ts))?);
         loop {
             match self.tx.send_timeout(set, Duration::from_secs(5)) {
@@ -297,6 +308,7 @@ impl Reader {
             pending: 0,
             in_txn: false,
             last_commit: None,
+            batch_started: None,
             last_ask: Instant::now(),
             tx,
             stop: stop.clone(),
