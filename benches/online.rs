@@ -17,11 +17,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 
+// Shared with the e2e benchmark, which uses all of them.
+#[allow(dead_code)]
 #[path = "support/oceanbase.rs"]
 mod oceanbase;
 #[path = "support/postgres.rs"]
 mod postgres;
 use postgres::{client, env_or, fresh_db as fresh_pg};
+#[allow(dead_code)]
 #[path = "support/milvus.rs"]
 mod milvus_bench;
 
