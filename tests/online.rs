@@ -52,7 +52,7 @@ fn kill(mut child: Child) {
 /// it, stops the writer, cuts over; returns when the target is checked.
 fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
     let src = fresh_db(&source_base(), &format!("{name}_src"), true);
-    ok(&["generate", "--to", &src, "--rows", "2400", "--dim", "1536"]);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
     let state = tempdir();
     let args = online_args(&src, dst, state.path(), name);
     let job_dir = state.path().join(name);
@@ -103,7 +103,7 @@ fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
         let max_id = query_i64(&dst, "SELECT max(id) FROM modeldata");
         let next = query_i64(&dst, "SELECT nextval('modeldata_id_seq')");
         assert!(next > max_id, "sequence {next} not past max(id) {max_id}");
-        assert!(n > 2000);
+        assert!(n > 1200);
     });
 }
 
@@ -137,7 +137,7 @@ fn online_through_staging_with_separate_export_and_import_survives_kills() {
     let name = "online_st";
     let src = fresh_db(&source_base(), &format!("{name}_src"), true);
     let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
-    ok(&["generate", "--to", &src, "--rows", "2400", "--dim", "1536"]);
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
     let dir = tempdir();
     let st = dir.path().join("st");
     let st_s = st.to_str().unwrap().to_string();
