@@ -243,10 +243,15 @@ pub fn ob_exec(url: &str, sql: &str) {
 }
 
 pub fn ob_query_i64(url: &str, sql: &str) -> i64 {
+    ob_try_query_i64(url, sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Like `ob_query_i64`, the server's error returned instead of a panic.
+pub fn ob_try_query_i64(url: &str, sql: &str) -> Result<i64, mysql_async::Error> {
     use mysql_async::prelude::Queryable;
     rt().block_on(async {
-        let v: Option<i64> = ob_conn(url).await.query_first(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        v.unwrap_or(0)
+        let v: Option<i64> = ob_conn(url).await.query_first(sql).await?;
+        Ok(v.unwrap_or(0))
     })
 }
 
