@@ -16,7 +16,7 @@ use std::time::Instant;
 mod oceanbase;
 #[path = "support/postgres.rs"]
 mod postgres;
-use postgres::{client, env_or, fresh_db};
+use postgres::{env_or, fresh_db};
 #[path = "support/milvus.rs"]
 mod milvus_bench;
 
