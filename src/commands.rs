@@ -227,7 +227,7 @@ fn job_dir_of(staging: &Option<PathBuf>, job: &Option<String>, root: &Option<Pat
     }
 }
 
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 

@@ -11,7 +11,7 @@ use tokio::runtime::Handle;
 use super::follow::OpenStream;
 use super::{CutoverCheck, CutoverRequest, OnlineState, run_online};
 use crate::cli::RunArgs;
-use crate::commands::{EXIT_CANCELLED, JobSetup, open_source, run_job, setup_job};
+use crate::commands::{EXIT_CANCELLED, JobSetup, open_source, process_alive, run_job, setup_job};
 use crate::config::Endpoint;
 use crate::endpoint::postgres::PgSource;
 use crate::endpoint::postgres::changes::{PgChangeStream, drop_artifacts};
@@ -239,10 +239,6 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
 fn read_status(dir: &std::path::Path, command: &str) -> Option<Status> {
     let bytes = std::fs::read(JobDir::new(dir).status(command)).ok()?;
     serde_json::from_slice(&bytes).ok()
-}
-
-fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// `reset` of an online job: drops its slot and publication (needs the

@@ -38,7 +38,7 @@ pub struct PgChangeStream {
 }
 
 /// Checks what logical decoding needs, before anything is copied.
-async fn check_prerequisites(c: &Client, url: &PgUrl, table: &TableName) -> Result<()> {
+async fn check_prerequisites(c: &Client, url: &PgUrl, table: &TableName, publication: &str) -> Result<()> {
     let src = url.redacted();
     let wal_level: String = c.query_one("SHOW wal_level", &[]).await.pg("reading wal_level")?.get(0);
     if wal_level != "logical" {
@@ -95,8 +95,8 @@ async fn check_prerequisites(c: &Client, url: &PgUrl, table: &TableName) -> Resu
             "user {user} does not own table {} on source {src}; creating its publication needs the owner \
              (or create publication {} FOR TABLE {} yourself and run again)",
             table.name,
-            artifact_name("…"),
-            table.name
+            ident(publication),
+            table.sql()
         );
     }
     Ok(())
@@ -154,8 +154,7 @@ impl PgChangeStream {
                     if let Some(pid) = active {
                         // Held by a killed run's session (the job's lock is ours).
                         fb.say(&format!("replication slot {name} is held by session {pid} of an earlier run; ending it"));
-                        c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.pg("ending the earlier session")?;
-                        wait_slot_inactive(&c, &name).await?;
+                        end_slot_session(&c, &name, pid).await?;
                     }
                     stream.confirmed = parse_lsn(&confirmed)?;
                     fb.say(&format!("resuming change capture from slot {name} at {confirmed}"));
@@ -173,12 +172,11 @@ impl PgChangeStream {
                     if leftover.is_some() {
                         fb.say(&format!("dropping replication slot {name} of an earlier run that copied nothing"));
                         if let Some(pid) = leftover.as_ref().and_then(|s| s.1) {
-                            c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.pg("ending the earlier session")?;
-                            wait_slot_inactive(&c, &name).await?;
+                            end_slot_session(&c, &name, pid).await?;
                         }
                         c.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await.pg("dropping the slot")?;
                     }
-                    check_prerequisites(&c, &url, &table).await?;
+                    check_prerequisites(&c, &url, &table, &name).await?;
                     let has_pub: bool = c
                         .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&name])
                         .await
@@ -231,6 +229,12 @@ impl PgChangeStream {
         parse_lsn(&s)
     }
 
+}
+
+/// Ends the session holding `slot` and waits until the slot is free.
+async fn end_slot_session(c: &Client, slot: &str, pid: i32) -> Result<()> {
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.pg("ending the session holding the replication slot")?;
+    wait_slot_inactive(c, slot).await
 }
 
 async fn wait_slot_inactive(c: &Client, slot: &str) -> Result<()> {
@@ -331,8 +335,7 @@ pub async fn drop_artifacts(url: &PgUrl, name: &str) -> Result<Vec<String>> {
         .pg("looking for the replication slot")?
     {
         if let Some(pid) = r.get::<_, Option<i32>>(0) {
-            c.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.pg("ending the slot's session")?;
-            wait_slot_inactive(&c, name).await?;
+            end_slot_session(&c, name, pid).await?;
         }
         c.execute("SELECT pg_drop_replication_slot($1)", &[&name]).await.pg("dropping the replication slot")?;
         dropped.push(format!("replication slot {name}"));
@@ -347,20 +350,4 @@ pub async fn drop_artifacts(url: &PgUrl, name: &str) -> Result<Vec<String>> {
         dropped.push(format!("publication {name}"));
     }
     Ok(dropped)
-}
-
-/// A slot's retained WAL in bytes (None: no such slot), for `status`.
-pub async fn retained_wal(url: &PgUrl, name: &str) -> Result<Option<u64>> {
-    let c = connect(url).await?;
-    let r = c
-        .query_opt(
-            "SELECT pg_current_wal_lsn()::text, coalesce(restart_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
-        .await
-        .pg("reading the replication slot")?;
-    match r {
-        Some(r) => Ok(Some(parse_lsn(r.get(0))?.saturating_sub(parse_lsn(r.get(1))?))),
-        None => Ok(None),
-    }
 }
