@@ -86,7 +86,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub retry_for: Option<u64>,
     /// Online: copy a snapshot, then apply the source's changes continuously
-    /// until `vmig cutover` (PostgreSQL sources; wal_level = logical).
+    /// until `vmig cutover` (PostgreSQL with wal_level = logical; OceanBase /
+    /// seekdb via triggers; Milvus via a createTime watermark and reconcile).
     #[arg(long)]
     pub online: bool,
     /// Do not build secondary and vector indexes after the load.

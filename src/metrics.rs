@@ -68,9 +68,17 @@ fn render(job: &str, p: &Progress) -> String {
         let by_kind: Vec<(String, f64)> = kinds.iter().map(|(k, v)| (format!(",kind=\"{k}\""), *v as f64)).collect();
         metric("vmig_changes_applied_total", "counter", "Source changes applied to the target, by kind.", &by_kind);
         metric("vmig_changes_per_second", "gauge", "Changes applied per second (last 10 s).", &[(String::new(), o.changes_per_second)]);
-        metric("vmig_lag_bytes", "gauge", "Source change log not yet applied, in bytes.", &one(o.lag_bytes));
         metric("vmig_lag_seconds", "gauge", "Commit-to-apply delay of the last applied transaction.", &[(String::new(), o.lag_seconds)]);
-        metric("vmig_source_retained_bytes", "gauge", "Change log the source keeps for the job (WAL held by the slot).", &one(o.retained_bytes));
+        match o.unit {
+            crate::online::PositionUnit::Bytes => {
+                metric("vmig_lag_bytes", "gauge", "Source change log not yet applied, in bytes.", &one(o.lag_bytes));
+                metric("vmig_source_retained_bytes", "gauge", "Change log the source keeps for the job (WAL held by the slot).", &one(o.retained_bytes));
+            }
+            crate::online::PositionUnit::Changes => {
+                metric("vmig_changelog_rows", "gauge", "Changes waiting in the source's changelog table.", &one(o.retained_bytes));
+            }
+            crate::online::PositionUnit::Watermark => {}
+        }
     }
     out
 }

@@ -5,23 +5,10 @@
 //! sequence past max(id) and no slot or publication left on the source.
 mod common;
 
-use std::path::Path;
-use std::process::Child;
-
-use common::faults::{Moment, start, status_of, wait_for};
+use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
-use common::online::{Writer, applied, source_artifacts, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, applied, kill, online_args, online_scenario, source_artifacts, wait_following};
 use common::*;
-
-fn online_args(src: &str, dst: &str, state: &Path, job: &str) -> Vec<String> {
-    [
-        "migrate", "--online", "--from", src, "--to", dst, "--job", job, "--state-root", state.to_str().unwrap(),
-        "--chunk-rows", "400", "--workers", "1", "--quiet",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
 
 fn http_get(addr: &str) -> String {
     use std::io::{Read, Write};
@@ -32,73 +19,26 @@ fn http_get(addr: &str) -> String {
     s
 }
 
-/// Kills a job left running when a test fails (a failed cutover keeps following).
-struct Reaper(Vec<u32>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
-        }
-    }
-}
-
-fn kill(mut child: Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
-
-/// Kills the job during the snapshot and again while following, resumes
-/// it, stops the writer, cuts over; returns when the target is checked.
-fn online_scenario(name: &str, dst: &str, check: &dyn Fn(&str)) {
+/// A PostgreSQL source of 1,600 rows, the writer, and where its slot would stay.
+fn pg_source(name: &str) -> OnlineSource {
     let src = fresh_db(&source_base(), &format!("{name}_src"), true);
     ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
-    let state = tempdir();
-    let args = online_args(&src, dst, state.path(), name);
-    let job_dir = state.path().join(name);
-    let writer = Writer::start(&src);
-
-    // 1. Killed during the snapshot copy (throttled so the moment can be hit).
-    let mut a = args.clone();
-    a.extend(["--rate-limit".into(), "400".into()]);
-    let mut first = start(&a, &Moment::Committed(1));
-    wait_for(&mut first, &job_dir, "migrate", &Moment::Committed(1), name);
-    assert_eq!(status_of(&job_dir, "migrate").unwrap()["phase"], "snapshot", "{name}: killed outside the snapshot");
-    kill(first);
-    writer.wait_for_more(20);
-
-    // 2. Resumed; killed while following the writer's changes.
-    let mut second = start(&args, &Moment::Committed(0));
-    wait_following(&mut second, &job_dir, "migrate", 0, name);
-    writer.wait_for_more(30);
-    wait_following(&mut second, &job_dir, "migrate", applied(&job_dir, "migrate"), name);
-    kill(second);
-    let before = applied(&job_dir, "migrate");
-    writer.wait_for_more(30);
-
-    // 3. Resumed again; it picks up from its last applied position.
-    let mut third = start(&args, &Moment::Committed(0));
-    let _reap = Reaper(vec![third.id()]);
-    wait_following(&mut third, &job_dir, "migrate", before, name);
-    let ops = writer.stop();
-
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
-    let out = ok(&cut);
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("safe to switch"), "{name}: {said}");
-    let status = third.wait().unwrap();
-    assert!(status.success(), "{name}: the online job did not exit 0 after cutover ({status})");
-    eprintln!("{name}: writer made {ops} changes; {} applied in the last run's count", applied(&job_dir, "migrate"));
-    check(&src);
-    assert_eq!(source_artifacts(&src, &format!("vmig_{name}")), (0, 0), "{name}: slot or publication left on the source");
+    let (w, l) = (src.clone(), src.clone());
+    let artifact = format!("vmig_{name}");
+    OnlineSource {
+        url: src,
+        writer: Box::new(move || Writer::start(&w)),
+        leftovers: Box::new(move || {
+            let (slots, pubs) = source_artifacts(&l, &artifact);
+            if (slots, pubs) == (0, 0) { String::new() } else { format!("{slots} slots, {pubs} publications") }
+        }),
+    }
 }
 
 #[test]
 fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
     let dst = fresh_db(&target_base(), "online_pg_dst", true);
-    online_scenario("online_pg", &dst, &|src| {
+    online_scenario("online_pg", &pg_source("online_pg"), &dst, &|src| {
         let n = assert_same_rows(src, "modeldata", &dst, "modeldata");
         let max_id = query_i64(&dst, "SELECT max(id) FROM modeldata");
         let next = query_i64(&dst, "SELECT nextval('modeldata_id_seq')");
@@ -110,7 +50,7 @@ fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
 #[test]
 fn online_into_oceanbase_survives_kills_and_cuts_over_within_its_tolerance() {
     let ob = fresh_ob_db("online_ob");
-    online_scenario("online_ob", &ob, &|src| {
+    online_scenario("online_ob", &pg_source("online_ob"), &ob, &|src| {
         let want = rows(src, "modeldata");
         assert_rows_close(&want, &ob_rows(&ob, "modeldata"));
         assert_eq!(ob_query_i64(&ob, "SELECT count(DISTINCT id) FROM modeldata"), want.len() as i64);
@@ -123,7 +63,7 @@ fn online_into_oceanbase_survives_kills_and_cuts_over_within_its_tolerance() {
 #[test]
 fn online_into_milvus_survives_kills_and_cuts_over_exactly() {
     let m = fresh_milvus_db("online_mv");
-    online_scenario("online_mv", &m, &|src| {
+    online_scenario("online_mv", &pg_source("online_mv"), &m, &|src| {
         let want = as_mrows(&rows(src, "modeldata"));
         assert_eq!(milvus_count(&m, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
         assert_eq!(milvus_rows(&m, "modeldata"), want);

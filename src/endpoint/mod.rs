@@ -54,6 +54,18 @@ pub trait Source: Send + Sync {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()>;
+    /// The primary keys in `[lo, hi]`, ascending, in pages (an id-set
+    /// reconcile reads nothing else). Backends override this to leave the
+    /// other columns unread.
+    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+        let pk = self.spec().primary_key.clone();
+        self.read_chunk(&ChunkRange { id: 0, lo, hi, rows: 0 }, 8_192, &mut |b| out(&crate::online::keys_of(&b, &pk)?))
+    }
+    /// The current rows with these keys (missing keys are left out), in the
+    /// source's Arrow schema.
+    fn read_rows_by_id(&self, _ids: &[i64], _out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        bail!("{} cannot read rows by id", self.describe())
+    }
 }
 
 /// What a sink tells the user while it works: messages, and the phase it is

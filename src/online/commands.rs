@@ -14,6 +14,8 @@ use crate::cli::RunArgs;
 use crate::commands::{EXIT_CANCELLED, JobSetup, open_source, process_alive, run_job, setup_job};
 use crate::config::Endpoint;
 use crate::endpoint::postgres::PgSource;
+use crate::endpoint::oceanbase::ObSource;
+use crate::endpoint::oceanbase::changes::{ObChangeStream, drop_recorded};
 use crate::endpoint::postgres::changes::{PgChangeStream, drop_artifacts};
 use crate::endpoint::staging::StagingSource;
 use crate::endpoint::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
@@ -34,10 +36,11 @@ pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) 
     }
     match &job.source_ep {
         Endpoint::Postgres(url) => from_postgres(job, url, handle, cancel),
+        Endpoint::OceanBase(url) => from_oceanbase(job, url, handle, cancel),
         Endpoint::Staging(dir) => from_staging(job, dir, handle, cancel),
         other => bail!(
             "online migration from {} is not available yet; online sources today: PostgreSQL (wal_level = logical), \
-             and a staging area written by export --online",
+             OceanBase / seekdb (triggers), and a staging area written by export --online",
             other.describe()
         ),
     }
@@ -55,30 +58,56 @@ fn check_target(job: &JobSetup) -> Result<()> {
     Ok(())
 }
 
-/// Change capture on a PostgreSQL source, into a database, a staging area, or both.
+/// Change capture on a PostgreSQL source (logical replication slot).
 fn from_postgres(job: &JobSetup, url: &crate::config::PgUrl, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
     check_target(job)?;
     let cfg = &job.cfg;
     let pg = Arc::new(PgSource::open(url.clone(), &job.table, handle.clone())?);
-    let source: Arc<dyn Source> = pg.clone();
     let job_dir = cfg.job_dir.clone();
     let open_stream: OpenStream<'_> = Box::new(|fb: &crate::progress::Progress, committed: bool| {
         let s = PgChangeStream::open(url.clone(), &job.table, handle.clone(), &cfg.job, &job_dir, &pg, committed, fb as &dyn Feedback)?;
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
-    // The source as it is now (not the snapshot the copy read).
-    let source_now = || PgSource::open(url.clone(), &job.table, handle.clone());
+    from_database(job, pg.clone(), open_stream, handle, cancel)
+}
+
+/// Change capture on an OceanBase / seekdb source (triggers and a changelog).
+fn from_oceanbase(job: &JobSetup, url: &crate::config::ObUrl, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    check_target(job)?;
+    let cfg = &job.cfg;
+    let ob = Arc::new(ObSource::open(url.clone(), &job.table, handle.clone())?);
+    let job_dir = cfg.job_dir.clone();
+    let reader = ob.clone();
+    let open_stream: OpenStream<'_> = Box::new(move |fb: &crate::progress::Progress, committed: bool| {
+        let s = ObChangeStream::open(url.clone(), &job.table, handle.clone(), &job_dir, reader, committed, fb as &dyn Feedback)?;
+        Ok(Box::new(s) as Box<dyn super::ChangeStream>)
+    });
+    from_database(job, ob, open_stream, handle, cancel)
+}
+
+/// A database source into a database, a staging area, or both: the
+/// cutover verifies the target against the source as it is then, or (an
+/// export) writes the digests its import verifies against.
+fn from_database(
+    job: &JobSetup,
+    source: Arc<dyn Source>,
+    open_stream: OpenStream<'_>,
+    handle: &Handle,
+    cancel: Arc<AtomicBool>,
+) -> Result<Report> {
+    let cfg = &job.cfg;
     let check = || -> Result<CutoverCheck> {
-        let now = source_now()?;
+        // The source as it is now (not the snapshot the copy read).
+        let now = open_source(&job.source_ep, &job.table, handle)?;
         let plan = now.plan(cfg.chunk_rows)?;
         match &job.target_ep {
             Some(target_ep) => {
                 let target = open_source(target_ep, &job.target_table, handle)?;
-                Ok(crate::verify::verify(&now, target.as_ref(), &plan, cfg.workers)?.into())
+                Ok(crate::verify::verify(now.as_ref(), target.as_ref(), &plan, cfg.workers)?.into())
             }
             // Export: the import side verifies against these digests.
             None => {
-                let digests = crate::verify::digests_all_modes(&now, &plan)?;
+                let digests = crate::verify::digests_all_modes(now.as_ref(), &plan)?;
                 let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
                 let last_file = read_change_markers(&cfg.job_dir)?.keys().next_back().copied().unwrap_or(0);
                 write_end(
@@ -241,26 +270,31 @@ fn read_status(dir: &std::path::Path, command: &str) -> Option<Status> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// `reset` of an online job: drops its slot and publication (needs the
+/// `reset` of an online job: drops what it keeps on its source (needs the
 /// source), or refuses before anything is forgotten.
 pub fn reset_artifacts(dir: &std::path::Path, from: Option<&str>, handle: &Handle) -> Result<()> {
     let Some(state) = OnlineState::load(dir)? else { return Ok(()) };
+    if !state.has_artifacts() {
+        std::fs::remove_file(OnlineState::path(dir))?;
+        return Ok(());
+    }
     let Some(from) = from else {
         bail!(
-            "job in {} owns replication slot {} and publication {} on {}; give --from URL so reset drops them \
-             (a forgotten slot keeps WAL and fills the source's disk)",
+            "job in {} owns {}; give --from URL so reset drops them (left behind, they keep {})",
             dir.display(),
-            state.slot,
-            state.publication,
-            state.source
+            state.describe(),
+            if state.kind == "postgres" { "WAL and fill the source's disk" } else { "logging every write to the table" }
         );
     };
-    let Endpoint::Postgres(url) = Endpoint::parse(from)? else { bail!("--from must be the job's PostgreSQL source") };
-    let dropped = handle.block_on(drop_artifacts(&url, &state.slot))?;
+    let (dropped, source) = match Endpoint::parse(from)? {
+        Endpoint::Postgres(url) if state.kind == "postgres" => (handle.block_on(drop_artifacts(&url, &state.slot))?, url.redacted()),
+        Endpoint::OceanBase(url) if state.kind == "oceanbase" => (drop_recorded(&url, &state, handle)?, url.redacted()),
+        _ => bail!("--from must be the job's source ({})", state.source),
+    };
     if dropped.is_empty() {
-        eprintln!("no replication slot or publication named {} was left on {}", state.slot, url.redacted());
+        eprintln!("nothing of {} was left on {source}", state.describe());
     } else {
-        eprintln!("dropped {} on {}", dropped.join(" and "), url.redacted());
+        eprintln!("dropped {} on {source}", dropped.join(" and "));
     }
     std::fs::remove_file(OnlineState::path(dir))?;
     Ok(())
@@ -278,16 +312,16 @@ pub fn status_lines(dir: &std::path::Path, runs: &[Status]) -> Result<Vec<String
                 o.applied_position,
                 o.source_position
             ));
+            if let Some(n) = &o.note {
+                out.push(n.clone());
+            }
             if let Some(w) = &o.warning {
                 out.push(format!("warning: {w}"));
             }
         }
     }
-    if let Some(st) = OnlineState::load(dir)? {
-        out.push(format!(
-            "source artefacts: replication slot {} and publication {} on {} (kept until cutover or `vmig reset --from`)",
-            st.slot, st.publication, st.source
-        ));
+    if let Some(st) = OnlineState::load(dir)?.filter(|s| s.has_artifacts()) {
+        out.push(format!("source artefacts: {} (kept until cutover or `vmig reset --from`)", st.describe()));
     }
     for command in ["export", "import", "migrate"] {
         if let Some(r) = CutoverRequest::load(dir, command)? {

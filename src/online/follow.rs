@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use arrow::record_batch::RecordBatch;
 
-use super::{AppliedPosition, ChangeSet, CutoverCheck, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
+use super::{AppliedPosition, ChangeSet, PositionUnit, CutoverCheck, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
 use crate::endpoint::{Sink, Source};
 use crate::ledger::{JobDir, now_rfc3339};
 use crate::pipeline::{
@@ -148,7 +148,7 @@ fn follow(
             progress.counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
             let apply_started = Instant::now();
             for (i, t) in job.targets.iter().enumerate() {
-                if applied[i].position >= set.position {
+                if applied[i].position >= set.position && !stream.idempotent() {
                     continue; // this target has it (a resume after a crash between targets)
                 }
                 retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(cfg, t, set, progress))?;
@@ -187,7 +187,7 @@ fn follow(
         if last_stats.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) || complete && drain_to.is_some() {
             let stats = stream.stats()?;
             let mut st = progress.status.lock().unwrap();
-            let warning = (stats.retained_bytes > RETAINED_WARN_BYTES).then(|| {
+            let warning = (stats.unit == PositionUnit::Bytes && stats.retained_bytes > RETAINED_WARN_BYTES).then(|| {
                 format!(
                     "the source keeps {} of change log for this job ({}); it is freed as changes are applied, by cutover or by reset",
                     human_bytes(stats.retained_bytes),
@@ -203,13 +203,30 @@ fn follow(
                 retained_bytes: stats.retained_bytes,
                 applied_position: stream.format_position(applied_position.max(stats.confirmed)),
                 source_position: stream.format_position(stats.source_position),
+                unit: stats.unit,
+                note: stats.note.clone(),
                 warning,
             });
             drop(st);
             progress.write_status(None);
             last_stats = Some(Instant::now());
         }
-        if complete && drain_to.is_some() {
+        // What the position cannot see (Milvus deletes): every so often, and
+        // once drained before the cutover verifies.
+        let cutting = complete && drain_to.is_some();
+        if let Some(set) = stream.reconcile(cutting)? {
+            if set.has_rows() {
+                for (i, t) in job.targets.iter().enumerate() {
+                    let mut at_position = set.clone();
+                    at_position.position = applied[i].position.max(applied_position);
+                    retry(&format!("applying reconciled rows to {}", t.name), &mut || {
+                        apply_to_target(cfg, t, &at_position, progress)
+                    })?;
+                }
+                totals.add(&set.counts);
+            }
+        }
+        if cutting {
             match cutover(cfg, job, stream, cancel, progress, check) {
                 Ok(()) => return Ok(true),
                 // Run by `vmig cutover` itself: nothing left to follow for.

@@ -78,13 +78,30 @@ pub struct StreamBatch {
     pub drained_to: Option<u64>,
 }
 
+/// What a stream's positions count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionUnit {
+    /// PostgreSQL: WAL bytes.
+    #[default]
+    Bytes,
+    /// OceanBase: changelog rows.
+    Changes,
+    /// Milvus: a createTime watermark (ms); the source keeps nothing for the job.
+    Watermark,
+}
+
 /// Where the source is and how much it keeps for the job.
 #[derive(Clone, Debug, Default)]
 pub struct StreamStats {
     pub source_position: u64,
     pub confirmed: u64,
-    /// Bytes of change log the source keeps for the job (PostgreSQL: WAL the slot retains).
+    /// Change log the source keeps for the job, in `unit` (PostgreSQL: WAL
+    /// the slot retains; OceanBase: changelog rows).
     pub retained_bytes: u64,
+    pub unit: PositionUnit,
+    /// A line about how the stream follows its source, for `status`.
+    pub note: Option<String>,
 }
 
 /// A source's change capture, positioned after the last confirmed change.
@@ -114,18 +131,39 @@ pub trait ChangeStream: Send {
     fn removes_artifacts(&self) -> bool {
         true
     }
+    /// Batches carry the source's current rows, so applying one again
+    /// converges: every target applies every batch, even one whose position
+    /// it already has (a replay after a kill may hold changes committed late
+    /// with lower positions).
+    fn idempotent(&self) -> bool {
+        false
+    }
+    /// Changes the position cannot see (Milvus deletes), found by comparing
+    /// the ids of source and target: due every so often, and always before a
+    /// cutover (`now`). None when not due.
+    fn reconcile(&mut self, _now: bool) -> Result<Option<ChangeSet>> {
+        Ok(None)
+    }
 }
 
 /// `online.json` in the job's directory: which source artefacts the job
 /// owns (so `reset` and `status` can name them even when no run is alive).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OnlineState {
-    /// Source kind: postgres.
+    /// Source kind: postgres, oceanbase, milvus.
     pub kind: String,
     /// The source, without secrets.
     pub source: String,
+    /// PostgreSQL: the replication slot and publication.
+    #[serde(default)]
     pub slot: String,
+    #[serde(default)]
     pub publication: String,
+    /// OceanBase: the changelog table and its triggers.
+    #[serde(default)]
+    pub changelog: String,
+    #[serde(default)]
+    pub triggers: Vec<String>,
     pub created_at: String,
     /// Where the snapshot ends and the stream begins.
     pub consistent_point: String,
@@ -140,6 +178,18 @@ impl OnlineState {
     }
     pub fn save(&self, job_dir: &Path) -> Result<()> {
         write_atomic(&Self::path(job_dir), &serde_json::to_vec_pretty(self)?)
+    }
+    /// What the job keeps on its source, for the user.
+    pub fn describe(&self) -> String {
+        match self.kind.as_str() {
+            "postgres" => format!("replication slot {} and publication {} on {}", self.slot, self.publication, self.source),
+            "oceanbase" => format!("changelog table {} and triggers {} on {}", self.changelog, self.triggers.join(", "), self.source),
+            _ => format!("nothing on {} (vmig polls it)", self.source),
+        }
+    }
+    /// The source holds something a reset must drop.
+    pub fn has_artifacts(&self) -> bool {
+        matches!(self.kind.as_str(), "postgres" | "oceanbase")
     }
 }
 
@@ -195,6 +245,10 @@ pub struct OnlineStatus {
     pub retained_bytes: u64,
     pub applied_position: String,
     pub source_position: String,
+    #[serde(default)]
+    pub unit: PositionUnit,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }
@@ -202,15 +256,18 @@ pub struct OnlineStatus {
 impl OnlineStatus {
     /// One line: applied changes, rate, lag, retained log.
     pub fn summary(&self) -> String {
+        let behind = match self.unit {
+            PositionUnit::Bytes => format!(
+                ", {} · source keeps {} for the job",
+                human_bytes(self.lag_bytes),
+                human_bytes(self.retained_bytes)
+            ),
+            PositionUnit::Changes => format!(" · {} changes waiting in the source's changelog", self.retained_bytes),
+            PositionUnit::Watermark => String::new(),
+        };
         format!(
-            "applied {} inserts, {} updates, {} deletes · {:.0} changes/s · lag {:.1} s, {} · source keeps {} for the job",
-            self.applied.inserts,
-            self.applied.updates,
-            self.applied.deletes,
-            self.changes_per_second,
-            self.lag_seconds,
-            human_bytes(self.lag_bytes),
-            human_bytes(self.retained_bytes)
+            "applied {} inserts, {} updates, {} deletes · {:.0} changes/s · lag {:.1} s{behind}",
+            self.applied.inserts, self.applied.updates, self.applied.deletes, self.changes_per_second, self.lag_seconds,
         )
     }
 }

@@ -228,7 +228,7 @@ pub fn tenant_form(url: &str) -> String {
     url.replacen("mysql://root@", "mysql://root%40sys@", 1)
 }
 
-async fn ob_conn(url: &str) -> mysql_async::Conn {
+pub async fn ob_conn(url: &str) -> mysql_async::Conn {
     // The test client speaks plain `root`; vmig is given the tenant form.
     let plain = url.replacen("mysql://root%40sys@", "mysql://root@", 1);
     let opts = mysql_async::OptsBuilder::from_opts(mysql_async::Opts::from_url(&plain).unwrap())

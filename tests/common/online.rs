@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::faults::status_of;
-use super::{client, rt};
+use super::faults::{Moment, start, status_of, wait_for};
+use super::{client, ok, rt, tempdir};
 
 /// Writes to a FastGPT `modeldata` table until stopped: inserts of new rows
 /// with 1536-d vectors, deletes of whole collections, updates of `team_id`
@@ -23,15 +23,39 @@ pub struct Writer {
 const NEW_VECTOR: &str = "(SELECT array_agg(random()::real) FROM generate_series(1, 1536))::vector";
 
 impl Writer {
-    pub fn start(url: &str) -> Writer {
+    /// Runs `step(i)` for i = 0, 1, … on its own thread until stopped, paced
+    /// like an application (not a bulk load).
+    pub fn spawn<F, Fut>(make: impl FnOnce() -> Fut + Send + 'static, step: F) -> Writer
+    where
+        Fut: std::future::Future,
+        Fut::Output: Send,
+        F: for<'a> Fn(&'a mut Fut::Output, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'a>> + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(AtomicU64::new(0));
-        let (s, o, url) = (stop.clone(), ops.clone(), url.to_string());
+        let (s, o) = (stop.clone(), ops.clone());
         let thread = std::thread::spawn(move || {
             rt().block_on(async {
-                let c = client(&url).await;
+                let mut conn = make().await;
                 let mut i = 0u64;
                 while !s.load(Relaxed) {
+                    step(&mut conn, i).await;
+                    o.fetch_add(1, Relaxed);
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(15)).await;
+                }
+            })
+        });
+        Writer { stop, ops, thread: Some(thread) }
+    }
+
+    /// FastGPT traffic on a PostgreSQL source.
+    pub fn start(url: &str) -> Writer {
+        let url = url.to_string();
+        Writer::spawn(
+            move || async move { client(&url).await },
+            |c, i| {
+                Box::pin(async move {
                     let sql = match i % 6 {
                         0 | 3 => format!(
                             "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
@@ -54,14 +78,49 @@ impl Writer {
                             .to_string(),
                     };
                     c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
-                    o.fetch_add(1, Relaxed);
-                    i += 1;
-                    // Paced like an application, not a bulk load.
-                    tokio::time::sleep(Duration::from_millis(15)).await;
-                }
-            })
-        });
-        Writer { stop, ops, thread: Some(thread) }
+                })
+            },
+        )
+    }
+
+    /// The same traffic on an OceanBase / seekdb source (MySQL dialect,
+    /// vectors as text literals), including an update that changes a key.
+    pub fn start_ob(url: &str) -> Writer {
+        use mysql_async::prelude::Queryable;
+        let url = url.to_string();
+        Writer::spawn(
+            move || async move { super::ob_conn(&url).await },
+            |c, i| {
+                Box::pin(async move {
+                    let vector = || {
+                        let v: Vec<String> = (0..1536u64).map(|d| format!("{:.6}", (((i * 7919 + d * 104729) % 1000) as f32) / 1000.0)).collect();
+                        format!("'[{}]'", v.join(","))
+                    };
+                    let random_ids = async |c: &mut mysql_async::Conn, n: u32| -> String {
+                        let ids: Vec<i64> = c.query(format!("SELECT id FROM modeldata ORDER BY rand() LIMIT {n}")).await.unwrap();
+                        ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+                    };
+                    let sql = match i % 6 {
+                        0 | 3 => {
+                            let rows: Vec<String> =
+                                (0..4).map(|_| format!("({}, 'team_w', 'ds_w', 'col_w{}')", vector(), i % 5)).collect();
+                            format!("INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) VALUES {}", rows.join(","))
+                        }
+                        1 => format!("UPDATE modeldata SET team_id = 'team_moved' WHERE id IN ({})", random_ids(c, 3).await),
+                        2 => format!("UPDATE modeldata SET vector = {} WHERE id IN ({})", vector(), random_ids(c, 1).await),
+                        4 => format!("DELETE FROM modeldata WHERE collection_id = 'col_w{}'", (i / 6) % 5),
+                        _ if i % 12 == 5 => format!("DELETE FROM modeldata WHERE id IN ({})", random_ids(c, 1).await),
+                        // A key moved: the old id is gone, the new one appears.
+                        _ if i % 24 == 11 => format!("UPDATE modeldata SET id = id + 1000000 WHERE id IN ({})", random_ids(c, 1).await),
+                        _ => format!("UPDATE modeldata SET team_id = concat(team_id, '+') WHERE id IN ({})", random_ids(c, 1).await),
+                    };
+                    if sql.ends_with("IN ()") {
+                        return;
+                    }
+                    c.query_drop(&sql).await.unwrap_or_else(|e| panic!("writer: {}: {e}", &sql[..sql.len().min(200)]));
+                })
+            },
+        )
     }
 
     pub fn ops(&self) -> u64 {
@@ -123,3 +182,85 @@ pub fn source_artifacts(url: &str, name: &str) -> (i64, i64) {
         (slots, pubs)
     })
 }
+
+/// An online test's source: its URL, a writer imitating FastGPT on it, and
+/// what vmig left on it (empty: nothing).
+pub struct OnlineSource {
+    pub url: String,
+    pub writer: Box<dyn Fn() -> Writer>,
+    pub leftovers: Box<dyn Fn() -> String>,
+}
+
+pub fn online_args(src: &str, dst: &str, state: &Path, job: &str) -> Vec<String> {
+    [
+        "migrate", "--online", "--from", src, "--to", dst, "--job", job, "--state-root", state.to_str().unwrap(),
+        "--chunk-rows", "400", "--workers", "1", "--quiet",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Kills a job left running when a test fails (a failed cutover keeps following).
+pub struct Reaper(pub Vec<u32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn kill(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Kills the job during the snapshot and again while following, resumes
+/// it, stops the writer, cuts over; returns when the target is checked.
+pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn Fn(&str)) {
+    let src = source.url.clone();
+    let state = tempdir();
+    let args = online_args(&src, dst, state.path(), name);
+    let job_dir = state.path().join(name);
+    let writer = (source.writer)();
+
+    // 1. Killed during the snapshot copy (throttled so the moment can be hit).
+    let mut a = args.clone();
+    a.extend(["--rate-limit".into(), "400".into()]);
+    let mut first = start(&a, &Moment::Committed(1));
+    wait_for(&mut first, &job_dir, "migrate", &Moment::Committed(1), name);
+    assert_eq!(status_of(&job_dir, "migrate").unwrap()["phase"], "snapshot", "{name}: killed outside the snapshot");
+    kill(first);
+    writer.wait_for_more(20);
+
+    // 2. Resumed; killed while following the writer's changes.
+    let mut second = start(&args, &Moment::Committed(0));
+    wait_following(&mut second, &job_dir, "migrate", 0, name);
+    writer.wait_for_more(30);
+    wait_following(&mut second, &job_dir, "migrate", applied(&job_dir, "migrate"), name);
+    kill(second);
+    let before = applied(&job_dir, "migrate");
+    writer.wait_for_more(30);
+
+    // 3. Resumed again; it picks up from its last applied position.
+    let mut third = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![third.id()]);
+    wait_following(&mut third, &job_dir, "migrate", before, name);
+    let ops = writer.stop();
+
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let out = ok(&cut);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("safe to switch"), "{name}: {said}");
+    let status = third.wait().unwrap();
+    assert!(status.success(), "{name}: the online job did not exit 0 after cutover ({status})");
+    eprintln!("{name}: writer made {ops} changes; {} applied in the last run's count", applied(&job_dir, "migrate"));
+    check(&src);
+    let left = (source.leftovers)();
+    assert!(left.is_empty(), "{name}: left on the source after cutover: {left}");
+}
+

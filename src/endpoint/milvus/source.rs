@@ -4,6 +4,7 @@
 //! columns straight into Arrow arrays.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::{
@@ -134,8 +135,10 @@ pub struct MilvusSource {
     page_rows: usize,
     /// Ids per page while planning (8 bytes each: the most Milvus allows).
     plan_page_rows: usize,
-    /// Reads see every write acknowledged before the source was opened.
-    read_ts: Option<u64>,
+    /// Reads see every write acknowledged before this timestamp (0: Strong
+    /// reads, on servers without AllocTimestamp): when the source was
+    /// opened, or the last `read_now`.
+    read_ts: AtomicU64,
 }
 
 impl MilvusSource {
@@ -150,7 +153,7 @@ impl MilvusSource {
         }
         conn.load(collection)?;
         // Servers without AllocTimestamp get Strong reads (slower, as exact).
-        let read_ts = conn.alloc_timestamp().ok().filter(|t| *t > 0);
+        let read_ts = AtomicU64::new(conn.alloc_timestamp().unwrap_or(0));
         let mut output: Vec<String> = coll.fields.iter().map(|f| f.field.clone()).collect();
         if coll.dynamic {
             output.push(DYNAMIC_FIELD.into());
@@ -163,9 +166,35 @@ impl MilvusSource {
         Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts })
     }
 
+    fn read_ts(&self) -> Option<u64> {
+        Some(self.read_ts.load(Relaxed)).filter(|t| *t > 0)
+    }
+
+    /// Later reads see every write acknowledged before now (online polls).
+    pub fn read_now(&self) -> Result<()> {
+        if self.read_ts.load(Relaxed) > 0 {
+            self.read_ts.store(self.conn.alloc_timestamp()?, Relaxed);
+        }
+        Ok(())
+    }
+
+    pub fn collection(&self) -> &Collection {
+        &self.coll
+    }
+
+    /// Rows matching a filter expression, all of them (keyset pages by id), in
+    /// batches sorted by id.
+    pub fn read_where(&self, filter: &str, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        self.pages_where(i64::MIN, i64::MAX, filter, false, out)
+    }
+
+    fn pages(&self, lo: i64, hi: i64, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        self.pages_where(lo, hi, "", ids_only, f)
+    }
+
     /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
     /// `ids_only` pages are one column, the primary key.
-    fn pages(&self, lo: i64, hi: i64, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn pages_where(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
         let pk = &self.coll.pk_field;
         let (output, limit) = if ids_only {
@@ -175,8 +204,11 @@ impl MilvusSource {
         };
         let mut after = None;
         loop {
-            let expr = range_expr(pk, lo, hi, after);
-            let data = self.conn.query(name, &expr, output, limit, self.read_ts)?;
+            let mut expr = range_expr(pk, lo, hi, after);
+            if !filter.is_empty() {
+                expr = if expr.is_empty() { filter.to_string() } else { format!("({expr}) and ({filter})") };
+            }
+            let data = self.conn.query(name, &expr, output, limit, self.read_ts())?;
             let batch = if ids_only {
                 let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
                 let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
@@ -232,6 +264,23 @@ impl Source for MilvusSource {
             Ok(())
         })?;
         Ok(ranges_from_bounds(&bounds, total, chunk_rows))
+    }
+
+    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+        self.pages(lo, hi, true, &mut |b| out(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values()))
+    }
+
+    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        for part in ids.chunks(self.page_rows.max(1)) {
+            let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+            let expr = format!("{} in [{}]", self.coll.pk_field, list.join(","));
+            let data = self.conn.query(&self.coll.spec.name, &expr, &self.output, part.len(), self.read_ts())?;
+            let batch = decode_result(&self.coll, data)?;
+            if batch.num_rows() > 0 {
+                out(batch)?;
+            }
+        }
+        Ok(())
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {

@@ -5,6 +5,7 @@
 //! and the text decoder in `sql.rs`.
 
 mod apply;
+pub mod changes;
 mod sink;
 mod source;
 pub mod sql;

@@ -73,12 +73,10 @@ impl Source for ObSource {
     ) -> Result<()> {
         let spec = self.spec();
         let pk = ident(&spec.primary_key);
-        let pk_idx = spec.pk_index();
-        let select = format!("SELECT {} FROM {}", column_list(spec), ident(&self.table));
         // Vectors come back as text, ~10 bytes per dimension.
         let row_text = crate::pipeline::estimate_row_bytes(spec) * 5 / 2;
         let page = (PAGE_BYTES / row_text.max(1)).clamp(100, 20_000);
-        let mut decoder = TextRowDecoder::new(spec.arrow_schema(), spec.columns.iter().map(|c| c.ty.clone()).collect());
+        let mut decoder = self.decoder();
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             let mut last: Option<i64> = None;
@@ -87,46 +85,10 @@ impl Source for ObSource {
                     None => format!("{pk} >= {}", chunk.lo),
                     Some(l) => format!("{pk} > {l}"),
                 };
-                let sql = format!("{select} WHERE {lower} AND {pk} <= {} ORDER BY {pk} LIMIT {page}", chunk.hi);
-                let mut result = c.query_iter(sql).await.ob(&format!("reading chunk {}", chunk.id))?;
-                let mut n = 0usize;
-                let mut err: Option<anyhow::Error> = None;
-                result
-                    .for_each(|row| {
-                        if err.is_some() {
-                            return;
-                        }
-                        let values = row.unwrap();
-                        let fields: Vec<Option<&[u8]>> = values
-                            .iter()
-                            .map(|v| match v {
-                                Value::Bytes(b) => Some(b.as_slice()),
-                                _ => None,
-                            })
-                            .collect();
-                        let id = fields[pk_idx].map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-                        // The keyset cursor: an unreadable key would repeat the page forever.
-                        let Ok(key) = id.parse::<i64>() else {
-                            err = Some(anyhow!("primary key value {id:?} is not an integer"));
-                            return;
-                        };
-                        if let Err(e) = decoder.push_row(&fields) {
-                            err = Some(anyhow!("row with {} = {id}: {e}", spec.primary_key));
-                            return;
-                        }
-                        last = Some(key);
-                        n += 1;
-                        if decoder.rows() >= batch_rows {
-                            if let Err(e) = decoder.take_batch().and_then(|b| out(b)) {
-                                err = Some(e);
-                            }
-                        }
-                    })
-                    .await
-                    .ob(&format!("reading chunk {}", chunk.id))?;
-                if let Some(e) = err {
-                    return Err(e.context(format!("chunk {}", chunk.id)));
-                }
+                let sql = format!("{} WHERE {lower} AND {pk} <= {} ORDER BY {pk} LIMIT {page}", self.select(), chunk.hi);
+                let what = format!("reading chunk {}", chunk.id);
+                let (n, l) = self.decode_query(&mut c, &sql, &what, &mut decoder, batch_rows, out).await?;
+                last = l.or(last);
                 if n < page {
                     break;
                 }
@@ -137,6 +99,118 @@ impl Source for ObSource {
             self.pool.put(c);
             Ok(())
         })
+    }
+
+    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+        let pk = ident(&self.spec().primary_key);
+        let t = ident(&self.table);
+        self.handle.block_on(async {
+            let mut c = self.pool.get().await?;
+            let mut after: Option<i64> = None;
+            loop {
+                let lower = after.map_or(format!("{pk} >= {lo}"), |a| format!("{pk} > {a}"));
+                let sql = format!("SELECT {pk} FROM {t} WHERE {lower} AND {pk} <= {hi} ORDER BY {pk} LIMIT {ID_PAGE}");
+                let ids: Vec<i64> = c.query(sql).await.ob("reading ids")?;
+                if let Some(l) = ids.last() {
+                    after = Some(*l);
+                    out(&ids)?;
+                }
+                if ids.len() < ID_PAGE {
+                    break;
+                }
+            }
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+
+    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let pk = ident(&self.spec().primary_key);
+        let mut decoder = self.decoder();
+        self.handle.block_on(async {
+            let mut c = self.pool.get().await?;
+            for part in ids.chunks(1_000) {
+                let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+                let sql = format!("{} WHERE {pk} IN ({}) ORDER BY {pk}", self.select(), list.join(","));
+                self.decode_query(&mut c, &sql, "reading changed rows", &mut decoder, usize::MAX, out).await?;
+            }
+            if decoder.rows() > 0 {
+                out(decoder.take_batch()?)?;
+            }
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+}
+
+/// Ids per page of an ids-only walk.
+const ID_PAGE: usize = 50_000;
+
+impl ObSource {
+    fn select(&self) -> String {
+        format!("SELECT {} FROM {}", column_list(self.spec()), ident(&self.table))
+    }
+
+    fn decoder(&self) -> TextRowDecoder {
+        let spec = self.spec();
+        TextRowDecoder::new(spec.arrow_schema(), spec.columns.iter().map(|c| c.ty.clone()).collect())
+    }
+
+    /// Runs `sql` (rows in the spec's column order), decoding into `decoder`
+    /// and handing out batches of `batch_rows`; returns the rows read and
+    /// the last primary key.
+    async fn decode_query(
+        &self,
+        c: &mut Conn,
+        sql: &str,
+        what: &str,
+        decoder: &mut TextRowDecoder,
+        batch_rows: usize,
+        out: &mut dyn FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<(usize, Option<i64>)> {
+        let spec = self.spec();
+        let pk_idx = spec.pk_index();
+        let mut result = c.query_iter(sql).await.ob(what)?;
+        let mut n = 0usize;
+        let mut last = None;
+        let mut err: Option<anyhow::Error> = None;
+        result
+            .for_each(|row| {
+                if err.is_some() {
+                    return;
+                }
+                let values = row.unwrap();
+                let fields: Vec<Option<&[u8]>> = values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Bytes(b) => Some(b.as_slice()),
+                        _ => None,
+                    })
+                    .collect();
+                let id = fields[pk_idx].map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                // The keyset cursor: an unreadable key would repeat the page forever.
+                let Ok(key) = id.parse::<i64>() else {
+                    err = Some(anyhow!("primary key value {id:?} is not an integer"));
+                    return;
+                };
+                if let Err(e) = decoder.push_row(&fields) {
+                    err = Some(anyhow!("row with {} = {id}: {e}", spec.primary_key));
+                    return;
+                }
+                last = Some(key);
+                n += 1;
+                if decoder.rows() >= batch_rows {
+                    if let Err(e) = decoder.take_batch().and_then(|b| out(b)) {
+                        err = Some(e);
+                    }
+                }
+            })
+            .await
+            .ob(what)?;
+        if let Some(e) = err {
+            return Err(e.context(what.to_string()));
+        }
+        Ok((n, last))
     }
 }
 

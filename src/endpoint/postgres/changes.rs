@@ -211,6 +211,8 @@ impl PgChangeStream {
             source: self.url.redacted(),
             slot: self.slot.clone(),
             publication: self.publication.clone(),
+            changelog: String::new(),
+            triggers: Vec::new(),
             created_at: now_rfc3339(),
             consistent_point: consistent_point.into(),
         }
@@ -311,7 +313,12 @@ impl ChangeStream for PgChangeStream {
         })?;
         let (current, confirmed, restart) =
             (parse_lsn(r.get(0))?, parse_lsn(r.get(1))?, parse_lsn(r.get(2))?);
-        Ok(StreamStats { source_position: current, confirmed, retained_bytes: current.saturating_sub(restart) })
+        Ok(StreamStats {
+            source_position: current,
+            confirmed,
+            retained_bytes: current.saturating_sub(restart),
+            ..Default::default()
+        })
     }
 
     fn drop_artifacts(&mut self) -> Result<()> {

@@ -169,5 +169,32 @@ impl Source for PgSource {
             Ok(())
         })
     }
+
+    /// The ids as they are now (outside the run's snapshot: a reconcile
+    /// compares current states).
+    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+        const PAGE: usize = 50_000;
+        let pk = ident(&self.spec().primary_key);
+        let t = self.table.sql();
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let mut after: Option<i64> = None;
+            loop {
+                let lower = if after.is_some() { ">" } else { ">=" };
+                let sql = format!("SELECT {pk}::int8 FROM {t} WHERE {pk} {lower} $1::int8 AND {pk} <= $2::int8 ORDER BY {pk} LIMIT {PAGE}");
+                let rows = c.query(&sql, &[&after.unwrap_or(lo), &hi]).await.pg("reading ids")?;
+                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                if let Some(l) = ids.last() {
+                    after = Some(*l);
+                    out(&ids)?;
+                }
+                if ids.len() < PAGE {
+                    break;
+                }
+            }
+            self.pool.put(c);
+            Ok(())
+        })
+    }
 }
 

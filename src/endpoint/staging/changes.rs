@@ -285,7 +285,7 @@ impl ChangeStream for StagingChangeStream {
     fn stats(&mut self) -> Result<StreamStats> {
         let last = self.current_position()?;
         let retained = self.markers.range(self.confirmed + 1..).map(|(_, m)| m.bytes).sum();
-        Ok(StreamStats { source_position: last, confirmed: self.confirmed, retained_bytes: retained })
+        Ok(StreamStats { source_position: last, confirmed: self.confirmed, retained_bytes: retained, ..Default::default() })
     }
 
     fn drop_artifacts(&mut self) -> Result<()> {

@@ -1,0 +1,146 @@
+//! Online migration from sources without a change stream a client can
+//! follow: OceanBase / seekdb (triggers append to a changelog table) and
+//! Milvus (a createTime watermark, and an id-set reconcile for deletes).
+//! A writer imitates FastGPT on the source through the snapshot and while
+//! following; the job is killed (SIGKILL) in both phases, resumed and cut
+//! over; the target must then equal the source, and nothing vmig installed
+//! may remain on it.
+mod common;
+
+use common::faults::{Moment, start, wait_for};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
+use common::online::{OnlineSource, Reaper, Writer, applied, kill, online_args, online_scenario, wait_following};
+use common::*;
+
+/// Triggers and changelog tables vmig left in an OceanBase database.
+fn ob_leftovers(url: &str) -> String {
+    let db = url.rsplit('/').next().unwrap();
+    let triggers = ob_query_i64(url, &format!("SELECT count(*) FROM information_schema.triggers WHERE trigger_schema = '{db}'"));
+    let tables = ob_query_i64(
+        url,
+        &format!("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{db}' AND table_name LIKE 'vmig_changes%'"),
+    );
+    if triggers + tables == 0 { String::new() } else { format!("{triggers} triggers, {tables} changelog tables") }
+}
+
+/// A seekdb source of 1,600 FastGPT rows and its writer.
+fn ob_source(name: &str) -> OnlineSource {
+    let src = fresh_ob_db(&format!("{name}_src"));
+    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
+    let (w, l) = (src.clone(), src.clone());
+    OnlineSource { url: src, writer: Box::new(move || Writer::start_ob(&w)), leftovers: Box::new(move || ob_leftovers(&l)) }
+}
+
+#[test]
+fn online_from_seekdb_into_postgres_survives_kills_and_cuts_over_within_its_tolerance() {
+    let dst = fresh_db(&target_base(), "online_obpg_dst", true);
+    online_scenario("online_obpg", &ob_source("online_obpg"), &dst, &|src| {
+        let want = ob_rows(src, "modeldata");
+        assert_rows_close(&want, &rows(&dst, "modeldata"));
+        assert!(want.iter().any(|r| r.id > 1_000_000), "no key was moved by the writer");
+        assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > query_i64(&dst, "SELECT max(id) FROM modeldata"));
+    });
+}
+
+#[test]
+fn online_from_seekdb_into_milvus_survives_kills_and_cuts_over_exactly() {
+    let m = fresh_milvus_db("online_obmv");
+    online_scenario("online_obmv", &ob_source("online_obmv"), &m, &|src| {
+        // OceanBase's 6-digit text is what the source holds; Milvus gets those values exactly.
+        let want = as_mrows(&ob_rows(src, "modeldata"));
+        assert_eq!(milvus_count(&m, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_rows(&m, "modeldata"), want);
+    });
+}
+
+/// seekdb → staging → PostgreSQL, export and import as separate processes.
+#[test]
+fn online_from_seekdb_through_staging_with_separate_processes() {
+    let name = "online_obst";
+    let source = ob_source(name);
+    let src = source.url.clone();
+    let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap().to_string();
+    let export: Vec<String> =
+        ["export", "--online", "--from", &src, "--staging", &st_s, "--job", name, "--chunk-rows", "400", "--workers", "1", "--quiet"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let import: Vec<String> = ["import", "--online", "--staging", &st_s, "--to", &dst, "--quiet"].iter().map(|s| s.to_string()).collect();
+    let writer = (source.writer)();
+    let mut a = export.clone();
+    a.extend(["--rate-limit".into(), "400".into()]);
+    let mut exp = start(&a, &Moment::Committed(1));
+    wait_for(&mut exp, &st, "export", &Moment::Committed(1), name);
+    kill(exp);
+    let mut exp = start(&export, &Moment::Committed(0));
+    wait_following(&mut exp, &st, "export", 0, name);
+    let mut imp = start(&import, &Moment::Committed(0));
+    let _reap = Reaper(vec![exp.id(), imp.id()]);
+    wait_following(&mut imp, &st, "import", 0, name);
+    writer.wait_for_more(30);
+    let exported = applied(&st, "export");
+    kill(exp);
+    let mut exp = start(&export, &Moment::Committed(0));
+    let _reap2 = Reaper(vec![exp.id()]);
+    wait_following(&mut exp, &st, "export", exported, name);
+    writer.stop();
+    let mut cut = export.clone();
+    cut[0] = "cutover".into();
+    ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
+    let mut cut = import.clone();
+    cut[0] = "cutover".into();
+    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
+    assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
+    assert_rows_close(&ob_rows(&src, "modeldata"), &rows(&dst, "modeldata"));
+    assert_eq!(ob_leftovers(&src), "");
+}
+
+/// No TRIGGER privilege: one line before anything is copied; `reset`
+/// removes the triggers and changelog of a job that stopped.
+#[test]
+fn seekdb_capture_needs_the_trigger_privilege_and_reset_removes_it() {
+    let src = fresh_ob_db("online_obpriv");
+    ok(&["generate", "--to", &src, "--rows", "50", "--dim", "8"]);
+    let dst = fresh_db(&target_base(), "online_obpriv_dst", true);
+    ob_exec(&src, "DROP USER IF EXISTS vmig_notrig");
+    ob_exec(&src, "CREATE USER vmig_notrig IDENTIFIED BY 'pw'");
+    ob_exec(&src, "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER ON online_obpriv.* TO vmig_notrig");
+    let as_user = src.replacen("mysql://root%40sys@", "mysql://vmig_notrig:pw@", 1);
+    let state = tempdir();
+    let args = online_args(&as_user, &dst, state.path(), "obpriv");
+    let out = vmig(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("TRIGGER privilege") && lines[0].contains("GRANT TRIGGER ON online_obpriv.*"), "{err}");
+    assert!(!err.contains("pw@"), "the password leaked: {err}");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM pg_tables WHERE tablename = 'modeldata'"), 0, "copied");
+    assert_eq!(ob_leftovers(&src), "", "a refused start must leave nothing");
+
+    // As root: runs, stops (SIGTERM), then reset drops its triggers and changelog.
+    let args = online_args(&src, &dst, state.path(), "obpriv2");
+    let job_dir = state.path().join("obpriv2");
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), "obpriv2");
+    ob_exec(&src, "DELETE FROM modeldata ORDER BY id LIMIT 5");
+    wait_following(&mut run, &job_dir, "migrate", 0, "obpriv2");
+    let st = state.path().to_str().unwrap();
+    let status = String::from_utf8_lossy(&ok(&["status", "--job", "obpriv2", "--state-root", st]).stdout).into_owned();
+    assert!(status.contains("applied 0 inserts, 0 updates, 5 deletes"), "{status}");
+    assert!(status.contains("changelog table vmig_changes_modeldata"), "{status}");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM modeldata"), 45);
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    assert_eq!(run.wait().unwrap().code(), Some(130));
+    assert_ne!(ob_leftovers(&src), "", "the capture stays for a resume");
+    let refused = vmig(&["reset", "--job", "obpriv2", "--state-root", st, "--to", &dst, "--yes"]);
+    assert!(stderr(&refused).contains("give --from"), "{}", stderr(&refused));
+    ok(&["reset", "--job", "obpriv2", "--state-root", st, "--to", &dst, "--from", &src, "--yes"]);
+    assert_eq!(ob_leftovers(&src), "");
+}
