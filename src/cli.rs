@@ -90,6 +90,15 @@ pub struct RunArgs {
     /// seekdb via triggers; Milvus via a createTime watermark and reconcile).
     #[arg(long)]
     pub online: bool,
+    /// Online from Milvus: rows are polled with createTime ≥ watermark −
+    /// this many seconds (clock skew, inserts in flight). Default: 5.
+    #[arg(long, value_name = "SECS")]
+    pub watermark_margin: Option<u64>,
+    /// Online from Milvus: compare the ids of source and target (deletes,
+    /// and inserts the watermark missed) every this many seconds, and
+    /// always at cutover. Default: 300.
+    #[arg(long, value_name = "SECS")]
+    pub reconcile_every: Option<u64>,
     /// Do not build secondary and vector indexes after the load.
     #[arg(long)]
     pub no_indexes: bool,

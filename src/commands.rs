@@ -56,6 +56,8 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.retry_for = a.retry_for.or(file.retry_for);
     a.report = a.report.or(file.report);
     a.metrics = a.metrics.or(file.metrics);
+    a.watermark_margin = a.watermark_margin.or(file.watermark_margin);
+    a.reconcile_every = a.reconcile_every.or(file.reconcile_every);
     a.online = a.online || file.online.unwrap_or(false);
     a.milvus_fields = a.milvus_fields.or(file.milvus_fields);
     Ok(a)

@@ -353,6 +353,10 @@ pub struct PipelineFile {
     pub online: Option<bool>,
     /// Prometheus metrics address while the job runs.
     pub metrics: Option<String>,
+    /// Online from Milvus: seconds of createTime overlap per poll.
+    pub watermark_margin: Option<u64>,
+    /// Online from Milvus: seconds between id-set reconciles.
+    pub reconcile_every: Option<u64>,
     /// SQL column ↔ Milvus field mapping (default: FastGPT's modeldata).
     pub milvus_fields: Option<Vec<FieldMap>>,
 }

@@ -27,6 +27,7 @@ fn pg_source(name: &str) -> OnlineSource {
     let artifact = format!("vmig_{name}");
     OnlineSource {
         url: src,
+        extra_args: Vec::new(),
         writer: Box::new(move || Writer::start(&w)),
         leftovers: Box::new(move || {
             let (slots, pubs) = source_artifacts(&l, &artifact);

@@ -8,7 +8,7 @@
 mod common;
 
 use common::faults::{Moment, start, wait_for};
-use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
+use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count, milvus_rows, milvus_writer, seed_fastgpt};
 use common::online::{OnlineSource, Reaper, Writer, applied, kill, online_args, online_scenario, wait_following};
 use common::*;
 
@@ -28,7 +28,7 @@ fn ob_source(name: &str) -> OnlineSource {
     let src = fresh_ob_db(&format!("{name}_src"));
     ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
     let (w, l) = (src.clone(), src.clone());
-    OnlineSource { url: src, writer: Box::new(move || Writer::start_ob(&w)), leftovers: Box::new(move || ob_leftovers(&l)) }
+    OnlineSource { url: src, extra_args: Vec::new(), writer: Box::new(move || Writer::start_ob(&w)), leftovers: Box::new(move || ob_leftovers(&l)) }
 }
 
 #[test]
@@ -143,4 +143,40 @@ fn seekdb_capture_needs_the_trigger_privilege_and_reset_removes_it() {
     assert!(stderr(&refused).contains("give --from"), "{}", stderr(&refused));
     ok(&["reset", "--job", "obpriv2", "--state-root", st, "--to", &dst, "--from", &src, "--yes"]);
     assert_eq!(ob_leftovers(&src), "");
+}
+
+/// A Milvus source of 1,600 FastGPT rows (some stamped in the future, as a
+/// client with a fast clock would) and a writer inserting new rows and
+/// deleting whole collections by filter. Reconciles every 2 s, so deletes
+/// also arrive while following, not only at cutover.
+fn milvus_source(name: &str) -> OnlineSource {
+    let src = fresh_milvus_db(&format!("{name}_src"));
+    seed_fastgpt(&src, "modeldata", &fastgpt_rows(1600, 1536, 11), 1536, 2, false);
+    let w = src.clone();
+    OnlineSource {
+        url: src,
+        extra_args: ["--reconcile-every", "2", "--watermark-margin", "3"].iter().map(|s| s.to_string()).collect(),
+        writer: Box::new(move || milvus_writer(&w, "modeldata", 1536, 9_000_000_000_000_000)),
+        leftovers: Box::new(String::new),
+    }
+}
+
+#[test]
+fn online_from_milvus_into_postgres_survives_kills_and_cuts_over_exactly() {
+    let dst = fresh_db(&target_base(), "online_mvpg_dst", true);
+    online_scenario("online_mvpg", &milvus_source("online_mvpg"), &dst, &|src| {
+        let want = milvus_rows(src, "modeldata");
+        assert_eq!(as_mrows(&rows(&dst, "modeldata")), want);
+        assert!(want.iter().any(|r| r.team_id == "team_w"), "the writer's rows are there");
+    });
+}
+
+#[test]
+fn online_from_milvus_into_another_milvus_database_survives_kills_and_cuts_over_exactly() {
+    let dst = fresh_milvus_db("online_mvmv_dst");
+    online_scenario("online_mvmv", &milvus_source("online_mvmv"), &dst, &|src| {
+        let want = milvus_rows(src, "modeldata");
+        assert_eq!(milvus_count(&dst, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_rows(&dst, "modeldata"), want);
+    });
 }

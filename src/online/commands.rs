@@ -14,6 +14,8 @@ use crate::cli::RunArgs;
 use crate::commands::{EXIT_CANCELLED, JobSetup, open_source, process_alive, run_job, setup_job};
 use crate::config::Endpoint;
 use crate::endpoint::postgres::PgSource;
+use crate::endpoint::milvus::MilvusSource;
+use crate::endpoint::milvus::changes::{MilvusChangeStream, OpenTarget};
 use crate::endpoint::oceanbase::ObSource;
 use crate::endpoint::oceanbase::changes::{ObChangeStream, drop_recorded};
 use crate::endpoint::postgres::changes::{PgChangeStream, drop_artifacts};
@@ -37,12 +39,8 @@ pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) 
     match &job.source_ep {
         Endpoint::Postgres(url) => from_postgres(job, url, handle, cancel),
         Endpoint::OceanBase(url) => from_oceanbase(job, url, handle, cancel),
+        Endpoint::Milvus(url) => from_milvus(job, url, handle, cancel),
         Endpoint::Staging(dir) => from_staging(job, dir, handle, cancel),
-        other => bail!(
-            "online migration from {} is not available yet; online sources today: PostgreSQL (wal_level = logical), \
-             OceanBase / seekdb (triggers), and a staging area written by export --online",
-            other.describe()
-        ),
     }
 }
 
@@ -83,6 +81,34 @@ fn from_oceanbase(job: &JobSetup, url: &crate::config::ObUrl, handle: &Handle, c
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
     from_database(job, ob, open_stream, handle, cancel)
+}
+
+/// A Milvus source: inserts polled by createTime watermark, deletes found by
+/// an id-set reconcile against the target (so there must be one database
+/// target, and no staging in between).
+fn from_milvus(job: &JobSetup, url: &crate::config::MilvusUrl, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    check_target(job)?;
+    let Some(target_ep) = job.target_ep.clone().filter(|_| job.sinks.len() == 1) else {
+        bail!(
+            "online from Milvus needs one database target (--to) and no staging: its deletes are found by comparing the \
+             ids of source and target. Migrate directly, or export/import offline and converge with `vmig repair`"
+        );
+    };
+    let cfg = &job.cfg;
+    // Before the snapshot's read timestamp: the first poll covers what it missed.
+    let started_ms = crate::endpoint::milvus::changes::now_ms();
+    let snapshot = Arc::new(MilvusSource::open(url.clone(), &job.table, handle.clone())?);
+    let job_dir = cfg.job_dir.clone();
+    let margin = Duration::from_secs(job.args.watermark_margin.unwrap_or(5));
+    let every = Duration::from_secs(job.args.reconcile_every.unwrap_or(300).max(1));
+    let (url, table, target_table, h) = (url.clone(), job.table.clone(), job.target_table.clone(), handle.clone());
+    let open_stream: OpenStream<'_> = Box::new(move |fb: &crate::progress::Progress, _committed: bool| {
+        let polled = Arc::new(MilvusSource::open(url, &table, h.clone())?);
+        let open_target: OpenTarget = Box::new(move || open_source(&target_ep, &target_table, &h));
+        let s = MilvusChangeStream::open(polled, &job_dir, started_ms, margin, every, open_target, fb as &dyn Feedback)?;
+        Ok(Box::new(s) as Box<dyn super::ChangeStream>)
+    });
+    from_database(job, snapshot, open_stream, handle, cancel)
 }
 
 /// A database source into a database, a staging area, or both: the

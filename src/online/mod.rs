@@ -6,6 +6,7 @@
 pub mod collapse;
 pub mod commands;
 mod follow;
+pub mod reconcile;
 
 pub use follow::run_online;
 

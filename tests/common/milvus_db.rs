@@ -343,3 +343,37 @@ impl Drop for PrivateMilvus {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// FastGPT's traffic on a Milvus source: new rows (ids counting up from
+/// `first_id`, createTime = now) and whole collections deleted by filter.
+pub fn milvus_writer(url: &str, name: &str, dim: usize, first_id: i64) -> super::online::Writer {
+    let (url, name) = (url.to_string(), name.to_string());
+    super::online::Writer::spawn(
+        move || async move { (client(&url).await, name) },
+        move |(c, name), i| {
+            Box::pin(async move {
+                if i % 4 == 3 {
+                    let filter = format!("collectionId == \"col_w{}\"", (i / 4) % 5);
+                    c.delete(name.as_str(), &milvus::mutate::DeleteOptions::with_filter(filter)).await.unwrap();
+                    return;
+                }
+                let now = chrono_ms();
+                let ids: Vec<i64> = (0..4).map(|k| first_id + (i * 4 + k) as i64).collect();
+                let vectors: Vec<f32> = (0..4 * dim).map(|d| ((i as usize * 31 + d * 17) % 1000) as f32 / 1000.0 - 0.5).collect();
+                let cols = vec![
+                    FieldColumn::new(&FieldSchema::new_primary_int64("id", "", false), ids),
+                    FieldColumn::new(&FieldSchema::new_float_vector("vector", "", dim as i64), vectors),
+                    FieldColumn::new(&FieldSchema::new_varchar("teamId", "", 64), vec!["team_w".to_string(); 4]),
+                    FieldColumn::new(&FieldSchema::new_varchar("datasetId", "", 64), vec!["ds_w".to_string(); 4]),
+                    FieldColumn::new(&FieldSchema::new_varchar("collectionId", "", 64), vec![format!("col_w{}", i % 5); 4]),
+                    FieldColumn::new(&FieldSchema::new_int64("createTime", ""), vec![now; 4]),
+                ];
+                c.insert(name.as_str(), cols, None).await.unwrap();
+            })
+        },
+    )
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}

@@ -187,6 +187,8 @@ pub fn source_artifacts(url: &str, name: &str) -> (i64, i64) {
 /// what vmig left on it (empty: nothing).
 pub struct OnlineSource {
     pub url: String,
+    /// Flags the job needs for this source.
+    pub extra_args: Vec<String>,
     pub writer: Box<dyn Fn() -> Writer>,
     pub leftovers: Box<dyn Fn() -> String>,
 }
@@ -222,7 +224,8 @@ pub fn kill(mut child: Child) {
 pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn Fn(&str)) {
     let src = source.url.clone();
     let state = tempdir();
-    let args = online_args(&src, dst, state.path(), name);
+    let mut args = online_args(&src, dst, state.path(), name);
+    args.extend(source.extra_args.iter().cloned());
     let job_dir = state.path().join(name);
     let writer = (source.writer)();
 

@@ -8,6 +8,7 @@
 //! source is in `source.rs`, the sink in `sink.rs`.
 
 mod apply;
+pub mod changes;
 mod encode;
 mod sink;
 mod source;

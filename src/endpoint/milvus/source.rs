@@ -188,6 +188,36 @@ impl MilvusSource {
         self.pages_where(i64::MIN, i64::MAX, filter, false, out)
     }
 
+    /// (id, value of the Int64 field `field`) of every row matching `filter`,
+    /// in keyset pages by id.
+    pub fn ids_with(&self, field: &str, filter: &str) -> Result<Vec<(i64, i64)>> {
+        let pk = &self.coll.pk_field;
+        let output = [pk.clone(), field.to_string()];
+        let longs = |data: &[FieldData], name: &str| -> Result<Vec<i64>> {
+            match data.iter().find(|d| d.field_name == name).and_then(scalar) {
+                Some(scalar_field::Data::LongData(l)) => Ok(l.data.clone()),
+                _ => bail!("Milvus returned no Int64 values for {name}"),
+            }
+        };
+        let mut out = Vec::new();
+        let mut after: Option<i64> = None;
+        loop {
+            let range = range_expr(pk, i64::MIN, i64::MAX, after);
+            let expr = if range.is_empty() { filter.to_string() } else { format!("{range} and ({filter})") };
+            let data = self.conn.query(&self.coll.spec.name, &expr, &output, MAX_QUERY_LIMIT, self.read_ts())?;
+            let ids = longs(&data, pk)?;
+            let values = longs(&data, field)?;
+            let n = ids.len();
+            let mut page: Vec<(i64, i64)> = ids.into_iter().zip(values).collect();
+            page.sort_unstable();
+            after = page.last().map(|p| p.0);
+            out.extend(page);
+            if n < MAX_QUERY_LIMIT {
+                return Ok(out);
+            }
+        }
+    }
+
     fn pages(&self, lo: i64, hi: i64, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         self.pages_where(lo, hi, "", ids_only, f)
     }
