@@ -32,6 +32,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Compare two sides chunk by chunk (row counts and content hashes); exit 1 on any difference.
     Verify(VerifyArgs),
+    /// Make a target equal to a source that kept changing: verify chunk by chunk, recopy only the differing chunks, verify again; exit 0 only when equal.
+    Repair(VerifyArgs),
     /// Show a staging directory's manifest, schema and chunks, checking every chunk file's sha256.
     Inspect(InspectArgs),
     /// Forget a job's progress (ledger rows in the target, local state, staged chunks).

@@ -14,6 +14,7 @@ pub mod online;
 pub mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod repair;
 pub mod retry;
 pub mod schema;
 pub mod transform;

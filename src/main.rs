@@ -48,6 +48,44 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
         Command::Status(a) => commands::status(a).map(|_| 0),
         Command::Inspect(a) => commands::inspect(a).map(|ok| if ok { 0 } else { 1 }),
         Command::Reset(a) => commands::reset(a, handle).map(|_| 0),
+        Command::Repair(a) => {
+            let (Some(from), Some(to)) = (a.from.as_deref(), a.to.as_deref()) else {
+                bail!("repair needs --from (the source) and --to (the target database)");
+            };
+            let (from, to) = (parse_side(from)?, Endpoint::parse(to)?);
+            if matches!(to, Endpoint::Staging(_)) {
+                bail!("repair writes a database target; --to cannot be a staging directory");
+            }
+            let table = a.table.clone().unwrap_or_else(|| commands::DEFAULT_TABLE.into());
+            let source = open_source(&from, &table, handle)?;
+            let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
+            let sink = commands::open_sink(&to, &target_table, handle, None)?;
+            let open_target = || open_source(&to, &target_table, handle);
+            let r = vmig::repair::repair(
+                source.as_ref(),
+                &open_target,
+                sink.as_ref(),
+                a.chunk_rows.unwrap_or(20_000),
+                a.workers.unwrap_or(2),
+                &|m| eprintln!("{m}"),
+            )?;
+            let after = r.after.as_ref().unwrap();
+            if r.equal {
+                println!(
+                    "repair: recopied {} of {} chunks ({} rows written, {} deleted); the target equals the source ({} rows, ids and every column; vectors {})",
+                    r.differing_before, r.chunks, r.rows_written, r.rows_deleted, after.target_rows, after.vector_comparison
+                );
+            } else {
+                for d in &after.differing_chunks {
+                    println!("still different: chunk {:06}: missing {:?}, extra {:?}, different {:?}", d.chunk, d.missing, d.extra, d.different);
+                }
+                println!("repair: recopied {} chunks, but {} chunks still differ (is the source still being written?)", r.differing_before, after.differing_chunks.len());
+            }
+            if let Some(p) = &a.report {
+                std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
+            }
+            Ok(if r.equal { 0 } else { 1 })
+        }
         Command::Verify(a) => {
             let from = a.from.as_deref().map(parse_side).transpose()?;
             let to = a.to.as_deref().map(parse_side).transpose()?;

@@ -106,17 +106,20 @@ impl ObSink {
                 c.query_drop(String::from_utf8(sql)?).await.ob("applying updates")?;
             }
         }
-        let (i, u, d) = (set.counts.inserts, set.counts.updates, set.counts.deletes);
-        c.query_drop(format!(
-            "INSERT INTO {POSITIONS_TABLE} (job, position, inserts, updates, deletes, applied_at) VALUES ({}, {}, {i}, {u}, {d}, {}) \
-             ON DUPLICATE KEY UPDATE position = VALUES(position), inserts = inserts + VALUES(inserts), \
-             updates = updates + VALUES(updates), deletes = deletes + VALUES(deletes), applied_at = VALUES(applied_at)",
-            str_literal(job),
-            set.position,
-            str_literal(&crate::ledger::now_rfc3339())
-        ))
-        .await
-        .ob("recording the applied position")?;
+        // A repair applies rows without a stream position.
+        if !job.is_empty() {
+            let (i, u, d) = (set.counts.inserts, set.counts.updates, set.counts.deletes);
+            c.query_drop(format!(
+                "INSERT INTO {POSITIONS_TABLE} (job, position, inserts, updates, deletes, applied_at) VALUES ({}, {}, {i}, {u}, {d}, {}) \
+                 ON DUPLICATE KEY UPDATE position = VALUES(position), inserts = inserts + VALUES(inserts), \
+                 updates = updates + VALUES(updates), deletes = deletes + VALUES(deletes), applied_at = VALUES(applied_at)",
+                str_literal(job),
+                set.position,
+                str_literal(&crate::ledger::now_rfc3339())
+            ))
+            .await
+            .ob("recording the applied position")?;
+        }
         c.query_drop("COMMIT").await.ob("committing a change batch")?;
         self.pool.put(c);
         Ok(())

@@ -83,26 +83,29 @@ impl PgSink {
             }
             c.batch_execute("DROP TABLE vmig_partial").await.pg("applying updates")?;
         }
-        let commit_time = set.commit_time_us.map(|us| us as f64 / 1e6);
-        c.execute(
-            &format!(
-                "INSERT INTO {POSITIONS_TABLE} (job, position, inserts, updates, deletes, source_commit_time) \
-                 VALUES ($1, $2, $3, $4, $5, to_timestamp($6)) ON CONFLICT (job) DO UPDATE SET \
-                 position = EXCLUDED.position, inserts = {POSITIONS_TABLE}.inserts + EXCLUDED.inserts, \
-                 updates = {POSITIONS_TABLE}.updates + EXCLUDED.updates, deletes = {POSITIONS_TABLE}.deletes + EXCLUDED.deletes, \
-                 source_commit_time = EXCLUDED.source_commit_time, applied_at = now()"
-            ),
-            &[
-                &job,
-                &(set.position as i64),
-                &(set.counts.inserts as i64),
-                &(set.counts.updates as i64),
-                &(set.counts.deletes as i64),
-                &commit_time,
-            ],
-        )
-        .await
-        .pg("recording the applied position")?;
+        // A repair applies rows without a stream position.
+        if !job.is_empty() {
+            let commit_time = set.commit_time_us.map(|us| us as f64 / 1e6);
+            c.execute(
+                &format!(
+                    "INSERT INTO {POSITIONS_TABLE} (job, position, inserts, updates, deletes, source_commit_time) \
+                     VALUES ($1, $2, $3, $4, $5, to_timestamp($6)) ON CONFLICT (job) DO UPDATE SET \
+                     position = EXCLUDED.position, inserts = {POSITIONS_TABLE}.inserts + EXCLUDED.inserts, \
+                     updates = {POSITIONS_TABLE}.updates + EXCLUDED.updates, deletes = {POSITIONS_TABLE}.deletes + EXCLUDED.deletes, \
+                     source_commit_time = EXCLUDED.source_commit_time, applied_at = now()"
+                ),
+                &[
+                    &job,
+                    &(set.position as i64),
+                    &(set.counts.inserts as i64),
+                    &(set.counts.updates as i64),
+                    &(set.counts.deletes as i64),
+                    &commit_time,
+                ],
+            )
+            .await
+            .pg("recording the applied position")?;
+        }
         c.batch_execute("COMMIT").await.pg("committing a change batch")?;
         self.pool.put(c);
         Ok(())
