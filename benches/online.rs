@@ -1,8 +1,9 @@
 //! Online benchmark against the real local databases (scripts/dbs.sh start):
 //!
-//!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS, BENCH_TARGETS=pg,ob,milvus)
+//!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS,
+//!                                        BENCH_CASES=pg>pg,pg>ob,pg>milvus,ob>pg,milvus>pg)
 //!
-//! For each target, in the same run:
+//! For each source > target case, in the same run:
 //! - the raw bulk-write ceiling of BENCH_CHANGES rows (binary COPY; multi-row
 //!   INSERT with `X'…'` literals; SDK upserts), as in the e2e benchmark;
 //! - steady lag: an online job follows a FastGPT-like insert load of
@@ -11,7 +12,10 @@
 //! - catch-up: the job is stopped, BENCH_CHANGES inserts (1,000 per
 //!   transaction) pile up on the source, the job is restarted, and the time
 //!   until all are applied gives changes/s, beside the raw ceiling;
-//! - then cutover (drain, finish, verify) and its duration.
+//! - then cutover (drain, finish, verify) and its duration;
+//! - OceanBase sources: the source's single-row insert rate without and with
+//!   vmig's triggers (the capture's cost to the application);
+//! - Milvus sources: the id-set reconcile the cutover runs, per million ids.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +31,9 @@ use postgres::{client, env_or, fresh_db as fresh_pg};
 #[allow(dead_code)]
 #[path = "support/milvus.rs"]
 mod milvus_bench;
+#[path = "support/load.rs"]
+mod load;
+use load::Load;
 
 const VMIG: &str = env!("CARGO_BIN_EXE_vmig");
 
@@ -58,16 +65,22 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 struct Figures {
-    target: String,
+    case: String,
     raw: f64,
     lag_p50: f64,
     lag_p99: f64,
     steady_rate: f64,
     catch_up: f64,
     cutover: f64,
+    /// OceanBase source: single-row inserts/s without and with the triggers.
+    trigger_rates: Option<(f64, f64)>,
+    /// Milvus source: the cutover's reconcile line.
+    reconcile: Option<String>,
 }
 
-fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, raw: f64) -> Figures {
+fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: &str, dst: &str, raw: f64) -> Figures {
+    let name = case.replace('>', "_");
+    let name = name.as_str();
     let changes: u64 = env_or("BENCH_CHANGES", "100000").parse().unwrap();
     let rate: u64 = env_or("BENCH_RATE", "200").parse().unwrap();
     let steady: u64 = env_or("BENCH_STEADY_SECS", "30").parse().unwrap();
@@ -79,7 +92,7 @@ fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, 
         .collect();
     // Like the raw ceiling, into a table without a vector index (BENCH_INDEXES=1
     // keeps them). Milvus reads (verify, partial updates) need its index: kept.
-    if env_or("BENCH_INDEXES", "0") == "0" && name != "milvus" {
+    if env_or("BENCH_INDEXES", "0") == "0" && !case.ends_with(">milvus") {
         args.push("--no-indexes".into());
     }
     let dir = tmp.path().join(&job);
@@ -88,8 +101,15 @@ fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, 
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         Command::new(VMIG).args(&args).stdout(Stdio::null()).stderr(f).spawn().unwrap()
     };
+    let mut trigger_rates = None;
+    let without = (source_kind == "ob").then(|| rt.block_on(async { Load::connect(source_kind, src, 1536).await.single_row_rate(300).await }));
     let mut run = start();
     wait("following", || status(&dir)["phase"] == "following");
+    if let Some(without) = without {
+        let with = rt.block_on(async { Load::connect(source_kind, src, 1536).await.single_row_rate(300).await });
+        trigger_rates = Some((without, with));
+        wait("single-row inserts applied", || applied(&dir) >= 300);
+    }
 
     // Steady lag under a FastGPT-like insert load.
     eprintln!("{name}: steady load of {rate} rows/s for {steady} s …");
@@ -97,17 +117,12 @@ fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, 
     let before = applied(&dir);
     let t = Instant::now();
     rt.block_on(async {
-        let c = client(src).await;
+        let mut load = Load::connect(source_kind, src, 1536).await;
         let period = Duration::from_secs_f64(10.0 / rate as f64);
         let mut next = Instant::now();
         let mut last_sample = Instant::now();
         while t.elapsed() < Duration::from_secs(steady) {
-            c.batch_execute(
-                "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
-                 SELECT vector, 'bench', dataset_id, collection_id FROM modeldata_seed ORDER BY random() LIMIT 10",
-            )
-            .await
-            .unwrap();
+            load.insert(10, "bench").await;
             if last_sample.elapsed() >= Duration::from_millis(100) {
                 if let Some(l) = status(&dir)["online"]["lag_seconds"].as_f64() {
                     lags.push(l);
@@ -130,16 +145,11 @@ fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, 
     run.wait().unwrap();
     eprintln!("{name}: backlog of {changes} inserts …");
     rt.block_on(async {
-        let c = client(src).await;
+        let mut load = Load::connect(source_kind, src, 1536).await;
         let mut left = changes;
         while left > 0 {
             let n = left.min(1000);
-            c.batch_execute(&format!(
-                "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
-                 SELECT vector, 'backlog', dataset_id, collection_id FROM modeldata_seed LIMIT {n}"
-            ))
-            .await
-            .unwrap();
+            load.insert(n, "backlog").await;
             left -= n;
         }
     });
@@ -159,53 +169,90 @@ fn bench_target(rt: &tokio::runtime::Runtime, name: &str, src: &str, dst: &str, 
     if let Some(l) = text.lines().filter(|l| l.contains("changes applied")).last() {
         eprintln!("{name}: {l}");
     }
-    Figures { target: name.into(), raw, lag_p50, lag_p99, steady_rate, catch_up, cutover }
+    let reconcile = text.lines().filter(|l| l.starts_with("reconcile at")).last().map(|l| l.split_once(": ").map_or(l, |x| x.1).to_string());
+    Figures { case: case.into(), raw, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile }
 }
+
+/// A source of 2,000 FastGPT rows (and, for SQL sources, a seed pool the
+/// loads copy vectors from); returns its URL.
+fn prepare_source(rt: &tokio::runtime::Runtime, kind: &str, case: &str) -> String {
+    let db = format!("bench_online_src_{}", case.replace('>', "_"));
+    let url = match kind {
+        "pg" => rt.block_on(fresh_pg(&env_or("VMIG_TEST_PG_SOURCE", PG_SOURCE), &db)),
+        "ob" => rt.block_on(oceanbase::fresh_db(&env_or("VMIG_TEST_SEEKDB", SEEKDB), &db)),
+        "milvus" => rt.block_on(milvus_bench::fresh_db(&env_or("VMIG_TEST_MILVUS", MILVUS), &db)),
+        other => panic!("BENCH_CASES: unknown source {other}"),
+    };
+    // Milvus reads only indexed collections; the SQL sources need no vector index.
+    let index = if kind == "milvus" { vec![] } else { vec!["--no-vector-index"] };
+    let mut args = vec!["generate", "--to", &url, "--rows", "2000", "--dim", "1536"];
+    args.extend(index);
+    vmig(&args);
+    match kind {
+        "pg" => rt.block_on(async { client(&url).await.batch_execute("CREATE TABLE modeldata_seed AS SELECT * FROM modeldata").await.unwrap() }),
+        "ob" => rt.block_on(async {
+            use mysql_async::prelude::Queryable;
+            let mut c = oceanbase::conn(&url).await;
+            c.query_drop("CREATE TABLE modeldata_seed LIKE modeldata").await.unwrap();
+            c.query_drop("INSERT INTO modeldata_seed SELECT * FROM modeldata").await.unwrap();
+        }),
+        _ => {}
+    }
+    url
+}
+
+const PG_SOURCE: &str = "postgresql://postgres:postgres@127.0.0.1:55432/postgres";
+const SEEKDB: &str = "mysql://root@127.0.0.1:52881/test";
+const MILVUS: &str = "http://127.0.0.1:19530";
 
 fn main() {
     let changes: u64 = env_or("BENCH_CHANGES", "100000").parse().unwrap();
     let dim = 1536u32;
-    let src_base = env_or("VMIG_TEST_PG_SOURCE", "postgresql://postgres:postgres@127.0.0.1:55432/postgres");
+    let src_base = env_or("VMIG_TEST_PG_SOURCE", PG_SOURCE);
     let dst_base = env_or("VMIG_TEST_PG_TARGET", "postgresql://postgres:postgres@127.0.0.1:55433/postgres");
-    let ob_base = env_or("VMIG_TEST_SEEKDB", "mysql://root@127.0.0.1:52881/test");
-    let milvus_base = env_or("VMIG_TEST_MILVUS", "http://127.0.0.1:19530");
-    let targets = env_or("BENCH_TARGETS", "pg,ob,milvus");
+    let ob_base = env_or("VMIG_TEST_SEEKDB", SEEKDB);
+    let milvus_base = env_or("VMIG_TEST_MILVUS", MILVUS);
+    let cases = env_or("BENCH_CASES", "pg>pg,pg>ob,pg>milvus,ob>pg,milvus>pg");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let header = format!(
-        "{:<8} {:>14} {:>14} {:>9} {:>11} {:>11} {:>13} {:>11}",
-        "target", "raw rows/s", "catch-up ch/s", "vs raw", "steady r/s", "lag p50 s", "lag p99 s", "cutover s"
+        "{:<10} {:>14} {:>14} {:>9} {:>11} {:>11} {:>13} {:>11}",
+        "case", "raw rows/s", "catch-up ch/s", "vs raw", "steady r/s", "lag p50 s", "lag p99 s", "cutover s"
     );
     let mut lines = Vec::new();
-    for t in targets.split(',') {
-        // A small table to follow, and a pool of vectors the load copies.
-        let src = rt.block_on(fresh_pg(&src_base, &format!("bench_online_src_{t}")));
-        vmig(&["generate", "--to", &src, "--rows", "2000", "--dim", "1536", "--no-vector-index"]);
-        rt.block_on(async { client(&src).await.batch_execute("CREATE TABLE modeldata_seed AS SELECT * FROM modeldata").await.unwrap() });
+    let mut notes = Vec::new();
+    // The target's raw ingest ceiling, measured once per target kind in this run.
+    let mut raw_of: std::collections::HashMap<String, f64> = Default::default();
+    for case in cases.split(',') {
+        let (source_kind, t) = case.split_once('>').unwrap_or_else(|| panic!("BENCH_CASES: {case} is not source>target"));
+        let src = prepare_source(&rt, source_kind, case);
         let rows = changes.to_string();
-        let (dst, raw) = match t {
+        let dst_db = format!("bench_online_dst_{}", case.replace('>', "_"));
+        let dst = match t {
+            "pg" => rt.block_on(fresh_pg(&dst_base, &dst_db)),
+            "ob" => rt.block_on(oceanbase::fresh_db(&ob_base, &dst_db)),
+            "milvus" => rt.block_on(milvus_bench::fresh_db(&milvus_base, &dst_db)),
+            other => panic!("BENCH_CASES: unknown target {other}"),
+        };
+        let raw = *raw_of.entry(t.to_string()).or_insert_with(|| match t {
             "pg" => {
                 let raw_src = rt.block_on(fresh_pg(&src_base, "bench_online_raw_src"));
                 vmig(&["generate", "--to", &raw_src, "--rows", &rows, "--dim", "1536", "--no-vector-index"]);
                 let raw_dst = rt.block_on(fresh_pg(&dst_base, "bench_online_raw"));
-                let secs = rt.block_on(postgres::raw_copy(&raw_src, &raw_dst, dim, changes));
-                (rt.block_on(fresh_pg(&dst_base, "bench_online_dst")), changes as f64 / secs)
+                changes as f64 / rt.block_on(postgres::raw_copy(&raw_src, &raw_dst, dim, changes))
             }
             "ob" => {
                 let raw_db = rt.block_on(oceanbase::fresh_db(&ob_base, "bench_online_ob_raw"));
-                let raw = rt.block_on(oceanbase::raw_insert(&raw_db, changes, dim, false));
-                (rt.block_on(oceanbase::fresh_db(&ob_base, "bench_online_ob")), raw)
+                rt.block_on(oceanbase::raw_insert(&raw_db, changes, dim, false))
             }
-            "milvus" => {
+            _ => {
                 let raw_db = rt.block_on(milvus_bench::fresh_db(&milvus_base, "bench_online_mv_raw"));
-                let raw = rt.block_on(milvus_bench::raw_upsert(&raw_db, changes, dim));
-                (rt.block_on(milvus_bench::fresh_db(&milvus_base, "bench_online_mv")), raw)
+                rt.block_on(milvus_bench::raw_upsert(&raw_db, changes, dim))
             }
-            other => panic!("BENCH_TARGETS: unknown target {other}"),
-        };
-        let f = bench_target(&rt, t, &src, &dst, raw);
+        });
+        let f = bench_case(&rt, case, source_kind, &src, &dst, raw);
         let line = format!(
-            "{:<8} {:>14.0} {:>14.0} {:>8.2}× {:>11.0} {:>11.2} {:>13.2} {:>11.1}",
-            f.target,
+            "{:<10} {:>14.0} {:>14.0} {:>8.2}× {:>11.0} {:>11.2} {:>13.2} {:>11.1}",
+            f.case,
             f.raw,
             f.catch_up,
             f.catch_up / f.raw,
@@ -216,10 +263,22 @@ fn main() {
         );
         eprintln!("{header}\n{line}");
         lines.push(line);
+        if let Some((without, with)) = f.trigger_rates {
+            notes.push(format!(
+                "{case}: source single-row inserts/s without triggers {without:.0}, with vmig's triggers {with:.0} ({:.2}×)",
+                with / without
+            ));
+        }
+        if let Some(r) = f.reconcile {
+            notes.push(format!("{case}: cutover reconcile {r}"));
+        }
+        for n in notes.iter().filter(|n| n.starts_with(case)) {
+            eprintln!("{n}");
+        }
     }
-    println!("\nvmig online benchmark: PostgreSQL 18 source, 1536-d rows, backlog of {changes} inserts");
+    println!("\nvmig online benchmark: 1536-d rows, backlog of {changes} inserts; raw = the target's bulk-write ceiling");
     println!("{header}");
-    for l in &lines {
+    for l in lines.iter().chain(&notes) {
         println!("{l}");
     }
 }

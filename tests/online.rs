@@ -7,7 +7,7 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
-use common::online::{OnlineSource, Reaper, Writer, applied, kill, online_args, online_scenario, source_artifacts, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, online_args, online_scenario, source_artifacts, staging_scenario, wait_following};
 use common::*;
 
 fn http_get(addr: &str) -> String {
@@ -76,57 +76,13 @@ fn online_into_milvus_survives_kills_and_cuts_over_exactly() {
 #[test]
 fn online_through_staging_with_separate_export_and_import_survives_kills() {
     let name = "online_st";
-    let src = fresh_db(&source_base(), &format!("{name}_src"), true);
+    let source = pg_source(name);
+    let src = source.url.clone();
     let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
-    ok(&["generate", "--to", &src, "--rows", "1600", "--dim", "1536"]);
-    let dir = tempdir();
-    let st = dir.path().join("st");
-    let st_s = st.to_str().unwrap().to_string();
-    let export: Vec<String> = ["export", "--online", "--from", &src, "--staging", &st_s, "--job", name, "--chunk-rows", "400", "--workers", "1", "--quiet"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let import: Vec<String> = ["import", "--online", "--staging", &st_s, "--to", &dst, "--quiet"].iter().map(|s| s.to_string()).collect();
-    let writer = Writer::start(&src);
-
-    // The export killed during its snapshot, then resumed.
-    let mut a = export.clone();
-    a.extend(["--rate-limit".into(), "400".into()]);
-    let mut exp = start(&a, &Moment::Committed(1));
-    wait_for(&mut exp, &st, "export", &Moment::Committed(1), name);
-    kill(exp);
-    let mut exp = start(&export, &Moment::Committed(0));
-    wait_following(&mut exp, &st, "export", 0, name);
-
-    // The import follows the change files; killed, the export killed too, both resumed.
-    let mut imp = start(&import, &Moment::Committed(0));
-    wait_following(&mut imp, &st, "import", 0, name);
-    writer.wait_for_more(30);
-    kill(imp);
-    kill(exp);
-    let exported = applied(&st, "export");
-    writer.wait_for_more(30);
-    let mut exp = start(&export, &Moment::Committed(0));
-    wait_following(&mut exp, &st, "export", exported, name);
-    let mut imp = start(&import, &Moment::Committed(0));
-    let _reap = Reaper(vec![exp.id(), imp.id()]);
-    wait_following(&mut imp, &st, "import", 0, name);
-    writer.stop();
-
-    let mut cut = export.clone();
-    cut[0] = "cutover".into();
-    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("the export is complete"), "export cutover");
-    assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
-    // The import cuts over by itself once it has applied the export's last file.
-    let mut cut = import.clone();
-    cut[0] = "cutover".into();
-    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
-    assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
+    let dir = staging_scenario(name, &source, &dst);
+    let st_s = dir.path().join("st").to_str().unwrap().to_string();
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
     assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > query_i64(&dst, "SELECT max(id) FROM modeldata"));
-    assert_eq!(source_artifacts(&src, "vmig_online_st"), (0, 0));
     // Change files are plain Parquet: any reader gets ops, keys and row images.
     let py = std::env::var("VMIG_TEST_PYTHON").expect("VMIG_TEST_PYTHON not set: run the suite through scripts/test.sh");
     let script = format!(

@@ -9,7 +9,7 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count, milvus_rows, milvus_writer, seed_fastgpt};
-use common::online::{OnlineSource, Reaper, Writer, applied, kill, online_args, online_scenario, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, online_args, online_scenario, staging_scenario, wait_following};
 use common::*;
 
 /// Triggers and changelog tables vmig left in an OceanBase database.
@@ -60,44 +60,8 @@ fn online_from_seekdb_through_staging_with_separate_processes() {
     let source = ob_source(name);
     let src = source.url.clone();
     let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
-    let dir = tempdir();
-    let st = dir.path().join("st");
-    let st_s = st.to_str().unwrap().to_string();
-    let export: Vec<String> =
-        ["export", "--online", "--from", &src, "--staging", &st_s, "--job", name, "--chunk-rows", "400", "--workers", "1", "--quiet"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let import: Vec<String> = ["import", "--online", "--staging", &st_s, "--to", &dst, "--quiet"].iter().map(|s| s.to_string()).collect();
-    let writer = (source.writer)();
-    let mut a = export.clone();
-    a.extend(["--rate-limit".into(), "400".into()]);
-    let mut exp = start(&a, &Moment::Committed(1));
-    wait_for(&mut exp, &st, "export", &Moment::Committed(1), name);
-    kill(exp);
-    let mut exp = start(&export, &Moment::Committed(0));
-    wait_following(&mut exp, &st, "export", 0, name);
-    let mut imp = start(&import, &Moment::Committed(0));
-    let _reap = Reaper(vec![exp.id(), imp.id()]);
-    wait_following(&mut imp, &st, "import", 0, name);
-    writer.wait_for_more(30);
-    let exported = applied(&st, "export");
-    kill(exp);
-    let mut exp = start(&export, &Moment::Committed(0));
-    let _reap2 = Reaper(vec![exp.id()]);
-    wait_following(&mut exp, &st, "export", exported, name);
-    writer.stop();
-    let mut cut = export.clone();
-    cut[0] = "cutover".into();
-    ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
-    let mut cut = import.clone();
-    cut[0] = "cutover".into();
-    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
-    assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
+    staging_scenario(name, &source, &dst);
     assert_rows_close(&ob_rows(&src, "modeldata"), &rows(&dst, "modeldata"));
-    assert_eq!(ob_leftovers(&src), "");
 }
 
 /// No TRIGGER privilege: one line before anything is copied; `reset`

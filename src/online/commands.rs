@@ -66,7 +66,7 @@ fn from_postgres(job: &JobSetup, url: &crate::config::PgUrl, handle: &Handle, ca
         let s = PgChangeStream::open(url.clone(), &job.table, handle.clone(), &cfg.job, &job_dir, &pg, committed, fb as &dyn Feedback)?;
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
-    from_database(job, pg.clone(), open_stream, handle, cancel)
+    from_database(job, pg.clone(), open_stream, false, handle, cancel)
 }
 
 /// Change capture on an OceanBase / seekdb source (triggers and a changelog).
@@ -80,7 +80,7 @@ fn from_oceanbase(job: &JobSetup, url: &crate::config::ObUrl, handle: &Handle, c
         let s = ObChangeStream::open(url.clone(), &job.table, handle.clone(), &job_dir, reader, committed, fb as &dyn Feedback)?;
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
-    from_database(job, ob, open_stream, handle, cancel)
+    from_database(job, ob, open_stream, false, handle, cancel)
 }
 
 /// A Milvus source: inserts polled by createTime watermark, deletes found by
@@ -108,16 +108,19 @@ fn from_milvus(job: &JobSetup, url: &crate::config::MilvusUrl, handle: &Handle, 
         let s = MilvusChangeStream::open(polled, &job_dir, started_ms, margin, every, open_target, fb as &dyn Feedback)?;
         Ok(Box::new(s) as Box<dyn super::ChangeStream>)
     });
-    from_database(job, snapshot, open_stream, handle, cancel)
+    from_database(job, snapshot, open_stream, true, handle, cancel)
 }
 
 /// A database source into a database, a staging area, or both: the
 /// cutover verifies the target against the source as it is then, or (an
-/// export) writes the digests its import verifies against.
+/// export) writes the digests its import verifies against. `repair`: the
+/// source has no change stream that sees everything (Milvus), so the
+/// cutover's check is `vmig repair` (verify, recopy differing chunks, verify).
 fn from_database(
     job: &JobSetup,
     source: Arc<dyn Source>,
     open_stream: OpenStream<'_>,
+    repair: bool,
     handle: &Handle,
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
@@ -125,14 +128,27 @@ fn from_database(
     let check = || -> Result<CutoverCheck> {
         // The source as it is now (not the snapshot the copy read).
         let now = open_source(&job.source_ep, &job.table, handle)?;
-        let plan = now.plan(cfg.chunk_rows)?;
         match &job.target_ep {
+            Some(target_ep) if repair => {
+                let sink = crate::commands::open_sink(target_ep, &job.target_table, handle, None)?;
+                let open_target = || open_source(target_ep, &job.target_table, handle);
+                let say = |m: &str| eprintln!("{m}");
+                let r = crate::repair::repair(now.as_ref(), &open_target, sink.as_ref(), cfg.chunk_rows, cfg.workers, &say)?;
+                let recopied = r.differing_before;
+                let mut check: CutoverCheck = r.after.ok_or_else(|| anyhow!("repair left no verify report"))?.into();
+                if recopied > 0 {
+                    check.summary = format!("{} (repair recopied {recopied} differing chunks first)", check.summary);
+                }
+                Ok(check)
+            }
             Some(target_ep) => {
+                let plan = now.plan(cfg.chunk_rows)?;
                 let target = open_source(target_ep, &job.target_table, handle)?;
                 Ok(crate::verify::verify(now.as_ref(), target.as_ref(), &plan, cfg.workers)?.into())
             }
             // Export: the import side verifies against these digests.
             None => {
+                let plan = now.plan(cfg.chunk_rows)?;
                 let digests = crate::verify::digests_all_modes(now.as_ref(), &plan)?;
                 let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
                 let last_file = read_change_markers(&cfg.job_dir)?.keys().next_back().copied().unwrap_or(0);

@@ -267,3 +267,60 @@ pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn
     assert!(left.is_empty(), "{name}: left on the source after cutover: {left}");
 }
 
+
+/// Online across hosts: export and import as separate processes joined only
+/// by a staging directory (snapshot chunks, then change files). The export
+/// is killed during its snapshot; both are killed while following and
+/// resumed; the export is cut over, then the import (which cuts over by
+/// itself after the export's last file). Returns the directory holding `st/`.
+pub fn staging_scenario(name: &str, source: &OnlineSource, dst: &str) -> tempfile::TempDir {
+    let src = source.url.clone();
+    let writer = (source.writer)();
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap().to_string();
+    let export: Vec<String> = ["export", "--online", "--from", &src, "--staging", &st_s, "--job", name, "--chunk-rows", "400", "--workers", "1", "--quiet"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let import: Vec<String> = ["import", "--online", "--staging", &st_s, "--to", &dst, "--quiet"].iter().map(|s| s.to_string()).collect();
+
+    // The export killed during its snapshot, then resumed.
+    let mut a = export.clone();
+    a.extend(["--rate-limit".into(), "400".into()]);
+    let mut exp = start(&a, &Moment::Committed(1));
+    wait_for(&mut exp, &st, "export", &Moment::Committed(1), name);
+    kill(exp);
+    let mut exp = start(&export, &Moment::Committed(0));
+    wait_following(&mut exp, &st, "export", 0, name);
+
+    // The import follows the change files; killed, the export killed too, both resumed.
+    let mut imp = start(&import, &Moment::Committed(0));
+    wait_following(&mut imp, &st, "import", 0, name);
+    writer.wait_for_more(30);
+    kill(imp);
+    kill(exp);
+    let exported = applied(&st, "export");
+    writer.wait_for_more(30);
+    let mut exp = start(&export, &Moment::Committed(0));
+    wait_following(&mut exp, &st, "export", exported, name);
+    let mut imp = start(&import, &Moment::Committed(0));
+    let _reap = Reaper(vec![exp.id(), imp.id()]);
+    wait_following(&mut imp, &st, "import", 0, name);
+    writer.stop();
+
+    let mut cut = export.clone();
+    cut[0] = "cutover".into();
+    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the export is complete"), "export cutover");
+    assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
+    // The import cuts over by itself once it has applied the export's last file.
+    let mut cut = import.clone();
+    cut[0] = "cutover".into();
+    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
+    assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
+    let left = (source.leftovers)();
+    assert!(left.is_empty(), "{name}: left on the source after cutover: {left}");
+    dir
+}
