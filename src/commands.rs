@@ -15,6 +15,7 @@ use crate::endpoint::oceanbase::{ObSink, ObSource};
 use crate::endpoint::postgres::{PgSink, PgSource};
 use crate::endpoint::staging::{Manifest, StagingSink, StagingSource, check_chunk_file, read_markers};
 use crate::endpoint::{OnExisting, Sink, Source};
+use crate::store::Store;
 use crate::hash::ContentHash;
 use crate::ledger::JobDir;
 use crate::pipeline::{JobConfig, run};
@@ -60,6 +61,11 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.reconcile_every = a.reconcile_every.or(file.reconcile_every);
     a.online = a.online || file.online.unwrap_or(false);
     a.milvus_fields = a.milvus_fields.or(file.milvus_fields);
+    a.state = a.state.or(file.state);
+    a.shared = a.shared || file.shared.unwrap_or(false);
+    a.shard = a.shard.or(file.shard);
+    a.shards = a.shards.or(file.shards);
+    a.lease = a.lease.or(file.lease);
     Ok(a)
 }
 
@@ -68,18 +74,18 @@ pub fn open_source(ep: &Endpoint, table: &str, handle: &Handle) -> Result<Arc<dy
         Endpoint::Postgres(u) => Arc::new(PgSource::open(u.clone(), table, handle.clone())?),
         Endpoint::OceanBase(u) => Arc::new(ObSource::open(u.clone(), table, handle.clone())?),
         Endpoint::Milvus(u) => Arc::new(MilvusSource::open(u.clone(), table, handle.clone())?),
-        Endpoint::Staging(dir) => Arc::new(StagingSource::open(dir.clone())?),
+        Endpoint::Staging(addr) => Arc::new(StagingSource::open(Store::open(addr)?)?),
     })
 }
 
-/// `state_dir`: the job's local state directory (where sinks without a
-/// ledger of their own, like Milvus, keep one); None when no job runs.
-pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle, state_dir: Option<&Path>) -> Result<Arc<dyn Sink>> {
+/// `state`: the job's state store (where sinks without a ledger of their
+/// own, like Milvus, keep one); None when no job runs.
+pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle, state: Option<&Store>) -> Result<Arc<dyn Sink>> {
     Ok(match ep {
         Endpoint::Postgres(u) => Arc::new(PgSink::open(u.clone(), table, handle.clone())?),
         Endpoint::OceanBase(u) => Arc::new(ObSink::open(u.clone(), table, handle.clone())?),
-        Endpoint::Milvus(u) => Arc::new(MilvusSink::open(u.clone(), table, handle.clone(), state_dir)?),
-        Endpoint::Staging(dir) => Arc::new(StagingSink::new(dir.clone())),
+        Endpoint::Milvus(u) => Arc::new(MilvusSink::open(u.clone(), table, handle.clone(), state)?),
+        Endpoint::Staging(addr) => Arc::new(StagingSink::new(Store::open(addr)?)),
     })
 }
 
@@ -87,7 +93,7 @@ pub fn open_sink(ep: &Endpoint, table: &str, handle: &Handle, state_dir: Option<
 pub fn parse_side(arg: &str) -> Result<Endpoint> {
     let p = Path::new(arg);
     if p.is_dir() {
-        return Ok(Endpoint::Staging(p.to_path_buf()));
+        return Ok(Endpoint::Staging(arg.to_string()));
     }
     Endpoint::parse(arg)
 }
@@ -135,47 +141,82 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
         "migrate" => (need(&a.from, "from")?, Some(need(&a.to, "to")?)),
         "export" => (need(&a.from, "from")?, None),
         "import" => (
-            Endpoint::Staging(staging.clone().ok_or_else(|| anyhow!("import needs --staging DIR"))?),
+            Endpoint::Staging(staging.clone().ok_or_else(|| anyhow!("import needs --staging DIR|URL"))?),
             Some(need(&a.to, "to")?),
         ),
         _ => unreachable!(),
     };
     if command == "export" && staging.is_none() {
-        bail!("export needs --staging DIR");
+        bail!("export needs --staging DIR|URL");
     }
     let source = open_source(&source_ep, &table, handle)?;
     let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
 
-    let (job, job_dir) = match command {
+    let staging_store = staging.as_deref().map(Store::open).transpose()?;
+    let state_store = a.state.as_deref().map(Store::open).transpose()?;
+    for st in staging_store.iter().chain(state_store.iter()).filter(|s| s.is_remote()) {
+        st.check_reachable()?;
+    }
+    let shard = crate::claims::shard_from(a.shard.as_deref(), a.shards)?;
+    let shared = a.shared
+        || shard.is_some()
+        || state_store.is_some()
+        || staging_store.as_ref().is_some_and(|s| s.is_remote());
+    // Where the manifest (and a shared job's claims) live.
+    let home = staging_store.clone().or_else(|| state_store.clone());
+    let job = match command {
         "import" => {
-            let dir = staging.clone().unwrap();
-            let m = Manifest::load(&dir)?.ok_or_else(|| anyhow!("{} has no manifest.json", dir.display()))?;
-            (a.job.clone().unwrap_or(m.job), dir)
+            let st = staging_store.as_ref().unwrap();
+            let m = Manifest::load(st)?.ok_or_else(|| anyhow!("{} has no manifest.json", st.describe()))?;
+            a.job.clone().unwrap_or(m.job)
         }
         _ => {
-            let to_desc = match (&target_ep, &staging) {
+            let to_desc = match (&target_ep, &staging_store) {
                 (Some(t), _) => format!("{} {}", t.describe(), target_table),
-                (None, Some(d)) => format!("staging {}", d.display()),
+                (None, Some(st)) => format!("staging {}", st.describe()),
                 _ => unreachable!(),
             };
-            let job = match (&a.job, staging.as_ref().map(|d| Manifest::load(d))) {
+            match (&a.job, home.as_ref().map(Manifest::load)) {
                 (Some(j), _) => j.clone(),
                 (None, Some(Ok(Some(m)))) => m.job,
                 _ => derive_job_id(&table, &source.describe(), &to_desc),
-            };
-            let dir = staging.clone().unwrap_or_else(|| state_root(&a.state_root).join(&job));
-            (job, dir)
+            }
         }
     };
+    // The job's local directory (status, rejects): the store itself when it
+    // is a local directory, else one under the state root.
+    let job_dir = match home.as_ref().and_then(|h| h.local_dir()) {
+        Some(d) => d.to_path_buf(),
+        None => state_root(&a.state_root).join(&job),
+    };
+    let store = match &home {
+        Some(h) => h.clone(),
+        None => Store::open(&job_dir.to_string_lossy())?,
+    };
+    if shared && a.online {
+        bail!("online jobs run as one process; drop --shard/--shared/--state (or use a local --staging directory)");
+    }
     let mut sinks: Vec<(String, Arc<dyn Sink>)> = Vec::new();
     if command != "import" {
-        if let Some(dir) = &staging {
-            sinks.push(("staging".into(), Arc::new(StagingSink::new(dir.clone()))));
+        if let Some(st) = &staging_store {
+            sinks.push(("staging".into(), Arc::new(StagingSink::new(st.clone()))));
         }
     }
     if let Some(t) = &target_ep {
-        sinks.push(("target".into(), open_sink(t, &target_table, handle, Some(&job_dir))?));
+        sinks.push(("target".into(), open_sink(t, &target_table, handle, Some(&store))?));
     }
+    // Lanes keep an export and imports to different targets apart in one store.
+    let lane = match &target_ep {
+        None => "export".to_string(),
+        Some(t) => format!(
+            "{command}-{:08x}",
+            xxhash_rust::xxh3::xxh3_64(format!("{} {target_table}", t.describe()).as_bytes()) as u32
+        ),
+    };
+    let distributed = shared.then(|| crate::claims::Distributed {
+        shard,
+        lease: std::time::Duration::from_secs(a.lease.unwrap_or(60).max(1)),
+    });
     let vectors_exact = source.vectors_exact();
     let cfg = JobConfig {
         command: command.to_string(),
@@ -194,6 +235,9 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
         vectors_exact,
         online: a.online,
         metrics: a.metrics.clone(),
+        store,
+        distributed,
+        lane,
     };
     Ok(JobSetup { args: a, cfg, source_ep, target_ep, source, sinks, table, target_table })
 }
@@ -205,7 +249,7 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
         crate::online::commands::run_online_job(&job, handle, cancel)?
     } else {
         let ready = match command {
-            "import" => Some(StagingSource::open(job.cfg.job_dir.clone())?.ready_chunks()?),
+            "import" => Some(StagingSource::open(job.cfg.store.clone())?.ready_chunks()?),
             _ => None,
         };
         run(&job.cfg, job.source.clone(), job.sinks.clone(), ready, cancel)?
@@ -221,12 +265,30 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
     Ok(report)
 }
 
-fn job_dir_of(staging: &Option<PathBuf>, job: &Option<String>, root: &Option<PathBuf>) -> Result<PathBuf> {
+/// The job's store: the staging area (or state store) given, or the job's
+/// directory under the state root.
+fn job_store_of(staging: &Option<String>, job: &Option<String>, root: &Option<PathBuf>) -> Result<Store> {
     match (staging, job) {
-        (Some(d), _) => Ok(d.clone()),
-        (None, Some(j)) => Ok(state_root(root).join(j)),
-        (None, None) => bail!("give --staging DIR or --job ID"),
+        (Some(d), _) => Store::open(d),
+        (None, Some(j)) => Store::open(&state_root(root).join(j).to_string_lossy()),
+        (None, None) => bail!("give --staging DIR|URL or --job ID"),
     }
+}
+
+/// What every worker of a shared job last published (`work/*/workers/*.json`).
+pub fn worker_statuses(store: &Store) -> Result<Vec<Status>> {
+    let mut out = Vec::new();
+    for (key, _) in store.list("work")? {
+        if !key.contains("/workers/") || !key.ends_with(".json") {
+            continue;
+        }
+        if let Some(o) = store.get(&format!("work/{key}"))? {
+            if let Ok(s) = serde_json::from_slice::<Status>(&o.bytes) {
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub fn process_alive(pid: u32) -> bool {
@@ -234,13 +296,18 @@ pub fn process_alive(pid: u32) -> bool {
 }
 
 pub fn status(a: StatusArgs) -> Result<()> {
-    let dir = job_dir_of(&a.staging, &a.job, &a.state_root)?;
-    let manifest = Manifest::load(&dir)?
-        .ok_or_else(|| anyhow!("no job state in {} (nothing planned yet)", dir.display()))?;
-    let markers = read_markers(&dir)?;
+    let store = job_store_of(&a.staging, &a.job, &a.state_root)?;
+    let manifest = Manifest::load(&store)?
+        .ok_or_else(|| anyhow!("no job state in {} (nothing planned yet)", store.describe()))?;
+    let markers = read_markers(&store)?;
+    let workers = worker_statuses(&store)?;
+    let dir = store.local_dir().map(Path::to_path_buf).unwrap_or_default();
     let mut runs: Vec<Status> = Vec::new();
     for cmd in ["export", "migrate", "import"] {
         let p = JobDir::new(&dir).status(cmd);
+        if store.is_remote() {
+            break;
+        }
         if let Ok(bytes) = std::fs::read(&p) {
             let mut s: Status = serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", p.display()))?;
             if s.state == "running" && !process_alive(s.pid) {
@@ -256,6 +323,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
             "chunks_planned": manifest.plan.len(), "rows_planned": manifest.plan.iter().map(|c| c.rows).sum::<u64>(),
             "staged_chunks": markers.len(), "staged_rows": markers.values().map(|r| r.rows).sum::<u64>(),
             "staged_bytes": markers.values().map(|r| r.bytes).sum::<u64>(), "reject_files": rejects, "runs": runs,
+            "workers": workers,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -300,6 +368,9 @@ pub fn status(a: StatusArgs) -> Result<()> {
     for line in crate::online::commands::status_lines(&dir, &runs)? {
         println!("{line}");
     }
+    for line in crate::shared::status_lines(&workers) {
+        println!("{line}");
+    }
     if rejects > 0 {
         println!("rejects: {rejects} files in {}", JobDir::new(&dir).rejects().display());
     }
@@ -308,17 +379,18 @@ pub fn status(a: StatusArgs) -> Result<()> {
 
 /// Returns false when any chunk file fails its check.
 pub fn inspect(a: InspectArgs) -> Result<bool> {
-    let source = StagingSource::open(a.dir.clone())?;
+    let store = Store::open(&a.dir)?;
+    let source = StagingSource::open(store.clone())?;
     let m = source.manifest().clone();
-    let markers = read_markers(&a.dir)?;
+    let markers = read_markers(&store)?;
     let mut ok = true;
     let mut chunks = Vec::new();
     for c in &m.plan {
         let (state, rows, bytes) = match markers.get(&c.id) {
             None => ("not exported".to_string(), 0, 0),
             Some(rec) => {
-                let mut state = match check_chunk_file(&a.dir, rec) {
-                    Ok(()) => "ok".to_string(),
+                let mut state = match check_chunk_file(&store, rec) {
+                    Ok(_) => "ok".to_string(),
                     Err(e) => {
                         ok = false;
                         format!("BAD: {e:#}")
@@ -344,7 +416,7 @@ pub fn inspect(a: InspectArgs) -> Result<bool> {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "chunks": chunks, "ok": ok}))?);
         return Ok(ok);
     }
-    println!("staging {} · format {} · job {} · created {}", a.dir.display(), m.format_version, m.job, m.created_at);
+    println!("staging {} · format {} · job {} · created {}", store.describe(), m.format_version, m.job, m.created_at);
     println!("source: {}", m.source);
     println!("table {} (primary key {}):", m.table.name, m.table.primary_key);
     for c in &m.table.columns {
@@ -373,15 +445,16 @@ pub fn inspect(a: InspectArgs) -> Result<bool> {
 }
 
 pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
-    let dir = job_dir_of(&a.staging, &a.job, &a.state_root)?;
-    let job = match (&a.job, Manifest::load(&dir)?) {
+    let store = job_store_of(&a.staging, &a.job, &a.state_root)?;
+    let job = match (&a.job, Manifest::load(&store)?) {
         (Some(j), _) => j.clone(),
         (None, Some(m)) => m.job,
-        (None, None) => bail!("no job in {}", dir.display()),
+        (None, None) => bail!("no job in {}", store.describe()),
     };
+    let dir = store.local_dir().map(Path::to_path_buf).unwrap_or_else(|| state_root(&a.state_root).join(&job));
     let target = a.to.as_deref().map(Endpoint::parse).transpose()?;
     if !a.yes {
-        eprintln!("This forgets job {job}: removes {} (manifest, chunks, change files, status, rejects)", dir.display());
+        eprintln!("This forgets job {job}: removes {} (manifest, chunks, change files, claims, status, rejects)", store.describe());
         if let Some(t) = &target {
             eprintln!("and its ledger rows in {} (rows already copied stay).", t.describe());
         }
@@ -399,8 +472,17 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     crate::online::commands::reset_artifacts(&dir, a.from.as_deref(), handle)?;
     if let Some(t) = &target {
         // The ledger is per database, not per table.
-        let n = open_sink(t, DEFAULT_TABLE, handle, Some(&dir))?.forget_job(&job)?;
+        let n = open_sink(t, DEFAULT_TABLE, handle, Some(&store))?.forget_job(&job)?;
         eprintln!("deleted {n} ledger rows of job {job}");
+    }
+    // A shared job's claims and worker status, and a remote store's objects.
+    for prefix in ["work", "ledger", "chunks", "rejects"] {
+        if store.is_remote() || prefix == "work" {
+            store.delete_prefix(prefix)?;
+        }
+    }
+    if store.is_remote() {
+        store.delete("manifest.json")?;
     }
     let jd = JobDir::new(&dir);
     for p in [jd.chunks(), jd.rejects(), crate::endpoint::staging::changes::changes_dir(&dir)] {

@@ -14,7 +14,8 @@ pub enum Endpoint {
     Postgres(PgUrl),
     OceanBase(ObUrl),
     Milvus(MilvusUrl),
-    Staging(PathBuf),
+    /// A staging area: a directory or an object-store address.
+    Staging(String),
 }
 
 /// A PostgreSQL URL, kept whole for connecting; shown only through `redacted()`.
@@ -263,7 +264,8 @@ impl Endpoint {
             "postgres" | "postgresql" => Ok(Endpoint::Postgres(PgUrl::parse(&raw)?)),
             "mysql" | "oceanbase" | "seekdb" => Ok(Endpoint::OceanBase(ObUrl::parse(&raw)?)),
             "milvus" | "http" | "https" => Ok(Endpoint::Milvus(MilvusUrl::parse(&raw)?)),
-            "staging" | "file" => Ok(Endpoint::Staging(PathBuf::from(raw.split_once("://").unwrap().1))),
+            "staging" => Ok(Endpoint::Staging(raw.split_once("://").unwrap().1.to_string())),
+            "file" | "s3" | "s3a" | "gs" | "az" | "azure" | "abfs" | "abfss" => Ok(Endpoint::Staging(raw.clone())),
             _ if !raw.contains("://") => bail!(
                 "not a database URL: {:?} (expected postgresql://…, mysql://… or http://host:19530 for Milvus; use --staging DIR for staging directories)",
                 redact_free_text(&raw)
@@ -288,7 +290,7 @@ impl Endpoint {
             Endpoint::Postgres(u) => u.redacted(),
             Endpoint::OceanBase(u) => u.redacted(),
             Endpoint::Milvus(u) => u.redacted(),
-            Endpoint::Staging(p) => format!("staging:{}", p.display()),
+            Endpoint::Staging(p) => format!("staging:{}", crate::store::redact(p)),
         }
     }
 }
@@ -338,7 +340,17 @@ pub struct PipelineFile {
     pub to: Option<String>,
     pub table: Option<String>,
     pub target_table: Option<String>,
-    pub staging: Option<PathBuf>,
+    pub staging: Option<String>,
+    /// Shared jobs: the store of manifest, claims and status (direct migrate).
+    pub state: Option<String>,
+    #[serde(default)]
+    pub shared: Option<bool>,
+    /// `I/N`: this worker's static partition of a shared job.
+    pub shard: Option<String>,
+    /// Shards when the index comes from the scheduler (JOB_COMPLETION_INDEX).
+    pub shards: Option<u32>,
+    /// Seconds before an unrenewed claim is taken over.
+    pub lease: Option<u64>,
     pub job: Option<String>,
     pub workers: Option<usize>,
     pub chunk_rows: Option<u64>,

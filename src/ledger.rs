@@ -34,6 +34,10 @@ pub struct CommitRecord {
     /// sha256 of the chunk file (staging only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
+    /// The chunk file's name when it is not `<chunk>.parquet` (staging
+    /// written by several workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     pub committed_at: String,
 }
 
@@ -104,29 +108,90 @@ struct LedgerLine {
     position: Option<crate::online::AppliedPosition>,
 }
 
-/// A ledger for targets without transactions (Milvus): append-only JSON
-/// lines in the job's state directory, one per committed chunk and target,
-/// fsynced before the chunk counts as committed.
+/// A ledger for targets without transactions (Milvus): JSON lines, one per
+/// committed chunk and target, durable before the chunk counts as
+/// committed. In a local state directory it is one append-only file; in an
+/// object store (a shared job, workers on many hosts) every line is an
+/// object of its own under `ledger/milvus-<target>/`, so appends from many
+/// workers never collide.
 pub struct LedgerFile {
-    path: PathBuf,
+    at: LedgerAt,
     target: String,
     lock: Mutex<()>,
+    /// Remote lines read so far (they never change once written).
+    seen: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+enum LedgerAt {
+    File(PathBuf),
+    Store(crate::store::Store),
 }
 
 impl LedgerFile {
     pub fn new(path: PathBuf, target: String) -> Self {
-        LedgerFile { path, target, lock: Mutex::new(()) }
+        LedgerFile { at: LedgerAt::File(path), target, lock: Mutex::new(()), seen: Mutex::new(BTreeMap::new()) }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The job's ledger for `target` in its state store: `file` in a local
+    /// directory, one object per line elsewhere.
+    pub fn in_store(store: &crate::store::Store, file: &str, target: String) -> Self {
+        match store.local_dir() {
+            Some(d) => LedgerFile::new(d.join(file), target),
+            None => {
+                let key = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+                let stem = file.split('.').next().unwrap_or(file);
+                LedgerFile {
+                    at: LedgerAt::Store(store.sub(&format!("ledger/{stem}-{key}"))),
+                    target,
+                    lock: Mutex::new(()),
+                    seen: Mutex::new(BTreeMap::new()),
+                }
+            }
+        }
+    }
+
+    /// Where the ledger is, for messages.
+    pub fn describe(&self) -> String {
+        match &self.at {
+            LedgerAt::File(p) => p.display().to_string(),
+            LedgerAt::Store(s) => s.describe().to_string(),
+        }
+    }
+
+    /// The lock file of a local ledger (a shared one has claims instead).
+    pub fn lock_path(&self) -> Option<PathBuf> {
+        match &self.at {
+            LedgerAt::File(p) => Some(p.with_extension("lock")),
+            LedgerAt::Store(_) => None,
+        }
     }
 
     fn lines(&self) -> Result<Vec<LedgerLine>> {
-        let text = match std::fs::read_to_string(&self.path) {
+        let path = match &self.at {
+            LedgerAt::File(p) => p,
+            LedgerAt::Store(store) => {
+                let mut seen = self.seen.lock().unwrap();
+                let keys = store.list("")?;
+                for (k, _) in &keys {
+                    if !seen.contains_key(k) {
+                        if let Some(o) = store.get(k)? {
+                            seen.insert(k.clone(), o.bytes.to_vec());
+                        }
+                    }
+                }
+                let present: std::collections::BTreeSet<&String> = keys.iter().map(|(k, _)| k).collect();
+                seen.retain(|k, _| present.contains(k));
+                // Keys begin with the time of writing: key order is line order.
+                return seen
+                    .iter()
+                    .map(|(k, v)| serde_json::from_slice(v).with_context(|| format!("{}/{k} is damaged", store.describe())))
+                    .collect();
+            }
+        };
+        let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let mut out = Vec::new();
         let n = text.lines().count();
@@ -135,7 +200,7 @@ impl LedgerFile {
                 Ok(l) => out.push(l),
                 // A torn last line is a commit that did not finish.
                 Err(_) if i + 1 == n && !text.ends_with('\n') => {}
-                Err(e) => bail!("{} line {} is damaged: {e}", self.path.display(), i + 1),
+                Err(e) => bail!("{} line {} is damaged: {e}", path.display(), i + 1),
             }
         }
         Ok(out)
@@ -179,34 +244,67 @@ impl LedgerFile {
     fn write_line(&self, l: &LedgerLine) -> Result<()> {
         let _g = self.lock.lock().unwrap();
         let mut line = serde_json::to_vec(l)?;
-        line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
-        f.write_all(&line)?;
-        f.sync_data().with_context(|| format!("fsync of {}", self.path.display()))
+        match &self.at {
+            LedgerAt::File(path) => {
+                line.push(b'\n');
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                f.write_all(&line)?;
+                f.sync_data().with_context(|| format!("fsync of {}", path.display()))
+            }
+            LedgerAt::Store(store) => {
+                let key = format!(
+                    "{:020}-{}-{:06}.json",
+                    chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+                    crate::claims::worker_id(),
+                    LINE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                store.put(&key, &line)
+            }
+        }
     }
 
     pub fn forget(&self, job: &str) -> Result<u64> {
         let _g = self.lock.lock().unwrap();
+        let path = match &self.at {
+            LedgerAt::File(p) => p.clone(),
+            LedgerAt::Store(store) => {
+                let mut gone = 0;
+                for (k, _) in store.list("")? {
+                    if let Some(o) = store.get(&k)? {
+                        if let Ok(l) = serde_json::from_slice::<LedgerLine>(&o.bytes) {
+                            if l.job == job {
+                                store.delete(&k)?;
+                                gone += (l.record.is_some() || l.position.is_some()) as u64;
+                            }
+                        }
+                    }
+                }
+                return Ok(gone);
+            }
+        };
         let lines = self.lines()?;
         // Every target of the job: the file lives in the job's own directory.
         let (gone, kept): (Vec<_>, Vec<_>) = lines.into_iter().partition(|l| l.job == job);
         if !gone.is_empty() && kept.is_empty() {
-            std::fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         } else if !gone.is_empty() {
             let mut text = Vec::new();
             for l in &kept {
                 text.extend(serde_json::to_vec(l)?);
                 text.push(b'\n');
             }
-            write_atomic(&self.path, &text)?;
+            write_atomic(&path, &text)?;
         }
         Ok(gone.iter().filter(|l| l.record.is_some() || l.position.is_some()).count() as u64)
     }
 }
+
+/// Orders ledger objects written by one process within the same nanosecond.
+static LINE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Local state directory of a job: `manifest.json` (spec and plan),
 /// `status.json` (live progress), `rejects/`, and with staging `chunks/`.

@@ -2,6 +2,7 @@
 //! Export → transform → import over Arrow batches; any stage boundary can be a
 //! Parquet staging directory; every chunk commit is recorded in a ledger.
 
+pub mod claims;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -17,5 +18,7 @@ pub mod progress;
 pub mod repair;
 pub mod retry;
 pub mod schema;
+pub mod shared;
+pub mod store;
 pub mod transform;
 pub mod verify;

@@ -102,7 +102,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
             let to_src = open_source(&to, &target_table, handle)?;
             let plan = match (&from, &to) {
                 (Endpoint::Staging(d), _) | (_, Endpoint::Staging(d)) => {
-                    Manifest::load(d)?.map(|m| m.plan).unwrap_or_default()
+                    Manifest::load(&vmig::store::Store::open(d)?)?.map(|m| m.plan).unwrap_or_default()
                 }
                 _ => from_src.plan(a.chunk_rows.unwrap_or(20_000))?,
             };

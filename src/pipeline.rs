@@ -20,6 +20,8 @@ use crate::plan::ChunkRange;
 use crate::retry::with_retries;
 use crate::progress::{ChunkFailure, Progress, Report, StageReport, Status, peak_rss_mb};
 use crate::schema::TableSpec;
+use crate::store::Store;
+use crate::claims::{Claim, Coordinator, Distributed, WorkerInfo};
 use crate::transform::{Transformer, reject_batch, write_rejects};
 
 #[derive(Clone, Debug)]
@@ -48,6 +50,13 @@ pub struct JobConfig {
     pub online: bool,
     /// Serve Prometheus metrics on this address while the job runs.
     pub metrics: Option<String>,
+    /// Where the job's manifest lives (the staging area, the `--state`
+    /// store, or the local job directory), and with it a shared job's claims.
+    pub store: Store,
+    /// Set when several workers share the job (see claims.rs).
+    pub distributed: Option<Distributed>,
+    /// The shared job's lane in the store (`work/<lane>`): export, or one per target.
+    pub lane: String,
 }
 
 /// Retries of a chunk that failed for another reason than an unreachable server.
@@ -89,11 +98,11 @@ impl RateLimit {
 
 /// Loads the job's manifest (resume) or plans the job and saves it.
 pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
-    if let Some(m) = Manifest::load(&cfg.job_dir)? {
+    if let Some(m) = Manifest::load(&cfg.store)? {
         if m.job != cfg.job {
             bail!(
                 "{} belongs to job {}, not {}; choose another directory or `vmig reset` it",
-                cfg.job_dir.display(),
+                cfg.store.describe(),
                 m.job,
                 cfg.job
             );
@@ -118,7 +127,10 @@ pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
         vector_encoding: "FixedSizeList<Float32> little-endian (halfvec widened exactly)".into(),
         vectors_exact: cfg.vectors_exact,
     };
-    m.save(&cfg.job_dir)?;
+    // Create-only: of workers planning at once, the first plan stands.
+    if !m.create(&cfg.store)? {
+        return load_or_plan(cfg, source);
+    }
     Ok(m)
 }
 
@@ -133,17 +145,63 @@ pub fn run(
 ) -> Result<Report> {
     let describe = (source.describe(), sinks.iter().map(|(_, s)| s.describe()).collect());
     with_progress(cfg, describe, |progress| {
-        let locks = lock_targets(cfg, &sinks, progress)?;
-        let job = plan_and_prepare(cfg, source, sinks, progress)?;
-        let loaded = load(cfg, &job, ready.as_ref(), &cancel, progress);
-        let mut error = loaded.error();
-        if error.is_none() {
-            progress.set_phase("finishing");
-            error = finish_targets(cfg, &job, &cancel, progress);
-        }
-        let report = report(cfg, &job, &loaded, error, progress);
-        drop(locks);
-        Ok(report)
+        let Some(dist) = &cfg.distributed else {
+            let locks = lock_targets(cfg, &sinks, progress)?;
+            let job = plan_and_prepare(cfg, source, sinks, progress)?;
+            let loaded = load(cfg, &job, ready.as_ref(), &cancel, progress, None);
+            let mut error = loaded.error();
+            if error.is_none() {
+                progress.set_phase("finishing");
+                error = finish_targets(cfg, &job, &cancel, progress);
+            }
+            let report = report(cfg, &job, &loaded, error, progress);
+            drop(locks);
+            return Ok(report);
+        };
+        // A shared job: no job locks (other workers are welcome); claims in the store.
+        let coord = Coordinator::new(cfg.store.sub(&format!("work/{}", cfg.lane)), dist.clone());
+        progress.own_status();
+        let stop = Arc::new(AtomicBool::new(false));
+        let beat = {
+            let (c, p, lane, shard) = (coord.clone(), progress.clone(), cfg.lane.clone(), dist.describe_shard());
+            coord.spawn_heartbeat(stop.clone(), move || {
+                let info = WorkerInfo {
+                    worker: c.me.clone(),
+                    host: crate::claims::host_name(),
+                    lane: lane.clone(),
+                    shard: shard.clone(),
+                    claims: c.held_chunks(),
+                    takeovers: c.takeovers.load(Relaxed),
+                    lost_claims: c.lost.load(Relaxed),
+                    heartbeat_ms: crate::claims::now_ms(),
+                    lease_ms: c.cfg.lease.as_millis() as i64,
+                };
+                p.status_json(Some(info))
+            })
+        };
+        let result = (|| {
+            let job = crate::shared::plan_and_prepare_shared(cfg, &coord, source, sinks, progress, &cancel)?;
+            let loaded = load(cfg, &job, ready.as_ref(), &cancel, progress, Some(&coord));
+            let mut error = loaded.error();
+            let mut finished = true;
+            if error.is_none() {
+                match crate::shared::finish_shared(cfg, &coord, &job, &cancel, progress) {
+                    Ok(done) => finished = done,
+                    Err(e) => error = Some(format!("{e:#}")),
+                }
+            }
+            let mut r = report(cfg, &job, &loaded, error, progress);
+            if !finished {
+                r.notes.push(format!(
+                    "shard {} is done; chunks of other shards remain, and the worker that commits the last one runs the finish",
+                    dist.describe_shard().unwrap_or_default()
+                ));
+            }
+            Ok(r)
+        })();
+        stop.store(true, Relaxed);
+        let _ = beat.join();
+        result
     })
 }
 
@@ -231,6 +289,7 @@ pub fn plan_and_prepare(
         on_existing: cfg.on_existing,
         create_indexes: cfg.create_indexes,
         online: cfg.online,
+        shared: cfg.distributed.is_some(),
     };
     progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
 
@@ -303,13 +362,14 @@ pub fn load(
     ready: Option<&BTreeSet<u32>>,
     cancel: &Arc<AtomicBool>,
     progress: &Arc<Progress>,
+    coord: Option<&Coordinator>,
 ) -> Loaded {
     let targets = &job.targets;
     let source = &job.source;
     // What is left to do; chunks committed in every target are skipped.
     let mut todo = Vec::new();
     let mut pending = 0u64;
-    for c in &job.plan {
+    for c in job.plan.iter().filter(|c| cfg.distributed.as_ref().is_none_or(|d| d.in_shard(c.id))) {
         let done_everywhere = targets.iter().all(|t| t.committed.lock().unwrap().contains_key(&c.id));
         if done_everywhere {
             progress.counters.chunks_skipped.fetch_add(1, Relaxed);
@@ -323,7 +383,8 @@ pub fn load(
     }
     if progress.counters.chunks_skipped.load(Relaxed) > 0 {
         progress.println(&format!(
-            "resuming: {} chunks ({} rows) already committed, skipped",
+            "{}: {} chunks ({} rows) already committed, skipped",
+            if coord.is_some() { "shared job" } else { "resuming" },
             progress.counters.chunks_skipped.load(Relaxed),
             progress.counters.rows_skipped.load(Relaxed)
         ));
@@ -332,17 +393,28 @@ pub fn load(
     progress.set_phase(if cfg.online { "snapshot" } else { "loading" });
     let rate = cfg.rate_limit.map(|r| RateLimit { rows_per_sec: r.max(1), state: Mutex::new((Instant::now(), 0)) });
     let (work_tx, work_rx) = crossbeam_channel::unbounded::<ChunkRange>();
-    for c in todo {
-        work_tx.send(c).unwrap();
+    if coord.is_none() {
+        for c in &todo {
+            work_tx.send(*c).unwrap();
+        }
     }
     drop(work_tx);
     let failed = AtomicBool::new(false);
+    let settling = crate::shared::Settling::default();
+    // The next chunk of this lane: from the queue, or claimed in the store.
+    let next = || -> Option<(ChunkRange, Option<Claim>)> {
+        match coord {
+            None => work_rx.recv().ok().map(|c| (c, None)),
+            Some(co) => crate::shared::next_claimed(cfg, job, co, &todo, &settling, cancel, &failed, progress)
+                .map(|(c, cl)| (c, Some(cl))),
+        }
+    };
     let load_started = Instant::now();
     std::thread::scope(|s| {
         let mut lanes = Vec::new();
         for _ in 0..cfg.workers.max(1) {
             lanes.push(s.spawn(|| {
-                while let Ok(chunk) = work_rx.recv() {
+                while let Some((chunk, claim)) = next() {
                     if cancel.load(Relaxed) || failed.load(Relaxed) {
                         break;
                     }
@@ -352,8 +424,21 @@ pub fn load(
                         QUICK_RETRIES,
                         cancel,
                         &|m| progress.println(m),
-                        || run_chunk(cfg, source.as_ref(), targets, &chunk, progress, cancel, rate.as_ref()),
+                        || {
+                            // Another worker may have committed it meanwhile (a lease ran out).
+                            if coord.is_some() && crate::shared::committed_everywhere(cfg, job, &chunk)? {
+                                return Ok(());
+                            }
+                            run_chunk(cfg, source.as_ref(), targets, &chunk, progress, cancel, rate.as_ref())
+                        },
                     );
+                    if let (Some(co), Some(cl)) = (coord, claim) {
+                        if res.is_ok() {
+                            settling.hold(chunk.id, cl);
+                        } else if let Err(e) = co.release(cl) {
+                            progress.println(&format!("warning: chunk {}: releasing its claim: {e:#}", chunk.id));
+                        }
+                    }
                     match res {
                         Ok(()) => {}
                         Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => break,
@@ -374,6 +459,14 @@ pub fn load(
             let _ = l.join();
         }
     });
+    if let Some(co) = coord {
+        if let Err(e) = crate::shared::settle_and_release(cfg, job, co, &settling) {
+            let msg = format!("settling committed chunks: {e:#}");
+            progress.println(&format!("error: {msg}"));
+            progress.status.lock().unwrap().last_error = Some(msg);
+            failed.store(true, Relaxed);
+        }
+    }
     Loaded {
         cancelled: cancel.load(Relaxed),
         failed: failed.load(Relaxed),
@@ -634,6 +727,7 @@ fn run_chunk(
             content_hash: h.hex(),
             bytes: 0,
             sha256: None,
+            file: None,
             committed_at: String::new(),
         })?;
         counters.bytes_written.fetch_add(rec.bytes, Relaxed);

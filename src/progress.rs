@@ -66,6 +66,9 @@ pub struct Status {
     /// Online jobs: change capture and apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online: Option<crate::online::OnlineStatus>,
+    /// A worker of a shared job: host, claims, heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<crate::claims::WorkerInfo>,
 }
 
 /// Drives the display and the status file while a job runs.
@@ -173,10 +176,23 @@ impl Progress {
         if !self.owns_status.load(Relaxed) {
             return;
         }
+        let bytes = self.status_doc(state, None);
+        let _ = crate::ledger::write_atomic(&self.status_path, &bytes);
+    }
+
+    /// The status as a shared job's worker publishes it in the store.
+    pub fn status_json(&self, worker: Option<crate::claims::WorkerInfo>) -> Vec<u8> {
+        self.status_doc(None, worker)
+    }
+
+    fn status_doc(&self, state: Option<&str>, worker: Option<crate::claims::WorkerInfo>) -> Vec<u8> {
         let c = &self.counters;
         let mut s = self.status.lock().unwrap();
         if let Some(st) = state {
             s.state = st.to_string();
+        }
+        if worker.is_some() {
+            s.worker = worker;
         }
         s.updated_at = crate::ledger::now_rfc3339();
         s.rows_read = c.rows_read.load(Relaxed);
@@ -185,9 +201,7 @@ impl Progress {
         s.bytes_written = c.bytes_written.load(Relaxed);
         s.chunks_committed = c.chunks_committed.load(Relaxed);
         s.chunks_skipped = c.chunks_skipped.load(Relaxed);
-        if let Ok(bytes) = serde_json::to_vec_pretty(&*s) {
-            let _ = crate::ledger::write_atomic(&self.status_path, &bytes);
-        }
+        serde_json::to_vec_pretty(&*s).unwrap_or_default()
     }
 
     fn plain_line(&self) {

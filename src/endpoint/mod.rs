@@ -140,6 +140,8 @@ pub struct SinkOptions {
     /// Online: the source changes while the job runs, so row counts are not
     /// guarded against the ledger's (deletes and inserts move them).
     pub online: bool,
+    /// Several workers share the job (claims instead of the job's lock).
+    pub shared: bool,
 }
 
 pub trait Sink: Send + Sync {
@@ -154,6 +156,11 @@ pub trait Sink: Send + Sync {
     /// returns the target table's spec (what rows must satisfy).
     fn prepare(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec>;
     /// Chunks already committed for this job.
+    /// Waits until every chunk whose commit returned is in the ledger
+    /// (Milvus records a chunk after its flush, in the background).
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
     fn committed(&self, job: &str) -> Result<Ledger>;
     /// Starts writing one chunk; nothing is visible until `commit`.
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;

@@ -40,7 +40,14 @@ pub fn run_online_job(job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) 
         Endpoint::Postgres(url) => from_postgres(job, url, handle, cancel),
         Endpoint::OceanBase(url) => from_oceanbase(job, url, handle, cancel),
         Endpoint::Milvus(url) => from_milvus(job, url, handle, cancel),
-        Endpoint::Staging(dir) => from_staging(job, dir, handle, cancel),
+        Endpoint::Staging(addr) => {
+            let store = crate::store::Store::open(addr)?;
+            let dir = store
+                .local_dir()
+                .ok_or_else(|| anyhow!("online jobs stage change files in a local directory, not {}", store.describe()))?
+                .to_path_buf();
+            from_staging(job, &dir, handle, cancel)
+        }
     }
 }
 
@@ -175,7 +182,7 @@ fn from_database(
 fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
     check_target(job)?;
     let cfg = &job.cfg;
-    let staging = StagingSource::open(dir.to_path_buf())?;
+    let staging = StagingSource::open(crate::store::Store::open(&dir.to_string_lossy())?)?;
     wait_for_snapshot(&staging, &cancel)?;
     let spec = staging.spec().clone();
     let exact = staging.vectors_exact();

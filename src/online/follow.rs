@@ -50,7 +50,7 @@ pub fn run_online(
         let mut stream = open_stream(progress, committed)?;
         progress.println(&format!("change capture: {}", stream.artifacts()));
         let job = plan_and_prepare(cfg, source, sinks, progress)?;
-        let mut loaded = load(cfg, &job, None, &cancel, progress);
+        let mut loaded = load(cfg, &job, None, &cancel, progress, None);
         let mut error = loaded.error();
         if error.is_none() {
             progress.set_phase("finishing snapshot");

@@ -405,7 +405,7 @@ pub fn stage_with_nan_and_inf(src: &str, st: &std::path::Path) -> (i64, i64) {
     let mut cols = batch.columns().to_vec();
     cols[1] = std::sync::Arc::new(new_vec);
     let bad = arrow::record_batch::RecordBatch::try_new(batch.schema(), cols).unwrap();
-    let manifest = vmig::endpoint::staging::Manifest::load(st).unwrap().unwrap();
+    let manifest = vmig::endpoint::staging::Manifest::load_dir(st).unwrap().unwrap();
     let props = vmig::endpoint::staging::writer_properties(&manifest.table).unwrap();
     let mut w = vmig::endpoint::staging::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
     w.write(&bad).unwrap();

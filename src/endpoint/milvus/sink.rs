@@ -5,7 +5,6 @@
 //! replaying an unrecorded chunk is harmless because upsert by id is
 //! idempotent).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -295,8 +294,9 @@ vectors by id, so renumbered rows would be orphaned. Create the collection with 
 drop it or name another collection with --target-table)";
 
 impl MilvusSink {
-    /// `state_dir` holds the ledger file; without one the sink keeps no ledger (`generate`).
-    pub fn open(url: MilvusUrl, collection: &str, handle: Handle, state_dir: Option<&Path>) -> Result<Self> {
+    /// `state` (the job's state store) holds the ledger; without one the
+    /// sink keeps no ledger (`generate`).
+    pub fn open(url: MilvusUrl, collection: &str, handle: Handle, state: Option<&crate::store::Store>) -> Result<Self> {
         let conn = Milvus::connect(&url, &handle)?;
         let target = format!("{}:{}/{}/{}", url.host, url.port, url.database, collection);
         let request_bytes = std::env::var("VMIG_MILVUS_REQUEST_BYTES")
@@ -305,7 +305,7 @@ impl MilvusSink {
             .unwrap_or(DEFAULT_REQUEST_BYTES)
             .clamp(1 << 16, MAX_REQUEST_BYTES);
         Ok(MilvusSink {
-            ledger: state_dir.map(|d| Arc::new(LedgerFile::new(d.join(LEDGER_FILE), target))),
+            ledger: state.map(|st| Arc::new(LedgerFile::in_store(st, LEDGER_FILE, target))),
             fields: url.fields.clone(),
             conn,
             name: collection.to_string(),
@@ -335,7 +335,10 @@ impl Sink for MilvusSink {
     /// The ledger lives in the job's state directory, so its lock does too.
     fn lock_job(&self, job: &str, _fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
         match &self.ledger {
-            Some(l) => Ok(Box::new(FileLock::acquire(&l.path().with_extension("lock"), job, &self.describe())?)),
+            Some(l) => match l.lock_path() {
+                Some(p) => Ok(Box::new(FileLock::acquire(&p, job, &self.describe())?)),
+                None => Ok(Box::new(())),
+            },
             None => Ok(Box::new(())),
         }
     }
@@ -401,6 +404,10 @@ impl Sink for MilvusSink {
         let spec = coll.spec.clone();
         *self.target.lock().unwrap() = Some(coll);
         Ok(spec)
+    }
+
+    fn settle(&self) -> Result<()> {
+        self.flushes.drain()
     }
 
     fn committed(&self, job: &str) -> Result<Ledger> {

@@ -377,6 +377,7 @@ impl Sink for ObSink {
                             content_hash: r[5].clone().unwrap_or_default(),
                             bytes: num(6)? as u64,
                             sha256: None,
+                            file: None,
                             committed_at: r[7].clone().unwrap_or_default(),
                         },
                     );

@@ -407,6 +407,7 @@ impl Sink for PgSink {
                             content_hash: r.get(5),
                             bytes: r.get::<_, i64>(6) as u64,
                             sha256: None,
+                            file: None,
                             committed_at: r.get(7),
                         },
                     );

@@ -181,8 +181,8 @@ pub fn write_change_file(dir: &Path, spec: &TableSpec, set: &ChangeSet) -> Resul
 pub fn read_change_file(dir: &Path, spec: &TableSpec, m: &ChangeMarker) -> Result<ChangeSet> {
     let name = format!("change file {:010}", m.file);
     let path = file_path(dir, m.file);
-    check_file(&path, &name, m.bytes, Some(&m.sha256))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(fs::File::open(&path)?)
+    let file = check_file(&path, &name, m.bytes, Some(&m.sha256))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{name}: not a readable Parquet file"))?
         .build()?;
     let mut set = ChangeSet { position: m.position, commit_time_us: m.commit_time_us, counts: m.counts, ..Default::default() };

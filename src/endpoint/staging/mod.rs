@@ -1,15 +1,17 @@
-//! Parquet staging area: a directory any Parquet reader understands.
+//! Parquet staging area: a directory (or object-store prefix) any Parquet
+//! reader understands.
 //!
 //! ```text
 //! DIR/manifest.json              format version, job, table spec, plan (no secrets)
 //! DIR/chunks/000017.parquet      zstd; vector column FixedSizeList<Float32>, BYTE_STREAM_SPLIT
-//! DIR/chunks/000017.commit.json  rows, bytes, sha256, content hash: the chunk exists only with it
+//!                                (000017-<host>-<pid>.parquet when several workers share the job)
+//! DIR/chunks/000017.commit.json  rows, bytes, sha256, content hash, file: the chunk exists only with it
+//! DIR/work/                      claims and worker status of shared jobs (see claims.rs)
 //! DIR/rejects/                   rows that failed validation, with the reason
 //! ```
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,12 +22,12 @@ use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, Source};
 pub mod changes;
 
-use crate::ledger::{CommitRecord, FileLock, JobDir, Ledger, now_rfc3339, sync_dir, write_atomic};
+use crate::ledger::{CommitRecord, FileLock, JobDir, Ledger, now_rfc3339};
+use crate::store::{Store, StoreWriter};
 use crate::plan::ChunkRange;
 use crate::schema::TableSpec;
 
@@ -50,77 +52,93 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
-        let path = JobDir::new(dir).manifest();
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is not a vmig manifest", path.display()))?;
+    pub fn load(store: &Store) -> Result<Option<Manifest>> {
+        let Some(obj) = store.get(MANIFEST)? else { return Ok(None) };
+        let where_ = format!("{}/{MANIFEST}", store.describe().trim_end_matches('/'));
+        let m: Manifest = serde_json::from_slice(&obj.bytes).with_context(|| format!("{where_} is not a vmig manifest"))?;
         if m.format_version > FORMAT_VERSION {
-            bail!("{}: format version {} is newer than this vmig understands ({FORMAT_VERSION})", path.display(), m.format_version);
+            bail!("{where_}: format version {} is newer than this vmig understands ({FORMAT_VERSION})", m.format_version);
         }
         Ok(Some(m))
     }
 
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_atomic(&JobDir::new(dir).manifest(), &serde_json::to_vec_pretty(self)?)
+    /// `load` for a local directory.
+    pub fn load_dir(dir: &Path) -> Result<Option<Manifest>> {
+        Manifest::load(&Store::open(&dir.to_string_lossy())?)
+    }
+
+    pub fn save(&self, store: &Store) -> Result<()> {
+        store.put(MANIFEST, &serde_json::to_vec_pretty(self)?)
+    }
+
+    /// Saves the manifest only if none exists (the first worker's plan
+    /// wins); false if one does.
+    pub fn create(&self, store: &Store) -> Result<bool> {
+        store.create(MANIFEST, &serde_json::to_vec_pretty(self)?)
     }
 }
 
-fn chunk_path(dir: &Path, id: u32) -> PathBuf {
-    JobDir::new(dir).chunks().join(format!("{id:06}.parquet"))
-}
+const MANIFEST: &str = "manifest.json";
 
-fn marker_path(dir: &Path, id: u32) -> PathBuf {
-    JobDir::new(dir).chunks().join(format!("{id:06}.commit.json"))
-}
-
-/// Reads every commit marker in `dir`.
-pub fn read_markers(dir: &Path) -> Result<Ledger> {
-    let mut ledger = Ledger::new();
-    let chunks = JobDir::new(dir).chunks();
-    if !chunks.exists() {
-        return Ok(ledger);
+/// The chunk file's key: `chunks/000017.parquet`, or with a worker's name
+/// when several workers may write the same chunk (the marker says which).
+fn chunk_key(id: u32, writer: Option<&str>) -> String {
+    match writer {
+        Some(w) => format!("chunks/{id:06}-{w}.parquet"),
+        None => format!("chunks/{id:06}.parquet"),
     }
-    for entry in fs::read_dir(&chunks)? {
-        let path = entry?.path();
-        if path.to_string_lossy().ends_with(".commit.json") {
-            let rec: CommitRecord = serde_json::from_slice(&fs::read(&path)?)
-                .with_context(|| format!("commit marker {} is damaged", path.display()))?;
-            ledger.insert(rec.chunk, rec);
+}
+
+fn marker_key(id: u32) -> String {
+    format!("chunks/{id:06}.commit.json")
+}
+
+/// The file a commit marker vouches for.
+fn file_of(rec: &CommitRecord) -> String {
+    match &rec.file {
+        Some(f) => format!("chunks/{f}"),
+        None => chunk_key(rec.chunk, None),
+    }
+}
+
+/// Reads every commit marker in the store.
+pub fn read_markers(store: &Store) -> Result<Ledger> {
+    let mut cache = Ledger::new();
+    read_markers_into(store, &mut cache)?;
+    Ok(cache)
+}
+
+/// Reads the commit markers not in `known` yet (markers never change once
+/// written), and drops those that are gone (a reset).
+pub fn read_markers_into(store: &Store, known: &mut Ledger) -> Result<()> {
+    let mut present = BTreeSet::new();
+    for (key, _) in store.list("chunks")? {
+        let Some(id) = key.strip_suffix(".commit.json").and_then(|n| n.parse::<u32>().ok()) else { continue };
+        present.insert(id);
+        if known.contains_key(&id) {
+            continue;
+        }
+        if let Some(obj) = store.get(&marker_key(id))? {
+            let rec: CommitRecord = serde_json::from_slice(&obj.bytes)
+                .with_context(|| format!("commit marker of chunk {id:06} in {} is damaged", store.describe()))?;
+            known.insert(rec.chunk, rec);
         }
     }
-    Ok(ledger)
-}
-
-/// Checks a chunk file against its commit marker (size and sha256).
-pub fn check_chunk_file(dir: &Path, rec: &CommitRecord) -> Result<()> {
-    check_file(&chunk_path(dir, rec.chunk), &format!("chunk {:06}", rec.chunk), rec.bytes, rec.sha256.as_deref())
-}
-
-/// Checks a staged file against the size and sha256 its marker records.
-pub fn check_file(path: &Path, name: &str, bytes: u64, sha256: Option<&str>) -> Result<()> {
-    let mut f = fs::File::open(path).map_err(|e| anyhow!("{name}: cannot open {}: {e}", path.display()))?;
-    let len = f.metadata()?.len();
-    if len != bytes {
-        bail!("{name}: file is {len} bytes, its commit marker says {bytes} (truncated or altered); refusing it");
-    }
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    let got = hex::encode(h.finalize());
-    if Some(got.as_str()) != sha256 {
-        bail!("{name}: sha256 of the file does not match its commit marker (file altered or damaged); refusing it");
-    }
+    known.retain(|id, _| present.contains(id));
     Ok(())
+}
+
+/// Checks a chunk file against its commit marker (size and sha256) and
+/// opens it.
+pub fn check_chunk_file(store: &Store, rec: &CommitRecord) -> Result<fs::File> {
+    store.open_verified(&file_of(rec), &format!("chunk {:06}", rec.chunk), rec.bytes, rec.sha256.as_deref())
+}
+
+/// Checks a local staged file against the size and sha256 its marker records.
+pub fn check_file(path: &Path, name: &str, bytes: u64, sha256: Option<&str>) -> Result<fs::File> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    Store::open(&dir.to_string_lossy())?.open_verified(&file, name, bytes, sha256)
 }
 
 /// Writer properties: zstd, vector leaf BYTE_STREAM_SPLIT without dictionary.
@@ -145,95 +163,107 @@ pub fn writer_properties_for(spec: &TableSpec, schema: &arrow::datatypes::Schema
     Ok(b.build())
 }
 
-/// Counts and hashes what passes through to the file.
-struct HashingWriter {
-    file: fs::File,
-    sha: Sha256,
-    bytes: u64,
-}
-
-impl Write for HashingWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.sha.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// Writes Parquet files of `spec`'s schema (chunks and rejects).
+/// Writes Parquet files of `spec`'s schema (chunks, change files, rejects).
 pub struct ParquetFileWriter {
-    tmp: PathBuf,
-    dest: PathBuf,
-    writer: ArrowWriter<HashingWriter>,
+    name: String,
+    writer: ArrowWriter<StoreWriter>,
 }
 
 impl ParquetFileWriter {
+    /// A local file, written aside and renamed into place by `finish`.
     pub fn create(dest: PathBuf, schema: arrow::datatypes::SchemaRef, props: WriterProperties) -> Result<Self> {
-        let tmp = dest.with_extension("parquet.tmp");
-        let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let writer = ArrowWriter::try_new(HashingWriter { file, sha: Sha256::new(), bytes: 0 }, schema, Some(props))?;
-        Ok(ParquetFileWriter { tmp, dest, writer })
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let file = dest.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+        ParquetFileWriter::create_in(&Store::open(&dir.to_string_lossy())?, &file, schema, props)
+    }
+
+    /// An object `key` of `store` (a multipart upload when remote).
+    pub fn create_in(store: &Store, key: &str, schema: arrow::datatypes::SchemaRef, props: WriterProperties) -> Result<Self> {
+        let writer = ArrowWriter::try_new(store.writer(key)?, schema, Some(props))?;
+        Ok(ParquetFileWriter { name: format!("{}/{key}", store.describe().trim_end_matches('/')), writer })
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer.write(batch).with_context(|| format!("writing {}", self.tmp.display()))
+        self.writer.write(batch).with_context(|| format!("writing {}", self.name))
     }
 
     /// Finishes the file durably under its final name; returns (bytes, sha256).
     pub fn finish(self) -> Result<(u64, String)> {
-        let mut inner = self.writer.into_inner()?;
-        inner.flush()?;
-        inner.file.sync_all()?;
-        fs::rename(&self.tmp, &self.dest)?;
-        sync_dir(self.dest.parent().unwrap())?;
-        Ok((inner.bytes, hex::encode(inner.sha.finalize())))
+        let inner = self.writer.into_inner().with_context(|| format!("writing {}", self.name))?;
+        inner.finish()
     }
 }
 
 // ---------------------------------------------------------------- sink
 
 pub struct StagingSink {
-    pub(super) dir: PathBuf,
+    pub(super) store: Store,
     spec: std::sync::Mutex<Option<TableSpec>>,
+    /// Markers read so far (they never change once written).
+    markers: std::sync::Mutex<Ledger>,
+    /// Several workers may write this staging area: chunk files carry the
+    /// writer's name and the first commit marker wins.
+    shared: std::sync::atomic::AtomicBool,
 }
 
 impl StagingSink {
-    pub fn new(dir: PathBuf) -> Self {
-        StagingSink { dir, spec: std::sync::Mutex::new(None) }
+    pub fn new(store: Store) -> Self {
+        StagingSink {
+            store,
+            spec: std::sync::Mutex::new(None),
+            markers: std::sync::Mutex::new(Ledger::new()),
+            shared: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The local directory (online change files need one).
+    pub fn local_dir(&self) -> Result<&Path> {
+        self.store
+            .local_dir()
+            .ok_or_else(|| anyhow!("online jobs stage change files in a local directory, not {}", self.store.describe()))
     }
 }
 
 impl Sink for StagingSink {
     fn describe(&self) -> String {
-        format!("staging {}", self.dir.display())
+        format!("staging {}", self.store.describe())
     }
 
     /// One writer of a staging area at a time (`export`, `migrate --staging`);
-    /// an `import` reading it meanwhile is welcome.
+    /// an `import` reading it meanwhile is welcome. Shared jobs take claims
+    /// instead of this lock.
     fn lock_job(&self, job: &str, _fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        Ok(Box::new(FileLock::acquire(&self.dir.join("export.lock"), job, &self.describe())?))
+        let dir = self.local_dir()?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Box::new(FileLock::acquire(&dir.join("export.lock"), job, &self.describe())?))
     }
 
-    fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], _opts: &SinkOptions) -> Result<TableSpec> {
-        fs::create_dir_all(JobDir::new(&self.dir).chunks())
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+    fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
+        self.store.check_reachable()?;
+        if let Some(dir) = self.store.local_dir() {
+            fs::create_dir_all(JobDir::new(dir).chunks()).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        self.shared.store(opts.shared, std::sync::atomic::Ordering::Relaxed);
         *self.spec.lock().unwrap() = Some(source.clone());
         Ok(source.clone())
     }
 
     fn committed(&self, _job: &str) -> Result<Ledger> {
-        read_markers(&self.dir)
+        let mut known = self.markers.lock().unwrap();
+        read_markers_into(&self.store, &mut known)?;
+        Ok(known.clone())
     }
 
     fn begin_chunk(&self, _job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>> {
         let spec = self.spec.lock().unwrap().clone().expect("prepare() before writing");
-        let file = ParquetFileWriter::create(chunk_path(&self.dir, chunk.id), spec.arrow_schema(), writer_properties(&spec)?)?;
-        Ok(Box::new(StagingChunkWriter { dir: self.dir.clone(), file }))
+        let me = self.shared.load(std::sync::atomic::Ordering::Relaxed).then(crate::claims::worker_id);
+        let key = chunk_key(chunk.id, me.as_deref());
+        let file = ParquetFileWriter::create_in(&self.store, &key, spec.arrow_schema(), writer_properties(&spec)?)?;
+        Ok(Box::new(StagingChunkWriter {
+            store: self.store.clone(),
+            file,
+            key: me.map(|_| key.trim_start_matches("chunks/").to_string()),
+        }))
     }
 
     fn finish(&self, _: &TableSpec, _: &[ChunkRange], _: &SinkOptions, _: &dyn Feedback) -> Result<()> {
@@ -241,7 +271,7 @@ impl Sink for StagingSink {
     }
 
     fn applied_position(&self, _job: &str) -> Result<Option<crate::online::AppliedPosition>> {
-        Ok(changes::read_change_markers(&self.dir)?.values().next_back().map(|m| crate::online::AppliedPosition {
+        Ok(changes::read_change_markers(self.local_dir()?)?.values().next_back().map(|m| crate::online::AppliedPosition {
             position: m.position,
             counts: m.total,
         }))
@@ -250,13 +280,15 @@ impl Sink for StagingSink {
     /// Writes the batch as the next change file (data, then its marker).
     fn apply_changes(&self, _job: &str, set: &crate::online::ChangeSet) -> Result<()> {
         let spec = self.spec.lock().unwrap().clone().expect("prepare() before writing");
-        changes::write_change_file(&self.dir, &spec, set)
+        changes::write_change_file(self.local_dir()?, &spec, set)
     }
 }
 
 struct StagingChunkWriter {
-    dir: PathBuf,
+    store: Store,
     file: ParquetFileWriter,
+    /// The file's name when it carries its writer's (shared jobs).
+    key: Option<String>,
 }
 
 impl ChunkWriter for StagingChunkWriter {
@@ -265,43 +297,59 @@ impl ChunkWriter for StagingChunkWriter {
         Ok(Vec::new())
     }
 
+    /// The marker is written only if none exists: when two workers made the
+    /// same chunk (a lease ran out), the first marker stands and the other
+    /// file is removed.
     fn commit(self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {
         let (bytes, sha) = self.file.finish()?;
         record.bytes = bytes;
         record.sha256 = Some(sha);
+        record.file = self.key.clone();
         record.committed_at = now_rfc3339();
-        write_atomic(&marker_path(&self.dir, record.chunk), &serde_json::to_vec_pretty(&record)?)?;
-        Ok(record)
+        let marker = marker_key(record.chunk);
+        if self.store.create(&marker, &serde_json::to_vec_pretty(&record)?)? {
+            return Ok(record);
+        }
+        let theirs = self.store.get(&marker)?.ok_or_else(|| anyhow!("chunk {:06}: its commit marker vanished", record.chunk))?;
+        let theirs: CommitRecord = serde_json::from_slice(&theirs.bytes)?;
+        if file_of(&theirs) != file_of(&record) {
+            self.store.delete(&file_of(&record))?;
+        }
+        Ok(theirs)
     }
 }
 
 // ---------------------------------------------------------------- source
 
 pub struct StagingSource {
-    dir: PathBuf,
+    store: Store,
     manifest: Manifest,
 }
 
 impl StagingSource {
-    pub fn open(dir: PathBuf) -> Result<Self> {
-        let manifest = Manifest::load(&dir)?
-            .ok_or_else(|| anyhow!("{} is not a staging directory (no manifest.json)", dir.display()))?;
-        Ok(StagingSource { dir, manifest })
+    pub fn open(store: Store) -> Result<Self> {
+        let manifest = Manifest::load(&store)?
+            .ok_or_else(|| anyhow!("{} is not a staging area (no manifest.json)", store.describe()))?;
+        Ok(StagingSource { store, manifest })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Chunks whose commit marker exists (export may still be running).
     pub fn ready_chunks(&self) -> Result<BTreeSet<u32>> {
-        Ok(read_markers(&self.dir)?.into_keys().collect())
+        Ok(read_markers(&self.store)?.into_keys().collect())
     }
 }
 
 impl Source for StagingSource {
     fn describe(&self) -> String {
-        format!("staging {} (exported from {})", self.dir.display(), self.manifest.source)
+        format!("staging {} (exported from {})", self.store.describe(), self.manifest.source)
     }
 
     fn spec(&self) -> &TableSpec {
@@ -322,14 +370,12 @@ impl Source for StagingSource {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()> {
-        let marker = marker_path(&self.dir, chunk.id);
-        let rec: CommitRecord = match fs::read(&marker) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+        let rec: CommitRecord = match self.store.get(&marker_key(chunk.id))? {
+            Some(obj) => serde_json::from_slice(&obj.bytes)
                 .with_context(|| format!("chunk {:06}: commit marker is damaged", chunk.id))?,
-            Err(_) => bail!("chunk {:06} has not been exported (no commit marker)", chunk.id),
+            None => bail!("chunk {:06} has not been exported (no commit marker)", chunk.id),
         };
-        check_chunk_file(&self.dir, &rec)?;
-        let file = fs::File::open(chunk_path(&self.dir, chunk.id))?;
+        let file = check_chunk_file(&self.store, &rec)?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(file)
             .with_context(|| format!("chunk {:06}: not a readable Parquet file", chunk.id))?
             .with_batch_size(batch_rows)
