@@ -3,9 +3,8 @@
 //!
 //! ```text
 //! work/<lane>/claims/000017.json   who runs chunk 17, until when (create-only, renewed by compare-and-swap)
-//! work/<lane>/claims/plan.json     the worker planning and preparing the targets
+//! work/<lane>/claims/plan.json     the worker planning or preparing the targets (one at a time)
 //! work/<lane>/claims/finish.json   the worker building indexes at the end
-//! work/<lane>/prepared.json        targets prepared: the others may start
 //! work/<lane>/finished.json        the job's finish is done
 //! work/<lane>/workers/<id>.json    each worker's status, its heartbeat
 //! ```
@@ -253,7 +252,8 @@ impl Coordinator {
 
     /// How long to wait before looking again for claimable work.
     pub fn poll_interval(&self) -> Duration {
-        (self.cfg.lease / 5).clamp(Duration::from_millis(200), Duration::from_secs(2))
+        // Short: a worker idles while it waits, and S3 requests are cheap.
+        (self.cfg.lease / 20).clamp(Duration::from_millis(50), Duration::from_millis(250))
     }
 
     /// Renews leases and publishes this worker's status every lease/3 until

@@ -15,7 +15,6 @@ use crate::pipeline::{Cancelled, JobConfig, PreparedJob, finish_targets, plan_an
 use crate::plan::ChunkRange;
 use crate::progress::Progress;
 
-const PREPARED: &str = "prepared.json";
 const FINISHED: &str = "finished.json";
 
 fn marker(what: &str) -> Vec<u8> {
@@ -29,9 +28,11 @@ fn by_whom(coord: &Coordinator, claim: &str) -> String {
     }
 }
 
-/// The first worker to arrive plans the job (create-only manifest) and
-/// prepares the targets; the others wait for it, then load the plan and
-/// prepare their side (the resume path: tables exist, the job has begun).
+/// Workers plan and prepare one at a time, under the `plan` claim: the
+/// first plans (create-only manifest) and prepares the targets (tables,
+/// collection, ledger); each later one loads the plan and prepares its side
+/// on targets that exist by then (the resume path), so no two workers race
+/// to create a table.
 pub fn plan_and_prepare_shared(
     cfg: &JobConfig,
     coord: &Coordinator,
@@ -46,22 +47,24 @@ pub fn plan_and_prepare_shared(
         if cancel.load(Relaxed) {
             return Err(Cancelled.into());
         }
-        if coord.store.exists(PREPARED)? {
-            return plan_and_prepare(cfg, source, sinks, progress);
-        }
         if let Some(claim) = coord.try_claim("plan")? {
             let job = plan_and_prepare(cfg, source, sinks, progress);
-            if job.is_ok() {
-                coord.store.put(PREPARED, &marker("plan and targets prepared"))?;
+            // Targets with nothing of this job (new, or recreated since a
+            // finished run): an old run's finish marker must not stand for them.
+            if let Ok(j) = &job {
+                if j.targets.iter().all(|t| t.committed.lock().unwrap().is_empty()) {
+                    coord.store.delete(FINISHED)?;
+                }
             }
             coord.release(claim)?;
             return job;
         }
         if !said {
-            progress.println(&format!("waiting for {} to plan the job and prepare the targets", by_whom(coord, "plan")));
+            progress.println(&format!("waiting for {} to plan the job or prepare its targets", by_whom(coord, "plan")));
             said = true;
         }
-        std::thread::sleep(coord.poll_interval());
+        // Preparing takes a moment; every worker is waiting on it.
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
