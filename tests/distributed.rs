@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count_settled, milvus_rows};
 use common::online::Reaper;
 use common::*;
 
@@ -273,7 +273,7 @@ fn s3_staging_with_three_workers_per_side_survives_a_killed_worker() {
             }
             _ => {
                 let want = as_mrows(&rows(&src, "modeldata"));
-                assert_eq!(milvus_count(dst, "modeldata"), want.len() as i64, "no duplicate ids in Milvus");
+                assert_eq!(milvus_count_settled(dst, "modeldata", want.len() as i64), want.len() as i64, "no duplicate ids in Milvus");
                 assert_eq!(milvus_rows(dst, "modeldata"), want);
                 // The Milvus ledger lives in the shared store, one object per line.
                 let lines = s3_objects(&format!("{pfx}/ledger/"));

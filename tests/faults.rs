@@ -208,7 +208,7 @@ fn milvus_scenario(command: &str) {
     };
     let want = as_mrows(&rows(&src, "modeldata"));
     let check = || {
-        assert_eq!(milvus_count(&m, "modeldata"), ROWS as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_count_settled(&m, "modeldata", ROWS as i64), ROWS as i64, "count(*) equals the source: no duplicates");
         assert_eq!(milvus_rows(&m, "modeldata"), want);
         let ix = milvus_index_params(&m, "modeldata");
         assert_eq!(ix.matches("index_type=HNSW").count(), 1, "one vector index: {ix}");

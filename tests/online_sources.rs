@@ -8,7 +8,7 @@
 mod common;
 
 use common::faults::{Moment, start, wait_for};
-use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count, milvus_rows, milvus_writer, seed_fastgpt};
+use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_rows, milvus_writer, seed_fastgpt};
 use common::online::{OnlineSource, Reaper, Writer, online_args, online_scenario, staging_scenario, wait_following};
 use common::*;
 
@@ -48,7 +48,7 @@ fn online_from_seekdb_into_milvus_survives_kills_and_cuts_over_exactly() {
     online_scenario("online_obmv", &ob_source("online_obmv"), &m, &|src| {
         // OceanBase's 6-digit text is what the source holds; Milvus gets those values exactly.
         let want = as_mrows(&ob_rows(src, "modeldata"));
-        assert_eq!(milvus_count(&m, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_count_settled(&m, "modeldata", want.len() as i64), want.len() as i64, "count(*) equals the source: no duplicates");
         assert_eq!(milvus_rows(&m, "modeldata"), want);
     });
 }
@@ -140,7 +140,7 @@ fn online_from_milvus_into_another_milvus_database_survives_kills_and_cuts_over_
     let dst = fresh_milvus_db("online_mvmv_dst");
     online_scenario("online_mvmv", &milvus_source("online_mvmv"), &dst, &|src| {
         let want = milvus_rows(src, "modeldata");
-        assert_eq!(milvus_count(&dst, "modeldata"), want.len() as i64, "count(*) equals the source: no duplicates");
+        assert_eq!(milvus_count_settled(&dst, "modeldata", want.len() as i64), want.len() as i64, "count(*) equals the source: no duplicates");
         assert_eq!(milvus_rows(&dst, "modeldata"), want);
     });
 }

@@ -235,6 +235,22 @@ pub fn milvus_count(url: &str, name: &str) -> i64 {
     rt().block_on(async { client(url).await.count(name).await.unwrap() })
 }
 
+/// `count(*)` once it equals `want`, or its last value after 90 s. Milvus
+/// 2.3's count(*) over-counts for a while after many upserts of existing
+/// ids (milvus-io/milvus#27515: "if you wait … count(*) returns correct
+/// then"), though queries already return each id once; a real duplicate
+/// never settles.
+pub fn milvus_count_settled(url: &str, name: &str, want: i64) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let n = milvus_count(url, name);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 /// The vector index's parameters as Milvus describes them (raw gRPC: the
 /// SDK's v1 client drops Milvus 2.3's nested "params").
 pub fn milvus_index_params(url: &str, name: &str) -> String {
