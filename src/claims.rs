@@ -76,14 +76,7 @@ pub fn worker_id() -> String {
     format!("{}-{}", host_name(), std::process::id())
 }
 
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use crate::endpoint::host_name;
 
 /// One claim object.
 #[derive(Clone, Debug, Serialize, Deserialize)]
