@@ -292,3 +292,41 @@ pub struct WorkerInfo {
     pub heartbeat_ms: i64,
     pub lease_ms: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_flags_parse_and_refuse_nonsense() {
+        assert_eq!(shard_from(Some("2/3"), None).unwrap(), Some((2, 3)));
+        assert!(shard_from(Some("3/3"), None).unwrap_err().to_string().contains("below the count"));
+        assert!(shard_from(Some("1-3"), None).unwrap_err().to_string().contains("I/N"));
+        assert!(shard_from(Some("a/3"), None).unwrap_err().to_string().contains("number"));
+        let d = Distributed { shard: Some((1, 3)), lease: Duration::from_secs(1) };
+        assert_eq!((0..9).filter(|c| d.in_shard(*c)).collect::<Vec<_>>(), vec![1, 4, 7]);
+    }
+
+    #[test]
+    fn claims_are_exclusive_until_they_expire_and_then_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        let cfg = Distributed { shard: None, lease: Duration::from_millis(300) };
+        let a = Coordinator::new(store.clone(), cfg.clone());
+        let b = Coordinator::new(store.clone(), cfg);
+        let claim = a.try_claim("000001").unwrap().expect("free claim");
+        assert!(a.try_claim("000001").unwrap().is_none(), "held by this worker already");
+        // Another worker (same process here: pretend another id).
+        let b = Arc::new(Coordinator { me: "other-host-1".into(), host: "other-host".into(), ..Arc::try_unwrap(b).ok().unwrap() });
+        assert!(b.try_claim("000001").unwrap().is_none(), "a live lease keeps it");
+        std::thread::sleep(Duration::from_millis(400));
+        let taken = b.try_claim("000001").unwrap().expect("expired lease taken over");
+        assert_eq!(taken.taken_over_from.as_deref(), Some(a.me.as_str()));
+        assert_eq!(b.takeovers.load(Relaxed), 1);
+        // The first holder's release leaves the taker's claim alone.
+        a.release(claim).unwrap();
+        assert!(store.exists("claims/000001.json").unwrap());
+        b.release(taken).unwrap();
+        assert!(!store.exists("claims/000001.json").unwrap());
+    }
+}

@@ -375,7 +375,7 @@ pub fn load(
             progress.counters.chunks_skipped.fetch_add(1, Relaxed);
             let rows = targets[0].committed.lock().unwrap()[&c.id].rows;
             progress.counters.rows_skipped.fetch_add(rows, Relaxed);
-        } else if ready.is_some_and(|r| !r.contains(&c.id)) {
+        } else if ready.is_some_and(|r| !r.contains(&c.id)) && coord.is_none() {
             pending += 1;
         } else {
             todo.push(*c);
@@ -401,11 +401,13 @@ pub fn load(
     drop(work_tx);
     let failed = AtomicBool::new(false);
     let settling = crate::shared::Settling::default();
+    // A shared import waits for chunks its export is still writing.
+    let exported = crate::shared::Exported::new(ready.cloned());
     // The next chunk of this lane: from the queue, or claimed in the store.
     let next = || -> Option<(ChunkRange, Option<Claim>)> {
         match coord {
             None => work_rx.recv().ok().map(|c| (c, None)),
-            Some(co) => crate::shared::next_claimed(cfg, job, co, &todo, &settling, cancel, &failed, progress)
+            Some(co) => crate::shared::next_claimed(cfg, job, co, &todo, &settling, &exported, cancel, &failed, progress)
                 .map(|(c, cl)| (c, Some(cl))),
         }
     };
@@ -470,7 +472,7 @@ pub fn load(
     Loaded {
         cancelled: cancel.load(Relaxed),
         failed: failed.load(Relaxed),
-        pending,
+        pending: pending + exported.missing.load(Relaxed),
         seconds: load_started.elapsed().as_secs_f64(),
         last_error: progress.status.lock().unwrap().last_error.clone(),
     }

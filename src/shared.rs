@@ -142,6 +142,7 @@ pub fn next_claimed(
     coord: &Coordinator,
     todo: &[ChunkRange],
     settling: &Settling,
+    exported: &Exported,
     cancel: &AtomicBool,
     failed: &AtomicBool,
     progress: &Progress,
@@ -161,9 +162,29 @@ pub fn next_claimed(
             }
             Err(e) => progress.println(&format!("warning: reading the targets' ledgers: {e:#}")),
         }
-        let open: Vec<&ChunkRange> = todo.iter().filter(|c| !done_everywhere(job, c.id)).collect();
-        if open.is_empty() {
+        let all_open: Vec<&ChunkRange> = todo.iter().filter(|c| !done_everywhere(job, c.id)).collect();
+        if all_open.is_empty() {
             return None;
+        }
+        let open = match exported.ready(cfg, &all_open) {
+            Ok(open) => open,
+            Err(e) => {
+                progress.println(&format!("warning: reading the staging area's commit markers: {e:#}"));
+                Vec::new()
+            }
+        };
+        if open.is_empty() {
+            // Only chunks the export has not written yet: wait while it runs.
+            if !export_alive(&cfg.store) {
+                exported.missing.store(all_open.len() as u64, Relaxed);
+                return None;
+            }
+            if !said {
+                progress.println(&format!("{} chunks are not exported yet; waiting for the export's workers", all_open.len()));
+                said = true;
+            }
+            std::thread::sleep(coord.poll_interval());
+            continue;
         }
         let start = offset % open.len();
         for c in open.iter().cycle().skip(start).take(open.len()) {
@@ -195,6 +216,40 @@ pub fn next_claimed(
         }
         std::thread::sleep(coord.poll_interval());
     }
+}
+
+/// For an import: which chunks the staging area holds (re-read while
+/// some are missing).
+pub struct Exported {
+    ready: Mutex<Option<BTreeSet<u32>>>,
+    /// Chunks still not exported when this worker gave up waiting.
+    pub missing: std::sync::atomic::AtomicU64,
+}
+
+impl Exported {
+    /// `ready`: the chunks exported at start (None: not an import).
+    pub fn new(ready: Option<BTreeSet<u32>>) -> Exported {
+        Exported { ready: Mutex::new(ready), missing: Default::default() }
+    }
+
+    fn ready<'a>(&self, cfg: &JobConfig, open: &[&'a ChunkRange]) -> Result<Vec<&'a ChunkRange>> {
+        let mut ready = self.ready.lock().unwrap();
+        let Some(set) = ready.as_mut() else { return Ok(open.to_vec()) };
+        if open.iter().any(|c| !set.contains(&c.id)) {
+            *set = crate::endpoint::staging::read_markers(&cfg.store)?.into_keys().collect();
+        }
+        Ok(open.iter().filter(|c| set.contains(&c.id)).copied().collect())
+    }
+}
+
+/// True while a worker of a shared export of this staging area is alive
+/// (running, heartbeat within its lease).
+fn export_alive(store: &crate::store::Store) -> bool {
+    let now = crate::claims::now_ms();
+    crate::commands::worker_statuses(store).unwrap_or_default().iter().any(|s| {
+        s.state == "running"
+            && s.worker.as_ref().is_some_and(|w| w.lane == "export" && now - w.heartbeat_ms <= w.lease_ms)
+    })
 }
 
 /// Runs the job's finish (indexes, sequences, final guards) exactly once

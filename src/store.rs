@@ -585,3 +585,38 @@ impl Drop for StoreWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_create_is_create_only_and_writers_appear_only_when_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().to_str().unwrap()).unwrap();
+        assert!(store.create("work/x/claims/a.json", b"1").unwrap());
+        assert!(!store.create("work/x/claims/a.json", b"2").unwrap());
+        assert_eq!(&store.get("work/x/claims/a.json").unwrap().unwrap().bytes[..], b"1");
+        let mut w = store.writer("chunks/000001.parquet").unwrap();
+        w.write_all(b"hello").unwrap();
+        assert!(!store.exists("chunks/000001.parquet").unwrap(), "not visible before finish");
+        let (n, sha) = w.finish().unwrap();
+        assert_eq!(n, 5);
+        assert!(store.open_verified("chunks/000001.parquet", "chunk 1", 5, Some(&sha)).is_ok());
+        let err = store.open_verified("chunks/000001.parquet", "chunk 1", 5, Some("00")).unwrap_err().to_string();
+        assert!(err.contains("refusing it"), "{err}");
+        let keys: Vec<String> = store.list("work").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["x/claims/a.json".to_string()]);
+        assert_eq!(store.delete_prefix("work").unwrap(), 1);
+    }
+
+    #[test]
+    fn addresses_never_carry_credentials() {
+        assert!(Store::open("s3://AKIA:secret@bucket/p").unwrap_err().to_string().contains("no credentials"));
+        assert!(!redact("s3://AKIA:secret@bucket/p?x=1").contains("secret"));
+        assert_eq!(
+            explain("Error performing PUT http://127.0.0.1:9/b/k?X-Amz-Signature=abc - <Error><Code>NoSuchBucket</Code></Error>"),
+            "the bucket does not exist [http://127.0.0.1:9]"
+        );
+    }
+}

@@ -431,3 +431,41 @@ fn tampered_objects_and_refused_credentials_are_one_clear_line() {
     server.kill().unwrap();
     let _ = server.wait();
 }
+
+/// Kubernetes runs the export and import Jobs side by side: a shared import
+/// waits for chunks the export's live workers have not written yet.
+#[test]
+fn a_shared_import_beside_its_export_waits_for_the_missing_chunks() {
+    let src = fresh_db(&source_base(), "beside_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1200", "--dim", "16", "--no-vector-index"]);
+    let dst = fresh_db(&target_base(), "beside_dst", true);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    let roots = [dir.path().join("e"), dir.path().join("i")];
+    let mut export = Command::new(VMIG)
+        .args(["export", "--from", &src, "--staging", st_s, "--shared", "--chunk-rows", "100", "--workers", "1"])
+        .args(["--rate-limit", "400", "--lease", "3", "--quiet", "--state-root", roots[0].to_str().unwrap()])
+        .env_remove("VMIG_STATE_ROOT")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reaper = Reaper(vec![export.id()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !st.join("chunks/000000.commit.json").exists() {
+        assert!(Instant::now() < deadline, "the export wrote no chunk");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(VMIG)
+        .args(["import", "--to", &dst, "--staging", st_s, "--shared", "--workers", "1", "--lease", "3", "--quiet"])
+        .args(["--state-root", roots[1].to_str().unwrap()])
+        .env_remove("VMIG_STATE_ROOT")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("{log}");
+    assert!(export.wait().unwrap().success());
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("not exported yet; waiting for the export's workers"), "{log}");
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+}
