@@ -41,25 +41,36 @@ fn run_s3(args: &[&str]) -> std::process::Output {
     out
 }
 
-/// Objects under `prefix` of bucket vmig-test: (key, body as text).
+/// Objects whose key starts with `prefix` in bucket vmig-test: (key, body
+/// as text for .json objects). In-process through vmig's own store, so a
+/// poll takes milliseconds even on a loaded box.
 fn s3_objects(prefix: &str) -> Vec<(String, String)> {
-    let script = format!(
-        "import boto3,json\n\
-         s3=boto3.client('s3',endpoint_url='{}',region_name='us-east-1',aws_access_key_id='a',aws_secret_access_key='b')\n\
-         out=[]\n\
-         for page in s3.get_paginator('list_objects_v2').paginate(Bucket='vmig-test',Prefix='{prefix}'):\n\
-         \x20   for o in page.get('Contents',[]):\n\
-         \x20       try:\n\
-         \x20           body=s3.get_object(Bucket='vmig-test',Key=o['Key'])['Body'].read() if o['Key'].endswith('.json') else b''\n\
-         \x20       except s3.exceptions.NoSuchKey:\n\
-         \x20           continue  # removed since the listing (a released claim)\n\
-         \x20       out.append([o['Key'],body.decode('utf-8','replace')])\n\
-         print(json.dumps(out))\n",
-        s3_endpoint()
-    );
-    let out = Command::new(python()).arg("-c").arg(script).output().unwrap();
-    assert!(out.status.success(), "listing S3: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    static ENV: std::sync::Once = std::sync::Once::new();
+    ENV.call_once(|| unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "vmigtest");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET);
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_ENDPOINT_URL", s3_endpoint());
+    });
+    let store = vmig::store::Store::open("s3://vmig-test").unwrap();
+    let folder = prefix.rsplit_once('/').map(|(f, _)| f).unwrap_or("");
+    let mut out = Vec::new();
+    for (key, _) in store.list(folder).unwrap() {
+        let full = if folder.is_empty() { key } else { format!("{folder}/{key}") };
+        if !full.starts_with(prefix) {
+            continue;
+        }
+        let body = if full.ends_with(".json") {
+            match store.get(&full).unwrap() {
+                Some(o) => String::from_utf8_lossy(&o.bytes).into_owned(),
+                None => continue, // removed since the listing (a released claim)
+            }
+        } else {
+            String::new()
+        };
+        out.push((full, body));
+    }
+    out
 }
 
 fn s3_put(key: &str, body: &[u8]) {
@@ -217,7 +228,7 @@ fn s3_staging_with_three_workers_per_side_survives_a_killed_worker() {
     let pfx = prefix("dist");
     let staging = format!("s3://vmig-test/{pfx}");
     // Rate-limited so the chunks spread over the workers and one can die mid-chunk.
-    let common = ["--chunk-rows", "150", "--workers", "1", "--lease", "3", "--rate-limit", "400"];
+    let common = ["--chunk-rows", "150", "--workers", "1", "--lease", "3", "--rate-limit", "200"];
 
     let mut export: Vec<&str> = vec!["export", "--from", &src, "--staging", &staging];
     export.extend(common);
