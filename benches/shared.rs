@@ -27,7 +27,7 @@ fn vmig(args: &[&str]) -> Command {
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench")
         .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL", env_or("VMIG_TEST_S3_ENDPOINT", "http://127.0.0.1:59000"))
+        .env("AWS_ENDPOINT_URL", env_or("VMIG_TEST_S3_ENDPOINT", "http://127.0.0.1:25900"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     c

