@@ -161,8 +161,7 @@ impl Coordinator {
         if self.held.lock().unwrap().contains_key(&key) {
             return Ok(None);
         }
-        if self.store.create(&key, &self.record(None))? {
-            let version = self.store.get(&key)?.map(|o| o.version).unwrap_or(UpdateVersion { e_tag: None, version: None });
+        if let Some(version) = self.store.create_versioned(&key, &self.record(None))? {
             self.held.lock().unwrap().insert(key, version);
             return Ok(Some(Claim { name: name.into(), taken_over_from: None }));
         }
@@ -175,10 +174,9 @@ impl Coordinator {
         if rec.worker == self.me || !(rec.expired(now_ms()) || rec.holder_dead_here(&self.host)) {
             return Ok(None);
         }
-        if !self.store.replace(&key, &self.record(Some(rec.worker.clone())), &obj.version)? {
+        let Some(version) = self.store.replace(&key, &self.record(Some(rec.worker.clone())), &obj.version)? else {
             return Ok(None); // another worker took it over first
-        }
-        let version = self.store.get(&key)?.map(|o| o.version).unwrap_or(obj.version);
+        };
         self.held.lock().unwrap().insert(key, version);
         self.takeovers.fetch_add(1, Relaxed);
         Ok(Some(Claim { name: name.into(), taken_over_from: Some(rec.worker) }))
@@ -213,14 +211,12 @@ impl Coordinator {
         let held: Vec<(String, UpdateVersion)> = self.held.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (key, version) in held {
             match self.store.replace(&key, &self.record(None), &version) {
-                Ok(true) => {
-                    if let Ok(Some(o)) = self.store.get(&key) {
-                        if let Some(v) = self.held.lock().unwrap().get_mut(&key) {
-                            *v = o.version;
-                        }
+                Ok(Some(new)) => {
+                    if let Some(v) = self.held.lock().unwrap().get_mut(&key) {
+                        *v = new;
                     }
                 }
-                Ok(false) => {
+                Ok(None) => {
                     self.held.lock().unwrap().remove(&key);
                     self.lost.fetch_add(1, Relaxed);
                 }

@@ -52,6 +52,10 @@ impl std::fmt::Debug for Store {
 }
 
 /// True for `s3://`, `gs://`, `az://`, `file://` … addresses (not plain paths).
+/// The version of a write to a store without versions (a local directory, a
+/// server that returned no ETag): `replace` then just writes.
+const UNVERSIONED: UpdateVersion = UpdateVersion { e_tag: None, version: None };
+
 pub fn is_url(s: &str) -> bool {
     s.split_once("://").is_some_and(|(scheme, _)| scheme.chars().all(|c| c.is_ascii_alphanumeric()) && scheme.len() > 1)
 }
@@ -213,6 +217,11 @@ impl Store {
     /// Writes `bytes` under `key` only if nothing is there; false if
     /// something is (another worker was first).
     pub fn create(&self, key: &str, bytes: &[u8]) -> Result<bool> {
+        Ok(self.create_versioned(key, bytes)?.is_some())
+    }
+
+    /// `create`, returning the version written (for a later `replace`).
+    pub fn create_versioned(&self, key: &str, bytes: &[u8]) -> Result<Option<UpdateVersion>> {
         if let Some(d) = &self.local {
             let path = d.join(key);
             if let Some(p) = path.parent() {
@@ -230,9 +239,9 @@ impl Store {
             return match linked {
                 Ok(()) => {
                     sync_dir(path.parent().unwrap())?;
-                    Ok(true)
+                    Ok(Some(UNVERSIONED))
                 }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
                 Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
             };
         }
@@ -240,8 +249,8 @@ impl Store {
         let payload = Bytes::copy_from_slice(bytes);
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.block(async { self.inner.put_opts(&path, payload.into(), opts).await }) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Ok(r) => Ok(Some(UpdateVersion { e_tag: r.e_tag, version: r.version })),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
             Err(e) => Err(self.err("creating", key, e)),
         }
     }
@@ -249,18 +258,19 @@ impl Store {
     /// Replaces `key` only if it is still at `version` (compare and swap);
     /// false if someone changed it since. A local directory has no versions:
     /// the write just happens (claims only need to be mostly right; the
-    /// ledger makes a chunk done twice harmless).
-    pub fn replace(&self, key: &str, bytes: &[u8], version: &UpdateVersion) -> Result<bool> {
+    /// ledger makes a chunk done twice harmless). Returns the new version,
+    /// None if refused.
+    pub fn replace(&self, key: &str, bytes: &[u8], version: &UpdateVersion) -> Result<Option<UpdateVersion>> {
         if self.local.is_some() || (version.e_tag.is_none() && version.version.is_none()) {
             self.put(key, bytes)?;
-            return Ok(true);
+            return Ok(Some(UNVERSIONED));
         }
         let path = self.key(key);
         let payload = Bytes::copy_from_slice(bytes);
         let opts = PutOptions { mode: PutMode::Update(version.clone()), ..Default::default() };
         match self.block(async { self.inner.put_opts(&path, payload.into(), opts).await }) {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(r) => Ok(Some(UpdateVersion { e_tag: r.e_tag, version: r.version })),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err("replacing", key, e)),
         }
     }
