@@ -179,6 +179,30 @@ pub struct VerifyArgs {
     /// Chunks compared at once. Default: 2.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Compare N rows chosen uniformly at random by primary key (every
+    /// column, the same rules) and both row counts, instead of every chunk:
+    /// for tables too large to read twice. Prints a confidence statement.
+    #[arg(long, value_name = "N")]
+    pub sample: Option<usize>,
+    /// Seed of the random choices of --sample and --recall (printed; the
+    /// same seed chooses the same ids).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also measure recall@K of both sides' vector indexes: query vectors
+    /// sampled from the source, the exact top-K computed by vmig over the
+    /// source's rows, each side searched through its own index.
+    #[arg(long, value_name = "K")]
+    pub recall: Option<usize>,
+    /// Query vectors for --recall.
+    #[arg(long, default_value_t = 100, requires = "recall")]
+    pub queries: usize,
+    /// Noise added to each query coordinate for --recall, as a share of the
+    /// vector's RMS (0: the rows' own vectors).
+    #[arg(long, default_value_t = 0.0, requires = "recall")]
+    pub noise: f32,
+    /// --recall fails when the target's recall is below this share of the source's.
+    #[arg(long, default_value_t = 0.98, requires = "recall")]
+    pub min_recall_ratio: f64,
     /// Write the verify report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

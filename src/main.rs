@@ -8,7 +8,6 @@ use clap::Parser;
 use vmig::cli::{Cli, Command};
 use vmig::commands::{self, EXIT_CANCELLED, open_source, parse_side};
 use vmig::config::{Endpoint, redact_free_text};
-use vmig::endpoint::staging::Manifest;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -77,7 +76,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
                 );
             } else {
                 for d in &after.differing_chunks {
-                    println!("still different: chunk {:06}: missing {:?}, extra {:?}, different {:?}", d.chunk, d.missing, d.extra, d.different);
+                    println!("still different: {}", d.describe());
                 }
                 println!("repair: recopied {} chunks, but {} chunks still differ (is the source still being written?)", r.differing_before, after.differing_chunks.len());
             }
@@ -86,45 +85,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
             }
             Ok(if r.equal { 0 } else { 1 })
         }
-        Command::Verify(a) => {
-            let from = a.from.as_deref().map(parse_side).transpose()?;
-            let to = a.to.as_deref().map(parse_side).transpose()?;
-            let staging = a.staging.clone().map(Endpoint::Staging);
-            let (from, to) = match (from, to, staging) {
-                (Some(f), Some(t), None) => (f, t),
-                (Some(f), None, Some(s)) => (f, s),
-                (None, Some(t), Some(s)) => (s, t),
-                _ => bail!("verify needs two sides: --from and --to, or one of them and --staging DIR"),
-            };
-            let table = a.table.clone().unwrap_or_else(|| commands::DEFAULT_TABLE.into());
-            let from_src = open_source(&from, &table, handle)?;
-            let target_table = a.target_table.clone().unwrap_or_else(|| from_src.spec().name.clone());
-            let to_src = open_source(&to, &target_table, handle)?;
-            let plan = match (&from, &to) {
-                (Endpoint::Staging(d), _) | (_, Endpoint::Staging(d)) => {
-                    Manifest::load(&vmig::store::Store::open(d)?)?.map(|m| m.plan).unwrap_or_default()
-                }
-                _ => from_src.plan(a.chunk_rows.unwrap_or(20_000))?,
-            };
-            let r = vmig::verify::verify(from_src.as_ref(), to_src.as_ref(), &plan, a.workers.unwrap_or(2))?;
-            for d in &r.differing_chunks {
-                println!(
-                    "chunk {:06} [{}, {}]: source {} rows, target {} rows; missing ids {:?}; extra ids {:?}; different ids {:?}",
-                    d.chunk, d.lo, d.hi, d.source_rows, d.target_rows, d.missing, d.extra, d.different
-                );
-            }
-            println!(
-                "verify: {} chunks · source {} rows · target {} rows · {}",
-                r.chunks,
-                r.source_rows,
-                r.target_rows,
-                if r.equal { format!("all rows equal (ids, every column; vectors {}; timestamps {})", r.vector_comparison, r.timestamp_comparison) } else { format!("{} chunks DIFFER", r.differing_chunks.len()) }
-            );
-            if let Some(p) = &a.report {
-                std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
-            }
-            Ok(if r.equal { 0 } else { 1 })
-        }
+        Command::Verify(a) => vmig::verify_command::run(&a, handle),
         Command::Generate(a) => {
             let ep = Endpoint::parse(&a.to)?;
             if matches!(ep, Endpoint::Staging(_)) {

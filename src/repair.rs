@@ -21,6 +21,8 @@ use crate::verify::{VerifyReport, verify};
 pub struct RepairReport {
     pub chunks: u64,
     pub differing_before: u64,
+    /// The verify before the repair.
+    pub before: Option<VerifyReport>,
     pub rows_written: u64,
     pub rows_deleted: u64,
     /// The verify after the repair.
@@ -101,6 +103,7 @@ pub fn repair(
         ));
     }
     let after = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    report.before = Some(before);
     report.equal = after.equal;
     report.after = Some(after);
     Ok(report)

@@ -28,6 +28,24 @@ pub struct ChunkDiff {
     pub extra: Vec<i64>,
     /// Ids on both sides whose values differ (first 20).
     pub different: Vec<i64>,
+    /// Row copies the target holds beyond one per id (Milvus does not
+    /// enforce unique keys: an upsert whose delete it lost leaves the old
+    /// copy, which queries hide and `count(*)` counts).
+    pub duplicates: u64,
+}
+
+impl ChunkDiff {
+    /// "chunk 000003 [1200, 1599]: source 400 rows, target 401 rows; missing ids [..]; extra ids [..]; different ids [..]; 2 duplicate copies".
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "chunk {:06} [{}, {}]: source {} rows, target {} rows; missing ids {:?}; extra ids {:?}; different ids {:?}",
+            self.chunk, self.lo, self.hi, self.source_rows, self.target_rows, self.missing, self.extra, self.different
+        );
+        if self.duplicates > 0 {
+            s.push_str(&format!("; {} duplicate copies of ids the target holds", self.duplicates));
+        }
+        s
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -108,32 +126,40 @@ fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: No
 
 /// `read_side` under several comparison modes, reading the chunk once.
 fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<i64, u64>>> {
-    let pk = &side.spec().primary_key;
     let mut out = vec![HashMap::new(); norms.len()];
     side.read_chunk(chunk, 2048, &mut |raw: RecordBatch| {
         for (rows, norm) in out.iter_mut().zip(norms) {
-            let b = normalise(&raw, *norm)?;
-            let projected: Vec<_> = columns
-                .iter()
-                .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
-                .collect::<Result<_>>()?;
-            let fields: Vec<_> = columns
-                .iter()
-                .zip(&projected)
-                .map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true))
-                .collect();
-            let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
-            let ids = arrow::compute::cast(b.column_by_name(pk).unwrap(), &arrow::datatypes::DataType::Int64)?;
-            let ids = ids.as_primitive::<Int64Type>();
-            for (i, h) in row_hashes(&pb).into_iter().enumerate() {
-                if ids.is_valid(i) {
-                    rows.insert(ids.value(i), h);
-                }
-            }
+            rows.extend(hash_rows(side, &raw, columns, *norm)?);
         }
         Ok(())
     })?;
     Ok(out)
+}
+
+/// (id, hash of the row's `columns` in that order) for each row of a batch
+/// in `side`'s schema, values made comparable by `norm`.
+fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Normalise) -> Result<Vec<(i64, u64)>> {
+    let b = normalise(raw, norm)?;
+    let projected: Vec<_> = columns
+        .iter()
+        .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
+        .collect::<Result<_>>()?;
+    let fields: Vec<_> =
+        columns.iter().zip(&projected).map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true)).collect();
+    let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
+    let ids = arrow::compute::cast(b.column_by_name(&side.spec().primary_key).unwrap(), &arrow::datatypes::DataType::Int64)?;
+    let ids = ids.as_primitive::<Int64Type>();
+    Ok(row_hashes(&pb).into_iter().enumerate().filter(|(i, _)| ids.is_valid(*i)).map(|(i, h)| (ids.value(i), h)).collect())
+}
+
+/// id -> row hash of the rows of `ids` one side holds (ids it lacks are absent).
+fn read_ids_side(side: &dyn Source, ids: &[i64], columns: &[String], norm: Normalise) -> Result<HashMap<i64, u64>> {
+    let mut rows = HashMap::new();
+    side.read_rows_by_id(ids, &mut |raw| {
+        rows.extend(hash_rows(side, &raw, columns, norm)?);
+        Ok(())
+    })?;
+    Ok(rows)
 }
 
 /// One chunk of a side in a few numbers: rows and an order-independent
@@ -183,10 +209,22 @@ fn first(mut v: Vec<i64>) -> Vec<i64> {
     v
 }
 
-pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
-    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+/// How two sides' values are made comparable, and how that reads in a report.
+fn comparison(from: &dyn Source, to: &dyn Source) -> (Normalise, String, String) {
     let rounded = !from.vectors_exact() || !to.vectors_exact();
     let norm = Normalise { round_vectors: rounded, timestamps_ms: from.timestamps_ms() || to.timestamps_ms() };
+    let vectors = if rounded {
+        "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; at most 5e-6 relative)"
+    } else {
+        "bit-exact"
+    };
+    let timestamps = if norm.timestamps_ms { "milliseconds (Milvus keeps epoch milliseconds)" } else { "exact" };
+    (norm, vectors.into(), timestamps.into())
+}
+
+pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
+    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
     let work = Mutex::new(plan.iter());
     let results = Mutex::new(Vec::new());
     let error = Mutex::new(None);
@@ -201,6 +239,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
                         let missing = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
                         let extra = b.keys().filter(|k| !a.contains_key(k)).copied().collect();
                         let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
+                        let copies = to.stored_copies(chunk.lo, chunk.hi)?.unwrap_or(b.len() as u64);
                         Ok(ChunkDiff {
                             chunk: chunk.id,
                             lo: chunk.lo,
@@ -210,6 +249,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
                             missing: first(missing),
                             extra: first(extra),
                             different: first(different),
+                            duplicates: copies.saturating_sub(b.len() as u64),
                         })
                     })();
                     match res {
@@ -230,7 +270,9 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
     all.sort_by_key(|d| d.chunk);
     let differing: Vec<ChunkDiff> = all
         .iter()
-        .filter(|d| d.source_rows != d.target_rows || !d.missing.is_empty() || !d.extra.is_empty() || !d.different.is_empty())
+        .filter(|d| {
+            d.source_rows != d.target_rows || !d.missing.is_empty() || !d.extra.is_empty() || !d.different.is_empty() || d.duplicates > 0
+        })
         .cloned()
         .collect();
     Ok(VerifyReport {
@@ -241,13 +283,135 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         target_rows: all.iter().map(|d| d.target_rows).sum(),
         equal: differing.is_empty(),
         differing_chunks: differing,
-        vector_comparison: if rounded {
-            "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; \
-             at most 5e-6 relative)"
-                .into()
-        } else {
-            "bit-exact".into()
-        },
-        timestamp_comparison: if norm.timestamps_ms { "milliseconds (Milvus keeps epoch milliseconds)".into() } else { "exact".into() },
+        vector_comparison,
+        timestamp_comparison,
+    })
+}
+
+/// `verify --sample N`: N source rows chosen uniformly at random by key,
+/// compared with the target's rows of the same ids (every column, verify's
+/// rules), and both sides' row counts.
+#[derive(Clone, Debug, Serialize)]
+pub struct SampleReport {
+    pub source: String,
+    pub target: String,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    /// Row copies the target holds beyond one per id (Milvus `count(*)`).
+    pub target_duplicates: u64,
+    pub sampled: u64,
+    /// Reproduces the same sample (`--seed`).
+    pub seed: u64,
+    /// Sampled ids the target lacks (first 20) and how many.
+    pub missing: Vec<i64>,
+    pub missing_count: u64,
+    /// Sampled ids whose values differ (first 20) and how many.
+    pub different: Vec<i64>,
+    pub different_count: u64,
+    /// With no differing sample: the share of differing rows is below this at 95 % confidence.
+    pub differing_share_below_95: Option<f64>,
+    pub equal: bool,
+    pub vector_comparison: String,
+    pub timestamp_comparison: String,
+}
+
+impl SampleReport {
+    /// The confidence statement a user reads.
+    pub fn statement(&self) -> String {
+        let bad = self.missing_count + self.different_count;
+        match self.differing_share_below_95 {
+            Some(p) if bad == 0 => format!(
+                "no difference in {} sampled rows: with 95 % confidence fewer than {:.3} % of the source's rows differ in the target",
+                self.sampled,
+                p * 100.0
+            ),
+            _ => format!(
+                "{bad} of {} sampled rows DIFFER ({} missing, {} different; about {:.3} % of the rows)",
+                self.sampled,
+                self.missing_count,
+                self.different_count,
+                bad as f64 * 100.0 / self.sampled.max(1) as f64
+            ),
+        }
+    }
+}
+
+/// A small, seedable generator (splitmix64) for the sample; no statistics
+/// beyond uniform choice are needed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, n).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Up to `n` keys of `side` chosen uniformly at random (reservoir sampling
+/// over one walk of its keys, ids only), ascending, and the number of keys.
+pub fn sample_ids(side: &dyn Source, n: usize, seed: u64) -> Result<(Vec<i64>, u64)> {
+    let mut rng = SplitMix(seed);
+    let mut chosen: Vec<i64> = Vec::with_capacity(n);
+    let mut seen = 0u64;
+    side.read_ids(i64::MIN, i64::MAX, &mut |ids| {
+        for &id in ids {
+            seen += 1;
+            if chosen.len() < n {
+                chosen.push(id);
+            } else {
+                let j = rng.below(seen);
+                if (j as usize) < n {
+                    chosen[j as usize] = id;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    chosen.sort_unstable();
+    Ok((chosen, seen))
+}
+
+pub fn verify_sample(from: &dyn Source, to: &dyn Source, n: usize, seed: u64) -> Result<SampleReport> {
+    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
+    let (ids, source_rows) = sample_ids(from, n, seed)?;
+    let mut target_rows = 0u64;
+    to.read_ids(i64::MIN, i64::MAX, &mut |ids| {
+        target_rows += ids.len() as u64;
+        Ok(())
+    })?;
+    let copies = to.stored_copies(i64::MIN, i64::MAX)?.unwrap_or(target_rows);
+    let a = read_ids_side(from, &ids, &columns, norm)?;
+    let b = read_ids_side(to, &ids, &columns, norm)?;
+    // Rows deleted from the source between the walk and the read are not samples.
+    let missing: Vec<i64> = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
+    let different: Vec<i64> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
+    let sampled = a.len() as u64;
+    let clean = missing.is_empty() && different.is_empty();
+    let duplicates = copies.saturating_sub(target_rows);
+    Ok(SampleReport {
+        source: from.describe(),
+        target: to.describe(),
+        source_rows,
+        target_rows,
+        target_duplicates: duplicates,
+        sampled,
+        seed,
+        missing_count: missing.len() as u64,
+        missing: first(missing),
+        different_count: different.len() as u64,
+        different: first(different),
+        // No failure in n independent draws: p < 1 - 0.05^(1/n) at 95 %.
+        differing_share_below_95: (clean && sampled > 0).then(|| 1.0 - 0.05f64.powf(1.0 / sampled as f64)),
+        equal: clean && source_rows == target_rows && duplicates == 0,
+        vector_comparison,
+        timestamp_comparison,
     })
 }

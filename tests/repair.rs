@@ -4,7 +4,7 @@
 //! kind of database.
 mod common;
 
-use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_rows};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_insert_copy, milvus_rows};
 use common::*;
 
 /// Changes three separate parts of the key space and leaves the rest alone.
@@ -67,4 +67,32 @@ fn repair_recopies_only_differing_chunks_into_every_kind_of_target() {
     assert!(stderr(&out).contains("nothing to repair"), "{}", stderr(&out));
     // And a difference it cannot see is impossible to miss: verify agrees.
     ok(&["verify", "--from", &src, "--to", &pg]);
+}
+
+/// Milvus does not enforce unique keys: an upsert whose delete Milvus lost
+/// leaves the old copy behind, hidden from queries, counted by `count(*)`
+/// (and by FastGPT's dataset sizes). verify finds the chunk from its
+/// per-chunk `count(*)`, and repair leaves one copy.
+#[test]
+fn verify_finds_a_second_copy_in_milvus_and_repair_removes_it() {
+    let src = fresh_db(&source_base(), "repair_dup_src", true);
+    ok(&["generate", "--to", &src, "--rows", "200", "--dim", "16"]);
+    let mv = fresh_milvus_db("repair_dup_mv");
+    let state = tempdir();
+    ok(&["migrate", "--from", &src, "--to", &mv, "--chunk-rows", "50", "--quiet", "--state-root", state.path().to_str().unwrap()]);
+    let want = as_mrows(&rows(&src, "modeldata"));
+    let copied = &want[120];
+    milvus_insert_copy(&mv, "modeldata", copied);
+    assert_eq!(milvus_count(&mv, "modeldata"), want.len() as i64 + 1, "Milvus keeps both copies");
+    assert_eq!(milvus_rows(&mv, "modeldata"), want, "queries show one copy");
+
+    let out = vmig(&["verify", "--from", &src, "--to", &mv, "--chunk-rows", "50"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("1 duplicate copies") && said.contains("1 chunks DIFFER"), "{said}");
+
+    let said = repair(&src, &mv);
+    assert!(said.contains("repair: recopied 1 of 4 chunks"), "{said}");
+    assert_eq!(milvus_count(&mv, "modeldata"), want.len() as i64);
+    assert_eq!(milvus_rows(&mv, "modeldata"), want);
 }

@@ -61,6 +61,23 @@ pub trait Source: Send + Sync {
         let pk = self.spec().primary_key.clone();
         self.read_chunk(&ChunkRange { id: 0, lo, hi, rows: 0 }, 8_192, &mut |b| out(&crate::online::keys_of(&b, &pk)?))
     }
+    /// How many row copies the store holds with keys in `[lo, hi]`, where it
+    /// can hold several per key (Milvus' `count(*)`); None where keys are
+    /// unique by construction.
+    fn stored_copies(&self, _lo: i64, _hi: i64) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// The top-`k` keys for `query` through this side's own vector index, as
+    /// an application's search gets them (`metric`, search breadth `ef`),
+    /// nearest first; and the search as it ran, in words.
+    fn search(&self, _query: &[f32], _k: usize, _metric: crate::schema::Metric, _ef: u32) -> Result<(Vec<i64>, String)> {
+        bail!("{} cannot run vector searches", self.describe())
+    }
+    /// The search breadth its applications get by default (pgvector's
+    /// `hnsw.ef_search`, OceanBase's `ob_hnsw_ef_search`), where discoverable.
+    fn default_ef(&self) -> Result<Option<u32>> {
+        Ok(None)
+    }
     /// The current rows with these keys (missing keys are left out), in the
     /// source's Arrow schema.
     fn read_rows_by_id(&self, _ids: &[i64], _out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {

@@ -297,7 +297,7 @@ impl From<crate::verify::VerifyReport> for CutoverCheck {
             .differing_chunks
             .iter()
             .take(3)
-            .map(|d| format!("chunk {} (missing {:?}, extra {:?}, different {:?})", d.chunk, d.missing, d.extra, d.different))
+            .map(|d| d.describe())
             .collect();
         CutoverCheck {
             equal: r.equal,

@@ -157,6 +157,16 @@ pub fn seed_fastgpt(url: &str, name: &str, rows: &[MRow], dim: usize, segments: 
 
 /// Writes one row with the SDK's upsert (as FastGPT would rewrite it).
 pub fn milvus_upsert(url: &str, name: &str, row: &MRow) {
+    write_row(url, name, row, true)
+}
+
+/// Writes one row with a plain insert: a second copy when the id is there
+/// already, as an upsert leaves behind when Milvus loses its delete.
+pub fn milvus_insert_copy(url: &str, name: &str, row: &MRow) {
+    write_row(url, name, row, false)
+}
+
+fn write_row(url: &str, name: &str, row: &MRow, upsert: bool) {
     rt().block_on(async {
         let c = client(url).await;
         let cols = vec![
@@ -167,7 +177,11 @@ pub fn milvus_upsert(url: &str, name: &str, row: &MRow) {
             FieldColumn::new(&FieldSchema::new_varchar("collectionId", "", 64), vec![row.collection_id.clone()]),
             FieldColumn::new(&FieldSchema::new_int64("createTime", ""), vec![row.create_time_ms]),
         ];
-        c.upsert(name, cols, None::<milvus::mutate::InsertOptions>).await.unwrap();
+        if upsert {
+            c.upsert(name, cols, None::<milvus::mutate::InsertOptions>).await.unwrap();
+        } else {
+            c.insert(name, cols, None).await.unwrap();
+        }
     });
 }
 
@@ -232,7 +246,9 @@ pub fn milvus_rows(url: &str, name: &str) -> Vec<MRow> {
 
 /// `count(*)` of a loaded collection, strongly consistent.
 pub fn milvus_count(url: &str, name: &str) -> i64 {
-    rt().block_on(async { client(url).await.count(name).await.unwrap() })
+    // The SDK's plain count() reads at the collection's default (Bounded) consistency.
+    let strong = QueryOptions::new().consistency_level(0);
+    rt().block_on(async { client(url).await.count_with_expr(name, "", &strong).await.unwrap() })
 }
 
 /// `count(*)` once it equals `want`, or its last value after 90 s. Milvus

@@ -135,7 +135,8 @@ replies!(
     milvus::proto::milvus::FlushResponse,
     milvus::proto::milvus::GetFlushStateResponse,
     milvus::proto::milvus::GetCollectionStatisticsResponse,
-    milvus::proto::milvus::AllocTimestampResponse
+    milvus::proto::milvus::AllocTimestampResponse,
+    milvus::proto::milvus::SearchResults
 );
 
 /// Longest any single RPC may take (they are all quick: loads, flushes and
@@ -351,7 +352,13 @@ impl Milvus {
 
     /// Rows in the collection, strongly consistent (the collection must be loaded).
     pub fn count(&self, collection: &str) -> Result<u64> {
-        let data = self.query(collection, "", &["count(*)".to_string()], 0, None)?;
+        self.count_where(collection, "", None)
+    }
+
+    /// `count(*)` of the rows matching `expr` (every stored copy: Milvus
+    /// does not deduplicate keys when counting).
+    pub fn count_where(&self, collection: &str, expr: &str, guarantee: Option<u64>) -> Result<u64> {
+        let data = self.query(collection, expr, &["count(*)".to_string()], 0, guarantee)?;
         let n = match data.first().and_then(scalar) {
             Some(scalar_field::Data::LongData(l)) => l.data.first().copied(),
             _ => None,

@@ -300,6 +300,65 @@ impl Source for MilvusSource {
         self.pages(lo, hi, true, &mut |b| out(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values()))
     }
 
+    fn search(&self, query: &[f32], k: usize, metric: crate::schema::Metric, ef: u32) -> Result<(Vec<i64>, String)> {
+        use milvus::proto::common::{DslType, KeyValuePair, MsgType, PlaceholderGroup, PlaceholderType, PlaceholderValue};
+        use milvus::proto::milvus::{SearchRequest, search_request::SearchInput};
+        use milvus::proto::schema::i_ds::IdField;
+        let field = self
+            .coll
+            .fields
+            .iter()
+            .find(|f| matches!(f.kind, FieldKind::FloatVector { .. }))
+            .map(|f| f.field.clone())
+            .ok_or_else(|| anyhow!("collection {} has no float vector field", self.coll.spec.name))?;
+        let group = PlaceholderGroup {
+            placeholders: vec![PlaceholderValue {
+                tag: "$0".into(),
+                r#type: PlaceholderType::FloatVector as i32,
+                values: vec![query.iter().flat_map(|x| x.to_le_bytes()).collect()],
+                ..Default::default()
+            }],
+        };
+        let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
+        let metric_name = super::metric_to_milvus(metric);
+        let guarantee = self.read_ts();
+        let req = SearchRequest {
+            base: super::base(MsgType::Search),
+            db_name: self.conn.url.database.clone(),
+            collection_name: self.coll.spec.name.clone(),
+            dsl_type: DslType::BoolExprV1 as i32,
+            nq: 1,
+            search_input: Some(SearchInput::PlaceholderGroup(prost::Message::encode_to_vec(&group))),
+            search_params: vec![
+                kv("anns_field", field.clone()),
+                kv("topk", k.to_string()),
+                kv("metric_type", metric_name.into()),
+                kv("params", serde_json::json!({ "ef": ef }).to_string()),
+                kv("round_decimal", "-1".into()),
+            ],
+            guarantee_timestamp: guarantee.unwrap_or(0),
+            consistency_level: if guarantee.is_some() {
+                milvus::proto::common::ConsistencyLevel::Customized
+            } else {
+                milvus::proto::common::ConsistencyLevel::Strong
+            } as i32,
+            use_default_consistency: false,
+            ..Default::default()
+        };
+        let r = self.conn.call(&format!("searching {}", self.coll.spec.name), |mut c| async move { c.search(req).await })?;
+        let ids = match r.results.and_then(|d| d.ids).and_then(|i| i.id_field) {
+            Some(IdField::IntId(l)) => l.data,
+            Some(_) => bail!("collection {} has non-integer ids", self.coll.spec.name),
+            None => Vec::new(),
+        };
+        Ok((ids, format!("search on {field}, metric {metric_name}, ef {ef}, limit {k}")))
+    }
+
+    fn stored_copies(&self, lo: i64, hi: i64) -> Result<Option<u64>> {
+        let expr = range_expr(&self.coll.pk_field, lo, hi, None);
+        Ok(Some(self.conn.count_where(&self.coll.spec.name, &expr, self.read_ts())?))
+    }
+
     fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
             let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();

@@ -124,6 +124,41 @@ impl Source for ObSource {
         })
     }
 
+    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<i64>, String)> {
+        let spec = self.spec();
+        let col = spec.columns.iter().find(|c| c.ty.is_vector()).ok_or_else(|| anyhow!("{} has no vector column", spec.name))?;
+        // The distance functions an OceanBase vector index answers with APPROXIMATE.
+        let f = match metric {
+            Metric::InnerProduct => "negative_inner_product",
+            Metric::Cosine => "cosine_distance",
+            Metric::L2 => "l2_distance",
+        };
+        let literal = format!("[{}]", query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
+        let sql = format!(
+            "SELECT {} FROM {} ORDER BY {f}({}, '{literal}') APPROXIMATE LIMIT {k}",
+            ident(&spec.primary_key),
+            ident(&self.table),
+            ident(&col.name)
+        );
+        let ids = self.handle.block_on(async {
+            let mut c = self.pool.get().await?;
+            c.query_drop(format!("SET ob_hnsw_ef_search = {ef}")).await.ob("setting ob_hnsw_ef_search")?;
+            let ids: Vec<i64> = c.query(sql).await.ob("searching")?;
+            self.pool.put(c);
+            Ok::<_, anyhow::Error>(ids)
+        })?;
+        Ok((ids, format!("ORDER BY {f}({}, q) APPROXIMATE LIMIT {k}, ob_hnsw_ef_search = {ef}", col.name)))
+    }
+
+    fn default_ef(&self) -> Result<Option<u32>> {
+        self.handle.block_on(async {
+            let mut c = self.pool.get().await?;
+            let v: Option<u32> = c.query_first("SELECT @@ob_hnsw_ef_search").await.ok().flatten();
+            self.pool.put(c);
+            Ok(v)
+        })
+    }
+
     fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let pk = ident(&self.spec().primary_key);
         let mut decoder = self.decoder();

@@ -54,6 +54,39 @@ impl PgSource {
         Ok(())
     }
 
+    /// The rows matching `condition` (built from integers only), in key
+    /// order, by binary COPY OUT in the run's snapshot.
+    fn copy_rows(&self, condition: &str, what: &str, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let spec = self.spec();
+        let pk = ident(&spec.primary_key);
+        let sql = format!(
+            "COPY (SELECT {} FROM {} WHERE {condition} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
+            column_list(spec),
+            self.table.sql(),
+        );
+        let mut decoder = CopyDecoder::new(
+            spec.arrow_schema(),
+            spec.columns.iter().map(|c| c.ty.clone()).collect(),
+            self.discovered.fixed_dims.clone(),
+        );
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            self.begin_in_snapshot(&c).await?;
+            let stream = c.copy_out(&sql).await.pg(&format!("reading {what}"))?;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(data) = stream.next().await {
+                let data = data.pg(&format!("reading {what}"))?;
+                decoder.feed(&data, batch_rows, out).with_context(|| format!("decoding {what}"))?;
+            }
+            if decoder.rows() > 0 {
+                out(decoder.take_batch()?)?;
+            }
+            c.batch_execute("COMMIT").await.pg("ending read")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+
     pub fn skipped_indexes(&self) -> &[String] {
         &self.discovered.skipped_indexes
     }
@@ -136,42 +169,62 @@ impl Source for PgSource {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()> {
+        let pk = ident(&self.spec().primary_key);
+        self.copy_rows(&format!("{pk} BETWEEN {} AND {}", chunk.lo, chunk.hi), &format!("chunk {}", chunk.id), batch_rows, out)
+    }
+
+    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let pk = ident(&self.spec().primary_key);
+        for part in ids.chunks(10_000) {
+            let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+            self.copy_rows(&format!("{pk} IN ({})", list.join(",")), &format!("{} rows by id", part.len()), 2048, out)?;
+        }
+        Ok(())
+    }
+
+    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<i64>, String)> {
         let spec = self.spec();
-        let pk = ident(&spec.primary_key);
+        let col = spec.columns.iter().find(|c| c.ty.is_vector()).ok_or_else(|| anyhow!("{} has no vector column", spec.name))?;
+        let cast = if matches!(col.ty, ColumnType::HalfVec { .. }) { "halfvec" } else { "vector" };
+        // The operator of the opclass the index was built with (pgvector
+        // uses an index only for its own operator).
+        let op = match metric {
+            Metric::InnerProduct => "<#>",
+            Metric::Cosine => "<=>",
+            Metric::L2 => "<->",
+        };
         let sql = format!(
-            "COPY (SELECT {} FROM {} WHERE {pk} BETWEEN {} AND {} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
-            column_list(spec),
+            "SELECT {}::int8 FROM {} ORDER BY {} {op} $1::text::{cast} LIMIT {k}",
+            ident(&spec.primary_key),
             self.table.sql(),
-            chunk.lo,
-            chunk.hi
+            ident(&col.name)
         );
-        let mut decoder = CopyDecoder::new(
-            spec.arrow_schema(),
-            spec.columns.iter().map(|c| c.ty.clone()).collect(),
-            self.discovered.fixed_dims.clone(),
-        );
+        let literal = format!("[{}]", query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
+        let ids = self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            // Seq scans off: measure the index, which a large table's plan uses.
+            c.batch_execute(&format!("BEGIN; SET LOCAL hnsw.ef_search = {ef}; SET LOCAL enable_seqscan = off"))
+                .await
+                .pg("setting up the search")?;
+            let rows = c.query(&sql, &[&literal]).await.pg("searching")?;
+            c.batch_execute("COMMIT").await.pg("searching")?;
+            self.pool.put(c);
+            Ok::<_, anyhow::Error>(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<i64>>())
+        })?;
+        Ok((ids, format!("ORDER BY {} {op} q LIMIT {k}, hnsw.ef_search = {ef}, enable_seqscan = off", col.name)))
+    }
+
+    fn default_ef(&self) -> Result<Option<u32>> {
         self.handle.block_on(async {
             let c = self.pool.get().await?;
-            self.begin_in_snapshot(&c).await?;
-            let stream = c.copy_out(&sql).await.pg(&format!("reading chunk {}", chunk.id))?;
-            let mut stream = std::pin::pin!(stream);
-            while let Some(data) = stream.next().await {
-                let data = data.pg(&format!("reading chunk {}", chunk.id))?;
-                decoder
-                    .feed(&data, batch_rows, out)
-                    .with_context(|| format!("decoding chunk {}", chunk.id))?;
-            }
-            if decoder.rows() > 0 {
-                out(decoder.take_batch()?)?;
-            }
-            c.batch_execute("COMMIT").await.pg("ending read")?;
+            // pgvector defines its settings once its library is loaded in the session.
+            c.batch_execute("SELECT NULL::vector").await.pg("loading pgvector")?;
+            let v: Option<String> = c.query_one("SELECT current_setting('hnsw.ef_search', true)", &[]).await.pg("reading hnsw.ef_search")?.get(0);
             self.pool.put(c);
-            Ok(())
+            Ok(v.and_then(|v| v.parse().ok()))
         })
     }
 
-    /// The ids as they are now (outside the run's snapshot: a reconcile
-    /// compares current states).
     fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
         const PAGE: usize = 50_000;
         let pk = ident(&self.spec().primary_key);
