@@ -7,6 +7,12 @@ eval "$(scripts/dbs.sh env)"
 # pyarrow and DuckDB read the staging files in the interoperability test.
 "$VMIG_VENV/bin/pip" install -q --disable-pip-version-check pyarrow duckdb
 export VMIG_TEST_PYTHON="$VMIG_VENV/bin/python"
+# Debian's Chromium renders verify's HTML report in its test.
+if ! command -v chromium >/dev/null; then
+  echo "test: installing chromium (Debian) for the HTML report test"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 log="$(mktemp)"
 set +e
 cargo test --locked --no-fail-fast -- --test-threads 2 "$@" 2>&1 | tee "$log"

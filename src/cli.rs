@@ -203,7 +203,8 @@ pub struct VerifyArgs {
     /// --recall fails when the target's recall is below this share of the source's.
     #[arg(long, default_value_t = 0.98, requires = "recall")]
     pub min_recall_ratio: f64,
-    /// Write the verify report as JSON to this file.
+    /// Write the verify report to this file: JSON, or a self-contained page
+    /// with a recall-vs-k chart when the name ends in .html.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }

@@ -24,3 +24,4 @@ pub mod store;
 pub mod transform;
 pub mod verify;
 pub mod verify_command;
+pub mod verify_html;

@@ -2,7 +2,7 @@
 //! optionally recall@K of both sides' vector indexes, printed and written
 //! as one JSON report.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::runtime::Handle;
 
@@ -82,7 +82,10 @@ pub fn run(a: &VerifyArgs, handle: &Handle) -> Result<u8> {
     let passed = rows.as_ref().is_none_or(|r| r.equal) && sample.as_ref().is_none_or(|r| r.equal) && recall.as_ref().is_none_or(|r| r.passed);
     if let Some(p) = &a.report {
         let out = Output { rows: rows.as_ref(), sample: sample.as_ref(), recall: recall.as_ref(), passed };
-        std::fs::write(p, serde_json::to_vec_pretty(&out)?)?;
+        let json = serde_json::to_string_pretty(&out)?;
+        let html = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
+        let text = if html { crate::verify_html::render(rows.as_ref(), sample.as_ref(), recall.as_ref(), passed, &json) } else { json };
+        std::fs::write(p, text).with_context(|| format!("writing the report to {}", p.display()))?;
     }
     Ok(if passed { 0 } else { 1 })
 }

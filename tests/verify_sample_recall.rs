@@ -86,10 +86,41 @@ fn recall_of_each_targets_index_matches_the_sources_and_a_damaged_target_fails()
         assert_eq!(r["passed"], true, "{r}");
     }
 
+    // The same as a page, rendered by a real browser.
+    let dir = tempdir();
+    let page = dir.path().join("verify.html");
+    let out = vmig(&["verify", "--from", &src, "--to", &mv, "--recall", "10", "--queries", "25", "--seed", "3", "--report", page.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (_, _, json) = recall_of(&src, &mv, &[]);
+    let dom = chromium(&page, &["--dump-dom"]);
+    assert!(dom.contains("vmig verify: <span class=\"passed\">PASSED</span>"), "{dom}");
+    let target = format!("{:.4}", json["recall"]["target"]["recall"].as_f64().unwrap());
+    assert!(dom.contains(&format!("target {target}")), "the chart's legend shows the target's recall {target}: {dom}");
+    assert!(dom.contains("<polyline class=\"source\"") && dom.contains("<polyline class=\"target\""), "{dom}");
+    assert!(dom.contains("all rows equal") || dom.contains("compared by count and content hash, 0 differ"), "{dom}");
+    let shot = dir.path().join("verify.png");
+    chromium(&page, &[&format!("--screenshot={}", shot.display()), "--window-size=1000,900"]);
+    let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a rendered page, not a blank one ({} bytes)", png.len());
+
     // The target's vectors replaced: its index answers other rows.
     exec(&pg, "UPDATE modeldata SET vector = (SELECT array_agg(random()::real) FROM generate_series(1, 16) WHERE modeldata.id IS NOT NULL)::vector");
     let (code, said, r) = recall_of(&src, &pg, &["--noise", "0.05"]);
     assert_eq!(code, 1, "{said}");
     assert!(said.contains("TARGET RECALL TOO LOW"), "{said}");
     assert_eq!(r["recall"]["passed"], false, "{r}");
+}
+
+/// Runs Debian's Chromium headless on a local page (scripts/test.sh installs it).
+fn chromium(page: &std::path::Path, args: &[&str]) -> String {
+    let profile = tempdir();
+    let out = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking"])
+        .args(["--disable-component-update", "--disable-sync", &format!("--user-data-dir={}", profile.path().display())])
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium is installed (scripts/test.sh installs Debian's chromium)");
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
