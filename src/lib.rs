@@ -7,6 +7,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod endpoint;
+pub mod filter;
 pub mod generate;
 pub mod hash;
 pub mod ledger;
