@@ -126,6 +126,11 @@ pub struct RunArgs {
     /// Do not build secondary and vector indexes after the load.
     #[arg(long)]
     pub no_indexes: bool,
+    /// Most memory a PostgreSQL HNSW build may use (maintenance_work_mem),
+    /// e.g. 4GB. Default: a quarter of the server's memory where it can be
+    /// read, else 1GB. vmig sizes the build to the graph's estimate within it.
+    #[arg(long, value_name = "SIZE", value_parser = crate::schema::parse_size)]
+    pub index_memory: Option<u64>,
     /// Write the final report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

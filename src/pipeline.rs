@@ -40,6 +40,8 @@ pub struct JobConfig {
     /// Rows per second over all workers (protects a production source).
     pub rate_limit: Option<u64>,
     pub create_indexes: bool,
+    /// `--index-memory`: most memory an index build may use.
+    pub index_memory: Option<u64>,
     /// How long a chunk or the finish keeps retrying while the servers are
     /// unreachable (a restart), with backoff.
     pub retry_for: Duration,
@@ -290,6 +292,7 @@ pub fn plan_and_prepare(
         create_indexes: cfg.create_indexes,
         online: cfg.online,
         shared: cfg.distributed.is_some(),
+        index_memory: cfg.index_memory,
     };
     progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
 

@@ -52,7 +52,7 @@ pub fn repair(
         report.after = Some(before);
         return Ok(report);
     }
-    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false };
+    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false, index_memory: None };
     let target_spec = sink.prepare(source.spec(), &plan, &opts)?;
     let transformer = Transformer::new(&target_spec);
     let target = open_target()?;

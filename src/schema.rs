@@ -195,3 +195,32 @@ impl TableSpec {
         Ok(())
     }
 }
+
+/// "4GB", "512MB", "1.5 GiB", "800kB", "1048576": bytes (units are powers of 1024, as PostgreSQL reads them).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("{text:?} is not a size like 4GB or 512MB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("{text:?}: unknown unit {other:?} (use kB, MB, GB or TB)")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes_read_as_postgresql_reads_them() {
+        assert_eq!(super::parse_size("4GB"), Ok(4 << 30));
+        assert_eq!(super::parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(super::parse_size("800kB"), Ok(800 << 10));
+        assert_eq!(super::parse_size("1048576"), Ok(1 << 20));
+        assert!(super::parse_size("lots").is_err());
+    }
+}

@@ -8,11 +8,15 @@ fn direct_migration_is_exact_with_indexes_and_sequence() {
     ok(&["generate", "--to", &src, "--rows", "1500", "--dim", "1536"]);
     let state = tempdir();
     let report = state.path().join("report.json");
-    ok(&[
+    let out = ok(&[
         "migrate", "--from", &src, "--to", &dst, "--chunk-rows", "400", "--workers", "2",
         "--state-root", state.path().to_str().unwrap(), "--report", report.to_str().unwrap(),
     ]);
     assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 1500);
+    // The HNSW build is sized and says so: 1500 × 1536-d fits well in 1 GB.
+    let said = stderr(&out);
+    assert!(said.contains("HNSW graph ≈ 10.5 MiB (1500 rows × 1536 dims, m=32); maintenance_work_mem 1.0 GiB"), "{said}");
+    assert!(!said.contains("does not fit"), "{said}");
     let out = ok(&["verify", "--from", &src, "--to", &dst, "--chunk-rows", "333"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("all rows equal"));
 
@@ -46,6 +50,20 @@ fn direct_migration_is_exact_with_indexes_and_sequence() {
     assert_eq!(out.status.code(), Some(1));
     let min = query_i64(&src, "SELECT min(id) FROM modeldata");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("different ids [{min}]")));
+}
+
+/// A graph larger than the memory allowed is announced before the build,
+/// with the setting that would make it fit; the index is still built.
+#[test]
+fn an_hnsw_graph_over_the_index_memory_cap_is_announced() {
+    let (src, dst) = dbs("index_memory");
+    ok(&["generate", "--to", &src, "--rows", "300", "--dim", "1536"]);
+    let state = tempdir();
+    let out = ok(&["migrate", "--from", &src, "--to", &dst, "--index-memory", "1MB", "--state-root", state.path().to_str().unwrap()]);
+    let said = stderr(&out);
+    assert!(said.contains("maintenance_work_mem 1.0 MiB (cap 1.0 MiB from --index-memory)"), "{said}");
+    assert!(said.contains("warning: the HNSW graph (≈2.1 MiB) does not fit in maintenance_work_mem (1.0 MiB)") && said.contains("--index-memory 3MB"), "{said}");
+    assert_eq!(query_i64(&dst, "SELECT count(*) FROM pg_indexes WHERE tablename = 'modeldata' AND indexdef LIKE '%hnsw%'"), 1);
 }
 
 #[test]

@@ -159,6 +159,8 @@ pub struct SinkOptions {
     pub online: bool,
     /// Several workers share the job (claims instead of the job's lock).
     pub shared: bool,
+    /// Cap on an index build's memory (`--index-memory`); None: the backend's default.
+    pub index_memory: Option<u64>,
 }
 
 pub trait Sink: Send + Sync {

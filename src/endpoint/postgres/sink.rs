@@ -34,7 +34,68 @@ impl PgSink {
         self.target.lock().unwrap().clone().expect("prepare() before writing")
     }
 
-    async fn create_indexes(&self, c: &Client, spec: &TableSpec, fb: &dyn Feedback) -> Result<()> {
+    /// Sizes the session's maintenance_work_mem for the largest HNSW graph
+    /// (pgvector builds far faster while the graph fits in it), within the
+    /// cap, and says what it chose and why; warns before the build when the
+    /// graph cannot fit.
+    async fn size_index_memory(&self, c: &Client, spec: &TableSpec, cap: Option<u64>, fb: &dyn Feedback) -> Result<()> {
+        let floor: u64 = 1 << 30;
+        let graphs: Vec<(u32, u64, u32)> = spec
+            .indexes
+            .iter()
+            .filter_map(|ix| match &ix.kind {
+                IndexKind::Hnsw { m, .. } => {
+                    let col = spec.columns.iter().find(|c| ix.columns.first() == Some(&c.name))?;
+                    let per_value = if matches!(col.ty, ColumnType::HalfVec { .. }) { 2 } else { 4 };
+                    Some((col.ty.vector_dim()?, per_value, *m))
+                }
+                _ => None,
+            })
+            .collect();
+        let (cap, cap_from) = match cap {
+            Some(b) => (b, "--index-memory".to_string()),
+            None => match server_memory(c).await {
+                Some(total) => (total / 4, format!("a quarter of the server's {}", crate::online::human_bytes(total))),
+                None => (floor, "vmig's default (the server's memory is not readable to this role)".to_string()),
+            },
+        };
+        let current: i64 = c
+            .query_one("SELECT setting::bigint * 1024 FROM pg_settings WHERE name = 'maintenance_work_mem'", &[])
+            .await
+            .pg("reading maintenance_work_mem")?
+            .get(0);
+        let Some(&(dim, per_value, m)) = graphs.iter().max_by_key(|(d, b, m)| *d as u64 * b + *m as u64) else {
+            let chosen = floor.max(current as u64).min(cap).max(1 << 20);
+            return c.batch_execute(&format!("SET maintenance_work_mem = '{}kB'", chosen >> 10)).await.pg("setting maintenance_work_mem");
+        };
+        let rows: i64 = c.query_one(&format!("SELECT count(*) FROM {}", self.table.sql()), &[]).await.pg("counting rows")?.get(0);
+        let need = hnsw_graph_bytes(rows.max(0) as u64, dim, per_value, m);
+        // Room over the estimate, never below what the server or 1 GB gives; the cap wins.
+        let chosen = (need + need / 4).max(floor).max(current as u64).min(cap).max(1 << 20);
+        c.batch_execute(&format!("SET maintenance_work_mem = '{}kB'", chosen >> 10)).await.pg("setting maintenance_work_mem")?;
+        let workers: String =
+            c.query_one("SELECT current_setting('max_parallel_maintenance_workers')", &[]).await.pg("reading max_parallel_maintenance_workers")?.get(0);
+        let hb = crate::online::human_bytes;
+        fb.say(&format!(
+            "HNSW graph ≈ {} ({rows} rows × {dim} dims, m={m}); maintenance_work_mem {} (cap {} from {cap_from}); \
+             {workers} parallel maintenance workers (the server's max_parallel_maintenance_workers)",
+            hb(need),
+            hb(chosen),
+            hb(cap)
+        ));
+        if need > chosen {
+            fb.say(&format!(
+                "warning: the HNSW graph (≈{}) does not fit in maintenance_work_mem ({}): pgvector builds much more slowly once it \
+                 overflows; --index-memory {}MB would make it fit, if the server has that much free memory",
+                hb(need),
+                hb(chosen),
+                (need + need / 4).div_ceil(1 << 20)
+            ));
+        }
+        Ok(())
+    }
+
+    async fn create_indexes(&self, c: &Client, spec: &TableSpec, cap: Option<u64>, fb: &dyn Feedback) -> Result<()> {
         let existing: Vec<(String, bool)> = c
             .query(
                 "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
@@ -46,7 +107,9 @@ impl PgSink {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        c.batch_execute("SET maintenance_work_mem = '1GB'").await.pg("setting maintenance_work_mem")?;
+        if spec.indexes.iter().any(|ix| !existing.iter().any(|(n, valid)| n == &ix.name && *valid)) {
+            self.size_index_memory(c, spec, cap, fb).await?;
+        }
         for ix in &spec.indexes {
             // Indexes this table already has are kept. No IF NOT EXISTS: a name
             // taken by another table's index must fail, not silently skip the index.
@@ -491,7 +554,7 @@ impl Sink for PgSink {
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             if opts.create_indexes {
-                self.create_indexes(&c, &spec, fb).await?;
+                self.create_indexes(&c, &spec, opts.index_memory, fb).await?;
             }
             // Move the id sequence past max(id) so the application's next insert does not collide.
             let pk = &spec.primary_key;
@@ -598,5 +661,32 @@ impl ChunkWriter for PgChunkWriter {
         })?;
         self.pool.put(client);
         Ok(record)
+    }
+}
+
+/// pgvector's in-memory HNSW graph, estimated per element: its vector, its
+/// neighbour lists (2·m at layer 0, about m/(m−1) more above; 16 bytes per
+/// candidate) and ~100 bytes of element header and heap pointers.
+pub fn hnsw_graph_bytes(rows: u64, dim: u32, bytes_per_value: u64, m: u32) -> u64 {
+    let m = m.max(2) as u64;
+    let neighbours = 2 * m + m / (m - 1) + 1;
+    rows * (dim as u64 * bytes_per_value + 8 + neighbours * 16 + 100)
+}
+
+/// The server's memory, where this role may read /proc/meminfo through the server.
+async fn server_memory(c: &Client) -> Option<u64> {
+    let text: String = c.query_one("SELECT pg_read_file('/proc/meminfo', 0, 200)", &[]).await.ok()?.get(0);
+    let kb: u64 = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+#[cfg(test)]
+mod sizing_tests {
+    #[test]
+    fn a_fastgpt_graph_of_200k_rows_no_longer_fits_in_1gb() {
+        // 1536-d float vectors, m = 16: about 6.9 KB per row.
+        let b = super::hnsw_graph_bytes(200_000, 1536, 4, 16);
+        assert!(b > 1 << 30 && b < 3 << 29, "{b}");
+        assert!(super::hnsw_graph_bytes(20_000, 1536, 4, 16) < 1 << 30);
     }
 }
