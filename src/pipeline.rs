@@ -485,6 +485,7 @@ pub fn load(
 pub fn finish_targets(cfg: &JobConfig, job: &PreparedJob, cancel: &Arc<AtomicBool>, progress: &Arc<Progress>) -> Option<String> {
     let started = Instant::now();
     let mut error = None;
+    progress.begin_finish_timing();
     for t in &job.targets {
         let res = with_retries(
             &format!("finishing {}", t.sink.describe()),
@@ -499,6 +500,7 @@ pub fn finish_targets(cfg: &JobConfig, job: &PreparedJob, cancel: &Arc<AtomicBoo
             break;
         }
     }
+    progress.end_finish_timing();
     progress.counters.finish_ns.fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
     error
 }
@@ -581,6 +583,7 @@ pub fn report(cfg: &JobConfig, job: &PreparedJob, loaded: &Loaded, mut error: Op
         rows_rejected_total: rejected_total,
         load_seconds: loaded.seconds,
         finish_seconds: c.finish_ns.load(Relaxed) as f64 / 1e9,
+        finish_phases: progress.finish_phases(),
         total_seconds: progress.elapsed(),
         rows_per_second: written as f64 / loaded.seconds.max(1e-9),
         peak_rss_mb: peak_rss_mb(),

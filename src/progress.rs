@@ -82,6 +82,23 @@ pub struct Progress {
     /// The status file is written only once the run holds the job's locks,
     /// so a refused second run leaves the first one's status alone.
     owns_status: AtomicBool,
+    /// While the targets finish: seconds per phase ("building index …",
+    /// "loading collection …"), for the report.
+    finish_timing: Mutex<Option<PhaseClock>>,
+    finish_phases: Mutex<Vec<PhaseTime>>,
+}
+
+/// The phase being timed and when it began.
+struct PhaseClock {
+    name: String,
+    since: Instant,
+}
+
+/// Seconds spent in one phase of the finish (index builds, loads, …).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTime {
+    pub phase: String,
+    pub seconds: f64,
 }
 
 impl Progress {
@@ -110,6 +127,8 @@ impl Progress {
             bars,
             done: AtomicBool::new(false),
             owns_status: AtomicBool::new(false),
+            finish_timing: Mutex::new(None),
+            finish_phases: Mutex::new(Vec::new()),
         }
     }
 
@@ -137,12 +156,45 @@ impl Progress {
     /// off a terminal in the 5-second progress line (an index build prints
     /// one line every 5 s, not one per percent).
     pub fn set_phase(&self, phase: &str) {
+        if let Some(clock) = self.finish_timing.lock().unwrap().as_mut() {
+            // "building index x (42%)" is still the phase "building index x".
+            let name = phase.split(" (").next().unwrap_or(phase);
+            if clock.name != name {
+                self.close_phase(clock);
+                *clock = PhaseClock { name: name.to_string(), since: Instant::now() };
+            }
+        }
         self.status.lock().unwrap().phase = phase.to_string();
         if let Some((_, _, _, i)) = &self.bars {
             i.set_message(phase.to_string());
         }
         self.write_status(None);
         test_pause(phase);
+    }
+
+    fn close_phase(&self, clock: &PhaseClock) {
+        let seconds = clock.since.elapsed().as_secs_f64();
+        let mut phases = self.finish_phases.lock().unwrap();
+        match phases.iter_mut().find(|p| p.phase == clock.name) {
+            Some(p) => p.seconds += seconds,
+            None => phases.push(PhaseTime { phase: clock.name.clone(), seconds }),
+        }
+    }
+
+    /// Times the phases the targets' finish goes through until `end_finish_timing`.
+    pub fn begin_finish_timing(&self) {
+        *self.finish_timing.lock().unwrap() = Some(PhaseClock { name: "other".into(), since: Instant::now() });
+    }
+
+    pub fn end_finish_timing(&self) {
+        if let Some(clock) = self.finish_timing.lock().unwrap().take() {
+            self.close_phase(&clock);
+        }
+    }
+
+    /// Seconds per phase of the finish so far, in the order first entered.
+    pub fn finish_phases(&self) -> Vec<PhaseTime> {
+        self.finish_phases.lock().unwrap().iter().filter(|p| p.seconds >= 0.005).cloned().collect()
     }
 
     pub fn elapsed(&self) -> f64 {
@@ -305,6 +357,9 @@ pub struct Report {
     pub rows_rejected_total: u64,
     pub load_seconds: f64,
     pub finish_seconds: f64,
+    /// Where the finish's time went: each index build, load, sequence, …
+    #[serde(default)]
+    pub finish_phases: Vec<PhaseTime>,
     pub total_seconds: f64,
     pub rows_per_second: f64,
     pub peak_rss_mb: f64,
@@ -329,6 +384,14 @@ impl Report {
                 st.bytes as f64 / 1e6,
                 st.seconds
             );
+        }
+        if self.finish_seconds > 0.0 {
+            let phases: Vec<String> = self.finish_phases.iter().map(|p| format!("{} {:.1}s", p.phase, p.seconds)).collect();
+            s += &format!("time: load {:.1}s · finish {:.1}s", self.load_seconds, self.finish_seconds);
+            if !phases.is_empty() {
+                s += &format!(" ({})", phases.join(" · "));
+            }
+            s += "\n";
         }
         s += &format!(
             "chunks: {} total, {} committed now, {} already committed, {} pending · {:.0} rows/s · peak RSS {:.0} MB · {:.1}s",

@@ -17,6 +17,8 @@ fn direct_migration_is_exact_with_indexes_and_sequence() {
     let said = stderr(&out);
     assert!(said.contains("HNSW graph ≈ 10.5 MiB (1500 rows × 1536 dims, m=32); maintenance_work_mem 1.0 GiB"), "{said}");
     assert!(!said.contains("does not fit"), "{said}");
+    // The report splits the finish: each index build has its own time.
+    assert!(said.contains("time: load ") && said.contains("building index modeldata_vector_index "), "{said}");
     let out = ok(&["verify", "--from", &src, "--to", &dst, "--chunk-rows", "333"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("all rows equal"));
 
@@ -34,6 +36,8 @@ fn direct_migration_is_exact_with_indexes_and_sequence() {
     assert_eq!(r["ok"], true);
     assert_eq!(r["stages"][2]["rows"], 1500);
     assert_eq!(r["chunks_total"], 4);
+    let phases: Vec<&str> = r["finish_phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert!(phases.contains(&"building index modeldata_vector_index"), "{phases:?}");
 
 
     // A second run finds everything committed and writes nothing.
