@@ -5,7 +5,7 @@
 # Milvus, verify row by row and print the reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROWS="${ROWS:-20000}"
+ROWS="${ROWS:-5000}"
 scripts/dbs.sh start
 eval "$(scripts/dbs.sh env)"
 cargo build --release --locked
