@@ -146,6 +146,45 @@ pub struct RunArgs {
     /// SQL column ↔ Milvus field mapping (pipeline file only; default: FastGPT's).
     #[arg(skip)]
     pub milvus_fields: Option<Vec<crate::config::FieldMap>>,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+}
+
+/// Which rows a job, verify or repair is about (default: all).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SubsetArgs {
+    /// Only rows matching EXPR: column = 'value', column IN ('a', 'b'),
+    /// terms joined by AND (integers unquoted). Values are bound or escaped,
+    /// never spliced; Milvus gets the mapped field names.
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// FastGPT: only this team's rows (team_id = ID), ANDed with --filter.
+    #[arg(long, value_name = "ID")]
+    pub team: Option<String>,
+    /// FastGPT: only this knowledge base's rows (dataset_id = ID).
+    #[arg(long, value_name = "ID")]
+    pub dataset: Option<String>,
+    /// FastGPT: only this collection's rows (collection_id = ID).
+    #[arg(long, value_name = "ID")]
+    pub collection: Option<String>,
+}
+
+impl SubsetArgs {
+    /// The filter these flags ask for, None for every row.
+    pub fn filter(&self) -> anyhow::Result<Option<crate::filter::Filter>> {
+        let explicit = self.filter.as_deref().map(crate::filter::Filter::parse).transpose()?;
+        Ok(crate::filter::Filter::with_fastgpt(explicit, self.team.as_deref(), self.dataset.as_deref(), self.collection.as_deref()))
+    }
+
+    /// Flags over the pipeline file's settings.
+    pub fn or(self, file: SubsetArgs) -> SubsetArgs {
+        SubsetArgs {
+            filter: self.filter.or(file.filter),
+            team: self.team.or(file.team),
+            dataset: self.dataset.or(file.dataset),
+            collection: self.collection.or(file.collection),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -212,6 +251,8 @@ pub struct VerifyArgs {
     /// with a recall-vs-k chart when the name ends in .html.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
 }
 
 #[derive(Args, Debug)]

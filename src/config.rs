@@ -371,6 +371,16 @@ pub struct PipelineFile {
     pub reconcile_every: Option<u64>,
     /// SQL column ↔ Milvus field mapping (default: FastGPT's modeldata).
     pub milvus_fields: Option<Vec<FieldMap>>,
+    /// A subset: `filter` (the --filter grammar) and FastGPT's `team`,
+    /// `dataset`, `collection`.
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub team: Option<String>,
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub collection: Option<String>,
 }
 
 impl PipelineFile {

@@ -190,6 +190,44 @@ impl Filter {
         (parts.join(" AND "), binds)
     }
 
+    /// A SQL condition for statements that take no bind parameters (COPY):
+    /// every value, integers too, becomes a string literal made by the
+    /// backend's own escaping `literal` (SQL compares '5' with an integer
+    /// column as 5). `quote` quotes (and may qualify) a column.
+    pub fn sql_literals(&self, quote: &dyn Fn(&str) -> String, literal: &dyn Fn(&str) -> String) -> String {
+        self.terms
+            .iter()
+            .map(|t| {
+                let vs: Vec<String> = t
+                    .values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Int(i) => literal(&i.to_string()),
+                        Value::Str(s) => literal(s),
+                    })
+                    .collect();
+                if vs.len() == 1 { format!("{} = {}", quote(&t.column), vs[0]) } else { format!("{} IN ({})", quote(&t.column), vs.join(", ")) }
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// Refuses a filter naming a column the table does not have.
+    pub fn check_columns(&self, spec: &crate::schema::TableSpec, side: &str) -> Result<()> {
+        for c in self.columns() {
+            let Some(col) = spec.column(c) else {
+                bail!(
+                    "filter: {side} has no column {c} (its columns: {})",
+                    spec.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            };
+            if col.ty.is_vector() {
+                bail!("filter: {c} is a vector column; filters compare text and integer columns");
+            }
+        }
+        Ok(())
+    }
+
     /// A Milvus boolean expression, columns mapped to field names by `field`.
     pub fn milvus_expr(&self, field: &dyn Fn(&str) -> Option<String>) -> Result<String> {
         let lit = |v: &Value| match v {

@@ -56,13 +56,22 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
                 bail!("repair writes a database target; --to cannot be a staging directory");
             }
             let table = a.table.clone().unwrap_or_else(|| commands::DEFAULT_TABLE.into());
-            let source = open_source(&from, &table, handle)?;
+            let filter = a.subset.filter()?;
+            let source = commands::open_subset(&from, &table, handle, filter.as_ref())?;
             let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
             let sink = commands::open_sink(&to, &target_table, handle, None)?;
-            let open_target = || open_source(&to, &target_table, handle);
+            if let Some(f) = &filter {
+                sink.restrict(f)?;
+            }
+            let open_target = || commands::open_subset(&to, &target_table, handle, filter.as_ref());
+            let whole_target = match &filter {
+                Some(_) => Some(open_source(&to, &target_table, handle)?),
+                None => None,
+            };
             let r = vmig::repair::repair(
                 source.as_ref(),
                 &open_target,
+                whole_target.as_deref(),
                 sink.as_ref(),
                 a.chunk_rows.unwrap_or(20_000),
                 a.workers.unwrap_or(2),

@@ -59,6 +59,8 @@ pub struct JobConfig {
     pub distributed: Option<Distributed>,
     /// The shared job's lane in the store (`work/<lane>`): export, or one per target.
     pub lane: String,
+    /// A subset job's filter (source and targets are restricted to it).
+    pub filter: Option<crate::filter::Filter>,
 }
 
 /// Retries of a chunk that failed for another reason than an unreachable server.
@@ -109,6 +111,16 @@ pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
                 cfg.job
             );
         }
+        let filter = cfg.filter.as_ref().map(|f| f.describe());
+        if m.filter != filter {
+            let said = |f: &Option<String>| f.as_ref().map_or("the whole table".to_string(), |f| format!("the subset {f}"));
+            bail!(
+                "job {} was planned for {}, and this run asks for {}; run it with the same filter, or choose another --job",
+                cfg.job,
+                said(&m.filter),
+                said(&filter)
+            );
+        }
         if m.table.columns != source.spec().columns || m.table.primary_key != source.spec().primary_key {
             bail!(
                 "the source table's columns changed since job {} was planned; run `vmig reset` to start over",
@@ -128,6 +140,7 @@ pub fn load_or_plan(cfg: &JobConfig, source: &dyn Source) -> Result<Manifest> {
         plan,
         vector_encoding: "FixedSizeList<Float32> little-endian (halfvec widened exactly)".into(),
         vectors_exact: cfg.vectors_exact,
+        filter: cfg.filter.as_ref().map(|f| f.describe()),
     };
     // Create-only: of workers planning at once, the first plan stands.
     if !m.create(&cfg.store)? {

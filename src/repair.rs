@@ -35,9 +35,12 @@ const BATCH_ROWS: usize = 2_000;
 
 /// `open_target`: the target as verify reads it, opened fresh for each
 /// comparison (a PostgreSQL side keeps one snapshot per opening).
+/// `whole_target`: of a subset repair, the target with every row, to make
+/// sure no row the subset lacks belongs to a row outside it.
 pub fn repair(
     source: &dyn Source,
     open_target: &dyn Fn() -> Result<Arc<dyn Source>>,
+    whole_target: Option<&dyn Source>,
     sink: &dyn Sink,
     chunk_rows: u64,
     workers: usize,
@@ -59,7 +62,23 @@ pub fn repair(
     for d in &before.differing_chunks {
         let chunk = plan.iter().find(|c| c.id == d.chunk).copied().unwrap();
         // Ids only the target has (verify lists at most 20 of them).
-        let extra = diff_ids(source, target.as_ref(), chunk.lo, chunk.hi)?.extra;
+        let ids = diff_ids(source, target.as_ref(), chunk.lo, chunk.hi)?;
+        if let Some(whole) = whole_target.filter(|_| !ids.missing.is_empty()) {
+            let mut taken = Vec::new();
+            whole.read_rows_by_id(&ids.missing, &mut |b| {
+                taken.extend(crate::online::keys_of(&b, &whole.spec().primary_key)?);
+                Ok(())
+            })?;
+            if !taken.is_empty() {
+                taken.truncate(20);
+                bail!(
+                    "chunk {}: the target gives ids {taken:?} to rows outside the subset; repair does not overwrite them \
+                     (the rows of the subset with these ids cannot be copied under the same ids)",
+                    chunk.id
+                );
+            }
+        }
+        let extra = ids.extra;
         let mut set = ChangeSet {
             deletes: extra.clone(),
             counts: ChangeCounts { deletes: extra.len() as u64, ..Default::default() },

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::cli::VerifyArgs;
-use crate::commands::{DEFAULT_TABLE, open_source, parse_side};
+use crate::commands::{DEFAULT_TABLE, open_subset, parse_side};
 use crate::config::Endpoint;
 use crate::endpoint::staging::Manifest;
 use crate::recall::{RecallOptions, RecallReport, recall};
@@ -42,9 +42,24 @@ pub fn run(a: &VerifyArgs, handle: &Handle) -> Result<u8> {
         _ => bail!("verify needs two sides: --from and --to, or one of them and --staging DIR"),
     };
     let table = a.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into());
-    let from_src = open_source(&from, &table, handle)?;
+    // A staging side exported as a subset stands for that subset.
+    let staged = [&from, &to].into_iter().find_map(|e| match e {
+        Endpoint::Staging(d) => Some(d.clone()),
+        _ => None,
+    });
+    let filter = match (a.subset.filter()?, staged) {
+        (None, Some(d)) => Manifest::load(&crate::store::Store::open(&d)?)?
+            .and_then(|m| m.filter)
+            .map(|f| crate::filter::Filter::parse(&f))
+            .transpose()?,
+        (f, _) => f,
+    };
+    let from_src = open_subset(&from, &table, handle, filter.as_ref())?;
     let target_table = a.target_table.clone().unwrap_or_else(|| from_src.spec().name.clone());
-    let to_src = open_source(&to, &target_table, handle)?;
+    let to_src = open_subset(&to, &target_table, handle, filter.as_ref())?;
+    if let Some(f) = &filter {
+        eprintln!("verify: the subset {}", f.describe());
+    }
     let seed = seed_or_clock(a.seed);
 
     let (mut rows, mut sample) = (None, None);

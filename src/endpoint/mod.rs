@@ -83,6 +83,12 @@ pub trait Source: Send + Sync {
     fn read_rows_by_id(&self, _ids: &[i64], _out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         bail!("{} cannot read rows by id", self.describe())
     }
+    /// From now on this side is only the rows matching `filter` (a subset
+    /// job): planning, reads, ids, counts and searches all see the subset.
+    /// Called once, before anything is read.
+    fn restrict(&self, _filter: &crate::filter::Filter) -> Result<()> {
+        bail!("{} cannot read a subset (--filter)", self.describe())
+    }
 }
 
 /// What a sink tells the user while it works: messages, and the phase it is
@@ -215,6 +221,13 @@ pub trait Sink: Send + Sync {
     fn forget_job(&self, _job: &str) -> Result<u64> {
         Ok(0)
     }
+    /// A subset job: the job owns only the target's rows matching `filter`.
+    /// Clearing a chunk deletes its key range AND the filter, the guards
+    /// count inside it, and a row whose id belongs to a row outside the
+    /// subset is rejected, never overwritten. Called once, before `prepare`.
+    fn restrict(&self, _filter: &crate::filter::Filter) -> Result<()> {
+        bail!("{} cannot write a subset (--filter)", self.describe())
+    }
 }
 
 /// An error and its sources on one line ("a: b: c"), as drivers nest them.
@@ -278,4 +291,41 @@ pub fn check_final_count(target_rows: u64, ledger_rows: u64, opts: &SinkOptions,
     } else {
         bail!("{msg}")
     }
+}
+
+/// A subset job's rows whose id the target already gives to a row outside
+/// the subset (another team's): refused, never overwritten. `foreign`
+/// answers which of the given ids the target holds outside the filter.
+pub fn refuse_foreign_ids(
+    batch: &RecordBatch,
+    pk: &str,
+    filter: &crate::filter::Filter,
+    foreign: &mut dyn FnMut(&[i64]) -> Result<Vec<i64>>,
+) -> Result<Vec<RowReject>> {
+    let keys = crate::online::keys_of(batch, pk)?;
+    let taken: std::collections::HashSet<i64> = foreign(&keys)?.into_iter().collect();
+    if taken.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(keys
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| taken.contains(k))
+        .map(|(row, k)| RowReject {
+            row,
+            reason: format!("{pk} {k} already belongs to a target row outside the subset ({}); not overwritten", filter.describe()),
+        })
+        .collect())
+}
+
+/// `batch` without the refused rows.
+pub fn without_rows(batch: &RecordBatch, refused: &[RowReject]) -> Result<RecordBatch> {
+    if refused.is_empty() {
+        return Ok(batch.clone());
+    }
+    let mut keep = vec![true; batch.num_rows()];
+    for r in refused {
+        keep[r.row] = false;
+    }
+    Ok(arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?)
 }

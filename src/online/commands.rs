@@ -146,7 +146,7 @@ fn from_database(
                 let mut found = Vec::new();
                 let mut check = None;
                 for _round in 0..REPAIR_ROUNDS {
-                    let r = crate::repair::repair(now.as_ref(), &open_target, sink.as_ref(), cfg.chunk_rows, cfg.workers, &say)?;
+                    let r = crate::repair::repair(now.as_ref(), &open_target, None, sink.as_ref(), cfg.chunk_rows, cfg.workers, &say)?;
                     if let Some(before) = r.before.as_ref().filter(|b| !b.equal) {
                         found.push(format!("{} differing chunks ({})", before.differing_chunks.len(), first_differences(before)));
                     }

@@ -21,7 +21,9 @@ use tokio::runtime::Handle;
 
 use super::encode::{refused_rows, start_upsert};
 use super::{Collection, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
-use crate::endpoint::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use crate::endpoint::{
+    ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows,
+};
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, FileLock, Ledger, LedgerFile};
 use crate::plan::ChunkRange;
@@ -131,6 +133,20 @@ fn recreate_empty(conn: &Milvus, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the rows matching `expr` (a subset job's `--on-existing truncate`).
+fn delete_where(conn: &Milvus, name: &str, expr: &str) -> Result<()> {
+    let req = milvus::proto::milvus::DeleteRequest {
+        base: base(MsgType::Delete),
+        db_name: conn.url.database.clone(),
+        collection_name: name.into(),
+        expr: expr.into(),
+        ..Default::default()
+    };
+    conn.call(&format!("deleting the rows matching `{expr}` from {name}"), |mut c| async move { c.delete(req).await })?;
+    let ticket = request_flush(conn, name)?;
+    wait_flushed(conn, name, ticket)
+}
+
 /// Rows in a collection that may not be loaded (loading needs an index).
 fn row_count(conn: &Milvus, coll: &Collection) -> Result<u64> {
     if coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
@@ -226,6 +242,12 @@ pub struct MilvusSink {
     target: Mutex<Option<Collection>>,
     pub(super) request_bytes: usize,
     flushes: Arc<Flushes>,
+    /// A subset job's filter (`restrict`).
+    subset: std::sync::OnceLock<crate::filter::Filter>,
+    /// The filter as a Milvus expression, once the collection's fields are
+    /// known, when the target held rows outside it: writes then refuse ids
+    /// those rows hold.
+    foreign_check: Mutex<Option<String>>,
 }
 
 /// Flush waits run beside the next chunks' upserts (a 20k-row chunk of
@@ -312,6 +334,8 @@ impl MilvusSink {
             target: Mutex::new(None),
             request_bytes,
             flushes: Arc::new(Flushes::default()),
+            subset: Default::default(),
+            foreign_check: Mutex::new(None),
         })
     }
 
@@ -320,6 +344,31 @@ impl MilvusSink {
             (Some(l), false) => Ok(l.records(job)?.values().map(|r| r.rows).sum()),
             _ => Ok(0),
         }
+    }
+
+    /// The subset filter as an expression over this collection's fields.
+    fn subset_expr(&self, coll: &Collection) -> Result<Option<String>> {
+        self.subset
+            .get()
+            .map(|f| f.milvus_expr(&|c| coll.fields.iter().find(|i| i.column == c).map(|i| i.field.clone())))
+            .transpose()
+    }
+
+    /// Rows inside and outside the subset, for the guards of a subset job
+    /// (queries need the collection loaded, and loading needs an index).
+    fn subset_counts(&self, coll: &Collection, expr: &str) -> Result<(u64, u64)> {
+        let total = row_count(&self.conn, coll)?;
+        if total == 0 {
+            return Ok((0, 0));
+        }
+        if !coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. })) {
+            bail!(
+                "collection {} holds {total} rows but no vector index, so Milvus cannot query it; a subset job must                  tell its own rows from the others' (create the index, or move everything without --filter)",
+                self.name
+            );
+        }
+        let inside = self.conn.count_where(&self.name, expr, None)?;
+        Ok((inside, total.saturating_sub(inside)))
     }
 
     pub(super) fn collection(&self) -> Result<Collection> {
@@ -389,11 +438,28 @@ impl Sink for MilvusSink {
             bail!("target collection {} {AUTO_ID_REFUSAL}", self.name);
         }
         coll.spec.same_columns_as(source)?;
-        if existed {
-            let non_empty = row_count(&self.conn, &coll)? > 0;
-            if existing_rows_action(non_empty, began, opts, &self.describe())? {
-                recreate_empty(&self.conn, &self.name)?;
-                coll = discover(&self.conn, &self.name, &self.fields)?;
+        if let Some(f) = self.subset.get() {
+            f.check_columns(&coll.spec, &self.describe())?;
+        }
+        match (existed, self.subset_expr(&coll)?) {
+            (false, _) => {}
+            (true, None) => {
+                let non_empty = row_count(&self.conn, &coll)? > 0;
+                if existing_rows_action(non_empty, began, opts, &self.describe())? {
+                    recreate_empty(&self.conn, &self.name)?;
+                    coll = discover(&self.conn, &self.name, &self.fields)?;
+                }
+            }
+            // A subset job owns the rows inside its filter only.
+            (true, Some(expr)) => {
+                let (inside, outside) = self.subset_counts(&coll, &expr)?;
+                let said = self.subset.get().map(|f| f.describe()).unwrap_or_default();
+                if existing_rows_action(inside > 0, began, opts, &format!("{} (rows where {said})", self.describe()))? {
+                    delete_where(&self.conn, &self.name, &expr)?;
+                }
+                if outside > 0 {
+                    *self.foreign_check.lock().unwrap() = Some(expr);
+                }
             }
         }
         // Before the first upsert: a rerun after a kill then knows the rows
@@ -431,6 +497,7 @@ impl Sink for MilvusSink {
             bytes: 0,
             flushes: self.flushes.clone(),
             in_flight: None,
+            foreign_check: self.foreign_check.lock().unwrap().clone().zip(self.subset.get().cloned()),
         }))
     }
 
@@ -498,7 +565,10 @@ impl Sink for MilvusSink {
         if has_vector_index {
             fb.phase(&format!("loading collection {}", self.name));
             self.conn.load(&self.name)?;
-            let rows = self.conn.count(&self.name)?;
+            let rows = match self.subset_expr(&coll)? {
+                Some(expr) => self.conn.count_where(&self.name, &expr, None)?,
+                None => self.conn.count(&self.name)?,
+            };
             check_final_count(rows, self.ledger_rows(&opts.job)?, opts, &self.describe(), fb)?;
         } else {
             fb.say(&format!("collection {} has no vector index (--no-indexes), so it was not loaded", self.name));
@@ -544,6 +614,10 @@ impl Sink for MilvusSink {
             None => Ok(0),
         }
     }
+
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        self.subset.set(filter.clone()).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
+    }
 }
 
 struct MilvusChunkWriter {
@@ -559,6 +633,8 @@ struct MilvusChunkWriter {
     bytes: u64,
     flushes: Arc<Flushes>,
     in_flight: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// A subset job whose target holds other rows: the filter's expression, and the filter.
+    foreign_check: Option<(String, crate::filter::Filter)>,
 }
 
 impl MilvusChunkWriter {
@@ -588,16 +664,19 @@ impl MilvusChunkWriter {
 
 impl ChunkWriter for MilvusChunkWriter {
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
-        let refused = refused_rows(&self.coll, batch)?;
-        let keep = if refused.is_empty() {
-            batch.clone()
-        } else {
-            let mut keep = vec![true; batch.num_rows()];
-            for r in &refused {
-                keep[r.row] = false;
-            }
-            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?
-        };
+        let mut refused = refused_rows(&self.coll, batch)?;
+        if let Some((expr, f)) = &self.foreign_check {
+            let (conn, coll) = (&self.conn, &self.coll);
+            let more = refuse_foreign_ids(batch, &coll.spec.primary_key, f, &mut |ids| {
+                let list = ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+                let data = conn.query(&coll.spec.name, &format!("{} in [{list}] and not ({expr})", coll.pk_field), &[coll.pk_field.clone()], ids.len(), None)?;
+                let held = super::source::decode_keys(coll, data)?;
+                Ok(held)
+            })?;
+            let seen: std::collections::HashSet<usize> = refused.iter().map(|r| r.row).collect();
+            refused.extend(more.into_iter().filter(|r| !seen.contains(&r.row)));
+        }
+        let keep = without_rows(batch, &refused)?;
         if keep.num_rows() > 0 {
             self.pending_bytes += keep.num_rows() * self.row_bytes;
             self.pending.push(keep);

@@ -139,6 +139,17 @@ pub struct MilvusSource {
     /// reads, on servers without AllocTimestamp): when the source was
     /// opened, or the last `read_now`.
     read_ts: AtomicU64,
+    /// A subset job's filter as an expression (`restrict`).
+    subset: std::sync::OnceLock<String>,
+}
+
+/// The primary keys in a query's reply.
+pub fn decode_keys(coll: &Collection, data: Vec<FieldData>) -> Result<Vec<i64>> {
+    match data.iter().find(|d| d.field_name == coll.pk_field).and_then(scalar) {
+        Some(scalar_field::Data::LongData(l)) => Ok(l.data.clone()),
+        None => Ok(Vec::new()),
+        Some(_) => bail!("collection {} has non-integer ids", coll.spec.name),
+    }
 }
 
 impl MilvusSource {
@@ -163,7 +174,16 @@ impl MilvusSource {
         let forced: Option<usize> = std::env::var("VMIG_MILVUS_PAGE_ROWS").ok().and_then(|v| v.parse().ok());
         let page_rows = forced.unwrap_or(PAGE_BYTES / row_bytes).clamp(1, MAX_QUERY_LIMIT);
         let plan_page_rows = forced.map_or(MAX_QUERY_LIMIT, |_| page_rows);
-        Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts })
+        Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts, subset: Default::default() })
+    }
+
+    /// `expr` AND the subset's condition.
+    fn and_subset(&self, expr: &str) -> String {
+        match (self.subset.get(), expr.is_empty()) {
+            (None, _) => expr.to_string(),
+            (Some(s), true) => s.clone(),
+            (Some(s), false) => format!("({expr}) and ({s})"),
+        }
     }
 
     fn read_ts(&self) -> Option<u64> {
@@ -203,7 +223,7 @@ impl MilvusSource {
         let mut after: Option<i64> = None;
         loop {
             let range = range_expr(pk, i64::MIN, i64::MAX, after);
-            let expr = if range.is_empty() { filter.to_string() } else { format!("{range} and ({filter})") };
+            let expr = self.and_subset(&if range.is_empty() { filter.to_string() } else { format!("{range} and ({filter})") });
             let data = self.conn.query(&self.coll.spec.name, &expr, &output, MAX_QUERY_LIMIT, self.read_ts())?;
             let ids = longs(&data, pk)?;
             let values = longs(&data, field)?;
@@ -238,6 +258,7 @@ impl MilvusSource {
             if !filter.is_empty() {
                 expr = if expr.is_empty() { filter.to_string() } else { format!("({expr}) and ({filter})") };
             }
+            let expr = self.and_subset(&expr);
             let data = self.conn.query(name, &expr, output, limit, self.read_ts())?;
             let batch = if ids_only {
                 let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
@@ -327,6 +348,7 @@ impl Source for MilvusSource {
             db_name: self.conn.url.database.clone(),
             collection_name: self.coll.spec.name.clone(),
             dsl_type: DslType::BoolExprV1 as i32,
+            dsl: self.and_subset(""),
             nq: 1,
             search_input: Some(SearchInput::PlaceholderGroup(prost::Message::encode_to_vec(&group))),
             search_params: vec![
@@ -355,14 +377,14 @@ impl Source for MilvusSource {
     }
 
     fn stored_copies(&self, lo: i64, hi: i64) -> Result<Option<u64>> {
-        let expr = range_expr(&self.coll.pk_field, lo, hi, None);
+        let expr = self.and_subset(&range_expr(&self.coll.pk_field, lo, hi, None));
         Ok(Some(self.conn.count_where(&self.coll.spec.name, &expr, self.read_ts())?))
     }
 
     fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
             let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
-            let expr = format!("{} in [{}]", self.coll.pk_field, list.join(","));
+            let expr = self.and_subset(&format!("{} in [{}]", self.coll.pk_field, list.join(",")));
             let data = self.conn.query(&self.coll.spec.name, &expr, &self.output, part.len(), self.read_ts())?;
             let batch = decode_result(&self.coll, data)?;
             if batch.num_rows() > 0 {
@@ -370,6 +392,12 @@ impl Source for MilvusSource {
             }
         }
         Ok(())
+    }
+
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        filter.check_columns(&self.coll.spec, &self.describe())?;
+        let expr = filter.milvus_expr(&|c| self.coll.fields.iter().find(|f| f.column == c).map(|f| f.field.clone()))?;
+        self.subset.set(expr).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {

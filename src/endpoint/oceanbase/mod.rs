@@ -144,6 +144,14 @@ pub(super) fn str_literal(s: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// A subset filter as a SQL condition (`qualifier.` before each column when given).
+pub fn filter_sql(f: &crate::filter::Filter, qualifier: Option<&str>) -> String {
+    f.sql_literals(&|c| match qualifier {
+        Some(q) => format!("{q}.{}", ident(c)),
+        None => ident(c),
+    }, &str_literal)
+}
+
 // ---------------------------------------------------------------- catalog
 
 pub struct Discovered {

@@ -17,6 +17,7 @@ use super::sql::{VectorLiteral, encode_row, ident};
 use super::*;
 use crate::endpoint::{
     ChunkWriter, Feedback, Holder, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action,
+    refuse_foreign_ids,
     job_locked,
 };
 use crate::config::ObUrl;
@@ -37,6 +38,10 @@ pub struct ObSink {
     /// `/* vmig <job> */ `, put before every statement a job's run sends, so
     /// a later run can find what a killed one left running (processlist).
     tag: Mutex<String>,
+    /// A subset job's filter (`restrict`).
+    subset: std::sync::OnceLock<crate::filter::Filter>,
+    /// The target held rows outside the subset at prepare: writes refuse their ids.
+    foreign_check: Mutex<bool>,
 }
 
 /// Where a run names itself while it holds a job's lock.
@@ -163,6 +168,8 @@ impl ObSink {
             statement_bytes: Mutex::new(statement_bytes),
             literal,
             tag: Mutex::new(String::new()),
+            subset: Default::default(),
+            foreign_check: Mutex::new(false),
         })
     }
 
@@ -324,10 +331,28 @@ impl Sink for ObSink {
                 )
                 .await?
                 .unwrap_or(0);
-                let non_empty = !query_strings(&mut c, &format!("SELECT 1 FROM {t} LIMIT 1"), "checking target").await?.is_empty();
                 let target = format!("table {} in {}", self.table, self.url.redacted());
-                if existing_rows_action(non_empty, ledger_rows > 0, opts, &target)? {
-                    c.query_drop(format!("TRUNCATE TABLE {t}")).await.ob("truncating target")?;
+                match self.subset.get() {
+                    None => {
+                        let non_empty = !query_strings(&mut c, &format!("SELECT 1 FROM {t} LIMIT 1"), "checking target").await?.is_empty();
+                        if existing_rows_action(non_empty, ledger_rows > 0, opts, &target)? {
+                            c.query_drop(format!("TRUNCATE TABLE {t}")).await.ob("truncating target")?;
+                        }
+                    }
+                    // A subset job owns the rows inside its filter only.
+                    Some(f) => {
+                        f.check_columns(&spec, &target)?;
+                        let cond = filter_sql(f, None);
+                        let inside = !query_strings(&mut c, &format!("SELECT 1 FROM {t} WHERE {cond} LIMIT 1"), "checking target").await?.is_empty();
+                        let target = format!("{target} (rows where {})", f.describe());
+                        if existing_rows_action(inside, ledger_rows > 0, opts, &target)? {
+                            c.query_drop(format!("DELETE FROM {t} WHERE {cond}")).await.ob("emptying the subset in the target")?;
+                        }
+                        let outside = !query_strings(&mut c, &format!("SELECT 1 FROM {t} WHERE NOT coalesce(({cond}), false) LIMIT 1"), "checking target")
+                            .await?
+                            .is_empty();
+                        *self.foreign_check.lock().unwrap() = outside;
+                    }
                 }
             }
             self.pool.put(c);
@@ -395,12 +420,14 @@ impl Sink for ObSink {
         let t = ident(&self.table);
         let pk = ident(&spec.primary_key);
         let tag = self.tag();
+        let subset = self.subset.get().map(|f| format!(" AND ({})", filter_sql(f, None))).unwrap_or_default();
         let conn = self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             c.query_drop("START TRANSACTION").await.ob("begin")?;
             if record_ledger && !upsert {
-                // A retried chunk replaces whatever an earlier attempt left.
-                c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}", chunk.lo, chunk.hi))
+                // A retried chunk replaces whatever an earlier attempt left
+                // (of a subset job: inside the subset only).
+                c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}{subset}", chunk.lo, chunk.hi))
                     .await
                     .ob(&format!("clearing chunk {}", chunk.id))?;
             }
@@ -419,6 +446,11 @@ impl Sink for ObSink {
             statement_bytes: *self.statement_bytes.lock().unwrap(),
             record_ledger,
             bytes: 0,
+            foreign_check: self
+                .subset
+                .get()
+                .filter(|_| *self.foreign_check.lock().unwrap())
+                .map(|f| (format!("SELECT {pk} FROM {t} WHERE NOT coalesce(({}), false) AND {pk} IN ", filter_sql(f, None)), f.clone(), spec.primary_key.clone())),
         }))
     }
 
@@ -446,8 +478,9 @@ impl Sink for ObSink {
                 }
             }
             if !opts.job.is_empty() {
+                let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();
                 let target_rows =
-                    query_i64(&mut c, &format!("SELECT count(*) FROM {t}"), "counting target").await?.unwrap_or(0);
+                    query_i64(&mut c, &format!("SELECT count(*) FROM {t}{inside}"), "counting target").await?.unwrap_or(0);
                 let ledger_rows = query_i64(
                     &mut c,
                     &format!("SELECT coalesce(sum(`rows`), 0) FROM {LEDGER_TABLE} WHERE job = {}", str_literal(&opts.job)),
@@ -460,6 +493,10 @@ impl Sink for ObSink {
             self.pool.put(c);
             Ok(())
         })
+    }
+
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        self.subset.set(filter.clone()).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
     }
 
     fn drop_table(&self) -> Result<()> {
@@ -524,6 +561,9 @@ struct ObChunkWriter {
     statement_bytes: usize,
     record_ledger: bool,
     bytes: u64,
+    /// A subset job whose target holds other rows: the query for the ids
+    /// they hold (a list follows), the filter, the key column.
+    foreign_check: Option<(String, crate::filter::Filter, String)>,
 }
 
 impl ObChunkWriter {
@@ -580,8 +620,18 @@ impl ChunkWriter for ObChunkWriter {
         let mut enc = Vec::with_capacity(batch.get_array_memory_size() * 2 + 64);
         let mut ends = Vec::with_capacity(batch.num_rows());
         let mut batch_rows = Vec::with_capacity(batch.num_rows());
-        let mut rejects = Vec::new();
-        for row in 0..batch.num_rows() {
+        let mut rejects = match &self.foreign_check {
+            Some((query, f, pk)) => {
+                let (conn, handle) = (self.conn.as_mut().unwrap(), &self.handle);
+                refuse_foreign_ids(batch, pk, f, &mut |ids| {
+                    let list = ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(",");
+                    handle.block_on(async { conn.query::<i64, _>(format!("{query}({list})")).await.ob("checking ids outside the subset") })
+                })?
+            }
+            None => Vec::new(),
+        };
+        let foreign: std::collections::HashSet<usize> = rejects.iter().map(|r| r.row).collect();
+        for row in (0..batch.num_rows()).filter(|r| !foreign.contains(r)) {
             let start = enc.len();
             match encode_row(&cols, &self.types, row, self.literal, &mut enc) {
                 Ok(()) => {

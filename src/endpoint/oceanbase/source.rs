@@ -9,6 +9,8 @@ pub struct ObSource {
     handle: Handle,
     discovered: Discovered,
     pool: Pool,
+    /// A subset job's condition (`restrict`), as SQL.
+    subset: std::sync::OnceLock<String>,
 }
 
 impl ObSource {
@@ -21,7 +23,16 @@ impl ObSource {
             Ok::<_, anyhow::Error>((d, c))
         })?;
         let pool = Pool { url: url.clone(), idle: Mutex::new(vec![conn]) };
-        Ok(ObSource { url, table: table.to_string(), handle, discovered, pool })
+        Ok(ObSource { url, table: table.to_string(), handle, discovered, pool, subset: Default::default() })
+    }
+
+    /// " AND (subset condition)", or nothing for a whole-table job.
+    fn and_subset(&self) -> String {
+        self.subset.get().map(|c| format!(" AND ({c})")).unwrap_or_default()
+    }
+
+    fn where_subset(&self) -> String {
+        self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default()
     }
 
     pub fn skipped_indexes(&self) -> &[String] {
@@ -44,7 +55,7 @@ impl Source for ObSource {
 
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
         let pk = ident(&self.spec().primary_key);
-        let t = ident(&self.table);
+        let t = format!("{}{}", ident(&self.table), self.where_subset());
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             let total = query_i64(&mut c, &format!("SELECT count(*) FROM {t}"), "counting rows").await?.unwrap_or(0);
@@ -85,7 +96,7 @@ impl Source for ObSource {
                     None => format!("{pk} >= {}", chunk.lo),
                     Some(l) => format!("{pk} > {l}"),
                 };
-                let sql = format!("{} WHERE {lower} AND {pk} <= {} ORDER BY {pk} LIMIT {page}", self.select(), chunk.hi);
+                let sql = format!("{} WHERE {lower} AND {pk} <= {}{} ORDER BY {pk} LIMIT {page}", self.select(), chunk.hi, self.and_subset());
                 let what = format!("reading chunk {}", chunk.id);
                 let (n, l) = self.decode_query(&mut c, &sql, &what, &mut decoder, batch_rows, out).await?;
                 last = l.or(last);
@@ -109,7 +120,7 @@ impl Source for ObSource {
             let mut after: Option<i64> = None;
             loop {
                 let lower = after.map_or(format!("{pk} >= {lo}"), |a| format!("{pk} > {a}"));
-                let sql = format!("SELECT {pk} FROM {t} WHERE {lower} AND {pk} <= {hi} ORDER BY {pk} LIMIT {ID_PAGE}");
+                let sql = format!("SELECT {pk} FROM {t} WHERE {lower} AND {pk} <= {hi}{} ORDER BY {pk} LIMIT {ID_PAGE}", self.and_subset());
                 let ids: Vec<i64> = c.query(sql).await.ob("reading ids")?;
                 if let Some(l) = ids.last() {
                     after = Some(*l);
@@ -135,9 +146,10 @@ impl Source for ObSource {
         };
         let literal = format!("[{}]", query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
         let sql = format!(
-            "SELECT {} FROM {} ORDER BY {f}({}, '{literal}') APPROXIMATE LIMIT {k}",
+            "SELECT {} FROM {}{} ORDER BY {f}({}, '{literal}') APPROXIMATE LIMIT {k}",
             ident(&spec.primary_key),
             ident(&self.table),
+            self.where_subset(),
             ident(&col.name)
         );
         let ids = self.handle.block_on(async {
@@ -159,6 +171,11 @@ impl Source for ObSource {
         })
     }
 
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        filter.check_columns(self.spec(), &self.describe())?;
+        self.subset.set(filter_sql(filter, None)).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
+    }
+
     fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let pk = ident(&self.spec().primary_key);
         let mut decoder = self.decoder();
@@ -166,7 +183,7 @@ impl Source for ObSource {
             let mut c = self.pool.get().await?;
             for part in ids.chunks(1_000) {
                 let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
-                let sql = format!("{} WHERE {pk} IN ({}) ORDER BY {pk}", self.select(), list.join(","));
+                let sql = format!("{} WHERE {pk} IN ({}){} ORDER BY {pk}", self.select(), list.join(","), self.and_subset());
                 self.decode_query(&mut c, &sql, "reading changed rows", &mut decoder, usize::MAX, out).await?;
             }
             if decoder.rows() > 0 {

@@ -29,7 +29,7 @@ use tokio_postgres::{Client, CopyInSink, NoTls};
 
 use super::{
     ChunkWriter, Feedback, Holder, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action,
-    job_locked,
+    job_locked, refuse_foreign_ids, without_rows,
 };
 use crate::config::PgUrl;
 use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
@@ -43,6 +43,20 @@ pub const POSITIONS_TABLE: &str = "vmig_positions";
 /// Quotes an identifier for SQL.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal that means the same whatever standard_conforming_strings
+/// says (E'' syntax, backslashes and quotes doubled).
+pub fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A subset filter as a SQL condition (`qualifier.` before each column when given).
+pub fn filter_sql(f: &crate::filter::Filter, qualifier: Option<&str>) -> String {
+    f.sql_literals(&|c| match qualifier {
+        Some(q) => format!("{q}.{}", ident(c)),
+        None => ident(c),
+    }, &literal)
 }
 
 /// `schema.table` or `table` (in the connection's current schema).

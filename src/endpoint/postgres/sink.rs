@@ -13,6 +13,10 @@ pub struct PgSink {
     target: Mutex<Option<TableSpec>>,
     upsert: Mutex<bool>,
     ledger: Mutex<bool>,
+    /// A subset job's filter (`restrict`).
+    subset: std::sync::OnceLock<crate::filter::Filter>,
+    /// The target held rows outside the subset at prepare: writes refuse their ids.
+    foreign_check: Mutex<bool>,
 }
 
 impl PgSink {
@@ -27,6 +31,8 @@ impl PgSink {
             target: Mutex::new(None),
             upsert: Mutex::new(false),
             ledger: Mutex::new(true),
+            subset: Default::default(),
+            foreign_check: Mutex::new(false),
         })
     }
 
@@ -314,6 +320,10 @@ impl Sink for PgSink {
         format!("{} table {}", self.url.redacted(), self.table.name)
     }
 
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        self.subset.set(filter.clone()).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
+    }
+
     fn drop_table(&self) -> Result<()> {
         let sql = format!("DROP TABLE IF EXISTS {}", self.table.sql());
         self.handle.block_on(async {
@@ -412,14 +422,28 @@ impl Sink for PgSink {
                     .await
                     .pg("reading ledger")?
                     .get(0);
-                let non_empty: bool = c
-                    .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {})", self.table.sql()), &[])
-                    .await
-                    .pg("checking target")?
-                    .get(0);
+                let t = self.table.sql();
+                let (c_ref, t_ref) = (&c, &t);
+                let exists = move |cond: String| async move {
+                    c_ref.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {t_ref} WHERE {cond})"), &[]).await.pg("checking target").map(|r| r.get::<_, bool>(0))
+                };
                 let target = format!("table {} in {}", self.table.name, self.url.redacted());
-                if existing_rows_action(non_empty, ledger_rows > 0, opts, &target)? {
-                    c.batch_execute(&format!("TRUNCATE {}", self.table.sql())).await.pg("truncating target")?
+                match self.subset.get() {
+                    None => {
+                        if existing_rows_action(exists("true".into()).await?, ledger_rows > 0, opts, &target)? {
+                            c.batch_execute(&format!("TRUNCATE {t}")).await.pg("truncating target")?
+                        }
+                    }
+                    // A subset job owns the rows inside its filter only.
+                    Some(f) => {
+                        f.check_columns(&spec, &target)?;
+                        let cond = filter_sql(f, None);
+                        let target = format!("{target} (rows where {})", f.describe());
+                        if existing_rows_action(exists(cond.clone()).await?, ledger_rows > 0, opts, &target)? {
+                            c.batch_execute(&format!("DELETE FROM {t} WHERE {cond}")).await.pg("emptying the subset in the target")?
+                        }
+                        *self.foreign_check.lock().unwrap() = exists(format!("NOT coalesce(({cond}), false)")).await?;
+                    }
                 }
             }
             self.pool.put(c);
@@ -489,6 +513,8 @@ impl Sink for PgSink {
         let cols = column_list(&spec);
         let pk = ident(&spec.primary_key);
         let handle = self.handle.clone();
+        let subset = self.subset.get();
+        let and_subset = |q: Option<&str>| subset.map(|f| format!(" AND ({})", filter_sql(f, q))).unwrap_or_default();
         let (client, sink) = self.handle.block_on(async {
             let c = self.pool.get().await?;
             c.batch_execute("BEGIN").await.pg("begin")?;
@@ -500,8 +526,9 @@ impl Sink for PgSink {
                 .pg("creating chunk table")?;
                 "vmig_chunk".to_string()
             } else if record_ledger {
-                // A retried chunk replaces whatever an earlier attempt left.
-                c.batch_execute(&format!("DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}", chunk.lo, chunk.hi))
+                // A retried chunk replaces whatever an earlier attempt left
+                // (of a subset job: inside the subset only).
+                c.batch_execute(&format!("DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}{}", chunk.lo, chunk.hi, and_subset(None)))
                     .await
                     .pg(&format!("clearing chunk {}", chunk.id))?;
                 t.clone()
@@ -525,7 +552,15 @@ impl Sink for PgSink {
             types: spec.columns.iter().map(|c| c.ty.clone()).collect(),
             merge_sql: upsert.then(|| {
                 format!(
-                    "DELETE FROM {t} USING vmig_chunk s WHERE {t}.{pk} = s.{pk}; INSERT INTO {t} ({cols}) SELECT {cols} FROM vmig_chunk"
+                    "DELETE FROM {t} USING vmig_chunk s WHERE {t}.{pk} = s.{pk}{}; INSERT INTO {t} ({cols}) SELECT {cols} FROM vmig_chunk",
+                    and_subset(Some(&t))
+                )
+            }),
+            foreign_check: subset.filter(|_| *self.foreign_check.lock().unwrap()).map(|f| {
+                (
+                    format!("SELECT {pk}::int8 FROM {t} WHERE {pk} = ANY($1::int8[]) AND NOT coalesce(({}), false)", filter_sql(f, None)),
+                    f.clone(),
+                    spec.primary_key.clone(),
                 )
             }),
             record_ledger,
@@ -575,8 +610,9 @@ impl Sink for PgSink {
             fb.phase("analyzing");
             c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
             if !opts.job.is_empty() {
+                let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();
                 let target_rows: i64 =
-                    c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.pg("counting target")?.get(0);
+                    c.query_one(&format!("SELECT count(*) FROM {t}{inside}"), &[]).await.pg("counting target")?.get(0);
                 let ledger_rows: i64 = c
                     .query_one(
                         &format!("SELECT coalesce(sum(rows), 0)::int8 FROM {LEDGER_TABLE} WHERE job = $1"),
@@ -605,10 +641,26 @@ struct PgChunkWriter {
     chunk: ChunkRange,
     bytes: u64,
     buf: BytesMut,
+    /// A subset job whose target holds other rows: the query for the ids
+    /// they hold, the filter, the key column.
+    foreign_check: Option<(String, crate::filter::Filter, String)>,
 }
 
 impl ChunkWriter for PgChunkWriter {
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
+        let refused = match &self.foreign_check {
+            // On a connection of its own: this one is busy with the COPY.
+            Some((query, f, pk)) => refuse_foreign_ids(batch, pk, f, &mut |ids| {
+                self.handle.block_on(async {
+                    let c = self.pool.get().await?;
+                    let held = c.query(query.as_str(), &[&ids]).await.pg("checking ids outside the subset")?.iter().map(|r| r.get(0)).collect();
+                    self.pool.put(c);
+                    Ok(held)
+                })
+            })?,
+            None => Vec::new(),
+        };
+        let batch = &without_rows(batch, &refused)?;
         self.buf.clear();
         encode_rows(batch, &self.types, &mut self.buf)?;
         self.bytes += self.buf.len() as u64;
@@ -616,7 +668,7 @@ impl ChunkWriter for PgChunkWriter {
         let sink = self.sink.as_mut().unwrap();
         let id = self.chunk.id;
         self.handle.block_on(async { sink.send(data).await.pg(&format!("writing chunk {id}")) })?;
-        Ok(Vec::new())
+        Ok(refused)
     }
 
     fn commit(mut self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {

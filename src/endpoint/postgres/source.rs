@@ -13,6 +13,8 @@ pub struct PgSource {
     /// A transaction held open for the whole run whose snapshot every chunk
     /// reader imports, so all chunks see the same consistent state.
     snapshot: Mutex<Option<(Client, String)>>,
+    /// A subset job's condition (`restrict`), as SQL.
+    subset: std::sync::OnceLock<String>,
 }
 
 impl PgSource {
@@ -30,7 +32,7 @@ impl PgSource {
             Ok::<_, anyhow::Error>((d, client))
         })?;
         let pool = Pool::new(&url, client);
-        Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None) })
+        Ok(PgSource { url, table, handle, discovered, pool, snapshot: Mutex::new(None), subset: Default::default() })
     }
 
     /// Per column: the vector dimension is declared (typmod).
@@ -54,15 +56,17 @@ impl PgSource {
         Ok(())
     }
 
-    /// The rows matching `condition` (built from integers only), in key
+    /// The rows matching `condition` (built from integers only) and the
+    /// subset, in key
     /// order, by binary COPY OUT in the run's snapshot.
     fn copy_rows(&self, condition: &str, what: &str, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let spec = self.spec();
         let pk = ident(&spec.primary_key);
         let sql = format!(
-            "COPY (SELECT {} FROM {} WHERE {condition} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {} FROM {} WHERE {condition}{} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
             column_list(spec),
             self.table.sql(),
+            self.and_subset(),
         );
         let mut decoder = CopyDecoder::new(
             spec.arrow_schema(),
@@ -85,6 +89,11 @@ impl PgSource {
             self.pool.put(c);
             Ok(())
         })
+    }
+
+    /// " AND (subset condition)", or nothing for a whole-table job.
+    fn and_subset(&self) -> String {
+        self.subset.get().map(|c| format!(" AND ({c})")).unwrap_or_default()
     }
 
     pub fn skipped_indexes(&self) -> &[String] {
@@ -140,14 +149,15 @@ impl Source for PgSource {
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
         let pk = ident(&self.spec().primary_key);
         let t = self.table.sql();
+        let subset = self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default();
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             self.begin_in_snapshot(&c).await?;
-            let total: i64 = c.query_one(&format!("SELECT count(*) FROM {t}"), &[]).await.pg("counting rows")?.get(0);
+            let total: i64 = c.query_one(&format!("SELECT count(*) FROM {t}{subset}"), &[]).await.pg("counting rows")?.get(0);
             let bounds: Vec<i64> = c
                 .query(
                     &format!(
-                        "SELECT k FROM (SELECT {pk}::int8 AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}) s \
+                        "SELECT k FROM (SELECT {pk}::int8 AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}{subset}) s \
                          WHERE rn % $1 = 0 ORDER BY k"
                     ),
                     &[&(chunk_rows as i64)],
@@ -194,16 +204,20 @@ impl Source for PgSource {
             Metric::L2 => "<->",
         };
         let sql = format!(
-            "SELECT {}::int8 FROM {} ORDER BY {} {op} $1::text::{cast} LIMIT {k}",
+            "SELECT {}::int8 FROM {}{} ORDER BY {} {op} $1::text::{cast} LIMIT {k}",
             ident(&spec.primary_key),
             self.table.sql(),
+            self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default(),
             ident(&col.name)
         );
         let literal = format!("[{}]", query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
         let ids = self.handle.block_on(async {
             let c = self.pool.get().await?;
             // Seq scans off: measure the index, which a large table's plan uses.
-            c.batch_execute(&format!("BEGIN; SET LOCAL hnsw.ef_search = {ef}; SET LOCAL enable_seqscan = off"))
+            // A subset's search filters the index's candidates: pgvector ≥ 0.8
+            // then scans on until it has k that match.
+            let iterative = if self.subset.get().is_some() { "; SET LOCAL hnsw.iterative_scan = strict_order" } else { "" };
+            c.batch_execute(&format!("BEGIN; SET LOCAL hnsw.ef_search = {ef}; SET LOCAL enable_seqscan = off{iterative}"))
                 .await
                 .pg("setting up the search")?;
             let rows = c.query(&sql, &[&literal]).await.pg("searching")?;
@@ -212,6 +226,11 @@ impl Source for PgSource {
             Ok::<_, anyhow::Error>(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<i64>>())
         })?;
         Ok((ids, format!("ORDER BY {} {op} q LIMIT {k}, hnsw.ef_search = {ef}, enable_seqscan = off", col.name)))
+    }
+
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        filter.check_columns(self.spec(), &self.describe())?;
+        self.subset.set(filter_sql(filter, None)).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
     }
 
     fn default_ef(&self) -> Result<Option<u32>> {
@@ -234,7 +253,10 @@ impl Source for PgSource {
             let mut after: Option<i64> = None;
             loop {
                 let lower = if after.is_some() { ">" } else { ">=" };
-                let sql = format!("SELECT {pk}::int8 FROM {t} WHERE {pk} {lower} $1::int8 AND {pk} <= $2::int8 ORDER BY {pk} LIMIT {PAGE}");
+                let sql = format!(
+                    "SELECT {pk}::int8 FROM {t} WHERE {pk} {lower} $1::int8 AND {pk} <= $2::int8{} ORDER BY {pk} LIMIT {PAGE}",
+                    self.and_subset()
+                );
                 let rows = c.query(&sql, &[&after.unwrap_or(lo), &hi]).await.pg("reading ids")?;
                 let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
                 if let Some(l) = ids.last() {

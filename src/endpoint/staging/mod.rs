@@ -49,6 +49,10 @@ pub struct Manifest {
     pub vector_encoding: String,
     /// True when vectors are bit-exact copies of the source's storage.
     pub vectors_exact: bool,
+    /// A subset job's filter, in its canonical text: the chunks hold only
+    /// the matching rows, and a resume must use the same filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
 }
 
 impl Manifest {
@@ -229,6 +233,11 @@ impl Sink for StagingSink {
         format!("staging {}", self.store.describe())
     }
 
+    /// The chunk files hold what the source gives; the manifest records the filter.
+    fn restrict(&self, _filter: &crate::filter::Filter) -> Result<()> {
+        Ok(())
+    }
+
     /// One writer of a staging area at a time (`export`, `migrate --staging`);
     /// an `import` reading it meanwhile is welcome. Shared jobs take claims
     /// instead of this lock.
@@ -350,6 +359,17 @@ impl StagingSource {
 impl Source for StagingSource {
     fn describe(&self) -> String {
         format!("staging {} (exported from {})", self.store.describe(), self.manifest.source)
+    }
+
+    /// A staging area holds what its export read: it is this subset only
+    /// when it was exported with the same filter.
+    fn restrict(&self, filter: &crate::filter::Filter) -> Result<()> {
+        let want = filter.describe();
+        match &self.manifest.filter {
+            Some(have) if *have == want => Ok(()),
+            Some(have) => bail!("{} holds the subset {have}, not {want}", self.describe()),
+            None => bail!("{} holds a whole table, not the subset {want}; export it with --filter", self.describe()),
+        }
     }
 
     fn spec(&self) -> &TableSpec {
