@@ -148,6 +148,9 @@ pub struct RunArgs {
     pub milvus_fields: Option<Vec<crate::config::FieldMap>>,
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// Several tables in one job (pipeline file only).
+    #[arg(skip)]
+    pub tables: Option<Vec<crate::config::TableEntry>>,
 }
 
 /// Which rows a job, verify or repair is about (default: all).

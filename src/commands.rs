@@ -66,6 +66,7 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.shard = a.shard.or(file.shard);
     a.shards = a.shards.or(file.shards);
     a.lease = a.lease.or(file.lease);
+    a.tables = a.tables.or(file.tables);
     a.subset = a.subset.or(crate::cli::SubsetArgs { filter: file.filter, team: file.team, dataset: file.dataset, collection: file.collection });
     Ok(a)
 }
@@ -284,6 +285,7 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
         distributed,
         lane,
         filter,
+        permits: None,
     };
     Ok(JobSetup { args: a, cfg, source_ep, target_ep, source, sinks, table, target_table })
 }
@@ -291,15 +293,7 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
 /// `migrate`, `export` and `import`.
 pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
     let job = setup_job(command, args, handle)?;
-    let report = if job.cfg.online {
-        crate::online::commands::run_online_job(&job, handle, cancel)?
-    } else {
-        let ready = match command {
-            "import" => Some(StagingSource::open(job.cfg.store.clone())?.ready_chunks()?),
-            _ => None,
-        };
-        run(&job.cfg, job.source.clone(), job.sinks.clone(), ready, cancel)?
-    };
+    let report = run_setup(command, &job, handle, cancel)?;
     eprintln!("{}", report.table());
     for n in &report.notes {
         eprintln!("note: {n}");
@@ -309,6 +303,20 @@ pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Atomic
             .with_context(|| format!("writing report {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Runs a job that is set up: offline or online, an import only over the
+/// chunks its staging area holds.
+pub fn run_setup(command: &str, job: &JobSetup, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
+    Ok(if job.cfg.online {
+        crate::online::commands::run_online_job(&job, handle, cancel)?
+    } else {
+        let ready = match command {
+            "import" => Some(StagingSource::open(job.cfg.store.clone())?.ready_chunks()?),
+            _ => None,
+        };
+        run(&job.cfg, job.source.clone(), job.sinks.clone(), ready, cancel)?
+    })
 }
 
 /// The job's store: the staging area (or state store) given, or the job's

@@ -150,6 +150,25 @@ pub struct FieldMap {
     pub epoch_ms: bool,
 }
 
+/// One table of a many-table job (pipeline file `tables`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableEntry {
+    pub table: String,
+    #[serde(default)]
+    pub target_table: Option<String>,
+    #[serde(default)]
+    pub filter: Option<String>,
+    #[serde(default)]
+    pub team: Option<String>,
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub collection: Option<String>,
+    #[serde(default)]
+    pub milvus_fields: Option<Vec<FieldMap>>,
+}
+
 /// FastGPT's modeldata: snake_case columns in SQL, camelCase fields in Milvus.
 pub fn fastgpt_field_map() -> Vec<FieldMap> {
     let m = |c: &str, f: &str, epoch_ms| FieldMap { column: c.into(), field: f.into(), epoch_ms };
@@ -381,6 +400,10 @@ pub struct PipelineFile {
     pub dataset: Option<String>,
     #[serde(default)]
     pub collection: Option<String>,
+    /// Several tables in one job (instead of `table`): each with its own
+    /// target table, subset and field mapping; their chunks share the workers.
+    #[serde(default)]
+    pub tables: Option<Vec<TableEntry>>,
 }
 
 impl PipelineFile {

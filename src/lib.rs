@@ -22,6 +22,7 @@ pub mod retry;
 pub mod schema;
 pub mod shared;
 pub mod store;
+pub mod tables;
 pub mod transform;
 pub mod verify;
 pub mod verify_command;

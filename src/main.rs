@@ -124,6 +124,17 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
 }
 
 fn job_exit(command: &str, a: vmig::cli::RunArgs, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
+    if commands::resolve_run_args(a.clone())?.tables.is_some() {
+        let report = vmig::tables::run_tables(command, a, handle, cancel.clone())?;
+        if cancel.load(Ordering::SeqCst) {
+            eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed());
+            return Ok(EXIT_CANCELLED as u8);
+        }
+        return match report.error() {
+            None => Ok(0),
+            Some(e) => bail!("{e}"),
+        };
+    }
     let report = commands::run_job(command, a, handle, cancel.clone())?;
     if cancel.load(Ordering::SeqCst) {
         eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed);

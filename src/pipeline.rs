@@ -61,6 +61,41 @@ pub struct JobConfig {
     pub lane: String,
     /// A subset job's filter (source and targets are restricted to it).
     pub filter: Option<crate::filter::Filter>,
+    /// Chunks in flight across the tables of a many-table job (each chunk
+    /// holds one); None: this job's own workers only.
+    pub permits: Option<Arc<Permits>>,
+}
+
+/// Counting semaphore: the workers several jobs share.
+#[derive(Debug)]
+pub struct Permits {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Permits {
+    pub fn new(n: usize) -> Permits {
+        Permits { free: Mutex::new(n.max(1)), freed: std::sync::Condvar::new() }
+    }
+
+    /// Waits for a free worker; it is given back when the guard drops.
+    pub fn acquire(&self) -> PermitGuard<'_> {
+        let mut free = self.free.lock().unwrap();
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap();
+        }
+        *free -= 1;
+        PermitGuard(self)
+    }
+}
+
+pub struct PermitGuard<'a>(&'a Permits);
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap() += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Retries of a chunk that failed for another reason than an unreachable server.
@@ -433,6 +468,7 @@ pub fn load(
         for _ in 0..cfg.workers.max(1) {
             lanes.push(s.spawn(|| {
                 while let Some((chunk, claim)) = next() {
+                    let _worker = cfg.permits.as_ref().map(|p| p.acquire());
                     if cancel.load(Relaxed) || failed.load(Relaxed) {
                         break;
                     }
