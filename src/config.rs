@@ -448,6 +448,15 @@ mod tests {
             let p = e.unwrap().path();
             let f = PipelineFile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             assert!(f.description.is_some(), "{} explains itself", p.display());
+            let subset = |filter: &Option<String>, team: &Option<String>, dataset: &Option<String>, collection: &Option<String>| {
+                crate::cli::SubsetArgs { filter: filter.clone(), team: team.clone(), dataset: dataset.clone(), collection: collection.clone() }
+                    .filter()
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
+            };
+            subset(&f.filter, &f.team, &f.dataset, &f.collection);
+            for t in f.tables.iter().flatten() {
+                subset(&t.filter, &t.team, &t.dataset, &t.collection);
+            }
             n += 1;
         }
         assert!(n >= 8);
