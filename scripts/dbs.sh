@@ -8,6 +8,8 @@
 #   seekdb     OceanBase seekdb 1.4       127.0.0.1:${VMIG_SEEKDB_PORT:-52881} (user root, no password)
 #   milvus     Milvus 2.3 standalone      127.0.0.1:${VMIG_MILVUS_PORT:-19530} (no auth)
 #   s3         moto_server (S3 API)       127.0.0.1:${VMIG_S3_PORT:-25900} (any key; bucket vmig-test)
+#   milvus-lite  milvus-lite 3.2 gRPC      127.0.0.1:${VMIG_MILVUS_LITE_PORT:-19640} (the newer, 2.6-era protocol;
+#              its own virtualenv, since its pymilvus is not the one the milvus package pins)
 #
 # start-one/stop-one also take `seekdb` and `milvus`; `seekdb-start DIR PORT`
 # and `milvus-start DIR PORT` start private servers (tests that stop their
@@ -34,6 +36,10 @@ PYLIBSEEKDB_VERSION="1.4.0.post1"
 MILVUS_PORT="${VMIG_MILVUS_PORT:-19530}"
 MILVUS_VERSION="2.3.5"
 S3_PORT="${VMIG_S3_PORT:-25900}"
+MILVUS_LITE_PORT="${VMIG_MILVUS_LITE_PORT:-19640}"
+MILVUS_LITE_VERSION="3.2.2"
+PYMILVUS_VERSION="3.0.2"
+LITE_VENV="${VMIG_MILVUS_LITE_VENV:-$STATE/.venv-milvus-lite}"
 MOTO_VERSION="5.2.5"
 
 log() { echo "dbs: $*" >&2; }
@@ -254,6 +260,39 @@ s3_stop() {
   signal_and_wait TERM "$pid" 5 && log "s3 (moto) stopped" || log "s3 (moto) killed"
 }
 
+ensure_lite_venv() {
+  if [ ! -x "$LITE_VENV/bin/python" ]; then
+    log "creating virtualenv $LITE_VENV"
+    python3 -m venv "$LITE_VENV"
+  fi
+  if ! "$LITE_VENV/bin/python" -c "import milvus_lite, pymilvus" 2>/dev/null; then
+    log "installing milvus-lite==$MILVUS_LITE_VERSION pymilvus==$PYMILVUS_VERSION (a newer-protocol Milvus server)"
+    "$LITE_VENV/bin/pip" install -q --disable-pip-version-check "milvus-lite==$MILVUS_LITE_VERSION" "pymilvus==$PYMILVUS_VERSION"
+  fi
+}
+
+lite_pid() { pgrep -f "milvus_lite server --data-dir $DATA/milvus-lite " | head -1 || true; }
+lite_start() {
+  if [ -n "$(lite_pid)" ]; then log "milvus-lite already running on 127.0.0.1:$MILVUS_LITE_PORT"; return 0; fi
+  mkdir -p "$DATA/milvus-lite"
+  setsid "$LITE_VENV/bin/python" -m milvus_lite server --data-dir "$DATA/milvus-lite" --host 127.0.0.1 --port "$MILVUS_LITE_PORT" \
+    >"$DATA/milvus-lite.log" 2>&1 < /dev/null &
+  local i
+  for i in $(seq 1 150); do
+    # Listening, and by this server (another may hold the port: it then exits).
+    if [ -n "$(lite_pid)" ] && (exec 3<>"/dev/tcp/127.0.0.1/$MILVUS_LITE_PORT") 2>/dev/null && sleep 0.5 && [ -n "$(lite_pid)" ]; then
+      log "milvus-lite started on 127.0.0.1:$MILVUS_LITE_PORT ($DATA/milvus-lite)"; return 0
+    fi
+    sleep 0.2
+  done
+  log "milvus-lite did not listen on 127.0.0.1:$MILVUS_LITE_PORT; see $DATA/milvus-lite.log"; tail -20 "$DATA/milvus-lite.log" >&2; return 1
+}
+lite_stop() {
+  local pid; pid="$(lite_pid)"
+  [ -n "$pid" ] || return 0
+  signal_and_wait TERM "$pid" 10 && log "milvus-lite stopped" || log "milvus-lite killed"
+}
+
 pg_stop_one() {
   local dir="$DATA/$1"
   [ -f "$dir/PG_VERSION" ] || return 0
@@ -275,6 +314,7 @@ print_env() {
   echo "export VMIG_TEST_PG_TARGET=postgresql://postgres:postgres@127.0.0.1:$PG_TARGET_PORT/postgres"
   echo "export VMIG_TEST_SEEKDB=mysql://root@127.0.0.1:$SEEKDB_PORT/test"
   echo "export VMIG_TEST_MILVUS=http://127.0.0.1:$MILVUS_PORT"
+  echo "export VMIG_TEST_MILVUS_LITE=http://127.0.0.1:$MILVUS_LITE_PORT"
   echo "export VMIG_PG_BIN=$(pg_bin)"
   echo "export VMIG_SEEKDB_BIN=$(seekdb_bin)"
   echo "export VMIG_VENV=$VENV"
@@ -290,9 +330,10 @@ case "${1:-}" in
     seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT"
     milvus_start_dir "$DATA/milvus" "$MILVUS_PORT"
     s3_start
+    ensure_lite_venv; lite_start
     ;;
   stop)
-    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus"; s3_stop ;;
+    pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus"; s3_stop; lite_stop ;;
   milvus-start)
     ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" "${4:-}" ;;
   milvus-stop)
@@ -302,7 +343,7 @@ case "${1:-}" in
   seekdb-stop)
     seekdb_stop_dir "${2:?dir}" ;;
   stop-one)
-    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; milvus) milvus_stop_dir "$DATA/milvus" ;; s3) s3_stop ;; *) pg_stop_one "$2" ;; esac ;;
+    case "${2:?name}" in seekdb) seekdb_stop_dir "$DATA/seekdb" ;; milvus) milvus_stop_dir "$DATA/milvus" ;; s3) s3_stop ;; milvus-lite) lite_stop ;; *) pg_stop_one "$2" ;; esac ;;
   start-one)
     ensure_venv; ensure_pg_user
     case "${2:?name}" in
@@ -311,13 +352,15 @@ case "${1:-}" in
       seekdb) seekdb_start_dir "$DATA/seekdb" "$SEEKDB_PORT" ;;
       milvus) milvus_start_dir "$DATA/milvus" "$MILVUS_PORT" ;;
       s3) s3_start ;;
+      milvus-lite) ensure_lite_venv; lite_start ;;
       *) echo "unknown server $2" >&2; exit 2 ;;
     esac ;;
   status)
     pg_status_one pg-source "$PG_SOURCE_PORT"; pg_status_one pg-target "$PG_TARGET_PORT"
     if [ -n "$(seekdb_pid "$DATA/seekdb")" ]; then echo "seekdb: running (127.0.0.1:$SEEKDB_PORT)"; else echo "seekdb: stopped"; fi
     if milvus_healthy "$DATA/milvus"; then echo "milvus: running (127.0.0.1:$MILVUS_PORT)"; else echo "milvus: stopped"; fi
-    if [ -n "$(s3_pid)" ]; then echo "s3: running (127.0.0.1:$S3_PORT)"; else echo "s3: stopped"; fi ;;
+    if [ -n "$(s3_pid)" ]; then echo "s3: running (127.0.0.1:$S3_PORT)"; else echo "s3: stopped"; fi
+    if [ -n "$(lite_pid)" ]; then echo "milvus-lite: running (127.0.0.1:$MILVUS_LITE_PORT)"; else echo "milvus-lite: stopped"; fi ;;
   env)
     ensure_venv; print_env ;;
   *)

@@ -173,6 +173,12 @@ fn one_team_moves_into_targets_holding_another_teams_rows_across_a_kill() {
         assert!(!g.status.success(), "{what}: the guard let a second job in");
         assert!(stderr(&g).contains("already has rows") && stderr(&g).contains("team_id = 'team-0-团队'"), "{what}: {}", stderr(&g));
         check(*kind, dst, &all, victim);
+        // With --on-existing truncate it empties the subset only, then copies it again.
+        ok(&[
+            "migrate", "--from", &src, "--to", dst, "--team", MOVED, "--job", "fresh", "--state-root", root, "--quiet",
+            "--on-existing", "truncate", "--max-rejects", "1",
+        ]);
+        check(*kind, dst, &all, victim);
     }
 }
 

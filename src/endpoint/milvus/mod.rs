@@ -267,8 +267,11 @@ impl Milvus {
         };
         let r = self.call_unchecked("describing indexes", |mut c| async move { c.describe_index(req).await })?;
         if let Some(s) = &r.status {
-            // "index not found" is how Milvus says there are none.
-            if s.code != 0 && s.reason.to_ascii_lowercase().contains("index not") {
+            // How servers say there are none, by version: 2.3 "index not
+            // found" or IndexNotExist; newer ones code 700 (merr's
+            // ErrIndexNotFound), milvus-lite "no index on collection …".
+            let reason = s.reason.to_ascii_lowercase();
+            if s.code == 700 || (s.code != 0 && (reason.contains("index not") || reason.contains("no index"))) {
                 return Ok(Vec::new());
             }
             #[allow(deprecated)]
