@@ -4,7 +4,7 @@
 //! columns straight into Arrow arrays.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::{
@@ -141,6 +141,12 @@ pub struct MilvusSource {
     read_ts: AtomicU64,
     /// A subset job's filter as an expression (`restrict`).
     subset: std::sync::OnceLock<String>,
+    /// A limited query returns the lowest keys of its range (real Milvus
+    /// merges segments by key, so keyset pages are exact). Every full page is
+    /// checked against `count(*)`; where the server answers segment by
+    /// segment (milvus-lite 3.2) this turns false and pages come from key
+    /// ranges small enough to read whole instead.
+    key_ordered: AtomicBool,
 }
 
 /// The primary keys in a query's reply.
@@ -174,7 +180,7 @@ impl MilvusSource {
         let forced: Option<usize> = std::env::var("VMIG_MILVUS_PAGE_ROWS").ok().and_then(|v| v.parse().ok());
         let page_rows = forced.unwrap_or(PAGE_BYTES / row_bytes).clamp(1, MAX_QUERY_LIMIT);
         let plan_page_rows = forced.map_or(MAX_QUERY_LIMIT, |_| page_rows);
-        Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts, subset: Default::default() })
+        Ok(MilvusSource { conn, coll, output, page_rows, plan_page_rows, read_ts, subset: Default::default(), key_ordered: AtomicBool::new(true) })
     }
 
     /// `expr` AND the subset's condition.
@@ -245,6 +251,9 @@ impl MilvusSource {
     /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
     /// `ids_only` pages are one column, the primary key.
     fn pages_where(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        if !self.key_ordered.load(Relaxed) {
+            return self.pages_by_count(lo, hi, filter, ids_only, f);
+        }
         let name = &self.coll.spec.name;
         let pk = &self.coll.pk_field;
         let (output, limit) = if ids_only {
@@ -266,7 +275,9 @@ impl MilvusSource {
                 let ids = arrow::compute::sort(&decode_field(info, fd)?, None)?;
                 RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), ids)])?
             } else {
-                decode_result(&self.coll, data)?
+                let b = decode_result(&self.coll, data)?;
+                let order = arrow::compute::sort_to_indices(b.column_by_name(&self.coll.spec.primary_key).unwrap(), None, None)?;
+                arrow::compute::take_record_batch(&b, &order)?
             };
             let n = batch.num_rows();
             if n == 0 {
@@ -278,12 +289,80 @@ impl MilvusSource {
             if after.is_some_and(|a| ids.value(0) <= a) {
                 bail!("Milvus returned ids out of order while paging {name}");
             }
+            // A full page must hold the lowest keys of the range: count the
+            // rows up to its last key. More than the page (a server that
+            // answers segment by segment, or Milvus' hidden copies): the rest
+            // of the range is read by ranges that need no order.
+            if n == limit {
+                let first = after.map_or(lo, |a| a + 1);
+                let mut upto = range_expr(pk, first, last, None);
+                if !filter.is_empty() {
+                    upto = format!("({upto}) and ({filter})");
+                }
+                if self.conn.count_where(name, &self.and_subset(&upto), self.read_ts())? > n as u64 {
+                    self.key_ordered.store(false, Relaxed);
+                    return self.pages_by_count(first, hi, filter, ids_only, f);
+                }
+            }
             f(batch)?;
             if n < limit {
                 return Ok(());
             }
             after = Some(last);
         }
+    }
+}
+
+impl MilvusSource {
+    /// `pages_where` for servers whose limited queries are not in key order:
+    /// a range holding at most a page of rows (by `count(*)`) is read whole,
+    /// a larger one is halved; ranges go out in ascending order, each sorted.
+    fn pages_by_count(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let name = &self.coll.spec.name;
+        let pk = &self.coll.pk_field;
+        let (output, limit) = if ids_only {
+            (std::slice::from_ref(pk), self.plan_page_rows)
+        } else {
+            (self.output.as_slice(), self.page_rows)
+        };
+        let expr_of = |a: i64, b: i64| {
+            let range = range_expr(pk, a, b, None);
+            let e = match (range.is_empty(), filter.is_empty()) {
+                (true, _) => filter.to_string(),
+                (false, true) => range,
+                (false, false) => format!("({range}) and ({filter})"),
+            };
+            self.and_subset(&e)
+        };
+        let mut ranges = vec![(lo, hi)];
+        while let Some((a, b)) = ranges.pop() {
+            let expr = expr_of(a, b);
+            let n = self.conn.count_where(name, &expr, self.read_ts())? as usize;
+            if n == 0 {
+                continue;
+            }
+            if n > limit && a < b {
+                let mid = ((a as i128 + b as i128).div_euclid(2)) as i64;
+                ranges.push((mid + 1, b));
+                ranges.push((a, mid));
+                continue;
+            }
+            let data = self.conn.query(name, &expr, output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
+            let batch = if ids_only {
+                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
+                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
+                RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), decode_field(info, fd)?)])?
+            } else {
+                decode_result(&self.coll, data)?
+            };
+            let key = batch.column_by_name(&self.coll.spec.primary_key).unwrap();
+            let order = arrow::compute::sort_to_indices(key, None, None)?;
+            let sorted = arrow::compute::take_record_batch(&batch, &order)?;
+            if sorted.num_rows() > 0 {
+                f(sorted)?;
+            }
+        }
+        Ok(())
     }
 }
 
