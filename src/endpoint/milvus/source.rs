@@ -248,6 +248,40 @@ impl MilvusSource {
         self.pages_where(lo, hi, "", ids_only, f)
     }
 
+    /// What a page asks for: every field or the key only, and how many rows.
+    fn page_shape(&self, ids_only: bool) -> (&[String], usize) {
+        if ids_only {
+            (std::slice::from_ref(&self.coll.pk_field), self.plan_page_rows)
+        } else {
+            (self.output.as_slice(), self.page_rows)
+        }
+    }
+
+    /// Keys in `[lo, hi]` (after `after`) AND `filter` AND the subset.
+    fn range_where(&self, lo: i64, hi: i64, after: Option<i64>, filter: &str) -> String {
+        let range = range_expr(&self.coll.pk_field, lo, hi, after);
+        let e = match (range.is_empty(), filter.is_empty()) {
+            (true, _) => filter.to_string(),
+            (false, true) => range,
+            (false, false) => format!("({range}) and ({filter})"),
+        };
+        self.and_subset(&e)
+    }
+
+    /// A query's reply as a batch sorted by key (the key alone when `ids_only`).
+    fn sorted_page(&self, data: Vec<FieldData>, ids_only: bool) -> Result<RecordBatch> {
+        let pk = &self.coll.pk_field;
+        let batch = if ids_only {
+            let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
+            let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
+            RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), decode_field(info, fd)?)])?
+        } else {
+            decode_result(&self.coll, data)?
+        };
+        let order = arrow::compute::sort_to_indices(batch.column_by_name(&self.coll.spec.primary_key).unwrap(), None, None)?;
+        Ok(arrow::compute::take_record_batch(&batch, &order)?)
+    }
+
     /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
     /// `ids_only` pages are one column, the primary key.
     fn pages_where(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
@@ -255,30 +289,11 @@ impl MilvusSource {
             return self.pages_by_count(lo, hi, filter, ids_only, f);
         }
         let name = &self.coll.spec.name;
-        let pk = &self.coll.pk_field;
-        let (output, limit) = if ids_only {
-            (std::slice::from_ref(pk), self.plan_page_rows)
-        } else {
-            (self.output.as_slice(), self.page_rows)
-        };
+        let (output, limit) = self.page_shape(ids_only);
         let mut after = None;
         loop {
-            let mut expr = range_expr(pk, lo, hi, after);
-            if !filter.is_empty() {
-                expr = if expr.is_empty() { filter.to_string() } else { format!("({expr}) and ({filter})") };
-            }
-            let expr = self.and_subset(&expr);
-            let data = self.conn.query(name, &expr, output, limit, self.read_ts())?;
-            let batch = if ids_only {
-                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
-                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
-                let ids = arrow::compute::sort(&decode_field(info, fd)?, None)?;
-                RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), ids)])?
-            } else {
-                let b = decode_result(&self.coll, data)?;
-                let order = arrow::compute::sort_to_indices(b.column_by_name(&self.coll.spec.primary_key).unwrap(), None, None)?;
-                arrow::compute::take_record_batch(&b, &order)?
-            };
+            let data = self.conn.query(name, &self.range_where(lo, hi, after, filter), output, limit, self.read_ts())?;
+            let batch = self.sorted_page(data, ids_only)?;
             let n = batch.num_rows();
             if n == 0 {
                 return Ok(());
@@ -295,11 +310,7 @@ impl MilvusSource {
             // of the range is read by ranges that need no order.
             if n == limit {
                 let first = after.map_or(lo, |a| a + 1);
-                let mut upto = range_expr(pk, first, last, None);
-                if !filter.is_empty() {
-                    upto = format!("({upto}) and ({filter})");
-                }
-                if self.conn.count_where(name, &self.and_subset(&upto), self.read_ts())? > n as u64 {
+                if self.conn.count_where(name, &self.range_where(first, last, None, filter), self.read_ts())? > n as u64 {
                     self.key_ordered.store(false, Relaxed);
                     return self.pages_by_count(first, hi, filter, ids_only, f);
                 }
@@ -319,24 +330,10 @@ impl MilvusSource {
     /// a larger one is halved; ranges go out in ascending order, each sorted.
     fn pages_by_count(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
-        let pk = &self.coll.pk_field;
-        let (output, limit) = if ids_only {
-            (std::slice::from_ref(pk), self.plan_page_rows)
-        } else {
-            (self.output.as_slice(), self.page_rows)
-        };
-        let expr_of = |a: i64, b: i64| {
-            let range = range_expr(pk, a, b, None);
-            let e = match (range.is_empty(), filter.is_empty()) {
-                (true, _) => filter.to_string(),
-                (false, true) => range,
-                (false, false) => format!("({range}) and ({filter})"),
-            };
-            self.and_subset(&e)
-        };
+        let (output, limit) = self.page_shape(ids_only);
         let mut ranges = vec![(lo, hi)];
         while let Some((a, b)) = ranges.pop() {
-            let expr = expr_of(a, b);
+            let expr = self.range_where(a, b, None, filter);
             let n = self.conn.count_where(name, &expr, self.read_ts())? as usize;
             if n == 0 {
                 continue;
@@ -348,16 +345,7 @@ impl MilvusSource {
                 continue;
             }
             let data = self.conn.query(name, &expr, output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
-            let batch = if ids_only {
-                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
-                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
-                RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), decode_field(info, fd)?)])?
-            } else {
-                decode_result(&self.coll, data)?
-            };
-            let key = batch.column_by_name(&self.coll.spec.primary_key).unwrap();
-            let order = arrow::compute::sort_to_indices(key, None, None)?;
-            let sorted = arrow::compute::take_record_batch(&batch, &order)?;
+            let sorted = self.sorted_page(data, ids_only)?;
             if sorted.num_rows() > 0 {
                 f(sorted)?;
             }
