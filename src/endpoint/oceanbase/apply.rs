@@ -45,12 +45,11 @@ impl ObSink {
         let tag = self.tag();
         let statement_bytes = *self.statement_bytes.lock().unwrap();
         let mut c = self.pool.get().await?;
-        c.query_drop(format!(
+        let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (job VARCHAR(255) PRIMARY KEY, position BIGINT UNSIGNED NOT NULL, \
              inserts BIGINT NOT NULL, updates BIGINT NOT NULL, deletes BIGINT NOT NULL, applied_at VARCHAR(40) NOT NULL)"
-        ))
-        .await
-        .ob("creating the positions table")?;
+        );
+        create_own_table(&mut c, POSITIONS_TABLE, &ddl, "creating the positions table").await?;
         c.query_drop("START TRANSACTION").await.ob("starting a change batch")?;
         // Deleted rows by id; final images by REPLACE (a row with the same id,
         // e.g. from a replayed batch, is replaced: measured faster than

@@ -14,6 +14,7 @@ pub use sink::ObSink;
 pub use source::ObSource;
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::record_batch::RecordBatch;
@@ -142,6 +143,25 @@ pub(super) fn str_literal(s: &str) -> String {
     let mut out = Vec::new();
     push_str_literal(s, &mut out);
     String::from_utf8(out).unwrap()
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for vmig's own tables, then waits until this
+/// session sees the table: when another job creates it at the same moment,
+/// OceanBase answers "exists" before the new table reaches this session's
+/// schema, and the next statement fails with 1146 (seen with two tables of
+/// one job starting together).
+pub(super) async fn create_own_table(c: &mut Conn, name: &str, ddl: &str, what: &str) -> Result<()> {
+    c.query_drop(ddl).await.ob(what)?;
+    let started = std::time::Instant::now();
+    loop {
+        match c.query_drop(format!("SELECT 1 FROM {name} LIMIT 0")).await {
+            Ok(()) => return Ok(()),
+            Err(mysql_async::Error::Server(e)) if e.code == 1146 && started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e).ob(what),
+        }
+    }
 }
 
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).

@@ -277,12 +277,11 @@ impl Sink for ObSink {
         let me = serde_json::to_string(&Holder::me())?;
         self.handle.block_on(async {
             let mut c = connect(&self.url).await?;
-            c.query_drop(format!(
+            let ddl = format!(
                 "CREATE TABLE IF NOT EXISTS {RUNS_TABLE} (job VARCHAR(255) NOT NULL PRIMARY KEY, holder VARCHAR(1024) NOT NULL, \
                  expires_ms BIGINT NOT NULL)"
-            ))
-            .await
-            .ob("creating the runs table")?;
+            );
+            create_own_table(&mut c, RUNS_TABLE, &ddl, "creating the runs table").await?;
             take_lease(&mut c, job, &me, &self.describe(), fb).await?;
             self.end_leftover_sessions(&mut c, job, fb).await?;
             Ok::<_, anyhow::Error>(())
@@ -317,13 +316,12 @@ impl Sink for ObSink {
                 }
             };
             if !opts.job.is_empty() {
-                c.query_drop(format!(
+                let ddl = format!(
                     "CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (job VARCHAR(255) NOT NULL, chunk INT NOT NULL, lo BIGINT NOT NULL, \
                      hi BIGINT NOT NULL, `rows` BIGINT NOT NULL, rejected BIGINT NOT NULL, content_hash VARCHAR(64) NOT NULL, \
                      bytes BIGINT NOT NULL, committed_at VARCHAR(40) NOT NULL, PRIMARY KEY (job, chunk))"
-                ))
-                .await
-                .ob("creating ledger table")?;
+                );
+                create_own_table(&mut c, LEDGER_TABLE, &ddl, "creating ledger table").await?;
                 let ledger_rows = query_i64(
                     &mut c,
                     &format!("SELECT count(*) FROM {LEDGER_TABLE} WHERE job = {}", str_literal(&opts.job)),
