@@ -34,6 +34,7 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
         Some(p) => PipelineFile::load(p)?,
         None => PipelineFile::default(),
     };
+    a.subset = a.subset.or(file.subset());
     a.from = a.from.or(file.from).or_else(|| std::env::var("VMIG_FROM").ok());
     a.to = a.to.or(file.to).or_else(|| std::env::var("VMIG_TO").ok());
     a.table = a.table.or(file.table);
@@ -67,7 +68,6 @@ pub fn resolve_run_args(mut a: RunArgs) -> Result<RunArgs> {
     a.shards = a.shards.or(file.shards);
     a.lease = a.lease.or(file.lease);
     a.tables = a.tables.or(file.tables);
-    a.subset = a.subset.or(crate::cli::SubsetArgs { filter: file.filter, team: file.team, dataset: file.dataset, collection: file.collection });
     Ok(a)
 }
 

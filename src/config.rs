@@ -406,7 +406,19 @@ pub struct PipelineFile {
     pub tables: Option<Vec<TableEntry>>,
 }
 
+impl TableEntry {
+    /// The subset this table's entry asks for, as the command line says it.
+    pub fn subset(&self) -> crate::cli::SubsetArgs {
+        crate::cli::SubsetArgs { filter: self.filter.clone(), team: self.team.clone(), dataset: self.dataset.clone(), collection: self.collection.clone() }
+    }
+}
+
 impl PipelineFile {
+    /// The subset the file asks for, as the command line says it.
+    pub fn subset(&self) -> crate::cli::SubsetArgs {
+        crate::cli::SubsetArgs { filter: self.filter.clone(), team: self.team.clone(), dataset: self.dataset.clone(), collection: self.collection.clone() }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading pipeline file {}", path.display()))?;
@@ -448,14 +460,10 @@ mod tests {
             let p = e.unwrap().path();
             let f = PipelineFile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             assert!(f.description.is_some(), "{} explains itself", p.display());
-            let subset = |filter: &Option<String>, team: &Option<String>, dataset: &Option<String>, collection: &Option<String>| {
-                crate::cli::SubsetArgs { filter: filter.clone(), team: team.clone(), dataset: dataset.clone(), collection: collection.clone() }
-                    .filter()
-                    .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
-            };
-            subset(&f.filter, &f.team, &f.dataset, &f.collection);
+            let parse = |s: crate::cli::SubsetArgs| s.filter().unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            parse(f.subset());
             for t in f.tables.iter().flatten() {
-                subset(&t.filter, &t.team, &t.dataset, &t.collection);
+                parse(t.subset());
             }
             n += 1;
         }

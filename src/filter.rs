@@ -193,8 +193,13 @@ impl Filter {
     /// A SQL condition for statements that take no bind parameters (COPY):
     /// every value, integers too, becomes a string literal made by the
     /// backend's own escaping `literal` (SQL compares '5' with an integer
-    /// column as 5). `quote` quotes (and may qualify) a column.
-    pub fn sql_literals(&self, quote: &dyn Fn(&str) -> String, literal: &dyn Fn(&str) -> String) -> String {
+    /// column as 5). `ident` quotes a name; columns are qualified by
+    /// `qualifier` when given.
+    pub fn sql_literals(&self, qualifier: Option<&str>, ident: &dyn Fn(&str) -> String, literal: &dyn Fn(&str) -> String) -> String {
+        let quote = |c: &str| match qualifier {
+            Some(q) => format!("{q}.{}", ident(c)),
+            None => ident(c),
+        };
         self.terms
             .iter()
             .map(|t| {

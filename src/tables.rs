@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use crate::cli::{RunArgs, SubsetArgs};
+use crate::cli::RunArgs;
 use crate::commands::{JobSetup, resolve_run_args, run_setup, setup_job};
 use crate::config::TableEntry;
 use crate::pipeline::Permits;
@@ -54,7 +54,7 @@ fn table_args(base: &RunArgs, e: &TableEntry) -> RunArgs {
     a.tables = None;
     a.table = Some(e.table.clone());
     a.target_table = e.target_table.clone();
-    a.subset = SubsetArgs { filter: e.filter.clone(), team: e.team.clone(), dataset: e.dataset.clone(), collection: e.collection.clone() };
+    a.subset = e.subset();
     a.milvus_fields = e.milvus_fields.clone().or_else(|| base.milvus_fields.clone());
     a.staging = base.staging.as_ref().map(|s| format!("{}/{}", s.trim_end_matches('/'), path_safe(&target)));
     a.job = base.job.as_ref().map(|j| format!("{j}.{}", path_safe(&target)));

@@ -14,7 +14,7 @@ use milvus::proto::milvus::DeleteRequest;
 use super::encode::start_upsert;
 use super::sink::{MilvusSink, request_flush, wait_flushed};
 use super::source::decode_result;
-use super::{Collection, base};
+use super::{Collection, base, in_expr};
 use crate::online::{AppliedPosition, ChangeSet, keys_of};
 
 /// Ids per delete or lookup expression.
@@ -104,7 +104,3 @@ impl MilvusSink {
     }
 }
 
-fn in_expr(pk_field: &str, ids: &[i64]) -> String {
-    let list: Vec<String> = ids.iter().map(|k| k.to_string()).collect();
-    format!("{pk_field} in [{}]", list.join(","))
-}

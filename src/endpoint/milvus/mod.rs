@@ -371,6 +371,12 @@ impl Milvus {
     }
 }
 
+/// `pk in [ids]`: the rows with these keys.
+pub fn in_expr(pk_field: &str, ids: &[i64]) -> String {
+    let list: Vec<String> = ids.iter().map(|k| k.to_string()).collect();
+    format!("{pk_field} in [{}]", list.join(","))
+}
+
 /// The values of a scalar field in a reply.
 pub fn scalar(fd: &FieldData) -> Option<&scalar_field::Data> {
     match &fd.field {

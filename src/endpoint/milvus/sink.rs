@@ -668,8 +668,8 @@ impl ChunkWriter for MilvusChunkWriter {
         if let Some((expr, f)) = &self.foreign_check {
             let (conn, coll) = (&self.conn, &self.coll);
             let more = refuse_foreign_ids(batch, &coll.spec.primary_key, f, &mut |ids| {
-                let list = ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
-                let data = conn.query(&coll.spec.name, &format!("{} in [{list}] and not ({expr})", coll.pk_field), &[coll.pk_field.clone()], ids.len(), None)?;
+                let held_elsewhere = format!("{} and not ({expr})", super::in_expr(&coll.pk_field, ids));
+                let data = conn.query(&coll.spec.name, &held_elsewhere, &[coll.pk_field.clone()], ids.len(), None)?;
                 let held = super::source::decode_keys(coll, data)?;
                 Ok(held)
             })?;

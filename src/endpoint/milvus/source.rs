@@ -16,7 +16,7 @@ use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
 use tokio::runtime::Handle;
 
 use crate::endpoint::Source;
-use super::{Collection, FieldInfo, FieldKind, Milvus, discover, scalar};
+use super::{Collection, FieldInfo, FieldKind, Milvus, discover, in_expr, scalar};
 use crate::config::MilvusUrl;
 use crate::plan::{ChunkRange, ranges_from_bounds};
 use crate::schema::{IndexKind, TableSpec, vector_item_field};
@@ -127,6 +127,17 @@ pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<Reco
 
 // ---------------------------------------------------------------- source
 
+/// Which fields a page of a keyed read asks for.
+#[derive(Clone, Copy)]
+enum Shape<'a> {
+    /// Every field of the table.
+    Rows,
+    /// The key alone.
+    Ids,
+    /// The key and one raw Int64 field.
+    IdsWith(&'a str),
+}
+
 pub struct MilvusSource {
     conn: Milvus,
     coll: Collection,
@@ -211,53 +222,35 @@ impl MilvusSource {
     /// Rows matching a filter expression, all of them (keyset pages by id), in
     /// batches sorted by id.
     pub fn read_where(&self, filter: &str, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages_where(i64::MIN, i64::MAX, filter, false, out)
+        self.pages_where(i64::MIN, i64::MAX, filter, Shape::Rows, out)
     }
 
     /// (id, value of the Int64 field `field`) of every row matching `filter`,
-    /// in keyset pages by id.
+    /// in pages by id (checked like every other read, see `pages_where`).
     pub fn ids_with(&self, field: &str, filter: &str) -> Result<Vec<(i64, i64)>> {
-        let pk = &self.coll.pk_field;
-        let output = [pk.clone(), field.to_string()];
-        let longs = |data: &[FieldData], name: &str| -> Result<Vec<i64>> {
-            match data.iter().find(|d| d.field_name == name).and_then(scalar) {
-                Some(scalar_field::Data::LongData(l)) => Ok(l.data.clone()),
-                _ => bail!("Milvus returned no Int64 values for {name}"),
-            }
-        };
         let mut out = Vec::new();
-        let mut after: Option<i64> = None;
-        loop {
-            let range = range_expr(pk, i64::MIN, i64::MAX, after);
-            let expr = self.and_subset(&if range.is_empty() { filter.to_string() } else { format!("{range} and ({filter})") });
-            let data = self.conn.query(&self.coll.spec.name, &expr, &output, MAX_QUERY_LIMIT, self.read_ts())?;
-            let ids = longs(&data, pk)?;
-            let values = longs(&data, field)?;
-            let n = ids.len();
-            let mut page: Vec<(i64, i64)> = ids.into_iter().zip(values).collect();
-            page.sort_unstable();
-            after = page.last().map(|p| p.0);
-            out.extend(page);
-            if n < MAX_QUERY_LIMIT {
-                return Ok(out);
-            }
+        self.pages_where(i64::MIN, i64::MAX, filter, Shape::IdsWith(field), &mut |b| {
+            let column = |i: usize| b.column(i).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+            out.extend(column(0).into_iter().zip(column(1)));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn pages(&self, lo: i64, hi: i64, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        self.pages_where(lo, hi, "", shape, f)
+    }
+
+    /// What a page asks for, and how many rows.
+    fn page_shape(&self, shape: Shape) -> (Vec<String>, usize) {
+        let pk = &self.coll.pk_field;
+        match shape {
+            Shape::Rows => (self.output.clone(), self.page_rows),
+            Shape::Ids => (vec![pk.clone()], self.plan_page_rows),
+            Shape::IdsWith(field) => (vec![pk.clone(), field.to_string()], self.plan_page_rows),
         }
     }
 
-    fn pages(&self, lo: i64, hi: i64, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages_where(lo, hi, "", ids_only, f)
-    }
-
-    /// What a page asks for: every field or the key only, and how many rows.
-    fn page_shape(&self, ids_only: bool) -> (&[String], usize) {
-        if ids_only {
-            (std::slice::from_ref(&self.coll.pk_field), self.plan_page_rows)
-        } else {
-            (self.output.as_slice(), self.page_rows)
-        }
-    }
-
-    /// Keys in `[lo, hi]` (after `after`) AND `filter` AND the subset.
     fn range_where(&self, lo: i64, hi: i64, after: Option<i64>, filter: &str) -> String {
         let range = range_expr(&self.coll.pk_field, lo, hi, after);
         let e = match (range.is_empty(), filter.is_empty()) {
@@ -268,32 +261,44 @@ impl MilvusSource {
         self.and_subset(&e)
     }
 
-    /// A query's reply as a batch sorted by key (the key alone when `ids_only`).
-    fn sorted_page(&self, data: Vec<FieldData>, ids_only: bool) -> Result<RecordBatch> {
+    /// A query's reply as a batch sorted by key, in the page's shape (`Ids`:
+    /// the key alone; `IdsWith`: the key and the raw Int64 field).
+    fn sorted_page(&self, data: Vec<FieldData>, shape: Shape) -> Result<RecordBatch> {
         let pk = &self.coll.pk_field;
-        let batch = if ids_only {
-            let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
-            let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
-            RecordBatch::try_from_iter([(self.coll.spec.primary_key.as_str(), decode_field(info, fd)?)])?
-        } else {
-            decode_result(&self.coll, data)?
+        let key = self.coll.spec.primary_key.as_str();
+        let batch = match shape {
+            Shape::Rows => decode_result(&self.coll, data)?,
+            Shape::Ids => {
+                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
+                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
+                RecordBatch::try_from_iter([(key, decode_field(info, fd)?)])?
+            }
+            Shape::IdsWith(field) => {
+                let longs = |name: &str| -> Result<ArrayRef> {
+                    match data.iter().find(|d| d.field_name == name).and_then(scalar) {
+                        Some(scalar_field::Data::LongData(l)) => Ok(Arc::new(Int64Array::from(l.data.clone()))),
+                        _ => bail!("Milvus returned no Int64 values for {name}"),
+                    }
+                };
+                RecordBatch::try_from_iter([(key, longs(pk)?), (field, longs(field)?)])?
+            }
         };
-        let order = arrow::compute::sort_to_indices(batch.column_by_name(&self.coll.spec.primary_key).unwrap(), None, None)?;
+        let order = arrow::compute::sort_to_indices(batch.column_by_name(key).unwrap(), None, None)?;
         Ok(arrow::compute::take_record_batch(&batch, &order)?)
     }
 
     /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
-    /// `ids_only` pages are one column, the primary key.
-    fn pages_where(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    /// `shape` says which fields a page holds.
+    fn pages_where(&self, lo: i64, hi: i64, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         if !self.key_ordered.load(Relaxed) {
-            return self.pages_by_count(lo, hi, filter, ids_only, f);
+            return self.pages_by_count(lo, hi, filter, shape, f);
         }
         let name = &self.coll.spec.name;
-        let (output, limit) = self.page_shape(ids_only);
+        let (output, limit) = self.page_shape(shape);
         let mut after = None;
         loop {
-            let data = self.conn.query(name, &self.range_where(lo, hi, after, filter), output, limit, self.read_ts())?;
-            let batch = self.sorted_page(data, ids_only)?;
+            let data = self.conn.query(name, &self.range_where(lo, hi, after, filter), &output, limit, self.read_ts())?;
+            let batch = self.sorted_page(data, shape)?;
             let n = batch.num_rows();
             if n == 0 {
                 return Ok(());
@@ -312,7 +317,7 @@ impl MilvusSource {
                 let first = after.map_or(lo, |a| a + 1);
                 if self.conn.count_where(name, &self.range_where(first, last, None, filter), self.read_ts())? > n as u64 {
                     self.key_ordered.store(false, Relaxed);
-                    return self.pages_by_count(first, hi, filter, ids_only, f);
+                    return self.pages_by_count(first, hi, filter, shape, f);
                 }
             }
             f(batch)?;
@@ -328,9 +333,9 @@ impl MilvusSource {
     /// `pages_where` for servers whose limited queries are not in key order:
     /// a range holding at most a page of rows (by `count(*)`) is read whole,
     /// a larger one is halved; ranges go out in ascending order, each sorted.
-    fn pages_by_count(&self, lo: i64, hi: i64, filter: &str, ids_only: bool, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn pages_by_count(&self, lo: i64, hi: i64, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
-        let (output, limit) = self.page_shape(ids_only);
+        let (output, limit) = self.page_shape(shape);
         let mut ranges = vec![(lo, hi)];
         while let Some((a, b)) = ranges.pop() {
             let expr = self.range_where(a, b, None, filter);
@@ -344,8 +349,8 @@ impl MilvusSource {
                 ranges.push((a, mid));
                 continue;
             }
-            let data = self.conn.query(name, &expr, output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
-            let sorted = self.sorted_page(data, ids_only)?;
+            let data = self.conn.query(name, &expr, &output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
+            let sorted = self.sorted_page(data, shape)?;
             if sorted.num_rows() > 0 {
                 f(sorted)?;
             }
@@ -371,7 +376,7 @@ impl Source for MilvusSource {
         // Walk the ids (8 bytes each) and note every chunk_rows-th.
         let mut bounds = Vec::new();
         let mut total = 0u64;
-        self.pages(i64::MIN, i64::MAX, true, &mut |b| {
+        self.pages(i64::MIN, i64::MAX, Shape::Ids, &mut |b| {
             let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
             for i in 0..ids.len() {
                 total += 1;
@@ -385,7 +390,7 @@ impl Source for MilvusSource {
     }
 
     fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
-        self.pages(lo, hi, true, &mut |b| out(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values()))
+        self.pages(lo, hi, Shape::Ids, &mut |b| out(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values()))
     }
 
     fn search(&self, query: &[f32], k: usize, metric: crate::schema::Metric, ef: u32) -> Result<(Vec<i64>, String)> {
@@ -450,8 +455,7 @@ impl Source for MilvusSource {
 
     fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
-            let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
-            let expr = self.and_subset(&format!("{} in [{}]", self.coll.pk_field, list.join(",")));
+            let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));
             let data = self.conn.query(&self.coll.spec.name, &expr, &self.output, part.len(), self.read_ts())?;
             let batch = decode_result(&self.coll, data)?;
             if batch.num_rows() > 0 {
@@ -468,7 +472,7 @@ impl Source for MilvusSource {
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages(chunk.lo, chunk.hi, false, &mut |b| {
+        self.pages(chunk.lo, chunk.hi, Shape::Rows, &mut |b| {
             let mut off = 0;
             while off < b.num_rows() {
                 let n = batch_rows.min(b.num_rows() - off);

@@ -166,10 +166,7 @@ pub(super) async fn create_own_table(c: &mut Conn, name: &str, ddl: &str, what: 
 
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).
 pub fn filter_sql(f: &crate::filter::Filter, qualifier: Option<&str>) -> String {
-    f.sql_literals(&|c| match qualifier {
-        Some(q) => format!("{q}.{}", ident(c)),
-        None => ident(c),
-    }, &str_literal)
+    f.sql_literals(qualifier, &ident, &str_literal)
 }
 
 // ---------------------------------------------------------------- catalog

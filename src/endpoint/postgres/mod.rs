@@ -53,10 +53,7 @@ pub fn literal(s: &str) -> String {
 
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).
 pub fn filter_sql(f: &crate::filter::Filter, qualifier: Option<&str>) -> String {
-    f.sql_literals(&|c| match qualifier {
-        Some(q) => format!("{q}.{}", ident(c)),
-        None => ident(c),
-    }, &literal)
+    f.sql_literals(qualifier, &ident, &literal)
 }
 
 /// `schema.table` or `table` (in the connection's current schema).
