@@ -39,6 +39,7 @@ S3_PORT="${VMIG_S3_PORT:-25900}"
 MILVUS_LITE_PORT="${VMIG_MILVUS_LITE_PORT:-19640}"
 MILVUS_LITE_VERSION="3.2.2"
 PYMILVUS_VERSION="3.0.2"
+JIEBA_VERSION="0.42.1"
 LITE_VENV="${VMIG_MILVUS_LITE_VENV:-$STATE/.venv-milvus-lite}"
 MOTO_VERSION="5.2.5"
 
@@ -98,11 +99,19 @@ milvus_healthy() { # dir -> 0 when /healthz answers OK
   "$VENV/bin/python" -c "import sys,urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$port/healthz', timeout=2).read().strip()==b'OK' else 1)" 2>/dev/null
 }
 
-milvus_start_dir() { # dir port [auth]
-  local dir=$1 port=$2 auth=() i
-  # `auth`: users and passwords on (root / Milvus), as managed Milvus runs.
-  if [ "${3:-}" = auth ]; then auth=(--authorization-enabled true); fi
+milvus_start_dir() { # dir port [auth] [tls]
+  local dir=$1 port=$2 auth=() i opt
   mkdir -p "$dir"
+  for opt in "${@:3}"; do
+    case "$opt" in
+      # users and passwords on (root / Milvus), as managed Milvus runs
+      auth) auth+=(--authorization-enabled true) ;;
+      # TLS on the gRPC port with a certificate of a CA made here ($dir/tls/ca.pem)
+      tls) milvus_certificates "$dir/tls"
+           auth+=(--tls-mode 1 --server-pem-path "$dir/tls/server.pem" --server-key-path "$dir/tls/server.key" --ca-pem-path "$dir/tls/ca.pem") ;;
+      *) log "milvus-start: unknown option $opt (auth, tls)"; return 2 ;;
+    esac
+  done
   if [ -n "$(milvus_pids "$dir")" ]; then log "milvus already running on 127.0.0.1:$port"; return 0; fi
   # The embedded etcd's ports are not in the wrapper's template (its peer
   # port is fixed at 2380): give each server its own through ETCD_CONFIG_PATH.
@@ -125,6 +134,19 @@ ETCD
     sleep 0.5
   done
   log "milvus did not become healthy within 120 s; see $dir/logs and $dir/wrapper.log"; tail -20 "$dir/wrapper.log" >&2; return 1
+}
+
+# A throwaway CA and a server certificate for 127.0.0.1 / localhost signed by it.
+milvus_certificates() { # dir
+  local d=$1
+  [ -f "$d/server.pem" ] && return 0
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=vmig test CA" \
+    -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$d/san.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 30 \
+    -extfile "$d/san.ext" -out "$d/server.pem" 2>/dev/null
 }
 
 # SIGTERM the server first (the wrapper would SIGKILL it 1 s after SIGINT),
@@ -265,9 +287,10 @@ ensure_lite_venv() {
     log "creating virtualenv $LITE_VENV"
     python3 -m venv "$LITE_VENV"
   fi
-  if ! "$LITE_VENV/bin/python" -c "import milvus_lite, pymilvus" 2>/dev/null; then
-    log "installing milvus-lite==$MILVUS_LITE_VERSION pymilvus==$PYMILVUS_VERSION (a newer-protocol Milvus server)"
-    "$LITE_VENV/bin/pip" install -q --disable-pip-version-check "milvus-lite==$MILVUS_LITE_VERSION" "pymilvus==$PYMILVUS_VERSION"
+  # jieba: milvus-lite's Chinese tokenizer, for BM25 analyzers (FastGPT's modeldata_v2).
+  if ! "$LITE_VENV/bin/python" -c "import milvus_lite, pymilvus, jieba" 2>/dev/null; then
+    log "installing milvus-lite==$MILVUS_LITE_VERSION pymilvus==$PYMILVUS_VERSION jieba==$JIEBA_VERSION (a newer-protocol Milvus server)"
+    "$LITE_VENV/bin/pip" install -q --disable-pip-version-check "milvus-lite==$MILVUS_LITE_VERSION" "pymilvus==$PYMILVUS_VERSION" "jieba==$JIEBA_VERSION"
   fi
 }
 
@@ -315,6 +338,7 @@ print_env() {
   echo "export VMIG_TEST_SEEKDB=mysql://root@127.0.0.1:$SEEKDB_PORT/test"
   echo "export VMIG_TEST_MILVUS=http://127.0.0.1:$MILVUS_PORT"
   echo "export VMIG_TEST_MILVUS_LITE=http://127.0.0.1:$MILVUS_LITE_PORT"
+  echo "export VMIG_TEST_PYMILVUS=$LITE_VENV/bin/python"
   echo "export VMIG_PG_BIN=$(pg_bin)"
   echo "export VMIG_SEEKDB_BIN=$(seekdb_bin)"
   echo "export VMIG_VENV=$VENV"
@@ -335,7 +359,7 @@ case "${1:-}" in
   stop)
     pg_stop_one pg-source; pg_stop_one pg-target; seekdb_stop_dir "$DATA/seekdb"; milvus_stop_dir "$DATA/milvus"; s3_stop; lite_stop ;;
   milvus-start)
-    ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" "${4:-}" ;;
+    ensure_venv; milvus_start_dir "${2:?dir}" "${3:?port}" "${@:4}" ;;
   milvus-stop)
     milvus_stop_dir "${2:?dir}" ;;
   seekdb-start)
@@ -364,5 +388,5 @@ case "${1:-}" in
   env)
     ensure_venv; print_env ;;
   *)
-    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT [auth]|milvus-stop DIR" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT [auth] [tls]|milvus-stop DIR" >&2; exit 2 ;;
 esac

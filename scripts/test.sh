@@ -7,12 +7,16 @@ eval "$(scripts/dbs.sh env)"
 # pyarrow and DuckDB read the staging files in the interoperability test.
 "$VMIG_VENV/bin/pip" install -q --disable-pip-version-check pyarrow duckdb
 export VMIG_TEST_PYTHON="$VMIG_VENV/bin/python"
-# Debian's Chromium renders verify's HTML report in its test.
-if ! command -v chromium >/dev/null; then
-  echo "test: installing chromium (Debian) for the HTML report test"
+# Debian's Chromium renders verify's HTML report in its test; openssl makes
+# the certificates of the TLS Milvus test (scripts/dbs.sh milvus-start … tls).
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test: installing ${missing[*]} (Debian) for the HTML report and TLS tests"
   { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
-    echo "test: could not install chromium; only the HTML report test will fail" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
+    echo "test: could not install ${missing[*]}; the HTML report or TLS test will fail" >&2
 fi
 log="$(mktemp)"
 set +e

@@ -183,14 +183,18 @@ pub fn fastgpt_field_map() -> Vec<FieldMap> {
 /// The database FastGPT keeps its collections in; used when a Milvus URL names none.
 pub const MILVUS_DEFAULT_DATABASE: &str = "fastgpt";
 
-/// A Milvus address: `http://host:19530[/db]`, `https://…` (TLS),
-/// `milvus://[user:password@]host[:19530][/db][?tls=true]`. The token comes
+/// A Milvus address: `http://host:19530[/db]`, `https://host[:443][/db]`
+/// (TLS, as Zilliz Cloud gives its endpoints),
+/// `milvus://[user:password@]host[:19530][/db][?tls=true]`; `ca=PATH` trusts
+/// a private CA's PEM certificate besides the system's. The token comes
 /// from the URL's user:password or from `MILVUS_TOKEN` (`none` = no token).
 #[derive(Clone)]
 pub struct MilvusUrl {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// A CA certificate (PEM file) trusted for TLS besides the system's.
+    pub ca: Option<std::path::PathBuf>,
     pub database: String,
     token: Option<String>,
     /// Column ↔ field mapping (FastGPT's unless a pipeline file gives one).
@@ -207,12 +211,18 @@ impl MilvusUrl {
     pub fn parse(raw: &str) -> Result<Self> {
         let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid Milvus address: {e}"))?;
         let decode = |s: &str| percent_decode(s).with_context(|| "invalid percent-encoding in Milvus address".to_string());
-        let mut tls = u.scheme() == "https";
+        let https = u.scheme() == "https";
+        let mut tls = https;
+        let mut ca = None;
         for (k, v) in u.query_pairs() {
             match (k.as_ref(), v.as_ref()) {
                 ("tls" | "secure", "true" | "1") => tls = true,
                 ("tls" | "secure", "false" | "0") => tls = false,
-                (k, v) => bail!("unsupported Milvus address parameter {k}={v} (supported: tls=true|false)"),
+                ("ca" | "sslrootcert", path) => {
+                    ca = Some(std::path::PathBuf::from(path));
+                    tls = true;
+                }
+                (k, v) => bail!("unsupported Milvus address parameter {k}={v} (supported: tls=true|false, ca=PATH)"),
             }
         }
         let database = decode(u.path().trim_matches('/'))?;
@@ -224,8 +234,10 @@ impl MilvusUrl {
         };
         Ok(MilvusUrl {
             host: u.host_str().unwrap_or("127.0.0.1").to_string(),
-            port: u.port().unwrap_or(19530),
+            // Zilliz Cloud's endpoints are https:// URLs without a port.
+            port: u.port().unwrap_or(if https { 443 } else { 19530 }),
             tls,
+            ca,
             database: if database.is_empty() { MILVUS_DEFAULT_DATABASE.into() } else { database },
             token,
             fields: fastgpt_field_map(),
@@ -481,6 +493,10 @@ mod tests {
         assert!(!format!("{t:?}").contains("Mil@vus"));
         let Endpoint::Milvus(k) = Endpoint::parse("https://APIKEY123@cloud.example/default").unwrap() else { panic!() };
         assert_eq!((k.tls, k.token(), k.redacted().contains("APIKEY")), (true, Some("APIKEY123"), false));
+        // Zilliz Cloud endpoints come without a port; a private CA is named by ca=.
+        assert_eq!((k.port, k.grpc_address()), (443, "https://cloud.example:443".to_string()));
+        let Endpoint::Milvus(c) = Endpoint::parse("milvus://h:19530/kb?ca=/etc/ca.pem").unwrap() else { panic!() };
+        assert_eq!((c.tls, c.ca.as_deref()), (true, Some(std::path::Path::new("/etc/ca.pem"))));
         assert_eq!(fastgpt_field_map()[3], FieldMap { column: "createtime".into(), field: "createTime".into(), epoch_ms: true });
     }
 

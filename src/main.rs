@@ -10,6 +10,9 @@ use vmig::commands::{self, EXIT_CANCELLED, open_source, parse_side};
 use vmig::config::{Endpoint, redact_free_text};
 
 fn main() -> ExitCode {
+    // Without one process-wide provider, the first TLS connection to Milvus
+    // (https://, tonic) panicked: rustls cannot choose between ring and aws-lc-rs.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,

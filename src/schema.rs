@@ -121,6 +121,47 @@ pub struct TableSpec {
     /// Secondary indexes (not the primary key).
     #[serde(default)]
     pub indexes: Vec<IndexSpec>,
+    /// Fields the database computes from columns (Milvus functions): never
+    /// read or written, declared again on a Milvus target vmig creates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub computed: Vec<ComputedField>,
+}
+
+/// A field a Milvus function computes from columns, e.g. FastGPT's
+/// `modeldata_v2.sparse`: BM25 over `text` (function `text_bm25_emb`).
+/// Kept as the source declared it, so a created target computes the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputedField {
+    /// The output field.
+    pub field: String,
+    /// Milvus data type of the output, e.g. "SparseFloatVector".
+    pub data_type: String,
+    /// The function: its name, type ("BM25") and parameters.
+    pub function: String,
+    pub function_type: String,
+    #[serde(default)]
+    pub function_params: Vec<(String, String)>,
+    /// Input columns, each with the Milvus type parameters the function
+    /// needs on it (`enable_analyzer`, `analyzer_params`, `enable_match`).
+    pub inputs: Vec<ComputedInput>,
+    /// The index on the output field: name and parameters as described.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<(String, Vec<(String, String)>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputedInput {
+    pub column: String,
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+}
+
+impl ComputedField {
+    /// "sparse (BM25 over text)".
+    pub fn describe(&self) -> String {
+        let inputs: Vec<&str> = self.inputs.iter().map(|i| i.column.as_str()).collect();
+        format!("{} ({} over {})", self.field, self.function_type, inputs.join(", "))
+    }
 }
 
 impl TableSpec {

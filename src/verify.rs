@@ -62,6 +62,27 @@ pub struct VerifyReport {
     pub vector_comparison: String,
     /// "exact", or "milliseconds" when a side is Milvus (epoch-ms fields).
     pub timestamp_comparison: String,
+    /// Fields a side computes (Milvus functions), which are not compared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_compared: Vec<String>,
+}
+
+/// What verify says about fields Milvus computes: never copied (the target
+/// recomputes them), so never compared.
+pub fn computed_notes(from: &crate::schema::TableSpec, to: &crate::schema::TableSpec) -> Vec<String> {
+    let same = |a: &crate::schema::ComputedField, b: &crate::schema::ComputedField| a.field == b.field && a.function_type == b.function_type;
+    let mut notes: Vec<String> = from
+        .computed
+        .iter()
+        .map(|c| {
+            let there = if to.computed.iter().any(|t| same(t, c)) { "the target computes it too" } else { "the target does not compute it" };
+            format!("{}: computed by Milvus in the source, {there}; not copied, not compared", c.describe())
+        })
+        .collect();
+    notes.extend(
+        to.computed.iter().filter(|t| !from.computed.iter().any(|c| same(c, t))).map(|t| format!("{}: computed by Milvus in the target; not compared", t.describe())),
+    );
+    notes
 }
 
 /// How values are made comparable when one side cannot hold them exactly.
@@ -285,6 +306,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         differing_chunks: differing,
         vector_comparison,
         timestamp_comparison,
+        not_compared: computed_notes(from.spec(), to.spec()),
     })
 }
 
@@ -313,6 +335,9 @@ pub struct SampleReport {
     pub equal: bool,
     pub vector_comparison: String,
     pub timestamp_comparison: String,
+    /// Fields a side computes (Milvus functions), which are not compared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_compared: Vec<String>,
 }
 
 impl SampleReport {
@@ -413,5 +438,6 @@ pub fn verify_sample(from: &dyn Source, to: &dyn Source, n: usize, seed: u64) ->
         equal: clean && source_rows == target_rows && duplicates == 0,
         vector_comparison,
         timestamp_comparison,
+        not_compared: computed_notes(from.spec(), to.spec()),
     })
 }

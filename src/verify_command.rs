@@ -109,6 +109,9 @@ fn print_rows(r: &VerifyReport) {
     for d in &r.differing_chunks {
         println!("{}", d.describe());
     }
+    for n in &r.not_compared {
+        println!("{n}");
+    }
     println!(
         "verify: {} chunks · source {} rows · target {} rows · {}",
         r.chunks,
@@ -123,6 +126,9 @@ fn print_rows(r: &VerifyReport) {
 }
 
 fn print_sample(r: &SampleReport) {
+    for n in &r.not_compared {
+        println!("{n}");
+    }
     if !r.missing.is_empty() {
         println!("missing in the target (first 20 sampled ids): {:?}", r.missing);
     }

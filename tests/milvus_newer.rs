@@ -4,7 +4,7 @@
 //! handled by behaviour (what the server answers), never by version number.
 mod common;
 
-use common::milvus_db::{as_mrows, fresh_milvus_db_on, milvus_count, milvus_rows};
+use common::milvus_db::{as_mrows, fresh_milvus_db_on, milvus_base, milvus_count, milvus_count_where, milvus_rows, milvus_schema};
 use common::*;
 
 fn lite_base() -> String {
@@ -61,4 +61,171 @@ fn a_server_whose_pages_are_not_in_key_order_is_still_read_exactly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_same_rows(&src, "modeldata", &back, "modeldata");
     ok(&["verify", "--from", &lite, "--to", &back]);
+}
+
+/// FastGPT's createtime may be NULL. A collection vmig creates declares the
+/// field nullable where the server keeps NULLs (milvus-lite, 2.6 protocol):
+/// the NULLs arrive as NULLs and come back out as NULLs. Milvus 2.3 drops
+/// the flag, and vmig, reading back what the server kept, puts exactly the
+/// NULL rows into the rejects file with the reason, instead of failing the
+/// batch or inventing a value.
+#[test]
+fn nulls_go_into_a_nullable_field_where_the_server_keeps_them() {
+    let src = fresh_db(&source_base(), "newer_null_src", true);
+    ok(&["generate", "--to", &src, "--rows", "700", "--dim", "16"]);
+    exec(&src, "UPDATE modeldata SET createtime = NULL WHERE id % 7 = 0");
+    let nulls = query_i64(&src, "SELECT count(*) FROM modeldata WHERE createtime IS NULL");
+    assert!(nulls >= 90, "{nulls} NULLs");
+    let state = tempdir();
+    let root = state.path().to_str().unwrap();
+
+    let lite = fresh_milvus_db_on(&lite_base(), "newer_null");
+    ok(&["migrate", "--from", &src, "--to", &lite, "--chunk-rows", "200", "--quiet", "--state-root", root]);
+    let schema = milvus_schema(&lite, "modeldata");
+    assert!(schema.contains("nullable: true"), "createTime is declared nullable: {schema}");
+    assert_eq!(milvus_count(&lite, "modeldata"), 700);
+    assert_eq!(milvus_count_where(&lite, "modeldata", "createTime is null"), nulls);
+    ok(&["verify", "--from", &src, "--to", &lite]);
+    let back = fresh_db(&target_base(), "newer_null_back", true);
+    ok(&["migrate", "--from", &lite, "--to", &back, "--chunk-rows", "200", "--quiet", "--state-root", root]);
+    assert_same_rows(&src, "modeldata", &back, "modeldata");
+    assert_eq!(query_i64(&back, "SELECT count(*) FROM modeldata WHERE createtime IS NULL"), nulls);
+
+    let old = fresh_milvus_db_on(&milvus_base(), "older_null");
+    ok(&["migrate", "--from", &src, "--to", &old, "--chunk-rows", "200", "--quiet", "--state-root", root, "--job", "older", "--max-rejects", &nulls.to_string()]);
+    assert!(!milvus_schema(&old, "modeldata").contains("nullable: true"), "Milvus 2.3 keeps no nullable fields");
+    assert_eq!(milvus_count(&old, "modeldata"), 700 - nulls);
+    let rejected = rejects(&state.path().join("older"));
+    let want: Vec<i64> = rows(&src, "modeldata").iter().filter(|r| r.createtime.is_none()).map(|r| r.id).collect();
+    assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), want);
+    assert!(rejected.iter().all(|r| r.1 == "column createtime is NULL but the target requires a value"), "{:?}", rejected[0]);
+}
+
+/// Runs a pymilvus script of tests/fixtures (FastGPT's own way to create
+/// and read collections, independent of vmig) and parses its JSON line.
+fn pymilvus(script: &str, args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("VMIG_TEST_PYMILVUS").expect("VMIG_TEST_PYMILVUS (scripts/dbs.sh env) names the python with pymilvus");
+    let path = format!("{}/tests/fixtures/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python).arg(&path).args(args).output().unwrap();
+    assert!(out.status.success(), "{script} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// What a collection declares about BM25: its functions, the text field's
+/// parameters, the sparse field, and the sparse index's type and metric.
+fn bm25_declaration(probe: &serde_json::Value) -> serde_json::Value {
+    let ix = &probe["indexes"]["sparse"];
+    serde_json::json!({
+        "functions": probe["functions"],
+        "text": probe["fields"]["text"],
+        "sparse": probe["fields"]["sparse"],
+        "sparse_index": [ix["index_type"], ix["metric_type"]],
+    })
+}
+
+/// FastGPT ≥ 4.16.2 keeps `modeldata_v2` on Milvus 2.5+: vectors plus a
+/// BM25 function computing `sparse` from `text`. The sparse vectors are
+/// never copied: a collection vmig creates (directly or from a staging
+/// area) declares the same function, analyzer and sparse index, and Milvus
+/// recomputes them, so a BM25 search finds the same rows in both. Into
+/// PostgreSQL the rows arrive without `sparse`, and verify says why. A
+/// target collection that does not compute `sparse` is refused.
+#[test]
+fn fastgpt_modeldata_v2_keeps_its_bm25_function() {
+    let lite = lite_base();
+    let src = fresh_milvus_db_on(&lite, "v2_src");
+    let seeded = pymilvus("modeldata_v2.py", &[&lite, "v2_src", "600", "16", "11"]);
+    assert_eq!(seeded["ids"].as_array().unwrap().len(), 600);
+    let want = pymilvus("milvus_probe.py", &[&lite, "v2_src", "modeldata_v2"]);
+    assert_eq!(want["functions"][0]["name"], "text_bm25_emb");
+    assert!(want["bm25"]["迁移"].as_array().unwrap().len() > 50, "the source finds rows by BM25");
+    let state = tempdir();
+    let root = state.path().to_str().unwrap();
+    let args = |from: &str, to: &str| -> Vec<String> {
+        ["migrate", "--from", from, "--to", to, "--table", "modeldata_v2", "--chunk-rows", "200", "--quiet", "--state-root", root].map(String::from).to_vec()
+    };
+    let run = |a: Vec<String>| ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Milvus → Milvus: the function, not its output, is copied.
+    let dst = fresh_milvus_db_on(&lite, "v2_dst");
+    run(args(&src, &dst));
+    let got = pymilvus("milvus_probe.py", &[&lite, "v2_dst", "modeldata_v2"]);
+    assert_eq!(bm25_declaration(&got), bm25_declaration(&want));
+    assert_eq!(got["text"], want["text"], "every row's text");
+    assert_eq!(got["bm25"], want["bm25"], "BM25 finds the same rows");
+    assert_eq!(milvus_rows(&dst, "modeldata_v2"), milvus_rows(&src, "modeldata_v2"));
+    let v = ok(&["verify", "--from", &src, "--to", &dst, "--table", "modeldata_v2"]);
+    let said = String::from_utf8_lossy(&v.stdout).to_string();
+    assert!(said.contains("sparse (BM25 over text): computed by Milvus in the source, the target computes it too; not copied, not compared"), "{said}");
+
+    // Through a staging area: the manifest carries the function.
+    let staging = tempdir();
+    let st = staging.path().join("st");
+    let st = st.to_str().unwrap();
+    ok(&["export", "--from", &src, "--table", "modeldata_v2", "--staging", st, "--quiet", "--state-root", root]);
+    let staged = fresh_milvus_db_on(&lite, "v2_staged");
+    ok(&["import", "--staging", st, "--to", &staged, "--quiet", "--state-root", root]);
+    let got = pymilvus("milvus_probe.py", &[&lite, "v2_staged", "modeldata_v2"]);
+    assert_eq!(bm25_declaration(&got), bm25_declaration(&want));
+    assert_eq!(got["bm25"], want["bm25"]);
+
+    // Into PostgreSQL: every column but the computed one, exactly.
+    let pg = fresh_db(&target_base(), "v2_pg", true);
+    run(args(&src, &pg));
+    assert_eq!(query_i64(&pg, "SELECT count(*) FROM modeldata_v2"), 600);
+    assert_eq!(query_i64(&pg, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'modeldata_v2' AND column_name = 'sparse'"), 0);
+    let v = ok(&["verify", "--from", &src, "--to", &pg, "--table", "modeldata_v2"]);
+    let said = String::from_utf8_lossy(&v.stdout).to_string();
+    assert!(said.contains("sparse (BM25 over text): computed by Milvus in the source, the target does not compute it"), "{said}");
+
+    // A collection without the function (made from the PostgreSQL copy) is refused.
+    let plain = fresh_milvus_db_on(&lite, "v2_plain");
+    run(args(&pg, &plain));
+    let out = vmig(&args(&src, &plain).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("the source computes sparse (BM25 over text) with function text_bm25_emb, and target collection modeldata_v2 does not"), "{err}");
+}
+
+/// Managed Milvus (Zilliz Cloud) is reached as `https://…` with an API key.
+/// Here: a Milvus with users on and TLS on its gRPC port, its certificate
+/// from a private CA (named by `ca=`), the key given as `MILVUS_TOKEN`.
+/// PostgreSQL → that Milvus → PostgreSQL is exact; without the CA, over
+/// plain http, or with a wrong key, vmig stops with the reason and never
+/// prints the key.
+#[test]
+fn managed_milvus_over_tls_with_an_api_key() {
+    let server = common::milvus_db::PrivateMilvus::start_with("tls", 19635, &["auth", "tls"]);
+    let ca = server.dir.join("tls/ca.pem");
+    let src = fresh_db(&source_base(), "tls_src", true);
+    ok(&["generate", "--to", &src, "--rows", "600", "--dim", "16"]);
+    let back = fresh_db(&target_base(), "tls_back", true);
+    let state = tempdir();
+    let root = state.path().to_str().unwrap();
+    let milvus = format!("{}/tls_kb?ca={}", server.base, ca.display());
+    let run = |token: &str, from: &str, to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmig"))
+            .args(["migrate", "--from", from, "--to", to, "--chunk-rows", "200", "--quiet", "--state-root", root])
+            .env("MILVUS_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+
+    let out = run("root:Milvus", &src, &milvus);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run("root:Milvus", &milvus, &back);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_rows(&src, "modeldata", &back, "modeldata");
+
+    let wrong_key = "root:not-the-key-4711";
+    let out = run(wrong_key, &milvus, &back);
+    let err = stderr(&out);
+    assert!(!out.status.success() && !err.contains("not-the-key-4711"), "{err}");
+    assert!(err.to_lowercase().contains("auth") || err.contains("password"), "a wrong key says so: {err}");
+
+    let out = run("root:Milvus", &format!("{}/tls_kb", server.base), &back);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("certificate"), "an unknown CA is refused: {err}");
+    let out = run("root:Milvus", &format!("http://127.0.0.1:{}/tls_kb", server.port), &back);
+    assert!(!out.status.success(), "plain http to a TLS port fails: {}", stderr(&out));
 }

@@ -247,9 +247,14 @@ pub fn milvus_rows(url: &str, name: &str) -> Vec<MRow> {
 
 /// `count(*)` of a loaded collection, strongly consistent.
 pub fn milvus_count(url: &str, name: &str) -> i64 {
+    milvus_count_where(url, name, "")
+}
+
+/// `count(*)` of the rows matching `expr` ("" for all), strongly consistent.
+pub fn milvus_count_where(url: &str, name: &str, expr: &str) -> i64 {
     // The SDK's plain count() reads at the collection's default (Bounded) consistency.
     let strong = QueryOptions::new().consistency_level(0);
-    rt().block_on(async { client(url).await.count_with_expr(name, "", &strong).await.unwrap() })
+    rt().block_on(async { client(url).await.count_with_expr(name, expr, &strong).await.unwrap_or_else(|e| panic!("count {name} where {expr}: {e}")) })
 }
 
 /// `count(*)` once it equals `want`, or its last value after 90 s. Milvus
@@ -331,16 +336,31 @@ pub struct PrivateMilvus {
 impl PrivateMilvus {
     /// With `auth`, users are on and `base` carries root's default password.
     pub fn start(name: &str, port: u16, auth: bool) -> Self {
+        Self::start_with(name, port, if auth { &["auth"] } else { &[] })
+    }
+
+    /// `options`: "auth" (users on; `base` carries root's default password)
+    /// and "tls" (TLS with a certificate of `dir/tls/ca.pem`; `base` is
+    /// `https://`, without credentials).
+    pub fn start_with(name: &str, port: u16, options: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("vmig-test-milvus-{name}-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         let port_s = port.to_string();
         let mut args = vec!["milvus-start", dir.to_str().unwrap(), &port_s];
-        if auth {
-            args.push("auth");
-        }
+        args.extend(options);
         assert!(super::dbs_script(&args), "milvus did not start");
-        let creds = if auth { "root:Milvus@" } else { "" };
-        PrivateMilvus { dir, base: format!("http://{creds}127.0.0.1:{port}"), port }
+        // Healthy (its /healthz) can come before the proxy opens its port.
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(90), "milvus never opened port {port}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let base = if options.contains(&"tls") {
+            format!("https://127.0.0.1:{port}")
+        } else {
+            format!("http://{}127.0.0.1:{port}", if options.contains(&"auth") { "root:Milvus@" } else { "" })
+        };
+        PrivateMilvus { dir, base, port }
     }
 
     pub fn stop(&self) {

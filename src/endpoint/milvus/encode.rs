@@ -24,8 +24,19 @@ fn scalars(dt: DataType, name: &str, data: scalar_field::Data) -> FieldData {
     }
 }
 
-/// One column as a Milvus field (rows already checked by `refused_rows`).
+/// One column as a Milvus field (rows already checked by `refused_rows`). A
+/// nullable field carries the values of its non-null rows and one validity
+/// flag per row (`FieldData.valid_data`, as pymilvus writes it).
 fn encode_field(info: &FieldInfo, col: &dyn Array) -> Result<FieldData> {
+    if !info.nullable {
+        return encode_values(info, col);
+    }
+    let valid: Vec<bool> = (0..col.len()).map(|i| col.is_valid(i)).collect();
+    let values = arrow::compute::filter(col, &arrow::array::BooleanArray::from(valid.clone()))?;
+    Ok(FieldData { valid_data: valid, ..encode_values(info, values.as_ref())? })
+}
+
+fn encode_values(info: &FieldInfo, col: &dyn Array) -> Result<FieldData> {
     use scalar_field::Data as D;
     let cast = |t: &ArrowType| arrow::compute::cast(col, t);
     let f = &info.field;
@@ -92,8 +103,9 @@ fn cast_to_i64(a: &dyn Array) -> Result<Vec<i64>> {
     Ok(a.as_primitive::<Int64Type>().values().to_vec())
 }
 
-/// Rows Milvus would refuse for the whole request: NULLs (Milvus 2.3 fields
-/// cannot be null) and strings over a VarChar's max_length in bytes.
+/// Rows Milvus would refuse for the whole request: NULLs in a field that is
+/// not nullable (every field before Milvus 2.5) and strings over a VarChar's
+/// max_length in bytes.
 pub(super) fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec<RowReject>> {
     // The first reason found for each row.
     let mut reasons: Vec<Option<String>> = vec![None; batch.num_rows()];
@@ -103,7 +115,9 @@ pub(super) fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec
             .ok_or_else(|| anyhow!("rows have no column {} for Milvus field {}", info.column, info.field))?;
         for (row, reason) in reasons.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
             if col.is_null(row) {
-                *reason = Some(format!("NULL in {}: Milvus field {} cannot be null", info.column, info.field));
+                if !info.nullable {
+                    *reason = Some(format!("NULL in {}: Milvus field {} is not nullable", info.column, info.field));
+                }
             } else if let (FieldKind::VarChar { max_len }, Some(s)) = (&info.kind, col.as_string_opt::<i32>()) {
                 let n = s.value(row).len();
                 if n > *max_len as usize {

@@ -36,7 +36,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::error_chain;
 use crate::config::{FieldMap, MilvusUrl};
-use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
+use crate::schema::{ColumnSpec, ColumnType, ComputedField, ComputedInput, IndexKind, IndexSpec, Metric, TableSpec};
 
 /// Query responses may be this large; the client's default (4 MiB) stops at
 /// ~680 rows of 1536-d.
@@ -164,7 +164,12 @@ impl Milvus {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         if url.tls {
-            ep = ep.tls_config(ClientTlsConfig::new().with_native_roots()).context("Milvus TLS configuration")?;
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(ca) = &url.ca {
+                let pem = std::fs::read(ca).with_context(|| format!("reading the Milvus CA certificate {}", ca.display()))?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            ep = ep.tls_config(tls).context("Milvus TLS configuration")?;
         }
         let channel = handle
             .block_on(ep.connect())
@@ -410,6 +415,8 @@ pub struct FieldInfo {
     pub column: String,
     pub field: String,
     pub kind: FieldKind,
+    /// The server keeps NULLs in this field (a nullable scalar, Milvus 2.5+).
+    pub nullable: bool,
 }
 
 /// A collection seen through the mapping: its SQL-side spec and how each
@@ -470,7 +477,7 @@ pub fn map_collection(
             continue;
         }
         if f.is_function_output {
-            // Computed by Milvus from another field (BM25 sparse vectors).
+            // Computed by Milvus from other fields (BM25 sparse vectors): see below.
             continue;
         }
         let (column, epoch_ms) = column_of(map, &f.name);
@@ -519,7 +526,9 @@ pub fn map_collection(
             auto_increment: f.is_primary_key,
             default_now: false,
         });
-        fields.push(FieldInfo { column: column.to_string(), field: f.name.clone(), kind });
+        // Nullable vectors (2.6) are read and written as NOT NULL for now.
+        let nullable = f.nullable && !matches!(kind, FieldKind::FloatVector { .. });
+        fields.push(FieldInfo { column: column.to_string(), field: f.name.clone(), kind, nullable });
     }
     let (pk_column, pk_field) = pk.ok_or_else(|| anyhow!("collection {name} has no primary key"))?;
     let mut spec_indexes = Vec::new();
@@ -556,9 +565,59 @@ pub fn map_collection(
             });
         }
     }
-    let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes };
+    let computed = computed_fields(name, schema, indexes, map)?;
+    let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes, computed };
     spec.validate()?;
     Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field })
+}
+
+/// Type parameters of an input field that only its function needs (the
+/// rest, max_length and dim, follow from the column's type).
+const FUNCTION_INPUT_PARAMS: [&str; 4] = ["enable_analyzer", "analyzer_params", "enable_match", "multi_analyzer_params"];
+
+/// The collection's function output fields, as `ComputedField`s: each with
+/// its function, the input columns (and their analyzer parameters) and the
+/// output's index, so a target can declare exactly the same.
+fn computed_fields(
+    name: &str,
+    schema: &CollectionSchema,
+    indexes: &[milvus::proto::milvus::IndexDescription],
+    map: &[FieldMap],
+) -> Result<Vec<ComputedField>> {
+    let pairs = |kvs: &[KeyValuePair]| kvs.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    for f in schema.fields.iter().filter(|f| f.is_function_output) {
+        let function = schema
+            .functions
+            .iter()
+            .find(|g| g.output_field_names.contains(&f.name))
+            .ok_or_else(|| anyhow!("collection {name}: field {} is a function output, but no function computes it", f.name))?;
+        if function.output_field_names.len() != 1 {
+            bail!("collection {name}: function {} has {} outputs; vmig copies one-output functions", function.name, function.output_field_names.len());
+        }
+        let function_type = schema::FunctionType::try_from(function.r#type).map(|t| t.as_str_name().to_string()).unwrap_or(function.r#type.to_string());
+        let inputs = function
+            .input_field_names
+            .iter()
+            .map(|input| {
+                let field = schema.fields.iter().find(|g| &g.name == input).ok_or_else(|| anyhow!("collection {name}: function {} reads the missing field {input}", function.name))?;
+                let params = field.type_params.iter().filter(|kv| FUNCTION_INPUT_PARAMS.contains(&kv.key.as_str())).map(|kv| (kv.key.clone(), kv.value.clone())).collect();
+                Ok(ComputedInput { column: column_of(map, input).0.to_string(), params })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let data_type = DataType::try_from(f.data_type).map(|t| t.as_str_name().to_string()).unwrap_or(f.data_type.to_string());
+        let index = indexes.iter().find(|ix| ix.field_name == f.name).map(|ix| (ix.index_name.clone(), pairs(&ix.params)));
+        out.push(ComputedField {
+            field: f.name.clone(),
+            data_type,
+            function: function.name.clone(),
+            function_type,
+            function_params: pairs(&function.params),
+            inputs,
+            index,
+        });
+    }
+    Ok(out)
 }
 
 pub fn discover(conn: &Milvus, name: &str, map: &[FieldMap]) -> Result<Collection> {

@@ -15,7 +15,7 @@ use milvus::proto::milvus::{
     CreateCollectionRequest, CreateDatabaseRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest,
     GetCollectionStatisticsRequest, GetFlushStateRequest,
 };
-use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema};
+use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, FunctionSchema, FunctionType};
 use prost::Message;
 use tokio::runtime::Handle;
 
@@ -27,7 +27,7 @@ use crate::endpoint::{
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, FileLock, Ledger, LedgerFile};
 use crate::plan::ChunkRange;
-use crate::schema::{ColumnType, IndexKind, Metric, TableSpec};
+use crate::schema::{ColumnType, ComputedField, IndexKind, Metric, TableSpec};
 
 /// Bytes of rows per upsert request: well under the 64 MiB gRPC limit.
 /// Measured (200k × 1536-d): 8 and 16 MiB ingest alike, 32 MiB is slower.
@@ -69,14 +69,51 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
             (DataType::Int64, vec![])
         }
     };
+    // A server before 2.5 drops `nullable`; `prepare` reads back what it kept.
+    let nullable = col.nullable && !is_pk && dt != DataType::FloatVector;
     Ok(FieldSchema {
         name,
         is_primary_key: is_pk,
         data_type: dt as i32,
         type_params: params,
         auto_id: false,
+        nullable,
         ..Default::default()
     })
+}
+
+/// The same function over the same inputs into the same field.
+fn same_function(a: &ComputedField, b: &ComputedField) -> bool {
+    a.field == b.field && a.function_type == b.function_type && a.inputs.iter().map(|i| &i.column).eq(b.inputs.iter().map(|i| &i.column))
+}
+
+/// The fields and functions of a created collection: the source's computed
+/// fields are declared as function outputs, their inputs get the analyzer
+/// parameters the function needs.
+fn with_computed_fields(mut fields: Vec<FieldSchema>, source: &TableSpec, map: &[FieldMap]) -> Result<(Vec<FieldSchema>, Vec<FunctionSchema>)> {
+    let kvs = |pairs: &[(String, String)]| pairs.iter().map(|(k, v)| KeyValuePair { key: k.clone(), value: v.clone() }).collect::<Vec<_>>();
+    let mut functions = Vec::new();
+    for c in &source.computed {
+        let mut input_fields = Vec::new();
+        for input in &c.inputs {
+            let name = field_of(map, &input.column);
+            let f = fields.iter_mut().find(|f| f.name == name).ok_or_else(|| anyhow!("{} reads column {}, which is not copied", c.describe(), input.column))?;
+            f.type_params.extend(kvs(&input.params));
+            input_fields.push(name.to_string());
+        }
+        let data_type = DataType::from_str_name(&c.data_type).ok_or_else(|| anyhow!("{}: unknown Milvus type {}", c.describe(), c.data_type))?;
+        let function_type = FunctionType::from_str_name(&c.function_type).ok_or_else(|| anyhow!("{}: unknown function type {}", c.describe(), c.function_type))?;
+        fields.push(FieldSchema { name: c.field.clone(), data_type: data_type as i32, is_function_output: true, ..Default::default() });
+        functions.push(FunctionSchema {
+            name: c.function.clone(),
+            r#type: function_type as i32,
+            input_field_names: input_fields,
+            output_field_names: vec![c.field.clone()],
+            params: kvs(&c.function_params),
+            ..Default::default()
+        });
+    }
+    Ok((fields, functions))
 }
 
 fn create_collection(conn: &Milvus, name: &str, schema: CollectionSchema) -> Result<()> {
@@ -124,6 +161,11 @@ fn recreate_empty(conn: &Milvus, name: &str) -> Result<()> {
     schema.fields.retain(|f| !f.is_dynamic);
     for f in &mut schema.fields {
         f.field_id = 0;
+    }
+    for f in &mut schema.functions {
+        f.id = 0;
+        f.input_field_ids.clear();
+        f.output_field_ids.clear();
     }
     drop_collection(conn, name)?;
     create_collection(conn, name, schema)?;
@@ -423,10 +465,12 @@ impl Sink for MilvusSink {
                 let what = format!("creating Milvus database {}", self.conn.url.database);
                 self.conn.call(&what, |mut c| async move { c.create_database(req).await })?;
             }
+            let (fields, functions) = with_computed_fields(fields, source, &self.fields)?;
             let schema = CollectionSchema {
                 name: self.name.clone(),
                 description: "copied by vmig".into(),
                 fields,
+                functions,
                 // As FastGPT creates it.
                 enable_dynamic_field: true,
                 ..Default::default()
@@ -438,6 +482,18 @@ impl Sink for MilvusSink {
             bail!("target collection {} {AUTO_ID_REFUSAL}", self.name);
         }
         coll.spec.same_columns_as(source)?;
+        for c in &source.computed {
+            if !coll.spec.computed.iter().any(|t| same_function(t, c)) {
+                bail!(
+                    "the source computes {} with function {}, and target collection {} does not: its rows would have no {}; \
+                     create the collection with the same function, or let vmig create it",
+                    c.describe(),
+                    c.function,
+                    self.name,
+                    c.field
+                );
+            }
+        }
         if let Some(f) = self.subset.get() {
             f.check_columns(&coll.spec, &self.describe())?;
         }
@@ -521,7 +577,14 @@ impl Sink for MilvusSink {
                     wanted.push(c);
                 }
             }
-            if !has_vector_index || !wanted.is_empty() {
+            // Indexes on computed fields (BM25's sparse vectors), as the source has them.
+            let computed_indexes: Vec<(&str, &str, &[(String, String)])> = source
+                .computed
+                .iter()
+                .filter(|c| coll.spec.computed.iter().any(|t| t.field == c.field && t.index.is_none()))
+                .filter_map(|c| c.index.as_ref().map(|(name, params)| (c.field.as_str(), name.as_str(), params.as_slice())))
+                .collect();
+            if !has_vector_index || !wanted.is_empty() || !computed_indexes.is_empty() {
                 // A run killed between two index creations left the collection
                 // loaded (the guard's count loads it), and Milvus will not load
                 // it again with an index added meanwhile.
@@ -551,6 +614,11 @@ impl Sink for MilvusSink {
                     ],
                 )?;
                 has_vector_index = true;
+            }
+            for (field, name, params) in computed_indexes {
+                fb.phase(&format!("creating index {name}"));
+                let params = params.iter().map(|(k, v)| KeyValuePair { key: k.clone(), value: v.clone() }).collect();
+                create_index(&self.conn, &self.name, field, name, params)?;
             }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };

@@ -45,8 +45,41 @@ pub fn range_expr(pk: &str, lo: i64, hi: i64, after: Option<i64>) -> String {
 
 // ---------------------------------------------------------------- decoding
 
-/// One field of a query result as the Arrow column of `info`, taking its values.
-pub fn decode_field(info: &FieldInfo, fd: FieldData) -> Result<ArrayRef> {
+/// One field of a query result as the Arrow column of `info`, taking its
+/// values. Rows flagged invalid (`valid_data`, Milvus 2.5+) become NULLs,
+/// whether the server sent a placeholder for them or left them out.
+pub fn decode_field(info: &FieldInfo, mut fd: FieldData) -> Result<ArrayRef> {
+    let mut valid = std::mem::take(&mut fd.valid_data);
+    if let Some(field_data::Field::Scalars(s)) = &mut fd.field {
+        if valid.is_empty() {
+            valid = std::mem::take(&mut s.valid_data);
+        }
+    }
+    let values = decode_values(info, fd)?;
+    if valid.is_empty() || valid.iter().all(|v| *v) {
+        return Ok(values);
+    }
+    let present = valid.iter().filter(|v| **v).count();
+    let placeholders = values.len() == valid.len();
+    if !placeholders && values.len() != present {
+        bail!("Milvus returned {} values and {} validity flags ({present} valid) for field {}", values.len(), valid.len(), info.field);
+    }
+    let mut next = 0u32;
+    let indices: UInt32Array = valid
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.then(|| {
+                let at = if placeholders { i as u32 } else { next };
+                next += 1;
+                at
+            })
+        })
+        .collect();
+    Ok(arrow::compute::take(values.as_ref(), &indices, None)?)
+}
+
+fn decode_values(info: &FieldInfo, fd: FieldData) -> Result<ArrayRef> {
     use scalar_field::Data as D;
     let bad = || anyhow!("Milvus returned field {} in an unexpected form", info.field);
     let (scalars, vectors) = match fd.field {
