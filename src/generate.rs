@@ -61,7 +61,7 @@ pub fn fastgpt_spec(table: &str, dim: u32, halfvec: bool, vector_index: bool) ->
         ],
         primary_key: "id".into(),
         indexes,
-        computed: Vec::new(),
+        computed: Vec::new(), partition_key: None,
     }
 }
 

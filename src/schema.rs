@@ -125,6 +125,16 @@ pub struct TableSpec {
     /// read or written, declared again on a Milvus target vmig creates.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub computed: Vec<ComputedField>,
+    /// Milvus partition key: the column whose value picks a row's partition
+    /// (hashed by Milvus), and how many partitions the collection has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<PartitionKey>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionKey {
+    pub column: String,
+    pub partitions: u32,
 }
 
 /// A field a Milvus function computes from columns, e.g. FastGPT's

@@ -229,3 +229,33 @@ fn managed_milvus_over_tls_with_an_api_key() {
     let out = run("root:Milvus", &format!("http://127.0.0.1:{}/tls_kb", server.port), &back);
     assert!(!out.status.success(), "plain http to a TLS port fails: {}", stderr(&out));
 }
+
+/// A collection whose teamId is a partition key (Milvus hashes each row
+/// into one of its partitions by teamId): a Milvus target vmig creates
+/// declares the same key with as many partitions, reading walks every
+/// partition, and the rows are exact in Milvus and in PostgreSQL. On the
+/// 2.3.5 reference server and on milvus-lite.
+#[test]
+fn a_partition_key_is_declared_again_on_a_created_target() {
+    for (base, label) in [(common::milvus_db::milvus_base(), "pk23"), (lite_base(), "pklite")] {
+        let (src_db, dst_db) = (format!("{label}_src"), format!("{label}_dst"));
+        let src = fresh_milvus_db_on(&base, &src_db);
+        pymilvus("partition_key.py", &[&base, &src_db, "900", "16", "8"]);
+        let want = pymilvus("milvus_probe.py", &[&base, &src_db, "modeldata"]);
+        assert_eq!(want["partition_key"], serde_json::json!(["teamId"]));
+        let dst = fresh_milvus_db_on(&base, &dst_db);
+        let state = tempdir();
+        let root = state.path().to_str().unwrap();
+        ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "250", "--quiet", "--state-root", root]);
+        let got = pymilvus("milvus_probe.py", &[&base, &dst_db, "modeldata"]);
+        assert_eq!((&got["partition_key"], &got["num_partitions"]), (&want["partition_key"], &want["num_partitions"]), "{label}");
+        let rows = milvus_rows(&src, "modeldata");
+        assert_eq!(rows.len(), 900);
+        assert_eq!(milvus_rows(&dst, "modeldata"), rows, "{label}");
+
+        let pg = fresh_db(&target_base(), &format!("{label}_pg"), true);
+        ok(&["migrate", "--from", &src, "--to", &pg, "--chunk-rows", "250", "--quiet", "--state-root", root]);
+        assert_eq!(as_mrows(&common::rows(&pg, "modeldata")), rows, "{label}");
+        ok(&["verify", "--from", &src, "--to", &pg]);
+    }
+}

@@ -335,7 +335,7 @@ fn columns_of(spec: &TableSpec, batch: &RecordBatch) -> TableSpec {
         columns: spec.columns.iter().filter(|c| names.contains(&c.name.as_str())).cloned().collect(),
         primary_key: spec.primary_key.clone(),
         indexes: Vec::new(),
-        computed: Vec::new(),
+        computed: Vec::new(), partition_key: None,
     }
 }
 

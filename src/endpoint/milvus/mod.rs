@@ -36,7 +36,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::error_chain;
 use crate::config::{FieldMap, MilvusUrl};
-use crate::schema::{ColumnSpec, ColumnType, ComputedField, ComputedInput, IndexKind, IndexSpec, Metric, TableSpec};
+use crate::schema::{ColumnSpec, ColumnType, ComputedField, ComputedInput, IndexKind, IndexSpec, Metric, PartitionKey, TableSpec};
 
 /// Query responses may be this large; the client's default (4 MiB) stops at
 /// ~680 rows of 1536-d.
@@ -250,7 +250,8 @@ impl Milvus {
         Ok(self.call("checking the collection", |mut c| async move { c.has_collection(req).await })?.value)
     }
 
-    pub fn describe(&self, name: &str) -> Result<CollectionSchema> {
+    /// The collection's schema and its number of partitions.
+    pub fn describe(&self, name: &str) -> Result<(CollectionSchema, i64)> {
         let req = DescribeCollectionRequest {
             base: base(MsgType::DescribeCollection),
             db_name: self.url.database.clone(),
@@ -259,7 +260,7 @@ impl Milvus {
         };
         let what = format!("describing collection {name} in {}", self.url.redacted());
         let r = self.call(&what, |mut c| async move { c.describe_collection(req).await })?;
-        r.schema.ok_or_else(|| anyhow!("Milvus returned no schema for collection {name}"))
+        Ok((r.schema.ok_or_else(|| anyhow!("Milvus returned no schema for collection {name}"))?, r.num_partitions))
     }
 
     /// Index descriptions; none when the collection has no index.
@@ -465,6 +466,7 @@ pub fn metric_to_milvus(m: Metric) -> &'static str {
 pub fn map_collection(
     name: &str,
     schema: &CollectionSchema,
+    partitions: i64,
     indexes: &[milvus::proto::milvus::IndexDescription],
     map: &[FieldMap],
 ) -> Result<Collection> {
@@ -472,6 +474,7 @@ pub fn map_collection(
     let mut fields = Vec::new();
     let mut pk = None;
     let mut auto_id = false;
+    let mut partition_key = None;
     for f in &schema.fields {
         if f.is_dynamic || f.name == source::DYNAMIC_FIELD {
             continue;
@@ -526,6 +529,9 @@ pub fn map_collection(
             auto_increment: f.is_primary_key,
             default_now: false,
         });
+        if f.is_partition_key {
+            partition_key = Some(PartitionKey { column: column.to_string(), partitions: partitions.max(0) as u32 });
+        }
         // Nullable vectors (2.6) are read and written as NOT NULL for now.
         let nullable = f.nullable && !matches!(kind, FieldKind::FloatVector { .. });
         fields.push(FieldInfo { column: column.to_string(), field: f.name.clone(), kind, nullable });
@@ -566,7 +572,7 @@ pub fn map_collection(
         }
     }
     let computed = computed_fields(name, schema, indexes, map)?;
-    let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes, computed };
+    let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes, computed, partition_key };
     spec.validate()?;
     Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field })
 }
@@ -624,9 +630,9 @@ pub fn discover(conn: &Milvus, name: &str, map: &[FieldMap]) -> Result<Collectio
     if !conn.has_collection(name)? {
         bail!("collection {name} not found in Milvus database {} ({})", conn.url.database, conn.url.redacted());
     }
-    let schema = conn.describe(name)?;
+    let (schema, partitions) = conn.describe(name)?;
     let indexes = conn.indexes(name)?;
-    map_collection(name, &schema, &indexes, map)
+    map_collection(name, &schema, partitions, &indexes, map)
 }
 
 #[cfg(test)]

@@ -78,6 +78,7 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
         type_params: params,
         auto_id: false,
         nullable,
+        is_partition_key: spec.partition_key.as_ref().is_some_and(|k| k.column == col.name),
         ..Default::default()
     })
 }
@@ -116,11 +117,13 @@ fn with_computed_fields(mut fields: Vec<FieldSchema>, source: &TableSpec, map: &
     Ok((fields, functions))
 }
 
-fn create_collection(conn: &Milvus, name: &str, schema: CollectionSchema) -> Result<()> {
+/// `partitions`: with a partition key, how many (0: the server's default).
+fn create_collection(conn: &Milvus, name: &str, schema: CollectionSchema, partitions: i64) -> Result<()> {
     let req = CreateCollectionRequest {
         base: base(MsgType::CreateCollection),
         db_name: conn.url.database.clone(),
         collection_name: name.into(),
+        num_partitions: if schema.fields.iter().any(|f| f.is_partition_key) { partitions } else { 0 },
         schema: schema.encode_to_vec(),
         shards_num: 1,
         // FastGPT's (and the Node SDK's) default.
@@ -156,7 +159,7 @@ fn create_index(conn: &Milvus, collection: &str, field: &str, index_name: &str, 
 
 /// Empties a collection: drop and create it again with the same schema and indexes.
 fn recreate_empty(conn: &Milvus, name: &str) -> Result<()> {
-    let mut schema = conn.describe(name)?;
+    let (mut schema, partitions) = conn.describe(name)?;
     let indexes = conn.indexes(name)?;
     schema.fields.retain(|f| !f.is_dynamic);
     for f in &mut schema.fields {
@@ -168,7 +171,7 @@ fn recreate_empty(conn: &Milvus, name: &str) -> Result<()> {
         f.output_field_ids.clear();
     }
     drop_collection(conn, name)?;
-    create_collection(conn, name, schema)?;
+    create_collection(conn, name, schema, partitions)?;
     for ix in indexes {
         create_index(conn, name, &ix.field_name, &ix.index_name, ix.params)?;
     }
@@ -475,7 +478,7 @@ impl Sink for MilvusSink {
                 enable_dynamic_field: true,
                 ..Default::default()
             };
-            create_collection(&self.conn, &self.name, schema)?;
+            create_collection(&self.conn, &self.name, schema, source.partition_key.as_ref().map_or(0, |k| k.partitions as i64))?;
         }
         let mut coll = discover(&self.conn, &self.name, &self.fields)?;
         if coll.auto_id {

@@ -323,7 +323,7 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
         bail!("table {table} must have a single-column primary key (found {})", if pk.is_empty() { "none".into() } else { pk.join(", ") });
     }
     let (indexes, skipped_indexes) = table_indexes(c, table).await?;
-    let spec = TableSpec { name: table.to_string(), columns, primary_key: pk[0].clone(), indexes, computed: Vec::new() };
+    let spec = TableSpec { name: table.to_string(), columns, primary_key: pk[0].clone(), indexes, computed: Vec::new(), partition_key: None };
     spec.validate()?;
     Ok(Some(Discovered { spec, skipped_indexes, coarse_timestamps }))
 }

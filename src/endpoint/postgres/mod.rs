@@ -258,7 +258,7 @@ pub async fn discover(client: &Client, table: &TableName, url: &PgUrl) -> Result
             None => skipped_indexes.push(def),
         }
     }
-    let spec = TableSpec { name: table.name.clone(), columns, primary_key: pk_rows[0].get(0), indexes, computed: Vec::new() };
+    let spec = TableSpec { name: table.name.clone(), columns, primary_key: pk_rows[0].get(0), indexes, computed: Vec::new(), partition_key: None };
     spec.validate()?;
     Ok(Some(Discovered { spec, fixed_dims, skipped_indexes }))
 }

@@ -143,7 +143,7 @@ impl Decoder {
             columns: cols.iter().map(|&i| self.spec.columns[i].clone()).collect(),
             primary_key: self.spec.primary_key.clone(),
             indexes: Vec::new(),
-            computed: Vec::new(),
+            computed: Vec::new(), partition_key: None,
         };
         let mut decoder = CopyDecoder::new(
             sub.arrow_schema(),
