@@ -22,12 +22,18 @@ log="$(mktemp)"
 set +e
 cargo test --locked --no-fail-fast -- --test-threads 2 "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-# The Milvus suite once more against milvus-lite, the newer-protocol server
-# (the test that stops its own private Milvus 2.3 is not repeated).
-echo "test: the Milvus suite against milvus-lite ($VMIG_TEST_MILVUS_LITE)"
+# The Milvus suite, the online Milvus tests and the Milvus kill tests once
+# more against milvus-lite, the newer-protocol server. Not repeated: the test
+# that stops its own private Milvus 2.3, the kill between upserts and flush
+# (milvus-lite flushes at once: there is no such moment) and repair's second
+# copy (milvus-lite keeps one copy per id: there is nothing to repair).
+echo "test: the Milvus suites against milvus-lite ($VMIG_TEST_MILVUS_LITE)"
 VMIG_TEST_MILVUS="$VMIG_TEST_MILVUS_LITE" cargo test --locked --no-fail-fast --test milvus -- --test-threads 2 \
   --skip with_milvus_stopped "$@" 2>&1 | tee -a "$log"
 lite_status=${PIPESTATUS[0]}
+VMIG_TEST_MILVUS="$VMIG_TEST_MILVUS_LITE" cargo test --locked --no-fail-fast --test online_sources --test faults -- \
+  --test-threads 2 milvus --skip before_its_first_flush "$@" 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || lite_status=1
 [ "$status" -ne 0 ] || status=$lite_status
 set -e
 # One closing line over all test binaries.
