@@ -172,6 +172,13 @@ impl ComputedField {
         let inputs: Vec<&str> = self.inputs.iter().map(|i| i.column.as_str()).collect();
         format!("{} ({} over {})", self.field, self.function_type, inputs.join(", "))
     }
+
+    /// The same function type over the same input columns into the same field.
+    pub fn computes_same_as(&self, other: &ComputedField) -> bool {
+        self.field == other.field
+            && self.function_type == other.function_type
+            && self.inputs.iter().map(|i| &i.column).eq(other.inputs.iter().map(|i| &i.column))
+    }
 }
 
 impl TableSpec {

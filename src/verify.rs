@@ -70,17 +70,16 @@ pub struct VerifyReport {
 /// What verify says about fields Milvus computes: never copied (the target
 /// recomputes them), so never compared.
 pub fn computed_notes(from: &crate::schema::TableSpec, to: &crate::schema::TableSpec) -> Vec<String> {
-    let same = |a: &crate::schema::ComputedField, b: &crate::schema::ComputedField| a.field == b.field && a.function_type == b.function_type;
     let mut notes: Vec<String> = from
         .computed
         .iter()
         .map(|c| {
-            let there = if to.computed.iter().any(|t| same(t, c)) { "the target computes it too" } else { "the target does not compute it" };
+            let there = if to.computed.iter().any(|t| t.computes_same_as(c)) { "the target computes it too" } else { "the target does not compute it" };
             format!("{}: computed by Milvus in the source, {there}; not copied, not compared", c.describe())
         })
         .collect();
     notes.extend(
-        to.computed.iter().filter(|t| !from.computed.iter().any(|c| same(c, t))).map(|t| format!("{}: computed by Milvus in the target; not compared", t.describe())),
+        to.computed.iter().filter(|t| !from.computed.iter().any(|c| c.computes_same_as(t))).map(|t| format!("{}: computed by Milvus in the target; not compared", t.describe())),
     );
     notes
 }

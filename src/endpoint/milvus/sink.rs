@@ -27,7 +27,7 @@ use crate::endpoint::{
 use crate::config::{FieldMap, MilvusUrl};
 use crate::ledger::{CommitRecord, FileLock, Ledger, LedgerFile};
 use crate::plan::ChunkRange;
-use crate::schema::{ColumnType, ComputedField, IndexKind, Metric, TableSpec};
+use crate::schema::{ColumnType, IndexKind, Metric, TableSpec};
 
 /// Bytes of rows per upsert request: well under the 64 MiB gRPC limit.
 /// Measured (200k × 1536-d): 8 and 16 MiB ingest alike, 32 MiB is slower.
@@ -81,11 +81,6 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
         is_partition_key: spec.partition_key.as_ref().is_some_and(|k| k.column == col.name),
         ..Default::default()
     })
-}
-
-/// The same function over the same inputs into the same field.
-fn same_function(a: &ComputedField, b: &ComputedField) -> bool {
-    a.field == b.field && a.function_type == b.function_type && a.inputs.iter().map(|i| &i.column).eq(b.inputs.iter().map(|i| &i.column))
 }
 
 /// The fields and functions of a created collection: the source's computed
@@ -486,7 +481,7 @@ impl Sink for MilvusSink {
         }
         coll.spec.same_columns_as(source)?;
         for c in &source.computed {
-            if !coll.spec.computed.iter().any(|t| same_function(t, c)) {
+            if !coll.spec.computed.iter().any(|t| t.computes_same_as(c)) {
                 bail!(
                     "the source computes {} with function {}, and target collection {} does not: its rows would have no {}; \
                      create the collection with the same function, or let vmig create it",
