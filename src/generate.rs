@@ -121,8 +121,8 @@ pub fn batch(spec: &TableSpec, seed: u64, start: u64, n: u64) -> Result<RecordBa
 /// Creates the table in `sink` and fills it with `rows` rows.
 pub fn generate(sink: &dyn Sink, spec: &TableSpec, rows: u64, seed: u64, progress: &dyn Fn(&str)) -> Result<()> {
     let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: true, online: false, shared: false, index_memory: None };
-    let whole = ChunkRange { id: 0, lo: i64::MIN, hi: i64::MAX, rows };
-    sink.prepare(spec, &[whole], &opts)?;
+    let whole = ChunkRange { rows, ..ChunkRange::whole() };
+    sink.prepare(spec, std::slice::from_ref(&whole), &opts)?;
     let mut w = sink.begin_chunk("", &whole)?;
     let mut done = 0;
     while done < rows {

@@ -429,7 +429,7 @@ pub fn load(
         } else if ready.is_some_and(|r| !r.contains(&c.id)) && coord.is_none() {
             pending += 1;
         } else {
-            todo.push(*c);
+            todo.push(c.clone());
         }
     }
     if progress.counters.chunks_skipped.load(Relaxed) > 0 {
@@ -446,7 +446,7 @@ pub fn load(
     let (work_tx, work_rx) = crossbeam_channel::unbounded::<ChunkRange>();
     if coord.is_none() {
         for c in &todo {
-            work_tx.send(*c).unwrap();
+            work_tx.send(c.clone()).unwrap();
         }
     }
     drop(work_tx);

@@ -12,11 +12,12 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail};
 use arrow::array::{Array, AsArray, FixedSizeListArray};
-use arrow::datatypes::{DataType, Float32Type};
+use arrow::datatypes::Float32Type;
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::endpoint::Source;
+use crate::plan::Key;
 use crate::schema::{IndexKind, Metric, TableSpec};
 use crate::verify::sample_ids;
 
@@ -118,9 +119,8 @@ fn similarity(metric: Metric, a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// (id, vector) of each row of a batch.
-fn vectors_of<'a>(b: &'a RecordBatch, pk: &str, column: &str) -> Result<(Vec<i64>, &'a FixedSizeListArray)> {
-    let ids = arrow::compute::cast(b.column_by_name(pk).ok_or_else(|| anyhow!("no column {pk}"))?, &DataType::Int64)?;
-    let ids: Vec<i64> = ids.as_primitive::<arrow::datatypes::Int64Type>().values().to_vec();
+fn vectors_of<'a>(b: &'a RecordBatch, pk: &str, column: &str) -> Result<(Vec<Key>, &'a FixedSizeListArray)> {
+    let ids = crate::online::keys_of(b, pk)?;
     let v = b
         .column_by_name(column)
         .and_then(|c| c.as_any().downcast_ref::<FixedSizeListArray>())
@@ -143,10 +143,10 @@ impl Ord for Score {
 }
 
 /// The exact top-`k` ids of each query, nearest first, over every row of `side`.
-fn exact_top_k(side: &dyn Source, metric: Metric, queries: &[Vec<f32>], k: usize, chunk_rows: u64) -> Result<Vec<Vec<i64>>> {
+fn exact_top_k(side: &dyn Source, metric: Metric, queries: &[Vec<f32>], k: usize, chunk_rows: u64) -> Result<Vec<Vec<Key>>> {
     let spec = side.spec();
     let column = vector_column(spec)?.to_string();
-    let mut heaps: Vec<BinaryHeap<Reverse<(Score, i64)>>> = vec![BinaryHeap::new(); queries.len()];
+    let mut heaps: Vec<BinaryHeap<Reverse<(Score, Key)>>> = vec![BinaryHeap::new(); queries.len()];
     for chunk in side.plan(chunk_rows)? {
         side.read_chunk(&chunk, 4096, &mut |b| {
             let (ids, v) = vectors_of(&b, &spec.primary_key, &column)?;
@@ -159,10 +159,10 @@ fn exact_top_k(side: &dyn Source, metric: Metric, queries: &[Vec<f32>], k: usize
                 for (q, heap) in queries.iter().zip(heaps.iter_mut()) {
                     let s = Score(similarity(metric, q, row));
                     if heap.len() < k {
-                        heap.push(Reverse((s, *id)));
+                        heap.push(Reverse((s, id.clone())));
                     } else if heap.peek().is_some_and(|Reverse((worst, _))| s > *worst) {
                         heap.pop();
-                        heap.push(Reverse((s, *id)));
+                        heap.push(Reverse((s, id.clone())));
                     }
                 }
             }
@@ -172,7 +172,7 @@ fn exact_top_k(side: &dyn Source, metric: Metric, queries: &[Vec<f32>], k: usize
     Ok(heaps
         .into_iter()
         .map(|h| {
-            let mut v: Vec<(Score, i64)> = h.into_iter().map(|Reverse(x)| x).collect();
+            let mut v: Vec<(Score, Key)> = h.into_iter().map(|Reverse(x)| x).collect();
             v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
             v.into_iter().map(|(_, id)| id).collect()
         })
@@ -218,7 +218,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Every query through one side's index, scored against the exact answers.
-fn measure(side: &dyn Source, queries: &[Vec<f32>], exact: &[Vec<i64>], k: usize, metric: Metric, ef: u32) -> Result<SideRecall> {
+fn measure(side: &dyn Source, queries: &[Vec<f32>], exact: &[Vec<Key>], k: usize, metric: Metric, ef: u32) -> Result<SideRecall> {
     let mut latencies = Vec::with_capacity(queries.len());
     let ks: Vec<usize> = [1, 5, 10, 20, 50, 100].into_iter().filter(|x| *x < k).chain([k]).collect();
     let mut sums = vec![0f64; ks.len()];
@@ -229,7 +229,7 @@ fn measure(side: &dyn Source, queries: &[Vec<f32>], exact: &[Vec<i64>], k: usize
         latencies.push(t.elapsed().as_secs_f64() * 1000.0);
         search = how;
         for (s, kk) in sums.iter_mut().zip(&ks) {
-            let want: HashSet<i64> = truth.iter().take(*kk).copied().collect();
+            let want: HashSet<&Key> = truth.iter().take(*kk).collect();
             let denom = want.len().max(1);
             *s += got.iter().take(*kk).filter(|id| want.contains(id)).count() as f64 / denom as f64;
         }

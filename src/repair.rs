@@ -60,9 +60,9 @@ pub fn repair(
     let transformer = Transformer::new(&target_spec);
     let target = open_target()?;
     for d in &before.differing_chunks {
-        let chunk = plan.iter().find(|c| c.id == d.chunk).copied().unwrap();
+        let chunk = plan.iter().find(|c| c.id == d.chunk).cloned().unwrap();
         // Ids only the target has (verify lists at most 20 of them).
-        let ids = diff_ids(source, target.as_ref(), chunk.lo, chunk.hi)?;
+        let ids = diff_ids(source, target.as_ref(), &chunk)?;
         if let Some(whole) = whole_target.filter(|_| !ids.missing.is_empty()) {
             let mut taken = Vec::new();
             whole.read_rows_by_id(&ids.missing, &mut |b| {
@@ -89,7 +89,8 @@ pub fn repair(
         // target writes here, a few batches apart.
         std::thread::scope(|s| -> Result<()> {
             let (tx, rx) = crossbeam_channel::bounded::<RecordBatch>(2);
-            let reader = s.spawn(move || source.read_chunk(&chunk, BATCH_ROWS, &mut |b| tx.send(b).map_err(|_| anyhow!("stopped"))));
+            let chunk = &chunk;
+            let reader = s.spawn(move || source.read_chunk(chunk, BATCH_ROWS, &mut |b| tx.send(b).map_err(|_| anyhow!("stopped"))));
             for b in rx.iter() {
                 let t = transformer.apply(0, &b)?;
                 let refused: usize = t.rejects.iter().map(|r| r.num_rows()).sum();
@@ -114,10 +115,9 @@ pub fn repair(
         report.rows_written += rows;
         report.rows_deleted += extra.len() as u64;
         say(&format!(
-            "chunk {:06} [{}, {}]: rewrote {rows} rows, deleted {} the source no longer has",
+            "chunk {:06} {}: rewrote {rows} rows, deleted {} the source no longer has",
             chunk.id,
-            chunk.lo,
-            chunk.hi,
+            chunk.describe_bounds(),
             extra.len()
         ));
     }

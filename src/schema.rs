@@ -20,6 +20,9 @@ pub enum ColumnType {
     Bool,
     /// Text; `max_chars` is the declared length limit (varchar(n)), if any.
     Text { max_chars: Option<u32> },
+    /// A UUID, travelling as its canonical lowercase text (36 characters):
+    /// the text order of that form is the byte order of the UUID.
+    Uuid,
     Json { binary: bool },
     /// Timestamp in microseconds; `utc` = with time zone.
     Timestamp { utc: bool },
@@ -47,7 +50,7 @@ impl ColumnType {
             ColumnType::Float32 => DataType::Float32,
             ColumnType::Float64 => DataType::Float64,
             ColumnType::Bool => DataType::Boolean,
-            ColumnType::Text { .. } | ColumnType::Json { .. } => DataType::Utf8,
+            ColumnType::Text { .. } | ColumnType::Uuid | ColumnType::Json { .. } => DataType::Utf8,
             ColumnType::Timestamp { utc } => {
                 DataType::Timestamp(TimeUnit::Microsecond, utc.then(|| Arc::from("UTC")))
             }
@@ -116,7 +119,8 @@ pub struct IndexSpec {
 pub struct TableSpec {
     pub name: String,
     pub columns: Vec<ColumnSpec>,
-    /// Single-column integer primary key (FastGPT's `id`).
+    /// Single-column primary key: an integer (FastGPT's `id`) or a string
+    /// (ordered by its UTF-8 bytes).
     pub primary_key: String,
     /// Secondary indexes (not the primary key).
     #[serde(default)]
@@ -211,9 +215,9 @@ impl TableSpec {
         let pk = self.column(&self.primary_key).ok_or_else(|| {
             anyhow::anyhow!("table {}: primary key column {} not found", self.name, self.primary_key)
         })?;
-        if !matches!(pk.ty, ColumnType::Int64 | ColumnType::Int32 | ColumnType::Int16) {
+        if !matches!(pk.ty, ColumnType::Int64 | ColumnType::Int32 | ColumnType::Int16 | ColumnType::Text { .. } | ColumnType::Uuid) {
             anyhow::bail!(
-                "table {}: primary key {} must be an integer column (string keys are not supported yet)",
+                "table {}: primary key {} must be an integer or string column",
                 self.name,
                 self.primary_key
             );
@@ -234,6 +238,8 @@ impl TableSpec {
             let compatible = match (&c.ty, &mine.ty) {
                 (a, b) if a == b => true,
                 (ColumnType::Text { .. }, ColumnType::Text { .. }) => true,
+                // Text into a uuid column: rows not in canonical form are rejected.
+                (ColumnType::Text { .. } | ColumnType::Uuid, ColumnType::Text { .. } | ColumnType::Uuid) => true,
                 (ColumnType::Json { .. }, ColumnType::Json { .. }) => true,
                 (a, b) if a.is_vector() && b.is_vector() => a.vector_dim() == b.vector_dim(),
                 (ColumnType::Timestamp { .. }, ColumnType::Timestamp { .. }) => true,

@@ -198,7 +198,7 @@ pub fn next_claimed(
                         let _ = coord.release(claim);
                         continue;
                     }
-                    return Some((**c, claim));
+                    return Some(((*c).clone(), claim));
                 }
                 Ok(None) => {}
                 Err(e) => {

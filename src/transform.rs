@@ -72,6 +72,12 @@ impl Transformer {
                         }
                     }
                 }
+                ColumnType::Uuid => {
+                    let s = arr.as_string::<i32>().value(row);
+                    if crate::endpoint::columns::parse_uuid(s).is_none() {
+                        return Some(format!("column {} is {s:?}, not a UUID in canonical form (lowercase, hyphenated)", col.name));
+                    }
+                }
                 ColumnType::Text { max_chars: Some(max) } => {
                     let s = arr.as_string::<i32>().value(row);
                     let n = s.chars().count();

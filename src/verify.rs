@@ -6,28 +6,31 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow};
 use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, ListArray};
-use arrow::datatypes::{DataType, Float32Type, Int64Type, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{DataType, Float32Type, TimeUnit, TimestampMicrosecondType};
 use arrow::record_batch::RecordBatch;
 use serde::Serialize;
 
 use crate::endpoint::Source;
 use crate::endpoint::oceanbase::sql::round_like_oceanbase;
 use crate::hash::row_hashes;
-use crate::plan::ChunkRange;
+use crate::plan::{ChunkRange, Key, TextRange};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ChunkDiff {
     pub chunk: u32,
     pub lo: i64,
     pub hi: i64,
+    /// String keys: the chunk's bounds (`lo`/`hi` are then fingerprints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextRange>,
     pub source_rows: u64,
     pub target_rows: u64,
     /// Ids in the source but not the target (first 20).
-    pub missing: Vec<i64>,
+    pub missing: Vec<Key>,
     /// Ids in the target but not the source (first 20).
-    pub extra: Vec<i64>,
+    pub extra: Vec<Key>,
     /// Ids on both sides whose values differ (first 20).
-    pub different: Vec<i64>,
+    pub different: Vec<Key>,
     /// Row copies the target holds beyond one per id (Milvus does not
     /// enforce unique keys: an upsert whose delete it lost leaves the old
     /// copy, which queries hide and `count(*)` counts).
@@ -37,15 +40,27 @@ pub struct ChunkDiff {
 impl ChunkDiff {
     /// "chunk 000003 [1200, 1599]: source 400 rows, target 401 rows; missing ids [..]; extra ids [..]; different ids [..]; 2 duplicate copies".
     pub fn describe(&self) -> String {
+        let range = ChunkRange { id: self.chunk, lo: self.lo, hi: self.hi, rows: 0, text: self.text.clone() };
         let mut s = format!(
-            "chunk {:06} [{}, {}]: source {} rows, target {} rows; missing ids {:?}; extra ids {:?}; different ids {:?}",
-            self.chunk, self.lo, self.hi, self.source_rows, self.target_rows, self.missing, self.extra, self.different
+            "chunk {:06} {}: source {} rows, target {} rows; missing ids {}; extra ids {}; different ids {}",
+            self.chunk,
+            range.describe_bounds(),
+            self.source_rows,
+            self.target_rows,
+            key_list(&self.missing),
+            key_list(&self.extra),
+            key_list(&self.different)
         );
         if self.duplicates > 0 {
             s.push_str(&format!("; {} duplicate copies of ids the target holds", self.duplicates));
         }
         s
     }
+}
+
+/// "[1, 2]", "[\"a\", \"b\"]".
+pub fn key_list(keys: &[Key]) -> String {
+    format!("[{}]", keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", "))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -140,12 +155,12 @@ impl Normalise {
 }
 
 /// id -> row hash of one side's chunk, with rows projected to `columns` order.
-fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: Normalise) -> Result<HashMap<i64, u64>> {
+fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: Normalise) -> Result<HashMap<Key, u64>> {
     Ok(read_side_modes(side, chunk, columns, &[norm])?.pop().unwrap())
 }
 
 /// `read_side` under several comparison modes, reading the chunk once.
-fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<i64, u64>>> {
+fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
     let mut out = vec![HashMap::new(); norms.len()];
     side.read_chunk(chunk, 2048, &mut |raw: RecordBatch| {
         for (rows, norm) in out.iter_mut().zip(norms) {
@@ -158,7 +173,7 @@ fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], no
 
 /// (id, hash of the row's `columns` in that order) for each row of a batch
 /// in `side`'s schema, values made comparable by `norm`.
-fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Normalise) -> Result<Vec<(i64, u64)>> {
+fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Normalise) -> Result<Vec<(Key, u64)>> {
     let b = normalise(raw, norm)?;
     let projected: Vec<_> = columns
         .iter()
@@ -167,13 +182,14 @@ fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Nor
     let fields: Vec<_> =
         columns.iter().zip(&projected).map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true)).collect();
     let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
-    let ids = arrow::compute::cast(b.column_by_name(&side.spec().primary_key).unwrap(), &arrow::datatypes::DataType::Int64)?;
-    let ids = ids.as_primitive::<Int64Type>();
-    Ok(row_hashes(&pb).into_iter().enumerate().filter(|(i, _)| ids.is_valid(*i)).map(|(i, h)| (ids.value(i), h)).collect())
+    let pk = &side.spec().primary_key;
+    let valid = b.column_by_name(pk).ok_or_else(|| anyhow!("{} has no column {pk}", side.describe()))?.clone();
+    let ids = crate::online::keys_of(&b, pk)?;
+    Ok(row_hashes(&pb).into_iter().zip(ids).enumerate().filter(|(i, _)| valid.is_valid(*i)).map(|(_, (h, id))| (id, h)).collect())
 }
 
 /// id -> row hash of the rows of `ids` one side holds (ids it lacks are absent).
-fn read_ids_side(side: &dyn Source, ids: &[i64], columns: &[String], norm: Normalise) -> Result<HashMap<i64, u64>> {
+fn read_ids_side(side: &dyn Source, ids: &[Key], columns: &[String], norm: Normalise) -> Result<HashMap<Key, u64>> {
     let mut rows = HashMap::new();
     side.read_rows_by_id(ids, &mut |raw| {
         rows.extend(hash_rows(side, &raw, columns, norm)?);
@@ -194,7 +210,7 @@ pub struct ChunkDigest {
     pub digest: String,
 }
 
-fn digest_of(chunk: &ChunkRange, rows: &HashMap<i64, u64>) -> ChunkDigest {
+fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
     let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
     ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, rows: rows.len() as u64, digest: format!("{sum:016x}") }
 }
@@ -223,7 +239,7 @@ pub fn digests_for(side: &dyn Source, plan: &[ChunkRange], columns: &[String], s
     Ok((norm.key().to_string(), out))
 }
 
-fn first(mut v: Vec<i64>) -> Vec<i64> {
+fn first(mut v: Vec<Key>) -> Vec<Key> {
     v.sort_unstable();
     v.truncate(20);
     v
@@ -252,18 +268,19 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         for _ in 0..workers.max(1) {
             s.spawn(|| {
                 loop {
-                    let Some(chunk) = work.lock().unwrap().next().copied() else { break };
+                    let Some(chunk) = work.lock().unwrap().next().cloned() else { break };
                     let res = (|| -> Result<ChunkDiff> {
                         let a = read_side(from, &chunk, &columns, norm)?;
                         let b = read_side(to, &chunk, &columns, norm)?;
-                        let missing = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
-                        let extra = b.keys().filter(|k| !a.contains_key(k)).copied().collect();
-                        let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
-                        let copies = to.stored_copies(chunk.lo, chunk.hi)?.unwrap_or(b.len() as u64);
+                        let missing = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+                        let extra = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
+                        let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+                        let copies = to.stored_copies(&chunk)?.unwrap_or(b.len() as u64);
                         Ok(ChunkDiff {
                             chunk: chunk.id,
                             lo: chunk.lo,
                             hi: chunk.hi,
+                            text: chunk.text.clone(),
                             source_rows: a.len() as u64,
                             target_rows: b.len() as u64,
                             missing: first(missing),
@@ -324,10 +341,10 @@ pub struct SampleReport {
     /// Reproduces the same sample (`--seed`).
     pub seed: u64,
     /// Sampled ids the target lacks (first 20) and how many.
-    pub missing: Vec<i64>,
+    pub missing: Vec<Key>,
     pub missing_count: u64,
     /// Sampled ids whose values differ (first 20) and how many.
-    pub different: Vec<i64>,
+    pub different: Vec<Key>,
     pub different_count: u64,
     /// With no differing sample: the share of differing rows is below this at 95 % confidence.
     pub differing_share_below_95: Option<f64>,
@@ -380,12 +397,12 @@ impl SplitMix {
 
 /// Up to `n` keys of `side` chosen uniformly at random (reservoir sampling
 /// over one walk of its keys, ids only), ascending, and the number of keys.
-pub fn sample_ids(side: &dyn Source, n: usize, seed: u64) -> Result<(Vec<i64>, u64)> {
+pub fn sample_ids(side: &dyn Source, n: usize, seed: u64) -> Result<(Vec<Key>, u64)> {
     let mut rng = SplitMix(seed);
-    let mut chosen: Vec<i64> = Vec::with_capacity(n);
+    let mut chosen: Vec<Key> = Vec::with_capacity(n);
     let mut seen = 0u64;
-    side.read_ids(i64::MIN, i64::MAX, &mut |ids| {
-        for &id in ids {
+    side.read_ids(&ChunkRange::whole(), &mut |ids| {
+        for id in ids.iter().cloned() {
             seen += 1;
             if chosen.len() < n {
                 chosen.push(id);
@@ -407,16 +424,16 @@ pub fn verify_sample(from: &dyn Source, to: &dyn Source, n: usize, seed: u64) ->
     let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
     let (ids, source_rows) = sample_ids(from, n, seed)?;
     let mut target_rows = 0u64;
-    to.read_ids(i64::MIN, i64::MAX, &mut |ids| {
+    to.read_ids(&ChunkRange::whole(), &mut |ids| {
         target_rows += ids.len() as u64;
         Ok(())
     })?;
-    let copies = to.stored_copies(i64::MIN, i64::MAX)?.unwrap_or(target_rows);
+    let copies = to.stored_copies(&ChunkRange::whole())?.unwrap_or(target_rows);
     let a = read_ids_side(from, &ids, &columns, norm)?;
     let b = read_ids_side(to, &ids, &columns, norm)?;
     // Rows deleted from the source between the walk and the read are not samples.
-    let missing: Vec<i64> = a.keys().filter(|k| !b.contains_key(k)).copied().collect();
-    let different: Vec<i64> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| *k).collect();
+    let missing: Vec<Key> = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+    let different: Vec<Key> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
     let sampled = a.len() as u64;
     let clean = missing.is_empty() && different.is_empty();
     let duplicates = copies.saturating_sub(target_rows);

@@ -130,10 +130,10 @@ fn print_sample(r: &SampleReport) {
         println!("{n}");
     }
     if !r.missing.is_empty() {
-        println!("missing in the target (first 20 sampled ids): {:?}", r.missing);
+        println!("missing in the target (first 20 sampled ids): {}", crate::verify::key_list(&r.missing));
     }
     if !r.different.is_empty() {
-        println!("different in the target (first 20 sampled ids): {:?}", r.different);
+        println!("different in the target (first 20 sampled ids): {}", crate::verify::key_list(&r.different));
     }
     if r.target_duplicates > 0 {
         println!("the target holds {} row copies beyond one per id (Milvus count(*))", r.target_duplicates);

@@ -4,12 +4,8 @@
 //! handled by behaviour (what the server answers), never by version number.
 mod common;
 
-use common::milvus_db::{as_mrows, fresh_milvus_db_on, milvus_base, milvus_count, milvus_count_where, milvus_rows, milvus_schema};
+use common::milvus_db::{as_mrows, fresh_milvus_db_on, lite_base, milvus_base, milvus_count, milvus_count_where, milvus_rows, milvus_schema, pymilvus};
 use common::*;
-
-fn lite_base() -> String {
-    std::env::var("VMIG_TEST_MILVUS_LITE").unwrap_or("http://127.0.0.1:19640".into())
-}
 
 /// PostgreSQL → milvus-lite → PostgreSQL, exact: a collection vmig creates
 /// on the newer server (which answers "no index" with code 700 where 2.3
@@ -99,16 +95,6 @@ fn nulls_go_into_a_nullable_field_where_the_server_keeps_them() {
     let want: Vec<i64> = rows(&src, "modeldata").iter().filter(|r| r.createtime.is_none()).map(|r| r.id).collect();
     assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), want);
     assert!(rejected.iter().all(|r| r.1 == "column createtime is NULL but the target requires a value"), "{:?}", rejected[0]);
-}
-
-/// Runs a pymilvus script of tests/fixtures (FastGPT's own way to create
-/// and read collections, independent of vmig) and parses its JSON line.
-fn pymilvus(script: &str, args: &[&str]) -> serde_json::Value {
-    let python = std::env::var("VMIG_TEST_PYMILVUS").expect("VMIG_TEST_PYMILVUS (scripts/dbs.sh env) names the python with pymilvus");
-    let path = format!("{}/tests/fixtures/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(python).arg(&path).args(args).output().unwrap();
-    assert!(out.status.success(), "{script} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// What a collection declares about BM25: its functions, the text field's

@@ -14,6 +14,32 @@ use arrow::record_batch::RecordBatch;
 
 use crate::schema::{ColumnType, vector_item_field};
 
+/// A UUID's 16 bytes in canonical form: lowercase, hyphenated (36 characters).
+pub fn format_uuid(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// The 16 bytes of a UUID in canonical form (lowercase, hyphenated); None
+/// for anything else, so that every UUID has one spelling on every side.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let b = s.as_bytes();
+    if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
+        return None;
+    }
+    let digits: Vec<u8> = b.iter().enumerate().filter(|(i, _)| ![8, 13, 18, 23].contains(i)).map(|(_, c)| *c).collect();
+    let mut out = [0u8; 16];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 pub enum ColBuilder {
     I16(Int16Builder),
     I32(Int32Builder),
@@ -23,6 +49,8 @@ pub enum ColBuilder {
     Bool(BooleanBuilder),
     /// `jsonb`: PostgreSQL's binary jsonb carries a version byte first.
     Text { b: StringBuilder, jsonb: bool },
+    /// UUIDs: 16 bytes from PostgreSQL's binary form, text from OceanBase.
+    Uuid(StringBuilder),
     Ts(Vec<i64>, Vec<bool>),
     /// Vector column; `fixed` = the catalog declares the dimension, so every
     /// row has it and the column is a FixedSizeList, else a List.
@@ -82,6 +110,7 @@ impl BatchBuilder {
                 ColumnType::Float64 => ColBuilder::F64(Float64Builder::new()),
                 ColumnType::Bool => ColBuilder::Bool(BooleanBuilder::new()),
                 ColumnType::Text { .. } => ColBuilder::Text { b: StringBuilder::new(), jsonb: false },
+                ColumnType::Uuid => ColBuilder::Uuid(StringBuilder::new()),
                 ColumnType::Json { binary } => ColBuilder::Text { b: StringBuilder::new(), jsonb: *binary },
                 ColumnType::Timestamp { .. } => ColBuilder::Ts(Vec::new(), Vec::new()),
                 ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => ColBuilder::Vector {
@@ -124,7 +153,7 @@ fn finish_builder(c: ColBuilder, t: &ColumnType) -> ArrayRef {
         ColBuilder::F32(mut x) => Arc::new(x.finish()),
         ColBuilder::F64(mut x) => Arc::new(x.finish()),
         ColBuilder::Bool(mut x) => Arc::new(x.finish()),
-        ColBuilder::Text { mut b, .. } => Arc::new(b.finish()),
+        ColBuilder::Text { mut b, .. } | ColBuilder::Uuid(mut b) => Arc::new(b.finish()),
         ColBuilder::Ts(v, valid) => {
             let a = TimestampMicrosecondArray::new(v.into(), nulls(valid));
             match t {

@@ -14,7 +14,7 @@ use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{CommitRecord, Ledger};
-use crate::plan::ChunkRange;
+use crate::plan::{ChunkRange, Key};
 use crate::schema::TableSpec;
 
 /// What to do with a target that already holds rows but has no ledger for this job.
@@ -54,23 +54,23 @@ pub trait Source: Send + Sync {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()>;
-    /// The primary keys in `[lo, hi]`, ascending, in pages (an id-set
-    /// reconcile reads nothing else). Backends override this to leave the
-    /// other columns unread.
-    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+    /// The primary keys in `span` (a chunk's range, or `ChunkRange::whole()`),
+    /// ascending, in pages (an id-set reconcile reads nothing else). Backends
+    /// override this to leave the other columns unread.
+    fn read_ids(&self, span: &ChunkRange, out: &mut dyn FnMut(&[Key]) -> Result<()>) -> Result<()> {
         let pk = self.spec().primary_key.clone();
-        self.read_chunk(&ChunkRange { id: 0, lo, hi, rows: 0 }, 8_192, &mut |b| out(&crate::online::keys_of(&b, &pk)?))
+        self.read_chunk(span, 8_192, &mut |b| out(&crate::online::keys_of(&b, &pk)?))
     }
-    /// How many row copies the store holds with keys in `[lo, hi]`, where it
+    /// How many row copies the store holds with keys in `span`, where it
     /// can hold several per key (Milvus' `count(*)`); None where keys are
     /// unique by construction.
-    fn stored_copies(&self, _lo: i64, _hi: i64) -> Result<Option<u64>> {
+    fn stored_copies(&self, _span: &ChunkRange) -> Result<Option<u64>> {
         Ok(None)
     }
     /// The top-`k` keys for `query` through this side's own vector index, as
     /// an application's search gets them (`metric`, search breadth `ef`),
     /// nearest first; and the search as it ran, in words.
-    fn search(&self, _query: &[f32], _k: usize, _metric: crate::schema::Metric, _ef: u32) -> Result<(Vec<i64>, String)> {
+    fn search(&self, _query: &[f32], _k: usize, _metric: crate::schema::Metric, _ef: u32) -> Result<(Vec<Key>, String)> {
         bail!("{} cannot run vector searches", self.describe())
     }
     /// The search breadth its applications get by default (pgvector's
@@ -80,7 +80,7 @@ pub trait Source: Send + Sync {
     }
     /// The current rows with these keys (missing keys are left out), in the
     /// source's Arrow schema.
-    fn read_rows_by_id(&self, _ids: &[i64], _out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn read_rows_by_id(&self, _ids: &[Key], _out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         bail!("{} cannot read rows by id", self.describe())
     }
     /// From now on this side is only the rows matching `filter` (a subset
@@ -300,10 +300,10 @@ pub fn refuse_foreign_ids(
     batch: &RecordBatch,
     pk: &str,
     filter: &crate::filter::Filter,
-    foreign: &mut dyn FnMut(&[i64]) -> Result<Vec<i64>>,
+    foreign: &mut dyn FnMut(&[Key]) -> Result<Vec<Key>>,
 ) -> Result<Vec<RowReject>> {
     let keys = crate::online::keys_of(batch, pk)?;
-    let taken: std::collections::HashSet<i64> = foreign(&keys)?.into_iter().collect();
+    let taken: std::collections::HashSet<Key> = foreign(&keys)?.into_iter().collect();
     if taken.is_empty() {
         return Ok(Vec::new());
     }

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 
 use super::ChangeCounts;
+use crate::plan::Key;
 
 /// One column of a row image, in the source's encoding.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,9 +30,9 @@ pub enum ChangeOp {
 #[derive(Clone, Debug)]
 pub struct RowChange {
     pub op: ChangeOp,
-    pub key: i64,
+    pub key: Key,
     /// An update that changed the primary key: the row's old key.
-    pub old_key: Option<i64>,
+    pub old_key: Option<Key>,
     /// Empty for deletes.
     pub fields: Vec<Field>,
 }
@@ -44,7 +45,7 @@ enum Final {
 /// The changes of a batch, collapsed per key.
 #[derive(Default)]
 pub struct Collapser {
-    rows: HashMap<i64, Final>,
+    rows: HashMap<Key, Final>,
     pub counts: ChangeCounts,
 }
 
@@ -52,12 +53,12 @@ pub struct Collapser {
 #[derive(Debug, Default)]
 pub struct Collapsed {
     /// Keys whose row is gone at the end of the batch.
-    pub deletes: Vec<i64>,
+    pub deletes: Vec<Key>,
     /// Final images carrying every column, by key.
-    pub full: Vec<(i64, Vec<Field>)>,
+    pub full: Vec<(Key, Vec<Field>)>,
     /// Images with untouched columns, grouped by which columns they carry
     /// (`true` = carried); applied as updates of those columns only.
-    pub partial: BTreeMap<Vec<bool>, Vec<(i64, Vec<Field>)>>,
+    pub partial: BTreeMap<Vec<bool>, Vec<(Key, Vec<Field>)>>,
 }
 
 impl Collapser {
@@ -67,7 +68,7 @@ impl Collapser {
             ChangeOp::Update => self.counts.updates += 1,
             ChangeOp::Delete => self.counts.deletes += 1,
         }
-        if let Some(old) = change.old_key.filter(|k| *k != change.key) {
+        if let Some(old) = change.old_key.clone().filter(|k| *k != change.key) {
             self.rows.insert(old, Final::Deleted);
         }
         match change.op {
@@ -111,9 +112,9 @@ impl Collapser {
             }
         }
         out.deletes.sort_unstable();
-        out.full.sort_unstable_by_key(|(k, _)| *k);
+        out.full.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for rows in out.partial.values_mut() {
-            rows.sort_unstable_by_key(|(k, _)| *k);
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         }
         out
     }
@@ -127,7 +128,7 @@ mod tests {
         Field::Value(Bytes::copy_from_slice(s.as_bytes()))
     }
     fn ch(op: ChangeOp, key: i64, fields: Vec<Field>) -> RowChange {
-        RowChange { op, key, old_key: None, fields }
+        RowChange { op, key: Key::Int(key), old_key: None, fields }
     }
 
     #[test]
@@ -141,8 +142,8 @@ mod tests {
         let counts = c.counts;
         let out = c.finish();
         assert_eq!((counts.inserts, counts.updates, counts.deletes), (2, 1, 2));
-        assert_eq!(out.deletes, vec![2, 3]);
-        assert_eq!(out.full, vec![(1, vec![v("b"), v("v2")])]);
+        assert_eq!(out.deletes, vec![Key::Int(2), Key::Int(3)]);
+        assert_eq!(out.full, vec![(Key::Int(1), vec![v("b"), v("v2")])]);
         assert!(out.partial.is_empty());
     }
 
@@ -155,16 +156,16 @@ mod tests {
         c.add(ch(ChangeOp::Insert, 8, vec![v("t"), v("vec8")]));
         c.add(ch(ChangeOp::Update, 8, vec![v("t2"), Field::Unchanged]));
         let out = c.finish();
-        assert_eq!(out.full, vec![(8, vec![v("t2"), v("vec8")])]);
-        assert_eq!(out.partial.get(&vec![true, false]).unwrap(), &vec![(7, vec![v("team2"), Field::Unchanged])]);
+        assert_eq!(out.full, vec![(Key::Int(8), vec![v("t2"), v("vec8")])]);
+        assert_eq!(out.partial.get(&vec![true, false]).unwrap(), &vec![(Key::Int(7), vec![v("team2"), Field::Unchanged])]);
     }
 
     #[test]
     fn a_changed_key_deletes_the_old_row() {
         let mut c = Collapser::default();
-        c.add(RowChange { op: ChangeOp::Update, key: 10, old_key: Some(9), fields: vec![v("a")] });
+        c.add(RowChange { op: ChangeOp::Update, key: Key::Int(10), old_key: Some(Key::Int(9)), fields: vec![v("a")] });
         let out = c.finish();
-        assert_eq!(out.deletes, vec![9]);
-        assert_eq!(out.full, vec![(10, vec![v("a")])]);
+        assert_eq!(out.deletes, vec![Key::Int(9)]);
+        assert_eq!(out.full, vec![(Key::Int(10), vec![v("a")])]);
     }
 }

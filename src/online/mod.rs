@@ -45,7 +45,7 @@ pub struct ChangeSet {
     /// Commit time of the batch's last transaction (Unix µs).
     pub commit_time_us: Option<i64>,
     /// Keys whose rows are gone.
-    pub deletes: Vec<i64>,
+    pub deletes: Vec<crate::plan::Key>,
     /// Final images with every column (inserted or updated rows).
     pub images: Vec<RecordBatch>,
     /// Updates of some columns only: each batch holds the primary key and
@@ -313,15 +313,34 @@ impl From<crate::verify::VerifyReport> for CutoverCheck {
 /// Retained change log above which `status` warns (the source's disk fills).
 pub const RETAINED_WARN_BYTES: u64 = 1 << 30;
 
-/// The primary-key values of a batch as i64 (integer keys).
-pub fn keys_of(batch: &RecordBatch, pk: &str) -> Result<Vec<i64>> {
+/// Keys as an Arrow column of `ty` (the key column's type).
+pub fn keys_array(keys: &[crate::plan::Key], ty: &arrow::datatypes::DataType) -> Result<arrow::array::ArrayRef> {
+    use crate::plan::Key;
+    use arrow::array::{Int64Array, StringArray};
+    if *ty == arrow::datatypes::DataType::Utf8 {
+        return Ok(std::sync::Arc::new(keys.iter().map(|k| Some(k.to_string_lossless())).collect::<StringArray>()));
+    }
+    let ints: Int64Array = keys
+        .iter()
+        .map(|k| match k {
+            Key::Int(v) => Ok(Some(*v)),
+            Key::Str(s) => Err(anyhow::anyhow!("key {s:?} in a table with integer keys")),
+        })
+        .collect::<Result<_>>()?;
+    Ok(arrow::compute::cast(&ints, ty)?)
+}
+
+/// The primary-key values of a batch (integer or string keys).
+pub fn keys_of(batch: &RecordBatch, pk: &str) -> Result<Vec<crate::plan::Key>> {
+    use crate::plan::Key;
     use arrow::array::AsArray;
     use arrow::datatypes::{DataType, Int16Type, Int32Type, Int64Type};
-    let col = batch.column_by_name(pk).ok_or_else(|| anyhow::anyhow!("change batch lacks primary key {pk}"))?;
+    let col = batch.column_by_name(pk).ok_or_else(|| anyhow::anyhow!("batch lacks primary key {pk}"))?;
     Ok(match col.data_type() {
-        DataType::Int64 => col.as_primitive::<Int64Type>().values().to_vec(),
-        DataType::Int32 => col.as_primitive::<Int32Type>().values().iter().map(|v| *v as i64).collect(),
-        DataType::Int16 => col.as_primitive::<Int16Type>().values().iter().map(|v| *v as i64).collect(),
-        other => anyhow::bail!("primary key {pk} has type {other}; online apply needs integer keys"),
+        DataType::Int64 => col.as_primitive::<Int64Type>().values().iter().map(|v| Key::Int(*v)).collect(),
+        DataType::Int32 => col.as_primitive::<Int32Type>().values().iter().map(|v| Key::Int(*v as i64)).collect(),
+        DataType::Int16 => col.as_primitive::<Int16Type>().values().iter().map(|v| Key::Int(*v as i64)).collect(),
+        DataType::Utf8 => col.as_string::<i32>().iter().map(|v| Key::Str(v.unwrap_or_default().to_string())).collect(),
+        other => anyhow::bail!("primary key {pk} has type {other}; keys are integers or strings"),
     })
 }

@@ -10,28 +10,29 @@ use crossbeam_channel::bounded;
 
 use super::{ChangeCounts, ChangeSet};
 use crate::endpoint::Source;
+use crate::plan::{ChunkRange, Key};
 
 /// How the ids of a target differ from the source's in a key range.
 #[derive(Debug, Default)]
 pub struct IdDiff {
     /// In the source, not in the target.
-    pub missing: Vec<i64>,
+    pub missing: Vec<Key>,
     /// In the target, not in the source.
-    pub extra: Vec<i64>,
+    pub extra: Vec<Key>,
     pub source_ids: u64,
     pub target_ids: u64,
     pub seconds: f64,
 }
 
-/// Walks the ids of both sides in `[lo, hi]` and returns the difference.
-pub fn diff_ids(source: &dyn Source, target: &dyn Source, lo: i64, hi: i64) -> Result<IdDiff> {
+/// Walks the ids of both sides in `span` and returns the difference.
+pub fn diff_ids(source: &dyn Source, target: &dyn Source, span: &ChunkRange) -> Result<IdDiff> {
     let started = Instant::now();
     let mut diff = IdDiff::default();
     std::thread::scope(|s| -> Result<()> {
-        let (src_tx, src_rx) = bounded::<Vec<i64>>(4);
-        let (dst_tx, dst_rx) = bounded::<Vec<i64>>(4);
-        let src_h = s.spawn(move || source.read_ids(lo, hi, &mut |ids| src_tx.send(ids.to_vec()).map_err(|_| anyhow!("stopped"))));
-        let dst_h = s.spawn(move || target.read_ids(lo, hi, &mut |ids| dst_tx.send(ids.to_vec()).map_err(|_| anyhow!("stopped"))));
+        let (src_tx, src_rx) = bounded::<Vec<Key>>(4);
+        let (dst_tx, dst_rx) = bounded::<Vec<Key>>(4);
+        let src_h = s.spawn(move || source.read_ids(span, &mut |ids| src_tx.send(ids.to_vec()).map_err(|_| anyhow!("stopped"))));
+        let dst_h = s.spawn(move || target.read_ids(span, &mut |ids| dst_tx.send(ids.to_vec()).map_err(|_| anyhow!("stopped"))));
         let mut a = Pages::new(src_rx);
         let mut b = Pages::new(dst_rx);
         loop {
@@ -72,22 +73,22 @@ pub fn diff_ids(source: &dyn Source, target: &dyn Source, lo: i64, hi: i64) -> R
 
 /// One side's ids, page after page, as a peekable ascending sequence.
 struct Pages {
-    rx: crossbeam_channel::Receiver<Vec<i64>>,
-    page: Vec<i64>,
+    rx: crossbeam_channel::Receiver<Vec<Key>>,
+    page: Vec<Key>,
     at: usize,
     count: u64,
 }
 
 impl Pages {
-    fn new(rx: crossbeam_channel::Receiver<Vec<i64>>) -> Pages {
+    fn new(rx: crossbeam_channel::Receiver<Vec<Key>>) -> Pages {
         Pages { rx, page: Vec::new(), at: 0, count: 0 }
     }
-    fn peek(&mut self) -> Option<i64> {
+    fn peek(&mut self) -> Option<Key> {
         while self.at >= self.page.len() {
             self.page = self.rx.recv().ok()?;
             self.at = 0;
         }
-        Some(self.page[self.at])
+        Some(self.page[self.at].clone())
     }
     fn next(&mut self) {
         self.at += 1;

@@ -430,3 +430,18 @@ pub fn milvus_writer(url: &str, name: &str, dim: usize, first_id: i64) -> super:
 fn chrono_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+/// The newer-protocol server (milvus-lite, started by scripts/dbs.sh).
+pub fn lite_base() -> String {
+    std::env::var("VMIG_TEST_MILVUS_LITE").unwrap_or("http://127.0.0.1:19640".into())
+}
+
+/// Runs a pymilvus script of tests/fixtures (FastGPT's own way to create
+/// and read collections, independent of vmig) and parses its JSON line.
+pub fn pymilvus(script: &str, args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("VMIG_TEST_PYMILVUS").expect("VMIG_TEST_PYMILVUS (scripts/dbs.sh env) names the python with pymilvus");
+    let path = format!("{}/tests/fixtures/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python).arg(&path).args(args).output().unwrap();
+    assert!(out.status.success(), "{script} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}

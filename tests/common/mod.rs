@@ -366,20 +366,27 @@ impl Drop for PrivateSeekdb {
     }
 }
 
-/// (id, reason) of every rejected row under `dir`.
+/// (id, reason) of every rejected row under `dir` (integer keys).
 pub fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
+    let mut out: Vec<(i64, String)> = rejected_keys(dir).into_iter().map(|(k, r)| (k.parse().expect("an integer key"), r)).collect();
+    out.sort();
+    out
+}
+
+/// (id as text, reason) of every rejected row under `dir`, integer or string keys.
+pub fn rejected_keys(dir: &std::path::Path) -> Vec<(String, String)> {
     use arrow::array::AsArray;
-    use arrow::datatypes::Int64Type;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir.join("rejects")).unwrap() {
         let f = std::fs::File::open(e.unwrap().path()).unwrap();
         for b in ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap() {
             let b = b.unwrap();
-            let ids = b.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
+            let ids = arrow::compute::cast(b.column_by_name("id").unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
+            let ids = ids.as_string::<i32>();
             let reasons = b.column_by_name("vmig_reason").unwrap().as_string::<i32>().clone();
             for i in 0..b.num_rows() {
-                out.push((ids.value(i), reasons.value(i).to_string()));
+                out.push((ids.value(i).to_string(), reasons.value(i).to_string()));
             }
         }
     }

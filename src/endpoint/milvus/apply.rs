@@ -16,6 +16,7 @@ use super::sink::{MilvusSink, request_flush, wait_flushed};
 use super::source::decode_result;
 use super::{Collection, base, in_expr};
 use crate::online::{AppliedPosition, ChangeSet, keys_of};
+use crate::plan::Key;
 
 /// Ids per delete or lookup expression.
 const IDS_PER_EXPR: usize = 4_000;
@@ -78,7 +79,7 @@ impl MilvusSink {
         }
         let current = arrow::compute::concat_batches(&coll.spec.arrow_schema(), &current)?;
         let have = keys_of(&current, &coll.spec.primary_key)?;
-        let at: std::collections::HashMap<i64, u32> = have.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+        let at: std::collections::HashMap<&Key, u32> = have.iter().enumerate().map(|(i, k)| (k, i as u32)).collect();
         let (mut from_current, mut from_partial) = (Vec::new(), Vec::new());
         for (i, k) in keys.iter().enumerate() {
             if let Some(&j) = at.get(k) {

@@ -16,6 +16,7 @@ use anyhow::Result;
 use super::MilvusSource;
 use crate::endpoint::Source;
 use crate::ledger::now_rfc3339;
+use crate::plan::{ChunkRange, Key};
 use crate::online::reconcile::{changes_for, diff_ids};
 use crate::online::{ChangeCounts, ChangeSet, ChangeStream, OnlineState, PositionUnit, StreamBatch, StreamStats};
 
@@ -31,7 +32,7 @@ pub struct MilvusChangeStream {
     /// Every row with a time at or after this (less the margin) is polled.
     watermark: i64,
     /// Rows applied whose time is inside the margin: a poll sees them again.
-    seen: HashMap<i64, i64>,
+    seen: HashMap<Key, i64>,
     open_target: OpenTarget,
     reconcile_every: Duration,
     last_reconcile: Instant,
@@ -137,7 +138,7 @@ impl ChangeStream for MilvusChangeStream {
         };
         self.source.read_now()?;
         let from = self.watermark - self.margin_ms;
-        let mut fresh: Vec<(i64, i64)> = self
+        let mut fresh: Vec<(i64, Key)> = self
             .source
             .ids_with(&field, &format!("{field} >= {from}"))?
             .into_iter()
@@ -149,7 +150,7 @@ impl ChangeStream for MilvusChangeStream {
         fresh.truncate(max_changes);
         let mut set = ChangeSet::default();
         if let Some(&(last_t, _)) = fresh.last() {
-            let ids: Vec<i64> = fresh.iter().map(|(_, id)| *id).collect();
+            let ids: Vec<Key> = fresh.iter().map(|(_, id)| id.clone()).collect();
             self.source.read_rows_by_id(&ids, &mut |b| {
                 set.images.push(b);
                 Ok(())
@@ -161,7 +162,7 @@ impl ChangeStream for MilvusChangeStream {
             // (a client's clock ahead) must not hide the rows after it.
             self.watermark = self.watermark.max(last_t.min(read_at));
             for (t, id) in &fresh {
-                self.seen.insert(*id, *t);
+                self.seen.insert(id.clone(), *t);
             }
             let floor = self.watermark - self.margin_ms;
             self.seen.retain(|_, t| *t >= floor);
@@ -181,7 +182,7 @@ impl ChangeStream for MilvusChangeStream {
         self.last_reconcile = Instant::now();
         let target = (self.open_target)()?;
         self.source.read_now()?;
-        let diff = diff_ids(self.source.as_ref(), target.as_ref(), i64::MIN, i64::MAX)?;
+        let diff = diff_ids(self.source.as_ref(), target.as_ref(), &ChunkRange::whole())?;
         let set = changes_for(self.source.as_ref(), &diff)?;
         let summary = format!("reconcile at {}: {}", now_rfc3339(), diff.summary());
         if set.has_rows() || now {

@@ -36,6 +36,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::error_chain;
 use crate::config::{FieldMap, MilvusUrl};
+use crate::plan::Key;
 use crate::schema::{ColumnSpec, ColumnType, ComputedField, ComputedInput, IndexKind, IndexSpec, Metric, PartitionKey, TableSpec};
 
 /// Query responses may be this large; the client's default (4 MiB) stops at
@@ -378,9 +379,32 @@ impl Milvus {
 }
 
 /// `pk in [ids]`: the rows with these keys.
-pub fn in_expr(pk_field: &str, ids: &[i64]) -> String {
-    let list: Vec<String> = ids.iter().map(|k| k.to_string()).collect();
+pub fn in_expr(pk_field: &str, ids: &[Key]) -> String {
+    let list: Vec<String> = ids.iter().map(key_literal).collect();
     format!("{pk_field} in [{}]", list.join(","))
+}
+
+/// A key in a Milvus expression: strings double-quoted with `\\`, `"`
+/// and line breaks escaped (the escapes Milvus 2.3 and 2.6 both read).
+pub fn key_literal(k: &Key) -> String {
+    match k {
+        Key::Int(v) => v.to_string(),
+        Key::Str(s) => {
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push('"');
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    '\t' => out.push_str("\\t"),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+    }
 }
 
 /// The values of a scalar field in a reply.
@@ -514,8 +538,8 @@ pub fn map_collection(
             ),
         };
         if f.is_primary_key {
-            if !matches!(kind, FieldKind::Int64) {
-                bail!("collection {name}: primary key {} is {dt:?}; only Int64 primary keys are supported yet", f.name);
+            if !matches!(kind, FieldKind::Int64 | FieldKind::VarChar { .. }) {
+                bail!("collection {name}: primary key {} is {dt:?}; vmig reads Int64 and VarChar primary keys", f.name);
             }
             pk = Some((column.to_string(), f.name.clone()));
             auto_id = f.auto_id;
@@ -526,7 +550,7 @@ pub fn map_collection(
             nullable: f.nullable,
             // FastGPT on PostgreSQL/OceanBase lets the database number new
             // rows: a SQL target gets a sequence / AUTO_INCREMENT above max(id).
-            auto_increment: f.is_primary_key,
+            auto_increment: f.is_primary_key && matches!(kind, FieldKind::Int64),
             default_now: false,
         });
         if f.is_partition_key {

@@ -44,7 +44,7 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
     let is_pk = col.name == spec.primary_key;
     let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
     let (dt, params) = match &col.ty {
-        _ if is_pk => (DataType::Int64, vec![]),
+        _ if is_pk && !matches!(col.ty, ColumnType::Text { .. } | ColumnType::Uuid) => (DataType::Int64, vec![]),
         ColumnType::Int64 => (DataType::Int64, vec![]),
         ColumnType::Int32 => (DataType::Int32, vec![]),
         ColumnType::Int16 => (DataType::Int16, vec![]),
@@ -55,6 +55,7 @@ fn field_schema(spec: &TableSpec, col: &crate::schema::ColumnSpec, map: &[FieldM
         ColumnType::Text { max_chars } => {
             (DataType::VarChar, vec![kv("max_length", max_chars.map_or(65_535, |n| (n.saturating_mul(4)).min(65_535)).to_string())])
         }
+        ColumnType::Uuid => (DataType::VarChar, vec![kv("max_length", "36".into())]),
         ColumnType::Json { .. } => (DataType::Json, vec![]),
         ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => (DataType::FloatVector, vec![kv("dim", dim.to_string())]),
         ColumnType::Timestamp { .. } => {

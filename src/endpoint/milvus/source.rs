@@ -16,9 +16,10 @@ use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
 use tokio::runtime::Handle;
 
 use crate::endpoint::Source;
-use super::{Collection, FieldInfo, FieldKind, Milvus, discover, in_expr, scalar};
+use super::{Collection, FieldInfo, FieldKind, Milvus, discover, in_expr, key_literal, scalar};
 use crate::config::MilvusUrl;
-use crate::plan::{ChunkRange, ranges_from_bounds};
+use crate::online::keys_of;
+use crate::plan::{Bounds, ChunkRange, Key, ranges_from_keys};
 use crate::schema::{IndexKind, TableSpec, vector_item_field};
 
 /// Bytes of rows per read page (~1,300 rows of 1536-d).
@@ -28,19 +29,57 @@ pub const MAX_QUERY_LIMIT: usize = 16_384;
 /// The field Milvus keeps dynamic (schema-less) values in.
 pub const DYNAMIC_FIELD: &str = "$meta";
 
-/// `pk > last` within `[lo, hi]`; bounds at the ends of i64 are left out
-/// (Milvus cannot parse -9223372036854775808).
-pub fn range_expr(pk: &str, lo: i64, hi: i64, after: Option<i64>) -> String {
-    let mut parts = Vec::new();
-    match after {
-        Some(a) => parts.push(format!("{pk} > {a}")),
-        None if lo != i64::MIN => parts.push(format!("{pk} >= {lo}")),
-        None => {}
+/// A key range as the pager walks it: from `from` (inclusive) or above
+/// `after`, up to `upto` (inclusive); None is an open end. Integer bounds at
+/// the ends of i64 are left out (Milvus cannot parse -9223372036854775808).
+#[derive(Clone, Debug, Default)]
+pub struct Span {
+    from: Option<Key>,
+    after: Option<Key>,
+    upto: Option<Key>,
+}
+
+impl Span {
+    pub fn of(chunk: &ChunkRange) -> Span {
+        match chunk.bounds() {
+            Bounds::All => Span::default(),
+            Bounds::Int { lo, hi } => Span {
+                from: (lo != i64::MIN).then_some(Key::Int(lo)),
+                after: None,
+                upto: (hi != i64::MAX).then_some(Key::Int(hi)),
+            },
+            Bounds::Text { after, upto } => Span {
+                from: None,
+                after: after.map(|a| Key::Str(a.to_string())),
+                upto: upto.map(|u| Key::Str(u.to_string())),
+            },
+        }
     }
-    if hi != i64::MAX {
-        parts.push(format!("{pk} <= {hi}"));
+
+    /// The rest of the span, above `key`.
+    fn past(&self, key: Key) -> Span {
+        Span { from: None, after: Some(key), upto: self.upto.clone() }
     }
-    parts.join(" and ")
+
+    /// The span's start, up to `key`.
+    fn ending_at(&self, key: Key) -> Span {
+        Span { upto: Some(key), ..self.clone() }
+    }
+
+    /// The span as a Milvus expression ("" for every key).
+    pub fn expr(&self, pk: &str) -> String {
+        let mut parts = Vec::new();
+        if let Some(k) = &self.from {
+            parts.push(format!("{pk} >= {}", key_literal(k)));
+        }
+        if let Some(k) = &self.after {
+            parts.push(format!("{pk} > {}", key_literal(k)));
+        }
+        if let Some(k) = &self.upto {
+            parts.push(format!("{pk} <= {}", key_literal(k)));
+        }
+        parts.join(" and ")
+    }
 }
 
 // ---------------------------------------------------------------- decoding
@@ -117,7 +156,7 @@ fn decode_values(info: &FieldInfo, fd: FieldData) -> Result<ArrayRef> {
 }
 
 /// Dynamic values would be lost on the way: refuse them, naming a row.
-fn check_no_dynamic_values(fd: &FieldData, ids: &Int64Array, collection: &str) -> Result<()> {
+fn check_no_dynamic_values(fd: &FieldData, ids: &[Key], collection: &str) -> Result<()> {
     if let Some(scalar_field::Data::JsonData(l)) = scalar(fd) {
         for (i, v) in l.data.iter().enumerate() {
             let s = String::from_utf8_lossy(v);
@@ -126,7 +165,7 @@ fn check_no_dynamic_values(fd: &FieldData, ids: &Int64Array, collection: &str) -
                 bail!(
                     "collection {collection}: row id {} has dynamic fields {t}; vmig copies declared fields only, \
                      declare them in the collection schema first",
-                    ids.value(i)
+                    ids[i]
                 );
             }
         }
@@ -147,13 +186,15 @@ pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<Reco
         .collect::<Result<Vec<_>>>()?;
     let dynamic = take(DYNAMIC_FIELD);
     let batch = RecordBatch::try_new(coll.spec.arrow_schema(), cols).context("assembling a Milvus page")?;
-    let pk = batch.column(coll.spec.pk_index()).as_any().downcast_ref::<Int64Array>().unwrap().clone();
+    let pk = batch.column(coll.spec.pk_index()).clone();
+    let keys = keys_of(&batch, &coll.spec.primary_key)?;
     if let Some(fd) = dynamic {
-        check_no_dynamic_values(&fd, &pk, &coll.spec.name)?;
+        check_no_dynamic_values(&fd, &keys, &coll.spec.name)?;
     }
-    if pk.values().windows(2).all(|w| w[0] < w[1]) {
+    if keys.windows(2).all(|w| w[0] < w[1]) {
         return Ok(batch);
     }
+    // Arrow sorts strings by their bytes, as Key does.
     let order: UInt32Array = arrow::compute::sort_to_indices(&pk, None, None)?;
     Ok(arrow::compute::take_record_batch(&batch, &order)?)
 }
@@ -194,11 +235,12 @@ pub struct MilvusSource {
 }
 
 /// The primary keys in a query's reply.
-pub fn decode_keys(coll: &Collection, data: Vec<FieldData>) -> Result<Vec<i64>> {
+pub fn decode_keys(coll: &Collection, data: Vec<FieldData>) -> Result<Vec<Key>> {
     match data.iter().find(|d| d.field_name == coll.pk_field).and_then(scalar) {
-        Some(scalar_field::Data::LongData(l)) => Ok(l.data.clone()),
+        Some(scalar_field::Data::LongData(l)) => Ok(l.data.iter().map(|v| Key::Int(*v)).collect()),
+        Some(scalar_field::Data::StringData(l)) => Ok(l.data.iter().map(|v| Key::Str(v.clone())).collect()),
         None => Ok(Vec::new()),
-        Some(_) => bail!("collection {} has non-integer ids", coll.spec.name),
+        Some(_) => bail!("collection {} has ids that are neither integers nor strings", coll.spec.name),
     }
 }
 
@@ -255,23 +297,23 @@ impl MilvusSource {
     /// Rows matching a filter expression, all of them (keyset pages by id), in
     /// batches sorted by id.
     pub fn read_where(&self, filter: &str, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages_where(i64::MIN, i64::MAX, filter, Shape::Rows, out)
+        self.pages_where(&Span::default(), filter, Shape::Rows, out)
     }
 
     /// (id, value of the Int64 field `field`) of every row matching `filter`,
     /// in pages by id (checked like every other read, see `pages_where`).
-    pub fn ids_with(&self, field: &str, filter: &str) -> Result<Vec<(i64, i64)>> {
+    pub fn ids_with(&self, field: &str, filter: &str) -> Result<Vec<(Key, i64)>> {
         let mut out = Vec::new();
-        self.pages_where(i64::MIN, i64::MAX, filter, Shape::IdsWith(field), &mut |b| {
-            let column = |i: usize| b.column(i).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
-            out.extend(column(0).into_iter().zip(column(1)));
+        self.pages_where(&Span::default(), filter, Shape::IdsWith(field), &mut |b| {
+            let values = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap().values().to_vec();
+            out.extend(keys_of(&b, &self.coll.spec.primary_key)?.into_iter().zip(values));
             Ok(())
         })?;
         Ok(out)
     }
 
-    fn pages(&self, lo: i64, hi: i64, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages_where(lo, hi, "", shape, f)
+    fn pages(&self, span: &Span, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        self.pages_where(span, "", shape, f)
     }
 
     /// What a page asks for, and how many rows.
@@ -284,8 +326,8 @@ impl MilvusSource {
         }
     }
 
-    fn range_where(&self, lo: i64, hi: i64, after: Option<i64>, filter: &str) -> String {
-        let range = range_expr(&self.coll.pk_field, lo, hi, after);
+    fn range_where(&self, span: &Span, filter: &str) -> String {
+        let range = span.expr(&self.coll.pk_field);
         let e = match (range.is_empty(), filter.is_empty()) {
             (true, _) => filter.to_string(),
             (false, true) => range,
@@ -307,80 +349,79 @@ impl MilvusSource {
                 RecordBatch::try_from_iter([(key, decode_field(info, fd)?)])?
             }
             Shape::IdsWith(field) => {
-                let longs = |name: &str| -> Result<ArrayRef> {
-                    match data.iter().find(|d| d.field_name == name).and_then(scalar) {
-                        Some(scalar_field::Data::LongData(l)) => Ok(Arc::new(Int64Array::from(l.data.clone()))),
-                        _ => bail!("Milvus returned no Int64 values for {name}"),
-                    }
+                let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
+                let values: ArrayRef = match data.iter().find(|d| d.field_name == field).and_then(scalar) {
+                    Some(scalar_field::Data::LongData(l)) => Arc::new(Int64Array::from(l.data.clone())),
+                    _ => bail!("Milvus returned no Int64 values for {field}"),
                 };
-                RecordBatch::try_from_iter([(key, longs(pk)?), (field, longs(field)?)])?
+                let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
+                RecordBatch::try_from_iter([(key, decode_field(info, fd)?), (field, values)])?
             }
         };
         let order = arrow::compute::sort_to_indices(batch.column_by_name(key).unwrap(), None, None)?;
         Ok(arrow::compute::take_record_batch(&batch, &order)?)
     }
 
-    /// Rows with ids in `[lo, hi]`, page by page (`pk > last`, sorted by id);
+    /// Rows with ids in `span`, page by page (`pk > last`, sorted by id);
     /// `shape` says which fields a page holds.
-    fn pages_where(&self, lo: i64, hi: i64, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn pages_where(&self, span: &Span, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         if !self.key_ordered.load(Relaxed) {
-            return self.pages_by_count(lo, hi, filter, shape, f);
+            return self.pages_by_count(span, filter, shape, f);
         }
         let name = &self.coll.spec.name;
         let (output, limit) = self.page_shape(shape);
-        let mut after = None;
+        let mut span = span.clone();
         loop {
-            let data = self.conn.query(name, &self.range_where(lo, hi, after, filter), &output, limit, self.read_ts())?;
+            let data = self.conn.query(name, &self.range_where(&span, filter), &output, limit, self.read_ts())?;
             let batch = self.sorted_page(data, shape)?;
             let n = batch.num_rows();
             if n == 0 {
                 return Ok(());
             }
-            let ids = batch.column_by_name(&self.coll.spec.primary_key).unwrap();
-            let ids = ids.as_any().downcast_ref::<Int64Array>().unwrap();
-            let last = ids.value(n - 1);
-            if after.is_some_and(|a| ids.value(0) <= a) {
+            let keys = keys_of(&batch, &self.coll.spec.primary_key)?;
+            let last = keys[n - 1].clone();
+            if span.after.as_ref().is_some_and(|a| keys[0] <= *a) {
                 bail!("Milvus returned ids out of order while paging {name}");
             }
-            // A full page must hold the lowest keys of the range: count the
+            // A full page must hold the lowest keys of the span: count the
             // rows up to its last key. More than the page (a server that
             // answers segment by segment, or Milvus' hidden copies): the rest
-            // of the range is read by ranges that need no order.
-            if n == limit {
-                let first = after.map_or(lo, |a| a + 1);
-                if self.conn.count_where(name, &self.range_where(first, last, None, filter), self.read_ts())? > n as u64 {
-                    self.key_ordered.store(false, Relaxed);
-                    return self.pages_by_count(first, hi, filter, shape, f);
-                }
+            // of the span is read by ranges that need no order.
+            if n == limit && self.conn.count_where(name, &self.range_where(&span.ending_at(last.clone()), filter), self.read_ts())? > n as u64 {
+                self.key_ordered.store(false, Relaxed);
+                return self.pages_by_count(&span, filter, shape, f);
             }
             f(batch)?;
             if n < limit {
                 return Ok(());
             }
-            after = Some(last);
+            span = span.past(last);
         }
     }
 }
 
 impl MilvusSource {
     /// `pages_where` for servers whose limited queries are not in key order:
-    /// a range holding at most a page of rows (by `count(*)`) is read whole,
-    /// a larger one is halved; ranges go out in ascending order, each sorted.
-    fn pages_by_count(&self, lo: i64, hi: i64, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    /// a span holding at most a page of rows (by `count(*)`) is read whole, a
+    /// larger one is split at the median of a page of its keys (any page:
+    /// both halves then hold fewer rows); spans go out in ascending order,
+    /// each sorted.
+    fn pages_by_count(&self, span: &Span, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
         let (output, limit) = self.page_shape(shape);
-        let mut ranges = vec![(lo, hi)];
-        while let Some((a, b)) = ranges.pop() {
-            let expr = self.range_where(a, b, None, filter);
+        let mut spans = vec![span.clone()];
+        while let Some(s) = spans.pop() {
+            let expr = self.range_where(&s, filter);
             let n = self.conn.count_where(name, &expr, self.read_ts())? as usize;
             if n == 0 {
                 continue;
             }
-            if n > limit && a < b {
-                let mid = ((a as i128 + b as i128).div_euclid(2)) as i64;
-                ranges.push((mid + 1, b));
-                ranges.push((a, mid));
-                continue;
+            if n > limit {
+                if let Some(mid) = self.median_key(&expr)? {
+                    spans.push(s.past(mid.clone()));
+                    spans.push(s.ending_at(mid));
+                    continue;
+                }
             }
             let data = self.conn.query(name, &expr, &output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
             let sorted = self.sorted_page(data, shape)?;
@@ -389,6 +430,18 @@ impl MilvusSource {
             }
         }
         Ok(())
+    }
+
+    /// The lower median of the distinct keys in one page of `expr`'s rows
+    /// (whichever the server returns), below their largest; None when the
+    /// page holds a single key (copies of one row).
+    fn median_key(&self, expr: &str) -> Result<Option<Key>> {
+        let (output, limit) = self.page_shape(Shape::Ids);
+        let data = self.conn.query(&self.coll.spec.name, expr, &output, limit.max(2), self.read_ts())?;
+        let mut keys = decode_keys(&self.coll, data)?;
+        keys.sort_unstable();
+        keys.dedup();
+        Ok((keys.len() >= 2).then(|| keys[(keys.len() - 1) / 2].clone()))
     }
 }
 
@@ -409,24 +462,25 @@ impl Source for MilvusSource {
         // Walk the ids (8 bytes each) and note every chunk_rows-th.
         let mut bounds = Vec::new();
         let mut total = 0u64;
-        self.pages(i64::MIN, i64::MAX, Shape::Ids, &mut |b| {
-            let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-            for i in 0..ids.len() {
+        let pk = &self.coll.spec.primary_key;
+        self.pages(&Span::default(), Shape::Ids, &mut |b| {
+            for key in keys_of(&b, pk)? {
                 total += 1;
                 if total % chunk_rows == 0 {
-                    bounds.push(ids.value(i));
+                    bounds.push(key);
                 }
             }
             Ok(())
         })?;
-        Ok(ranges_from_bounds(&bounds, total, chunk_rows))
+        Ok(ranges_from_keys(&bounds, total, chunk_rows))
     }
 
-    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
-        self.pages(lo, hi, Shape::Ids, &mut |b| out(b.column(0).as_any().downcast_ref::<Int64Array>().unwrap().values()))
+    fn read_ids(&self, span: &ChunkRange, out: &mut dyn FnMut(&[Key]) -> Result<()>) -> Result<()> {
+        let pk = &self.coll.spec.primary_key;
+        self.pages(&Span::of(span), Shape::Ids, &mut |b| out(&keys_of(&b, pk)?))
     }
 
-    fn search(&self, query: &[f32], k: usize, metric: crate::schema::Metric, ef: u32) -> Result<(Vec<i64>, String)> {
+    fn search(&self, query: &[f32], k: usize, metric: crate::schema::Metric, ef: u32) -> Result<(Vec<Key>, String)> {
         use milvus::proto::common::{DslType, KeyValuePair, MsgType, PlaceholderGroup, PlaceholderType, PlaceholderValue};
         use milvus::proto::milvus::{SearchRequest, search_request::SearchInput};
         use milvus::proto::schema::i_ds::IdField;
@@ -474,19 +528,20 @@ impl Source for MilvusSource {
         };
         let r = self.conn.call(&format!("searching {}", self.coll.spec.name), |mut c| async move { c.search(req).await })?;
         let ids = match r.results.and_then(|d| d.ids).and_then(|i| i.id_field) {
-            Some(IdField::IntId(l)) => l.data,
-            Some(_) => bail!("collection {} has non-integer ids", self.coll.spec.name),
+            Some(IdField::IntId(l)) => l.data.into_iter().map(Key::Int).collect(),
+            Some(IdField::StrId(l)) => l.data.into_iter().map(Key::Str).collect(),
+            Some(_) => bail!("collection {} has ids that are neither integers nor strings", self.coll.spec.name),
             None => Vec::new(),
         };
         Ok((ids, format!("search on {field}, metric {metric_name}, ef {ef}, limit {k}")))
     }
 
-    fn stored_copies(&self, lo: i64, hi: i64) -> Result<Option<u64>> {
-        let expr = self.and_subset(&range_expr(&self.coll.pk_field, lo, hi, None));
+    fn stored_copies(&self, span: &ChunkRange) -> Result<Option<u64>> {
+        let expr = self.and_subset(&Span::of(span).expr(&self.coll.pk_field));
         Ok(Some(self.conn.count_where(&self.coll.spec.name, &expr, self.read_ts())?))
     }
 
-    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
             let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));
             let data = self.conn.query(&self.coll.spec.name, &expr, &self.output, part.len(), self.read_ts())?;
@@ -505,7 +560,7 @@ impl Source for MilvusSource {
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages(chunk.lo, chunk.hi, Shape::Rows, &mut |b| {
+        self.pages(&Span::of(chunk), Shape::Rows, &mut |b| {
             let mut off = 0;
             while off < b.num_rows() {
                 let n = batch_rows.min(b.num_rows() - off);
@@ -522,9 +577,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn range_expressions_leave_out_the_ends_of_i64() {
-        assert_eq!(range_expr("id", i64::MIN, i64::MAX, None), "");
-        assert_eq!(range_expr("id", 10, i64::MAX, None), "id >= 10");
-        assert_eq!(range_expr("id", i64::MIN, 20, Some(5)), "id > 5 and id <= 20");
+    fn range_expressions_leave_out_the_ends_of_i64_and_quote_strings() {
+        let int = |lo, hi| ChunkRange { id: 0, lo, hi, rows: 0, text: None };
+        assert_eq!(Span::of(&int(i64::MIN, i64::MAX)).expr("id"), "");
+        assert_eq!(Span::of(&int(10, i64::MAX)).expr("id"), "id >= 10");
+        assert_eq!(Span::of(&int(i64::MIN, 20)).past(Key::Int(5)).expr("id"), "id > 5 and id <= 20");
+        let text = crate::plan::ranges_from_text_bounds(&["a\"q\\".to_string(), "m".to_string()], 30, 10);
+        assert_eq!(Span::of(&text[0]).expr("pk"), r#"pk <= "a\"q\\""#);
+        assert_eq!(Span::of(&text[1]).expr("pk"), r#"pk > "a\"q\\" and pk <= "m""#);
+        assert_eq!(Span::of(&text[2]).ending_at(Key::Str("x".into())).expr("pk"), r#"pk > "m" and pk <= "x""#);
     }
 }

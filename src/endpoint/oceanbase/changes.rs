@@ -15,6 +15,7 @@ use mysql_async::prelude::Queryable;
 use super::*;
 use crate::endpoint::Feedback;
 use crate::ledger::now_rfc3339;
+use crate::plan::Key;
 use crate::online::{ChangeCounts, ChangeSet, ChangeStream, OnlineState, PositionUnit, StreamBatch, StreamStats};
 
 /// Changelog rows purged per statement.
@@ -100,15 +101,16 @@ impl Capture {
         Ok(dropped)
     }
 
-    async fn install(&self, c: &mut Conn, url: &ObUrl, table: &str, pk: &str) -> Result<()> {
+    async fn install(&self, c: &mut Conn, url: &ObUrl, table: &str, pk: &ColumnSpec) -> Result<()> {
         let log = ident(&self.changelog);
         c.query_drop(format!(
             "CREATE TABLE {log} (seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, op CHAR(1) NOT NULL, \
-             id BIGINT NOT NULL, at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+             id {} NOT NULL, at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))",
+            key_sql_type(pk)
         ))
         .await
         .ob("creating the changelog table")?;
-        let (t, pk) = (ident(table), ident(pk));
+        let (t, pk) = (ident(table), ident(&pk.name));
         // An update that changes the key logs the old key too (it is gone).
         let bodies = [
             ("INSERT", format!("INSERT INTO {log} (op, id) VALUES ('I', NEW.{pk})")),
@@ -171,7 +173,7 @@ impl ObChangeStream {
     ) -> Result<ObChangeStream> {
         let capture = Capture::for_table(table);
         let state = OnlineState::load(job_dir)?;
-        let pk = source.spec().primary_key.clone();
+        let pk = source.spec().column(&source.spec().primary_key).cloned().ok_or_else(|| anyhow!("no primary key column"))?;
         let conn = handle.block_on(async {
             let mut c = connect(&url).await?;
             let (has_log, triggers) = capture.present(&mut c).await?;
@@ -304,7 +306,7 @@ impl ChangeStream for ObChangeStream {
     fn next_batch(&mut self, max_changes: usize, _upto: u64) -> Result<StreamBatch> {
         // A purge that failed earlier is retried first (its rows would be read again).
         self.purge()?;
-        let rows: Vec<(u64, String, i64, i64)> = self.with_conn(async |c, log| {
+        let rows: Vec<(u64, String, String, i64)> = self.with_conn(async |c, log| {
             c.query(format!(
                 "SELECT seq, op, id, CAST(UNIX_TIMESTAMP(at) * 1000000 AS SIGNED) FROM {log} ORDER BY seq LIMIT {max_changes}"
             ))
@@ -313,7 +315,8 @@ impl ChangeStream for ObChangeStream {
         })?;
         let mut counts = ChangeCounts::default();
         // Collapsed per id: what happened last does not matter, the current row does.
-        let mut ids: BTreeMap<i64, ()> = BTreeMap::new();
+        let key = KeySql::of(self.source.spec());
+        let mut ids: BTreeMap<Key, ()> = BTreeMap::new();
         let mut seqs = Vec::with_capacity(rows.len());
         for (seq, op, id, _) in &rows {
             match op.as_str() {
@@ -321,14 +324,14 @@ impl ChangeStream for ObChangeStream {
                 "U" => counts.updates += 1,
                 _ => counts.deletes += 1,
             }
-            ids.insert(*id, ());
+            ids.insert(key.parse(id)?, ());
             seqs.push(*seq);
         }
         let max_seq = seqs.iter().copied().max().unwrap_or(0);
         self.high = self.high.max(max_seq);
         let mut set = ChangeSet { position: self.high, commit_time_us: rows.last().map(|r| r.3), counts, ..Default::default() };
         if !ids.is_empty() {
-            let wanted: Vec<i64> = ids.keys().copied().collect();
+            let wanted: Vec<Key> = ids.into_keys().collect();
             let pk = self.source.spec().primary_key.clone();
             let mut found = std::collections::HashSet::new();
             self.source.read_rows_by_id(&wanted, &mut |b| {

@@ -25,7 +25,7 @@ use tokio::runtime::Handle;
 use sql::{TextRowDecoder, ident, push_str_literal};
 use crate::endpoint::Source;
 use crate::config::{ObUrl, TlsMode};
-use crate::plan::{ChunkRange, ranges_from_bounds};
+use crate::plan::{ChunkRange, Key, ranges_from_keys};
 use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
 
 pub const LEDGER_TABLE: &str = "vmig_ledger";
@@ -164,6 +164,46 @@ pub(super) async fn create_own_table(c: &mut Conn, name: &str, ddl: &str, what: 
     }
 }
 
+/// How a table's primary key reads and compares: string keys in the
+/// column's own collation, which must be binary (`utf8mb4_bin`, checked at
+/// discovery) so that it orders as the plan does, by bytes.
+pub struct KeySql {
+    pk: String,
+    text: bool,
+}
+
+impl KeySql {
+    pub fn of(spec: &TableSpec) -> KeySql {
+        let text = spec.column(&spec.primary_key).is_some_and(|c| matches!(c.ty, ColumnType::Text { .. } | ColumnType::Uuid));
+        KeySql { pk: ident(&spec.primary_key), text }
+    }
+
+    pub fn column(&self) -> &str {
+        &self.pk
+    }
+
+    /// A key as the text protocol returns it.
+    pub fn parse(&self, text: &str) -> Result<Key> {
+        if self.text {
+            return Ok(Key::Str(text.to_string()));
+        }
+        text.parse().map(Key::Int).map_err(|_| anyhow!("primary key value {text:?} is not an integer"))
+    }
+
+    /// A chunk's range as a condition (TRUE for every key).
+    pub fn range(&self, chunk: &ChunkRange) -> String {
+        chunk.condition(&self.pk, &key_literal).unwrap_or_else(|| "TRUE".into())
+    }
+}
+
+/// A key as an SQL literal.
+pub fn key_literal(k: &Key) -> String {
+    match k {
+        Key::Int(v) => v.to_string(),
+        Key::Str(s) => str_literal(s),
+    }
+}
+
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).
 pub fn filter_sql(f: &crate::filter::Filter, qualifier: Option<&str>) -> String {
     f.sql_literals(qualifier, &ident, &str_literal)
@@ -279,7 +319,7 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
         c,
         &format!(
             "SELECT column_name, data_type, column_type, is_nullable, column_default, extra, character_maximum_length, \
-             datetime_precision \
+             datetime_precision, collation_name \
              FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = {t} ORDER BY ordinal_position"
         ),
         "reading table columns",
@@ -322,10 +362,41 @@ pub async fn discover(c: &mut Conn, table: &str) -> Result<Option<Discovered>> {
     if pk.len() != 1 {
         bail!("table {table} must have a single-column primary key (found {})", if pk.is_empty() { "none".into() } else { pk.join(", ") });
     }
+    // String keys are planned and paged in byte order; a case- or
+    // accent-insensitive collation orders (and equates) them otherwise.
+    if let Some(r) = cols.iter().find(|r| r[0].as_deref() == Some(pk[0].as_str())) {
+        let collation = r[8].clone().unwrap_or_default();
+        if !collation.is_empty() && !collation.ends_with("_bin") {
+            bail!(
+                "table {table}: primary key {} has collation {collation}, which does not order keys by their bytes; \
+                 vmig reads string keys with a binary collation only (ALTER TABLE … MODIFY {} … COLLATE utf8mb4_bin)",
+                pk[0],
+                pk[0]
+            );
+        }
+    }
     let (indexes, skipped_indexes) = table_indexes(c, table).await?;
     let spec = TableSpec { name: table.to_string(), columns, primary_key: pk[0].clone(), indexes, computed: Vec::new(), partition_key: None };
     spec.validate()?;
     Ok(Some(Discovered { spec, skipped_indexes, coarse_timestamps }))
+}
+
+/// Characters of a string primary key vmig declares (4 bytes each in
+/// utf8mb4: half of OceanBase's 16 KiB row-key limit).
+const MAX_KEY_CHARS: u32 = 2048;
+
+/// The SQL type of a primary-key column (and of an online changelog's key).
+/// A string key gets a binary collation (byte order, as chunk ranges
+/// compare; 'a' and 'A' are two keys) and a length that fits OceanBase's
+/// 16 KiB row key.
+pub fn key_sql_type(c: &ColumnSpec) -> String {
+    match &c.ty {
+        ColumnType::Text { max_chars } => {
+            format!("VARCHAR({}) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin", max_chars.unwrap_or(MAX_KEY_CHARS).min(MAX_KEY_CHARS))
+        }
+        ColumnType::Uuid => "VARCHAR(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin".into(),
+        _ => column_sql_type(c),
+    }
 }
 
 fn column_sql_type(c: &ColumnSpec) -> String {
@@ -339,6 +410,7 @@ fn column_sql_type(c: &ColumnSpec) -> String {
         // utf8mb4 VARCHAR holds at most 16383 characters.
         ColumnType::Text { max_chars: Some(n) } if *n <= 16383 => format!("VARCHAR({n})"),
         ColumnType::Text { .. } => "LONGTEXT".into(),
+        ColumnType::Uuid => "VARCHAR(36)".into(),
         ColumnType::Json { .. } => "JSON".into(),
         // Microseconds, so PostgreSQL's timestamps arrive whole.
         ColumnType::Timestamp { .. } => "TIMESTAMP(6)".into(),
@@ -351,7 +423,8 @@ pub fn create_table_sql(table: &str, spec: &TableSpec) -> String {
         .columns
         .iter()
         .map(|c| {
-            let mut s = format!("{} {}", ident(&c.name), column_sql_type(c));
+            let ty = if c.name == spec.primary_key { key_sql_type(c) } else { column_sql_type(c) };
+            let mut s = format!("{} {ty}", ident(&c.name));
             s.push_str(if c.nullable { " NULL" } else { " NOT NULL" });
             if c.auto_increment && c.name == spec.primary_key {
                 s.push_str(" AUTO_INCREMENT");

@@ -425,7 +425,7 @@ impl Sink for ObSink {
             if record_ledger && !upsert {
                 // A retried chunk replaces whatever an earlier attempt left
                 // (of a subset job: inside the subset only).
-                c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}{subset}", chunk.lo, chunk.hi))
+                c.query_drop(format!("{tag}DELETE FROM {t} WHERE {}{subset}", KeySql::of(&spec).range(chunk)))
                     .await
                     .ob(&format!("clearing chunk {}", chunk.id))?;
             }
@@ -437,7 +437,7 @@ impl Sink for ObSink {
             pool: self.pool.clone(),
             conn: Some(conn),
             job: job.to_string(),
-            chunk: *chunk,
+            chunk: chunk.clone(),
             prefix: format!("{tag}{verb} INTO {t} ({}) VALUES ", column_list(&spec)),
             types: spec.columns.iter().map(|c| c.ty.clone()).collect(),
             literal: self.literal,
@@ -448,7 +448,14 @@ impl Sink for ObSink {
                 .subset
                 .get()
                 .filter(|_| *self.foreign_check.lock().unwrap())
-                .map(|f| (format!("SELECT {pk} FROM {t} WHERE NOT coalesce(({}), false) AND {pk} IN ", filter_sql(f, None)), f.clone(), spec.primary_key.clone())),
+                .map(|f| {
+                    (
+                        format!("SELECT {pk} FROM {t} WHERE NOT coalesce(({}), false) AND {pk} IN ", filter_sql(f, None)),
+                        f.clone(),
+                        spec.primary_key.clone(),
+                        KeySql::of(&spec),
+                    )
+                }),
         }))
     }
 
@@ -561,7 +568,7 @@ struct ObChunkWriter {
     bytes: u64,
     /// A subset job whose target holds other rows: the query for the ids
     /// they hold (a list follows), the filter, the key column.
-    foreign_check: Option<(String, crate::filter::Filter, String)>,
+    foreign_check: Option<(String, crate::filter::Filter, String, KeySql)>,
 }
 
 impl ObChunkWriter {
@@ -619,11 +626,12 @@ impl ChunkWriter for ObChunkWriter {
         let mut ends = Vec::with_capacity(batch.num_rows());
         let mut batch_rows = Vec::with_capacity(batch.num_rows());
         let mut rejects = match &self.foreign_check {
-            Some((query, f, pk)) => {
+            Some((query, f, pk, key)) => {
                 let (conn, handle) = (self.conn.as_mut().unwrap(), &self.handle);
                 refuse_foreign_ids(batch, pk, f, &mut |ids| {
-                    let list = ids.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(",");
-                    handle.block_on(async { conn.query::<i64, _>(format!("{query}({list})")).await.ob("checking ids outside the subset") })
+                    let list = ids.iter().map(key_literal).collect::<Vec<_>>().join(",");
+                    let held = handle.block_on(async { conn.query::<String, _>(format!("{query}({list})")).await.ob("checking ids outside the subset") })?;
+                    held.iter().map(|k| key.parse(k)).collect()
                 })?
             }
             None => Vec::new(),

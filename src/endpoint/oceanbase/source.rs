@@ -54,25 +54,28 @@ impl Source for ObSource {
     }
 
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
-        let pk = ident(&self.spec().primary_key);
+        let key = KeySql::of(self.spec());
+        let pk = key.column();
         let t = format!("{}{}", ident(&self.table), self.where_subset());
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             let total = query_i64(&mut c, &format!("SELECT count(*) FROM {t}"), "counting rows").await?.unwrap_or(0);
-            let bounds: Vec<i64> = query_strings(
+            let bounds: Vec<Key> = query_strings(
                 &mut c,
                 &format!(
                     "SELECT k FROM (SELECT {pk} AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}) s \
-                     WHERE rn % {chunk_rows} = 0 ORDER BY k"
+                     WHERE rn % {chunk_rows} = 0 ORDER BY rn"
                 ),
                 "planning chunks",
             )
             .await?
             .into_iter()
-            .filter_map(|r| r.into_iter().next().flatten().and_then(|v| v.parse().ok()))
-            .collect();
+            .filter_map(|r| r.into_iter().next().flatten())
+            .map(|v| key.parse(&v))
+            .collect::<Result<_>>()?;
+            check_ascending(&bounds, "planning chunks")?;
             self.pool.put(c);
-            Ok(ranges_from_bounds(&bounds, total as u64, chunk_rows))
+            Ok(ranges_from_keys(&bounds, total as u64, chunk_rows))
         })
     }
 
@@ -83,20 +86,19 @@ impl Source for ObSource {
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()> {
         let spec = self.spec();
-        let pk = ident(&spec.primary_key);
+        let key = KeySql::of(spec);
+        let pk = key.column();
+        let range = key.range(chunk);
         // Vectors come back as text, ~10 bytes per dimension.
         let row_text = crate::pipeline::estimate_row_bytes(spec) * 5 / 2;
         let page = (PAGE_BYTES / row_text.max(1)).clamp(100, 20_000);
         let mut decoder = self.decoder();
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
-            let mut last: Option<i64> = None;
+            let mut last: Option<Key> = None;
             loop {
-                let lower = match last {
-                    None => format!("{pk} >= {}", chunk.lo),
-                    Some(l) => format!("{pk} > {l}"),
-                };
-                let sql = format!("{} WHERE {lower} AND {pk} <= {}{} ORDER BY {pk} LIMIT {page}", self.select(), chunk.hi, self.and_subset());
+                let past = last.as_ref().map(|l| format!(" AND {pk} > {}", key_literal(l))).unwrap_or_default();
+                let sql = format!("{} WHERE {range}{past}{} ORDER BY {pk} LIMIT {page}", self.select(), self.and_subset());
                 let what = format!("reading chunk {}", chunk.id);
                 let (n, l) = self.decode_query(&mut c, &sql, &what, &mut decoder, batch_rows, out).await?;
                 last = l.or(last);
@@ -112,18 +114,23 @@ impl Source for ObSource {
         })
     }
 
-    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
-        let pk = ident(&self.spec().primary_key);
+    fn read_ids(&self, span: &ChunkRange, out: &mut dyn FnMut(&[Key]) -> Result<()>) -> Result<()> {
+        let key = KeySql::of(self.spec());
+        let (pk, range) = (key.column(), key.range(span));
         let t = ident(&self.table);
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
-            let mut after: Option<i64> = None;
+            let mut after: Option<Key> = None;
             loop {
-                let lower = after.map_or(format!("{pk} >= {lo}"), |a| format!("{pk} > {a}"));
-                let sql = format!("SELECT {pk} FROM {t} WHERE {lower} AND {pk} <= {hi}{} ORDER BY {pk} LIMIT {ID_PAGE}", self.and_subset());
-                let ids: Vec<i64> = c.query(sql).await.ob("reading ids")?;
+                let past = after.as_ref().map(|a| format!(" AND {pk} > {}", key_literal(a))).unwrap_or_default();
+                let sql = format!("SELECT {pk} FROM {t} WHERE {range}{past}{} ORDER BY {pk} LIMIT {ID_PAGE}", self.and_subset());
+                let ids = c.query::<String, _>(sql).await.ob("reading ids")?.iter().map(|k| key.parse(k)).collect::<Result<Vec<Key>>>()?;
+                check_ascending(&ids, "reading ids")?;
+                if after.as_ref().zip(ids.first()).is_some_and(|(a, f)| f <= a) {
+                    bail!("{}: keys came back out of byte order while reading ids", self.describe());
+                }
                 if let Some(l) = ids.last() {
-                    after = Some(*l);
+                    after = Some(l.clone());
                     out(&ids)?;
                 }
                 if ids.len() < ID_PAGE {
@@ -135,7 +142,8 @@ impl Source for ObSource {
         })
     }
 
-    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<i64>, String)> {
+    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<Key>, String)> {
+        let key = KeySql::of(self.spec());
         let spec = self.spec();
         let col = spec.columns.iter().find(|c| c.ty.is_vector()).ok_or_else(|| anyhow!("{} has no vector column", spec.name))?;
         // The distance functions an OceanBase vector index answers with APPROXIMATE.
@@ -155,7 +163,7 @@ impl Source for ObSource {
         let ids = self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             c.query_drop(format!("SET ob_hnsw_ef_search = {ef}")).await.ob("setting ob_hnsw_ef_search")?;
-            let ids: Vec<i64> = c.query(sql).await.ob("searching")?;
+            let ids = c.query::<String, _>(sql).await.ob("searching")?.iter().map(|k| key.parse(k)).collect::<Result<Vec<Key>>>()?;
             self.pool.put(c);
             Ok::<_, anyhow::Error>(ids)
         })?;
@@ -176,13 +184,13 @@ impl Source for ObSource {
         self.subset.set(filter_sql(filter, None)).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
     }
 
-    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let pk = ident(&self.spec().primary_key);
         let mut decoder = self.decoder();
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
             for part in ids.chunks(1_000) {
-                let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+                let list: Vec<String> = part.iter().map(key_literal).collect();
                 let sql = format!("{} WHERE {pk} IN ({}){} ORDER BY {pk}", self.select(), list.join(","), self.and_subset());
                 self.decode_query(&mut c, &sql, "reading changed rows", &mut decoder, usize::MAX, out).await?;
             }
@@ -192,6 +200,19 @@ impl Source for ObSource {
             self.pool.put(c);
             Ok(())
         })
+    }
+}
+
+/// Keys the server returned must ascend in byte order, as the plan does.
+fn check_ascending(keys: &[Key], what: &str) -> Result<()> {
+    match keys.windows(2).find(|w| w[0] >= w[1]) {
+        Some(w) => bail!(
+            "{what}: key {} came after {} in the table's key order, which is not byte order; \
+             string keys need a binary collation (utf8mb4_bin)",
+            w[1],
+            w[0]
+        ),
+        None => Ok(()),
     }
 }
 
@@ -219,8 +240,9 @@ impl ObSource {
         decoder: &mut TextRowDecoder,
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
-    ) -> Result<(usize, Option<i64>)> {
+    ) -> Result<(usize, Option<Key>)> {
         let spec = self.spec();
+        let key_sql = KeySql::of(spec);
         let pk_idx = spec.pk_index();
         let mut result = c.query_iter(sql).await.ob(what)?;
         let mut n = 0usize;
@@ -241,10 +263,24 @@ impl ObSource {
                     .collect();
                 let id = fields[pk_idx].map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
                 // The keyset cursor: an unreadable key would repeat the page forever.
-                let Ok(key) = id.parse::<i64>() else {
-                    err = Some(anyhow!("primary key value {id:?} is not an integer"));
-                    return;
+                let key = match key_sql.parse(&id) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        err = Some(e);
+                        return;
+                    }
                 };
+                // A collation that is not byte order would make chunks
+                // overlap or leave gaps: refuse rather than copy wrongly.
+                if last.as_ref().is_some_and(|l| key <= *l) {
+                    err = Some(anyhow!(
+                        "{} {id:?} came after {} in the table's key order, which is not byte order; \
+                         string keys need a binary collation (utf8mb4_bin)",
+                        spec.primary_key,
+                        last.as_ref().unwrap()
+                    ));
+                    return;
+                }
                 if let Err(e) = decoder.push_row(&fields) {
                     err = Some(anyhow!("row with {} = {id}: {e}", spec.primary_key));
                     return;

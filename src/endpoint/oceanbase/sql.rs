@@ -100,7 +100,7 @@ pub fn encode_value(col: &ArrayRef, ty: &ColumnType, row: usize, lit: VectorLite
             }
         }
         ColumnType::Bool => out.push(if col.as_boolean().value(row) { b'1' } else { b'0' }),
-        ColumnType::Text { .. } | ColumnType::Json { .. } => {
+        ColumnType::Text { .. } | ColumnType::Uuid | ColumnType::Json { .. } => {
             push_str_literal(col.as_any().downcast_ref::<StringArray>().unwrap().value(row), out)
         }
         ColumnType::Timestamp { .. } => {
@@ -174,7 +174,7 @@ impl TextRowDecoder {
                 (ColBuilder::F32(x), Parsed::Float(v)) => x.append_value(v as f32),
                 (ColBuilder::F64(x), Parsed::Float(v)) => x.append_value(v),
                 (ColBuilder::Bool(x), Parsed::Int(v)) => x.append_value(v != 0),
-                (ColBuilder::Text { b, .. }, Parsed::Text(s)) => b.append_value(s),
+                (ColBuilder::Text { b, .. } | ColBuilder::Uuid(b), Parsed::Text(s)) => b.append_value(s),
                 (ColBuilder::Ts(v, valid), Parsed::Int(us)) => {
                     v.push(us);
                     valid.push(true);
@@ -186,7 +186,7 @@ impl TextRowDecoder {
                 (ColBuilder::F32(x), Parsed::Null) => x.append_null(),
                 (ColBuilder::F64(x), Parsed::Null) => x.append_null(),
                 (ColBuilder::Bool(x), Parsed::Null) => x.append_null(),
-                (ColBuilder::Text { b, .. }, Parsed::Null) => b.append_null(),
+                (ColBuilder::Text { b, .. } | ColBuilder::Uuid(b), Parsed::Null) => b.append_null(),
                 (ColBuilder::Ts(v, valid), Parsed::Null) => {
                     v.push(0);
                     valid.push(false);
@@ -224,7 +224,7 @@ fn parse_field(col: &ColBuilder, b: &[u8]) -> Result<Parsed> {
         ColBuilder::F32(_) | ColBuilder::F64(_) => {
             Parsed::Float(utf8(b)?.parse().map_err(|_| anyhow!("{:?} is not a number", String::from_utf8_lossy(b)))?)
         }
-        ColBuilder::Text { .. } => Parsed::Text(utf8(b)?.to_string()),
+        ColBuilder::Text { .. } | ColBuilder::Uuid(_) => Parsed::Text(utf8(b)?.to_string()),
         ColBuilder::Ts(_, _) => Parsed::Int(parse_timestamp(utf8(b)?)?),
         ColBuilder::Vector { dim, .. } => {
             let v = parse_vector_text(b)?;

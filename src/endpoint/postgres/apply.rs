@@ -51,7 +51,11 @@ impl PgSink {
             ids.extend(keys_of(b, &spec.primary_key)?);
         }
         if !ids.is_empty() {
-            c.execute(&format!("DELETE FROM {t} WHERE {pk} = ANY($1)"), &[&ids]).await.pg("applying deletes")?;
+            let key = KeySql::of(&spec);
+            let ids = key.param(&ids);
+            c.execute(&format!("DELETE FROM {t} WHERE {}", key.any(1)), &[ids.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)])
+                .await
+                .pg("applying deletes")?;
         }
         let types: Vec<ColumnType> = spec.columns.iter().map(|c| c.ty.clone()).collect();
         let rows: Vec<&RecordBatch> = set.images.iter().filter(|b| b.num_rows() > 0).collect();

@@ -160,6 +160,12 @@ fn append_field(col: &mut ColBuilder, field: Option<&[u8]>) -> Result<()> {
                 b.append_value(std::str::from_utf8(f).map_err(|_| anyhow::anyhow!("text value is not UTF-8"))?)
             }
         },
+        ColBuilder::Uuid(b) => match field {
+            None => b.append_null(),
+            Some(f) => b.append_value(crate::endpoint::columns::format_uuid(
+                f.try_into().map_err(|_| anyhow::anyhow!("a uuid value of {} bytes", f.len()))?,
+            )),
+        },
         ColBuilder::Ts(v, valid) => {
             v.push(field.map(|f| pg_to_unix_us(i64::from_be_bytes(f.try_into().unwrap()))).unwrap_or(0));
             valid.push(field.is_some());
@@ -228,6 +234,11 @@ fn encode_field(col: &ArrayRef, ty: &ColumnType, row: usize, out: &mut BytesMut)
         ColumnType::Text { .. } | ColumnType::Json { binary: false } => {
             let s = col.as_any().downcast_ref::<StringArray>().unwrap().value(row);
             put_len_prefixed(out, s.len(), |o| o.put_slice(s.as_bytes()));
+        }
+        ColumnType::Uuid => {
+            let s = col.as_any().downcast_ref::<StringArray>().unwrap().value(row);
+            let b = crate::endpoint::columns::parse_uuid(s).ok_or_else(|| anyhow::anyhow!("{s:?} is not a UUID in canonical form"))?;
+            put_len_prefixed(out, 16, |o| o.put_slice(&b));
         }
         ColumnType::Json { binary: true } => {
             let s = col.as_any().downcast_ref::<StringArray>().unwrap().value(row);

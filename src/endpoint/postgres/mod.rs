@@ -33,7 +33,7 @@ use super::{
 };
 use crate::config::PgUrl;
 use crate::ledger::{CommitRecord, Ledger, now_rfc3339};
-use crate::plan::{ChunkRange, ranges_from_bounds};
+use crate::plan::{ChunkRange, Key, ranges_from_keys};
 use crate::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec};
 
 pub const LEDGER_TABLE: &str = "vmig_ledger";
@@ -49,6 +49,87 @@ pub fn ident(name: &str) -> String {
 /// says (E'' syntax, backslashes and quotes doubled).
 pub fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// How a table's primary key is read and compared in SQL. String keys
+/// compare by their bytes (`COLLATE "C"`), the order every backend and the
+/// plan agree on; UUIDs by their bytes, which is the order of their
+/// lowercase text; integer keys as numbers.
+pub struct KeySql {
+    pk: String,
+    kind: KeyKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Int,
+    Text,
+    Uuid,
+}
+
+impl KeySql {
+    pub fn of(spec: &TableSpec) -> KeySql {
+        let kind = match spec.column(&spec.primary_key).map(|c| &c.ty) {
+            Some(ColumnType::Text { .. }) => KeyKind::Text,
+            Some(ColumnType::Uuid) => KeyKind::Uuid,
+            _ => KeyKind::Int,
+        };
+        KeySql { pk: ident(&spec.primary_key), kind }
+    }
+
+    /// The key column as ranges and ORDER BY compare it.
+    pub fn ordered(&self) -> String {
+        match self.kind {
+            KeyKind::Text => format!("{} COLLATE \"C\"", self.pk),
+            KeyKind::Int | KeyKind::Uuid => self.pk.clone(),
+        }
+    }
+
+    /// The key column, selected so that `get` reads it.
+    pub fn select(&self) -> String {
+        match self.kind {
+            KeyKind::Int => format!("{}::int8", self.pk),
+            KeyKind::Text | KeyKind::Uuid => format!("{}::text", self.pk),
+        }
+    }
+
+    pub fn get(&self, row: &tokio_postgres::Row, idx: usize) -> Key {
+        match self.kind {
+            KeyKind::Int => Key::Int(row.get(idx)),
+            KeyKind::Text | KeyKind::Uuid => Key::Str(row.get(idx)),
+        }
+    }
+
+    /// `pk = ANY($n)` with the keys bound by `param`.
+    pub fn any(&self, n: usize) -> String {
+        match self.kind {
+            KeyKind::Int => format!("{} = ANY(${n}::int8[])", self.pk),
+            KeyKind::Text => format!("{} = ANY(${n}::text[])", self.pk),
+            KeyKind::Uuid => format!("{} = ANY(${n}::text[]::uuid[])", self.pk),
+        }
+    }
+
+    /// The keys as the parameter `any` expects.
+    pub fn param(&self, keys: &[Key]) -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+        if self.kind != KeyKind::Int {
+            Box::new(keys.iter().map(|k| k.to_string_lossless()).collect::<Vec<String>>())
+        } else {
+            Box::new(keys.iter().filter_map(|k| if let Key::Int(v) = k { Some(*v) } else { None }).collect::<Vec<i64>>())
+        }
+    }
+
+    /// A chunk's range as a condition (TRUE for every key).
+    pub fn range(&self, chunk: &ChunkRange) -> String {
+        chunk.condition(&self.ordered(), &key_literal).unwrap_or_else(|| "TRUE".into())
+    }
+}
+
+/// A key as an SQL literal.
+pub fn key_literal(k: &Key) -> String {
+    match k {
+        Key::Int(v) => v.to_string(),
+        Key::Str(s) => literal(s),
+    }
 }
 
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).
@@ -194,6 +275,7 @@ pub async fn discover(client: &Client, table: &TableName, url: &PgUrl) -> Result
             "float8" => ColumnType::Float64,
             "bool" => ColumnType::Bool,
             "text" => ColumnType::Text { max_chars: None },
+            "uuid" => ColumnType::Uuid,
             "varchar" | "bpchar" => ColumnType::Text { max_chars: (typmod > 4).then(|| (typmod - 4) as u32) },
             "json" => ColumnType::Json { binary: false },
             "jsonb" => ColumnType::Json { binary: true },
@@ -330,6 +412,7 @@ fn column_sql_type(c: &ColumnSpec) -> String {
         ColumnType::Bool => "BOOLEAN".into(),
         ColumnType::Text { max_chars: Some(n) } => format!("VARCHAR({n})"),
         ColumnType::Text { max_chars: None } => "TEXT".into(),
+        ColumnType::Uuid => "UUID".into(),
         ColumnType::Json { binary: true } => "JSONB".into(),
         ColumnType::Json { binary: false } => "JSON".into(),
         ColumnType::Timestamp { utc: false } => "TIMESTAMP".into(),
@@ -346,6 +429,11 @@ pub fn create_table_sql(table: &TableName, spec: &TableSpec) -> String {
         .map(|c| {
             let mut s = format!("{} {}", ident(&c.name), column_sql_type(c));
             if c.name == spec.primary_key {
+                // String keys in byte order, as chunk ranges compare them,
+                // so that the primary key's index serves those ranges.
+                if matches!(c.ty, ColumnType::Text { .. }) {
+                    s.push_str(" COLLATE \"C\"");
+                }
                 s.push_str(" PRIMARY KEY");
             } else if !c.nullable {
                 s.push_str(" NOT NULL");

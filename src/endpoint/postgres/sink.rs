@@ -528,7 +528,7 @@ impl Sink for PgSink {
             } else if record_ledger {
                 // A retried chunk replaces whatever an earlier attempt left
                 // (of a subset job: inside the subset only).
-                c.batch_execute(&format!("DELETE FROM {t} WHERE {pk} BETWEEN {} AND {}{}", chunk.lo, chunk.hi, and_subset(None)))
+                c.batch_execute(&format!("DELETE FROM {t} WHERE {}{}", KeySql::of(&spec).range(chunk), and_subset(None)))
                     .await
                     .pg(&format!("clearing chunk {}", chunk.id))?;
                 t.clone()
@@ -558,13 +558,19 @@ impl Sink for PgSink {
             }),
             foreign_check: subset.filter(|_| *self.foreign_check.lock().unwrap()).map(|f| {
                 (
-                    format!("SELECT {pk}::int8 FROM {t} WHERE {pk} = ANY($1::int8[]) AND NOT coalesce(({}), false)", filter_sql(f, None)),
+                    format!(
+                        "SELECT {} FROM {t} WHERE {} AND NOT coalesce(({}), false)",
+                        KeySql::of(&spec).select(),
+                        KeySql::of(&spec).any(1),
+                        filter_sql(f, None)
+                    ),
                     f.clone(),
                     spec.primary_key.clone(),
+                    KeySql::of(&spec),
                 )
             }),
             record_ledger,
-            chunk: *chunk,
+            chunk: chunk.clone(),
             bytes: 0,
             buf: BytesMut::new(),
         }))
@@ -643,17 +649,24 @@ struct PgChunkWriter {
     buf: BytesMut,
     /// A subset job whose target holds other rows: the query for the ids
     /// they hold, the filter, the key column.
-    foreign_check: Option<(String, crate::filter::Filter, String)>,
+    foreign_check: Option<(String, crate::filter::Filter, String, KeySql)>,
 }
 
 impl ChunkWriter for PgChunkWriter {
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
         let refused = match &self.foreign_check {
             // On a connection of its own: this one is busy with the COPY.
-            Some((query, f, pk)) => refuse_foreign_ids(batch, pk, f, &mut |ids| {
+            Some((query, f, pk, key)) => refuse_foreign_ids(batch, pk, f, &mut |ids| {
                 self.handle.block_on(async {
                     let c = self.pool.get().await?;
-                    let held = c.query(query.as_str(), &[&ids]).await.pg("checking ids outside the subset")?.iter().map(|r| r.get(0)).collect();
+                    let ids = key.param(ids);
+                    let held = c
+                        .query(query.as_str(), &[ids.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)])
+                        .await
+                        .pg("checking ids outside the subset")?
+                        .iter()
+                        .map(|r| key.get(r, 0))
+                        .collect();
                     self.pool.put(c);
                     Ok(held)
                 })

@@ -56,12 +56,11 @@ impl PgSource {
         Ok(())
     }
 
-    /// The rows matching `condition` (built from integers only) and the
-    /// subset, in key
-    /// order, by binary COPY OUT in the run's snapshot.
+    /// The rows matching `condition` (built from keys and quoted
+    /// literals) and the subset, in key order, by binary COPY OUT in the run's snapshot.
     fn copy_rows(&self, condition: &str, what: &str, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let spec = self.spec();
-        let pk = ident(&spec.primary_key);
+        let pk = KeySql::of(spec).ordered();
         let sql = format!(
             "COPY (SELECT {} FROM {} WHERE {condition}{} ORDER BY {pk}) TO STDOUT (FORMAT binary)",
             column_list(spec),
@@ -147,29 +146,30 @@ impl Source for PgSource {
     }
 
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
-        let pk = ident(&self.spec().primary_key);
+        let key = KeySql::of(self.spec());
+        let (pk, select) = (key.ordered(), key.select());
         let t = self.table.sql();
         let subset = self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default();
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             self.begin_in_snapshot(&c).await?;
             let total: i64 = c.query_one(&format!("SELECT count(*) FROM {t}{subset}"), &[]).await.pg("counting rows")?.get(0);
-            let bounds: Vec<i64> = c
+            let bounds: Vec<Key> = c
                 .query(
                     &format!(
-                        "SELECT k FROM (SELECT {pk}::int8 AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}{subset}) s \
-                         WHERE rn % $1 = 0 ORDER BY k"
+                        "SELECT k FROM (SELECT {select} AS k, row_number() OVER (ORDER BY {pk}) AS rn FROM {t}{subset}) s \
+                         WHERE rn % $1 = 0 ORDER BY rn"
                     ),
                     &[&(chunk_rows as i64)],
                 )
                 .await
                 .pg("planning chunks")?
                 .iter()
-                .map(|r| r.get(0))
+                .map(|r| key.get(r, 0))
                 .collect();
             c.batch_execute("COMMIT").await.pg("planning")?;
             self.pool.put(c);
-            Ok(ranges_from_bounds(&bounds, total as u64, chunk_rows))
+            Ok(ranges_from_keys(&bounds, total as u64, chunk_rows))
         })
     }
 
@@ -179,21 +179,21 @@ impl Source for PgSource {
         batch_rows: usize,
         out: &mut dyn FnMut(RecordBatch) -> Result<()>,
     ) -> Result<()> {
-        let pk = ident(&self.spec().primary_key);
-        self.copy_rows(&format!("{pk} BETWEEN {} AND {}", chunk.lo, chunk.hi), &format!("chunk {}", chunk.id), batch_rows, out)
+        self.copy_rows(&KeySql::of(self.spec()).range(chunk), &format!("chunk {}", chunk.id), batch_rows, out)
     }
 
-    fn read_rows_by_id(&self, ids: &[i64], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+    fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let pk = ident(&self.spec().primary_key);
         for part in ids.chunks(10_000) {
-            let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+            let list: Vec<String> = part.iter().map(key_literal).collect();
             self.copy_rows(&format!("{pk} IN ({})", list.join(",")), &format!("{} rows by id", part.len()), 2048, out)?;
         }
         Ok(())
     }
 
-    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<i64>, String)> {
+    fn search(&self, query: &[f32], k: usize, metric: Metric, ef: u32) -> Result<(Vec<Key>, String)> {
         let spec = self.spec();
+        let key = KeySql::of(spec);
         let col = spec.columns.iter().find(|c| c.ty.is_vector()).ok_or_else(|| anyhow!("{} has no vector column", spec.name))?;
         let cast = if matches!(col.ty, ColumnType::HalfVec { .. }) { "halfvec" } else { "vector" };
         // The operator of the opclass the index was built with (pgvector
@@ -204,8 +204,8 @@ impl Source for PgSource {
             Metric::L2 => "<->",
         };
         let sql = format!(
-            "SELECT {}::int8 FROM {}{} ORDER BY {} {op} $1::text::{cast} LIMIT {k}",
-            ident(&spec.primary_key),
+            "SELECT {} FROM {}{} ORDER BY {} {op} $1::text::{cast} LIMIT {k}",
+            key.select(),
             self.table.sql(),
             self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default(),
             ident(&col.name)
@@ -223,7 +223,7 @@ impl Source for PgSource {
             let rows = c.query(&sql, &[&literal]).await.pg("searching")?;
             c.batch_execute("COMMIT").await.pg("searching")?;
             self.pool.put(c);
-            Ok::<_, anyhow::Error>(rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<i64>>())
+            Ok::<_, anyhow::Error>(rows.iter().map(|r| key.get(r, 0)).collect::<Vec<Key>>())
         })?;
         Ok((ids, format!("ORDER BY {} {op} q LIMIT {k}, hnsw.ef_search = {ef}, enable_seqscan = off", col.name)))
     }
@@ -244,23 +244,23 @@ impl Source for PgSource {
         })
     }
 
-    fn read_ids(&self, lo: i64, hi: i64, out: &mut dyn FnMut(&[i64]) -> Result<()>) -> Result<()> {
+    fn read_ids(&self, span: &ChunkRange, out: &mut dyn FnMut(&[Key]) -> Result<()>) -> Result<()> {
         const PAGE: usize = 50_000;
-        let pk = ident(&self.spec().primary_key);
+        let key = KeySql::of(self.spec());
+        let (pk, select) = (key.ordered(), key.select());
         let t = self.table.sql();
+        let range = key.range(span);
         self.handle.block_on(async {
             let c = self.pool.get().await?;
-            let mut after: Option<i64> = None;
+            let mut after: Option<Key> = None;
             loop {
-                let lower = if after.is_some() { ">" } else { ">=" };
-                let sql = format!(
-                    "SELECT {pk}::int8 FROM {t} WHERE {pk} {lower} $1::int8 AND {pk} <= $2::int8{} ORDER BY {pk} LIMIT {PAGE}",
-                    self.and_subset()
-                );
-                let rows = c.query(&sql, &[&after.unwrap_or(lo), &hi]).await.pg("reading ids")?;
-                let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                // Keyset paging: past the last key of the page before.
+                let past = after.as_ref().map(|k| format!(" AND {pk} > {}", key_literal(k))).unwrap_or_default();
+                let sql = format!("SELECT {select} FROM {t} WHERE {range}{past}{} ORDER BY {pk} LIMIT {PAGE}", self.and_subset());
+                let rows = c.query(&sql, &[]).await.pg("reading ids")?;
+                let ids: Vec<Key> = rows.iter().map(|r| key.get(r, 0)).collect();
                 if let Some(l) = ids.last() {
-                    after = Some(*l);
+                    after = Some(l.clone());
                     out(&ids)?;
                 }
                 if ids.len() < PAGE {

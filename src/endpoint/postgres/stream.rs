@@ -101,14 +101,21 @@ impl Decoder {
         Ok(out)
     }
 
-    fn key_of(&self, fields: &[Field]) -> Result<i64> {
+    fn key_of(&self, fields: &[Field]) -> Result<Key> {
         let pk = self.spec.pk_index();
+        let ty = &self.spec.columns[pk].ty;
         match &fields[pk] {
+            Field::Value(b) if *ty == ColumnType::Uuid => Ok(Key::Str(crate::endpoint::columns::format_uuid(
+                b[..].try_into().map_err(|_| anyhow!("primary key {} arrived as {} bytes, not a UUID", self.spec.primary_key, b.len()))?,
+            ))),
+            Field::Value(b) if matches!(ty, ColumnType::Text { .. }) => Ok(Key::Str(
+                String::from_utf8(b.to_vec()).map_err(|_| anyhow!("primary key {} arrived as invalid UTF-8", self.spec.primary_key))?,
+            )),
             Field::Value(b) => match b.len() {
-                2 => Ok(i16::from_be_bytes(b[..].try_into().unwrap()) as i64),
-                4 => Ok(i32::from_be_bytes(b[..].try_into().unwrap()) as i64),
-                8 => Ok(i64::from_be_bytes(b[..].try_into().unwrap())),
-                n => bail!("primary key {} arrived as {n} bytes; online needs an integer key", self.spec.primary_key),
+                2 => Ok(Key::Int(i16::from_be_bytes(b[..].try_into().unwrap()) as i64)),
+                4 => Ok(Key::Int(i32::from_be_bytes(b[..].try_into().unwrap()) as i64)),
+                8 => Ok(Key::Int(i64::from_be_bytes(b[..].try_into().unwrap()))),
+                n => bail!("primary key {} arrived as {n} bytes, not an integer", self.spec.primary_key),
             },
             other => bail!("change without its primary key {} ({other:?})", self.spec.primary_key),
         }
@@ -137,7 +144,7 @@ impl Decoder {
 
     /// Rows of one shape (`cols`: spec column indexes) decoded into Arrow:
     /// pgoutput's binary values are the types' send format, as in binary COPY.
-    fn decode(&self, cols: &[usize], rows: &[(i64, Vec<Field>)]) -> Result<RecordBatch> {
+    fn decode(&self, cols: &[usize], rows: &[(Key, Vec<Field>)]) -> Result<RecordBatch> {
         let sub = TableSpec {
             name: self.spec.name.clone(),
             columns: cols.iter().map(|&i| self.spec.columns[i].clone()).collect(),

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{ArrayRef, AsArray, BooleanArray, Int64Array, StringArray, new_null_array};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, StringArray, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -145,7 +145,7 @@ pub fn write_change_file(dir: &Path, spec: &TableSpec, set: &ChangeSet) -> Resul
     let mut rows = 0u64;
     if !set.deletes.is_empty() {
         let pk_ty = spec.arrow_schema().field_with_name(&spec.primary_key)?.data_type().clone();
-        let keys = arrow::compute::cast(&Int64Array::from(set.deletes.clone()), &pk_ty)?;
+        let keys = crate::online::keys_array(&set.deletes, &pk_ty)?;
         let b = RecordBatch::try_new(
             Arc::new(Schema::new(vec![Field::new(&spec.primary_key, pk_ty, false)])),
             vec![keys],

@@ -28,7 +28,7 @@ pub mod changes;
 
 use crate::ledger::{CommitRecord, FileLock, JobDir, Ledger, now_rfc3339};
 use crate::store::{Store, StoreWriter};
-use crate::plan::ChunkRange;
+use crate::plan::{ChunkRange, Key};
 use crate::schema::TableSpec;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -402,6 +402,43 @@ impl Source for StagingSource {
             .build()?;
         for batch in reader {
             out(batch.with_context(|| format!("chunk {:06}: decoding", chunk.id))?)?;
+        }
+        Ok(())
+    }
+
+    /// The keys in `span` (one of the plan's chunks, or any range: then
+    /// every chunk file is read and its keys filtered), ascending.
+    fn read_ids(&self, span: &ChunkRange, out: &mut dyn FnMut(&[Key]) -> Result<()>) -> Result<()> {
+        let pk = self.manifest.table.primary_key.clone();
+        let own = self.manifest.plan.iter().find(|c| c.lo == span.lo && c.hi == span.hi && c.text == span.text);
+        let chunks: Vec<&ChunkRange> = match own {
+            Some(c) => vec![c],
+            None => self.manifest.plan.iter().collect(),
+        };
+        let mut keys = Vec::new();
+        for c in chunks {
+            self.read_chunk(c, 8_192, &mut |b| {
+                keys.extend(crate::online::keys_of(&b, &pk)?.into_iter().filter(|k| span.contains(k)));
+                Ok(())
+            })?;
+        }
+        keys.sort_unstable();
+        out(&keys)
+    }
+
+    /// The rows with these keys, found by reading every chunk file.
+    fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
+        let pk = self.manifest.table.primary_key.clone();
+        let wanted: std::collections::HashSet<&Key> = ids.iter().collect();
+        for c in &self.manifest.plan {
+            self.read_chunk(c, 8_192, &mut |b| {
+                let keep: arrow::array::BooleanArray = crate::online::keys_of(&b, &pk)?.iter().map(|k| Some(wanted.contains(k))).collect();
+                let rows = arrow::compute::filter_record_batch(&b, &keep)?;
+                if rows.num_rows() > 0 {
+                    out(rows)?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
