@@ -464,7 +464,7 @@ pub fn inspect(a: InspectArgs) -> Result<bool> {
                 (state, rec.rows, rec.bytes)
             }
         };
-        chunks.push(serde_json::json!({"chunk": c.id, "lo": c.lo, "hi": c.hi, "rows": rows, "bytes": bytes, "state": state}));
+        chunks.push(serde_json::json!({"chunk": c.id, "lo": c.lo, "hi": c.hi, "text": c.text, "rows": rows, "bytes": bytes, "state": state}));
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "chunks": chunks, "ok": ok}))?);

@@ -130,13 +130,18 @@ impl ChunkRange {
 
     /// "[1, 500]" or "(\"a\", \"f\"]", for messages.
     pub fn describe_bounds(&self) -> String {
-        match &self.text {
-            Some(t) => {
-                let end = |b: &Option<String>, open: &str| b.as_ref().map(|s| format!("{s:?}")).unwrap_or_else(|| open.to_string());
-                format!("({}, {}]", end(&t.after, "-∞"), end(&t.upto, "+∞"))
-            }
-            None => format!("[{}, {}]", self.lo, self.hi),
+        describe_bounds(self.lo, self.hi, self.text.as_ref())
+    }
+}
+
+/// A chunk's range as `describe_bounds` writes it, from the fields reports keep.
+pub fn describe_bounds(lo: i64, hi: i64, text: Option<&TextRange>) -> String {
+    match text {
+        Some(t) => {
+            let end = |b: &Option<String>, open: &str| b.as_ref().map(|s| format!("{s:?}")).unwrap_or_else(|| open.to_string());
+            format!("({}, {}]", end(&t.after, "-∞"), end(&t.upto, "+∞"))
         }
+        None => format!("[{lo}, {hi}]"),
     }
 }
 

@@ -40,11 +40,10 @@ pub struct ChunkDiff {
 impl ChunkDiff {
     /// "chunk 000003 [1200, 1599]: source 400 rows, target 401 rows; missing ids [..]; extra ids [..]; different ids [..]; 2 duplicate copies".
     pub fn describe(&self) -> String {
-        let range = ChunkRange { id: self.chunk, lo: self.lo, hi: self.hi, rows: 0, text: self.text.clone() };
         let mut s = format!(
             "chunk {:06} {}: source {} rows, target {} rows; missing ids {}; extra ids {}; different ids {}",
             self.chunk,
-            range.describe_bounds(),
+            crate::plan::describe_bounds(self.lo, self.hi, self.text.as_ref()),
             self.source_rows,
             self.target_rows,
             key_list(&self.missing),
@@ -206,13 +205,16 @@ pub struct ChunkDigest {
     pub chunk: u32,
     pub lo: i64,
     pub hi: i64,
+    /// String keys: the chunk's bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextRange>,
     pub rows: u64,
     pub digest: String,
 }
 
 fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
     let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
-    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, rows: rows.len() as u64, digest: format!("{sum:016x}") }
+    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows: rows.len() as u64, digest: format!("{sum:016x}") }
 }
 
 /// Digests of every chunk of `side` under every comparison mode, by mode.

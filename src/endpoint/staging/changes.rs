@@ -304,7 +304,7 @@ pub fn compare_digests(want: &[ChunkDigest], got: &[ChunkDigest]) -> Vec<String>
     want.iter()
         .filter_map(|w| match got.get(&w.chunk) {
             Some(g) if g.rows == w.rows && g.digest == w.digest => None,
-            Some(g) => Some(format!("chunk {} [{}, {}]: source {} rows, target {} rows{}", w.chunk, w.lo, w.hi, w.rows, g.rows,
+            Some(g) => Some(format!("chunk {} {}: source {} rows, target {} rows{}", w.chunk, crate::plan::describe_bounds(w.lo, w.hi, w.text.as_ref()), w.rows, g.rows,
                 if g.rows == w.rows { ", values differ" } else { "" })),
             None => Some(format!("chunk {}: not read on the target", w.chunk)),
         })
