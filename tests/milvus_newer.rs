@@ -245,3 +245,52 @@ fn a_partition_key_is_declared_again_on_a_created_target() {
         ok(&["verify", "--from", &src, "--to", &pg]);
     }
 }
+
+/// Rows in named partitions (an application's own `kb_a` and `kb_b`, and
+/// `_default`) keep their partition, on both servers: Milvus → Milvus puts
+/// each row back into the partition it came from; Milvus → PostgreSQL keeps
+/// it in a `milvus_partition` column, from which PostgreSQL → Milvus
+/// recreates the partitions.
+#[test]
+fn named_partitions_are_recreated_and_rows_land_where_they_came_from() {
+    for (base, label) in [(milvus_base(), "np23"), (lite_base(), "nplite")] {
+        let src_db = format!("{label}_src");
+        let src = fresh_milvus_db_on(&base, &src_db);
+        let state = tempdir();
+        let root = state.path().to_str().unwrap();
+        let seeded_file = state.path().join("seeded.json");
+        pymilvus("named_partitions.py", &[&base, &src_db, "800", "16", seeded_file.to_str().unwrap()]);
+        let seeded: serde_json::Value = serde_json::from_slice(&std::fs::read(&seeded_file).unwrap()).unwrap();
+        let mut want: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for r in seeded.as_array().unwrap() {
+            want.entry(r["partition"].as_str().unwrap().to_string()).or_default().push(r["id"].as_str().unwrap().to_string());
+        }
+        want.values_mut().for_each(|ids| ids.sort());
+        let want = serde_json::json!(want);
+        let partitions = |db: &str| pymilvus("milvus_probe.py", &[&base, db, "modeldata"])["partitions"].clone();
+        assert_eq!(partitions(&src_db), want, "{label}: the fixture's partitions");
+
+        let dst_db = format!("{label}_dst");
+        let dst = fresh_milvus_db_on(&base, &dst_db);
+        ok(&["migrate", "--from", &src, "--to", &dst, "--chunk-rows", "200", "--quiet", "--state-root", root]);
+        assert_eq!(partitions(&dst_db), want, "{label}: Milvus → Milvus");
+        ok(&["verify", "--from", &src, "--to", &dst, "--chunk-rows", "200"]);
+
+        let pg = fresh_db(&target_base(), &format!("{label}_pg"), true);
+        ok(&["migrate", "--from", &src, "--to", &pg, "--chunk-rows", "200", "--quiet", "--state-root", root]);
+        let mut got: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        common::rt().block_on(async {
+            for r in common::client(&pg).await.query("SELECT milvus_partition, id FROM modeldata ORDER BY id COLLATE \"C\"", &[]).await.unwrap() {
+                got.entry(r.get(0)).or_default().push(r.get(1));
+            }
+        });
+        assert_eq!(serde_json::json!(got), want, "{label}: Milvus → PostgreSQL");
+        ok(&["verify", "--from", &src, "--to", &pg, "--chunk-rows", "200"]);
+
+        let back_db = format!("{label}_back");
+        let back = fresh_milvus_db_on(&base, &back_db);
+        ok(&["migrate", "--from", &pg, "--to", &back, "--chunk-rows", "200", "--quiet", "--state-root", root]);
+        assert_eq!(partitions(&back_db), want, "{label}: PostgreSQL → Milvus");
+        ok(&["verify", "--from", &pg, "--to", &back, "--chunk-rows", "200"]);
+    }
+}

@@ -7,6 +7,7 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{fresh_milvus_db, fresh_milvus_db_on, lite_base, milvus_base, pymilvus};
+use common::online::{OnlineSource, Writer, online_scenario, source_artifacts};
 use common::*;
 
 /// A FastGPT-shaped row keyed by a string; vectors as f32 bit patterns.
@@ -232,6 +233,14 @@ fn awkward_text_keys_go_through_every_backend_and_staging() {
         assert_eq!(pg_text_rows(&back, "notes", "k", "q"), want, "via {label}");
     }
 
+    // repair finds the differing chunks by string ranges and mends them.
+    let back = "sk_text_back_lite";
+    let back = with_db(&target_base(), back);
+    exec(&back, r#"DELETE FROM notes WHERE k = 'a"q'; UPDATE notes SET q = 'changed' WHERE k = '日本'; INSERT INTO notes VALUES ('a''q extra', 'x', '[0,0,0,0,0,0,0,0]')"#);
+    assert!(!vmig(&["verify", "--from", &src, "--to", &back, "--table", "notes", "--chunk-rows", "40"]).status.success());
+    ok(&["repair", "--from", &src, "--to", &back, "--table", "notes", "--chunk-rows", "40"]);
+    assert_eq!(pg_text_rows(&back, "notes", "k", "q"), want, "repaired");
+
     let staging = state.path().join("staging");
     let st = staging.to_str().unwrap();
     ok(&["export", "--from", &src, "--table", "notes", "--staging", st, "--chunk-rows", "80", "--quiet", "--state-root", root]);
@@ -249,4 +258,69 @@ fn awkward_text_keys_go_through_every_backend_and_staging() {
     let refused = vmig(&["migrate", "--from", &ob, "--table", "ci_notes", "--to", &imported, "--quiet", "--state-root", root]);
     assert!(!refused.status.success());
     assert!(stderr(&refused).contains("utf8mb4_general_ci") && stderr(&refused).contains("binary collation"), "{}", stderr(&refused));
+}
+
+/// A text-keyed PostgreSQL source followed online (killed in its snapshot
+/// and while following, resumed, cut over) into PostgreSQL and into Milvus,
+/// while a writer inserts rows with awkward keys, updates, deletes, and
+/// changes keys: the target equals the source afterwards.
+#[test]
+fn online_from_postgres_follows_a_text_keyed_table_exactly() {
+    for target in ["pg", "milvus"] {
+        let name = format!("sk_online_{target}");
+        let src = fresh_db(&source_base(), &format!("{name}_src"), true);
+        exec(
+            &src,
+            "CREATE TABLE notes (k text PRIMARY KEY, q text NOT NULL, vector vector(8) NOT NULL);
+             INSERT INTO notes SELECT md5(i::text), 'note ' || i, ARRAY(SELECT (i * j % 23)::real FROM generate_series(1, 8) j)::vector
+             FROM generate_series(1, 1600) i;
+             CREATE INDEX notes_vector ON notes USING hnsw (vector vector_l2_ops);",
+        );
+        let (w, l, artifact) = (src.clone(), src.clone(), format!("vmig_{name}"));
+        let source = OnlineSource {
+            url: src.clone(),
+            extra_args: args(&["--table", "notes"]),
+            writer: Box::new(move || {
+                let w = w.clone();
+                Writer::spawn(
+                    move || async move { client(&w).await },
+                    |c, i| {
+                        Box::pin(async move {
+                            let one = "(SELECT k FROM notes ORDER BY random() LIMIT 1)";
+                            let sql = match i % 5 {
+                                0 => format!(
+                                    "INSERT INTO notes VALUES ('w{i} a''q\\\\é', 'new', '[1,2,3,4,5,6,7,8]'), ('W{i}', 'new', '[8,7,6,5,4,3,2,1]')"
+                                ),
+                                1 => format!("UPDATE notes SET q = q || '+' WHERE k = {one}"),
+                                2 => format!("UPDATE notes SET vector = '[{i},0,0,0,0,0,0,1]' WHERE k = {one}"),
+                                3 => format!("DELETE FROM notes WHERE k = {one}"),
+                                _ => format!("UPDATE notes SET k = k || ' moved \"{i}\"' WHERE k = {one}"),
+                            };
+                            c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
+                        })
+                    },
+                )
+            }),
+            leftovers: Box::new(move || {
+                let (slots, pubs) = source_artifacts(&l, &artifact);
+                if (slots, pubs) == (0, 0) { String::new() } else { format!("{slots} slots, {pubs} publications") }
+            }),
+        };
+        let dst = match target {
+            "pg" => fresh_db(&target_base(), &format!("{name}_dst"), true),
+            _ => fresh_milvus_db(&name),
+        };
+        let check_dst = dst.clone();
+        online_scenario(&name, &source, &dst, &move |src| {
+            let want = pg_text_rows(src, "notes", "k", "q");
+            assert!(want.len() > 1600 && want.iter().any(|r| r.0.contains("moved")), "the writer's changes are in the source");
+            match target {
+                "pg" => assert_eq!(pg_text_rows(&check_dst, "notes", "k", "q"), want),
+                _ => {
+                    let out = vmig(&["verify", "--from", src, "--to", &check_dst, "--table", "notes", "--chunk-rows", "300"]);
+                    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+                }
+            }
+        });
+    }
 }

@@ -13,7 +13,7 @@ use milvus::proto::milvus::DeleteRequest;
 
 use super::encode::start_upsert;
 use super::sink::{MilvusSink, request_flush, wait_flushed};
-use super::source::decode_result;
+use super::source::query_rows;
 use super::{Collection, base, in_expr};
 use crate::online::{AppliedPosition, ChangeSet, keys_of};
 use crate::plan::Key;
@@ -74,8 +74,7 @@ impl MilvusSink {
         let output: Vec<String> = coll.fields.iter().map(|f| f.field.clone()).collect();
         let mut current = Vec::new();
         for part in keys.chunks(IDS_PER_EXPR) {
-            let data = self.conn.query(&self.name, &in_expr(&coll.pk_field, part), &output, part.len(), None)?;
-            current.push(decode_result(coll, data)?);
+            current.extend(query_rows(&self.conn, coll, &in_expr(&coll.pk_field, part), &output, part.len(), None)?);
         }
         let current = arrow::compute::concat_batches(&coll.spec.arrow_schema(), &current)?;
         let have = keys_of(&current, &coll.spec.primary_key)?;

@@ -12,7 +12,7 @@ use milvus::proto::schema::{
     VectorField, field_data, scalar_field, vector_field,
 };
 
-use super::{Collection, FieldInfo, FieldKind, Milvus, base};
+use super::{Collection, FieldInfo, FieldKind, Milvus, PARTITION_COLUMN, base};
 use crate::endpoint::RowReject;
 
 fn scalars(dt: DataType, name: &str, data: scalar_field::Data) -> FieldData {
@@ -129,32 +129,80 @@ pub(super) fn refused_rows(coll: &Collection, batch: &RecordBatch) -> Result<Vec
             }
         }
     }
+    if let Some(names) = batch.column_by_name(PARTITION_COLUMN).filter(|_| coll.partitioned()).and_then(|c| c.as_string_opt::<i32>()) {
+        for (row, reason) in reasons.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
+            let name = names.is_valid(row).then(|| names.value(row)).unwrap_or_default();
+            if !is_partition_name(name) {
+                *reason = Some(format!(
+                    "{PARTITION_COLUMN} {name:?} is not a Milvus partition name (a letter or _, then letters, digits, _; at most 255)"
+                ));
+            }
+        }
+    }
     Ok(reasons.into_iter().enumerate().filter_map(|(row, r)| r.map(|reason| RowReject { row, reason })).collect())
 }
 
-/// Starts an upsert of `batch` and returns at once; the handle says how it ended.
+/// Milvus' rule for partition names.
+fn is_partition_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 255
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Starts an upsert of `batch` and returns at once; the handle says how it
+/// ended. Rows that carry their partition go into it (one request per
+/// partition, created first when missing).
 pub(super) fn start_upsert(conn: &Milvus, coll: &Collection, batch: &RecordBatch) -> Result<tokio::task::JoinHandle<Result<()>>> {
-    let fields = coll
-        .fields
-        .iter()
-        .map(|info| encode_field(info, batch.column_by_name(&info.column).unwrap().as_ref()))
-        .collect::<Result<Vec<_>>>()?;
-    let req = UpsertRequest {
-        base: base(MsgType::Upsert),
-        db_name: conn.url.database.clone(),
-        collection_name: coll.spec.name.clone(),
-        fields_data: fields,
-        num_rows: batch.num_rows() as u32,
-        ..Default::default()
-    };
-    let what = format!("upsert of {} rows into {}", batch.num_rows(), coll.spec.name);
-    let upsert = conn.request(&what, |mut c| async move { c.upsert(req).await });
+    let mut requests = Vec::new();
+    for (partition, rows) in by_partition(coll, batch)? {
+        if let Some(p) = &partition {
+            conn.ensure_partition(&coll.spec.name, p)?;
+        }
+        let fields = coll
+            .fields
+            .iter()
+            .map(|info| encode_field(info, rows.column_by_name(&info.column).unwrap().as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let req = UpsertRequest {
+            base: base(MsgType::Upsert),
+            db_name: conn.url.database.clone(),
+            collection_name: coll.spec.name.clone(),
+            partition_name: partition.unwrap_or_default(),
+            fields_data: fields,
+            num_rows: rows.num_rows() as u32,
+            ..Default::default()
+        };
+        let what = format!("upsert of {} rows into {}", rows.num_rows(), coll.spec.name);
+        requests.push((conn.request(&what, |mut c| async move { c.upsert(req).await }), what));
+    }
     Ok(conn.spawn(async move {
-        let r = upsert.await?;
-        if !r.err_index.is_empty() {
-            bail!("Milvus refused {} rows of the {what}", r.err_index.len());
+        for (upsert, what) in requests {
+            let r = upsert.await?;
+            if !r.err_index.is_empty() {
+                bail!("Milvus refused {} rows of the {what}", r.err_index.len());
+            }
         }
         Ok(())
     }))
 }
 
+/// The batch's rows grouped by the partition they name (`PARTITION_COLUMN`),
+/// or all of them for the collection's default routing.
+fn by_partition(coll: &Collection, batch: &RecordBatch) -> Result<Vec<(Option<String>, RecordBatch)>> {
+    if !coll.partitioned() {
+        return Ok(vec![(None, batch.clone())]);
+    }
+    let names = batch
+        .column_by_name(PARTITION_COLUMN)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| anyhow!("rows for {} lack their partition ({PARTITION_COLUMN})", coll.spec.name))?;
+    let mut groups: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
+    for (i, name) in names.iter().enumerate() {
+        groups.entry(name.unwrap_or_default()).or_default().push(i as u32);
+    }
+    groups
+        .into_iter()
+        .map(|(name, rows)| Ok((Some(name.to_string()), arrow::compute::take_record_batch(batch, &arrow::array::UInt32Array::from(rows))?)))
+        .collect()
+}

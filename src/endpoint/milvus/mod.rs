@@ -24,8 +24,9 @@ use base64::Engine;
 use milvus::proto::common::{self, ConsistencyLevel, KeyValuePair, MsgBase, MsgType};
 use milvus::proto::milvus::milvus_service_client::MilvusServiceClient;
 use milvus::proto::milvus::{
-    AllocTimestampRequest, DescribeCollectionRequest, DescribeIndexRequest, GetLoadingProgressRequest, HasCollectionRequest,
-    ListDatabasesRequest, LoadCollectionRequest, QueryRequest, ReleaseCollectionRequest,
+    AllocTimestampRequest, CreatePartitionRequest, DescribeCollectionRequest, DescribeIndexRequest, GetLoadingProgressRequest,
+    HasCollectionRequest, HasPartitionRequest, ListDatabasesRequest, LoadCollectionRequest, QueryRequest, ReleaseCollectionRequest,
+    ShowPartitionsRequest,
 };
 use milvus::proto::schema::{self, CollectionSchema, DataType, FieldData, field_data, scalar_field};
 use tokio::runtime::Handle;
@@ -137,6 +138,7 @@ replies!(
     milvus::proto::milvus::GetFlushStateResponse,
     milvus::proto::milvus::GetCollectionStatisticsResponse,
     milvus::proto::milvus::AllocTimestampResponse,
+    milvus::proto::milvus::ShowPartitionsResponse,
     milvus::proto::milvus::SearchResults
 );
 
@@ -264,6 +266,38 @@ impl Milvus {
         Ok((r.schema.ok_or_else(|| anyhow!("Milvus returned no schema for collection {name}"))?, r.num_partitions))
     }
 
+    /// The collection's partitions, `_default` included.
+    pub fn partitions(&self, name: &str) -> Result<Vec<String>> {
+        let req = ShowPartitionsRequest {
+            base: base(MsgType::ShowPartitions),
+            db_name: self.url.database.clone(),
+            collection_name: name.into(),
+            ..Default::default()
+        };
+        Ok(self.call(&format!("listing the partitions of {name}"), |mut c| async move { c.show_partitions(req).await })?.partition_names)
+    }
+
+    /// Creates the partition unless the collection has it.
+    pub fn ensure_partition(&self, name: &str, partition: &str) -> Result<()> {
+        let req = HasPartitionRequest {
+            base: base(MsgType::HasPartition),
+            db_name: self.url.database.clone(),
+            collection_name: name.into(),
+            partition_name: partition.into(),
+        };
+        if self.call(&format!("checking partition {partition} of {name}"), |mut c| async move { c.has_partition(req).await })?.value {
+            return Ok(());
+        }
+        let req = CreatePartitionRequest {
+            base: base(MsgType::CreatePartition),
+            db_name: self.url.database.clone(),
+            collection_name: name.into(),
+            partition_name: partition.into(),
+        };
+        self.call(&format!("creating partition {partition} of {name}"), |mut c| async move { c.create_partition(req).await })?;
+        Ok(())
+    }
+
     /// Index descriptions; none when the collection has no index.
     pub fn indexes(&self, name: &str) -> Result<Vec<milvus::proto::milvus::IndexDescription>> {
         let req = DescribeIndexRequest {
@@ -341,6 +375,19 @@ impl Milvus {
     /// `guarantee`, it sees every write up to that timestamp; without, it is
     /// Strong (each such query waits ~0.3 s for Milvus' clock to pass "now").
     pub fn query(&self, collection: &str, expr: &str, output: &[String], limit: usize, guarantee: Option<u64>) -> Result<Vec<FieldData>> {
+        self.query_in(collection, None, expr, output, limit, guarantee)
+    }
+
+    /// `query` within one partition (None: every partition).
+    pub fn query_in(
+        &self,
+        collection: &str,
+        partition: Option<&str>,
+        expr: &str,
+        output: &[String],
+        limit: usize,
+        guarantee: Option<u64>,
+    ) -> Result<Vec<FieldData>> {
         let mut params = Vec::new();
         if limit > 0 {
             params.push(KeyValuePair { key: "limit".into(), value: limit.to_string() });
@@ -351,6 +398,7 @@ impl Milvus {
             collection_name: collection.into(),
             expr: expr.into(),
             output_fields: output.to_vec(),
+            partition_names: partition.map(|p| vec![p.to_string()]).unwrap_or_default(),
             query_params: params,
             consistency_level: if guarantee.is_some() { ConsistencyLevel::Customized } else { ConsistencyLevel::Strong } as i32,
             guarantee_timestamp: guarantee.unwrap_or(0),
@@ -368,7 +416,12 @@ impl Milvus {
     /// `count(*)` of the rows matching `expr` (every stored copy: Milvus
     /// does not deduplicate keys when counting).
     pub fn count_where(&self, collection: &str, expr: &str, guarantee: Option<u64>) -> Result<u64> {
-        let data = self.query(collection, expr, &["count(*)".to_string()], 0, guarantee)?;
+        self.count_where_in(collection, None, expr, guarantee)
+    }
+
+    /// `count_where` within one partition (None: every partition).
+    pub fn count_where_in(&self, collection: &str, partition: Option<&str>, expr: &str, guarantee: Option<u64>) -> Result<u64> {
+        let data = self.query_in(collection, partition, expr, &["count(*)".to_string()], 0, guarantee)?;
         let n = match data.first().and_then(scalar) {
             Some(scalar_field::Data::LongData(l)) => l.data.first().copied(),
             _ => None,
@@ -444,16 +497,56 @@ pub struct FieldInfo {
     pub nullable: bool,
 }
 
+/// The column that carries each row's partition when a collection keeps its
+/// rows in named partitions (and has no partition key): a row is read from
+/// its partition and written into the partition it names, created when
+/// missing. A SQL table keeps it as a plain column, so Milvus → SQL → Milvus
+/// puts every row back into its partition.
+pub const PARTITION_COLUMN: &str = "milvus_partition";
+
+/// Milvus' own partition, which every collection has.
+const DEFAULT_PARTITION: &str = "_default";
+
 /// A collection seen through the mapping: its SQL-side spec and how each
 /// column becomes a field.
 #[derive(Clone, Debug)]
 pub struct Collection {
+    /// With named partitions, the last column is `PARTITION_COLUMN` (no field).
     pub spec: TableSpec,
     /// In `spec.columns` order.
     pub fields: Vec<FieldInfo>,
     pub pk_field: String,
     pub auto_id: bool,
     pub dynamic: bool,
+    /// Every partition, `_default` first, when rows travel with their
+    /// partition (`PARTITION_COLUMN`); empty otherwise.
+    pub partitions: Vec<String>,
+}
+
+impl Collection {
+    /// Rows travel with the name of their partition.
+    pub fn partitioned(&self) -> bool {
+        self.spec.column(PARTITION_COLUMN).is_some()
+    }
+
+    /// Rows of this collection carry their partition (`PARTITION_COLUMN`),
+    /// or stop carrying it; `partitions` as the server lists them.
+    pub fn carry_partitions(&mut self, carry: bool, partitions: Vec<String>) {
+        self.spec.columns.retain(|c| c.name != PARTITION_COLUMN);
+        self.partitions.clear();
+        if carry {
+            self.spec.columns.push(ColumnSpec {
+                name: PARTITION_COLUMN.into(),
+                ty: ColumnType::Text { max_chars: Some(255) },
+                nullable: false,
+                auto_increment: false,
+                default_now: false,
+            });
+            let mut sorted: Vec<String> = partitions.into_iter().filter(|p| p != DEFAULT_PARTITION).collect();
+            sorted.sort();
+            self.partitions = std::iter::once(DEFAULT_PARTITION.to_string()).chain(sorted).collect();
+        }
+    }
 }
 
 fn type_param(f: &schema::FieldSchema, key: &str) -> Option<u32> {
@@ -598,7 +691,7 @@ pub fn map_collection(
     let computed = computed_fields(name, schema, indexes, map)?;
     let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes, computed, partition_key };
     spec.validate()?;
-    Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field })
+    Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field, partitions: Vec::new() })
 }
 
 /// Type parameters of an input field that only its function needs (the
@@ -656,7 +749,18 @@ pub fn discover(conn: &Milvus, name: &str, map: &[FieldMap]) -> Result<Collectio
     }
     let (schema, partitions) = conn.describe(name)?;
     let indexes = conn.indexes(name)?;
-    map_collection(name, &schema, partitions, &indexes, map)
+    let mut coll = map_collection(name, &schema, partitions, &indexes, map)?;
+    // Named partitions (a partition key's are Milvus' own business).
+    if coll.spec.partition_key.is_none() {
+        let names = conn.partitions(name)?;
+        if names.iter().any(|p| p != DEFAULT_PARTITION) {
+            if coll.spec.column(PARTITION_COLUMN).is_some() {
+                bail!("collection {name} has a field {PARTITION_COLUMN}, the name vmig gives each row's partition; rename the field");
+            }
+            coll.carry_partitions(true, names);
+        }
+    }
+    Ok(coll)
 }
 
 #[cfg(test)]

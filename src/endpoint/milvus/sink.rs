@@ -20,7 +20,7 @@ use prost::Message;
 use tokio::runtime::Handle;
 
 use super::encode::{refused_rows, start_upsert};
-use super::{Collection, FieldKind, Milvus, base, discover, field_of, metric_to_milvus};
+use super::{Collection, FieldKind, Milvus, PARTITION_COLUMN, base, discover, field_of, metric_to_milvus};
 use crate::endpoint::{
     ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows,
 };
@@ -111,6 +111,18 @@ fn with_computed_fields(mut fields: Vec<FieldSchema>, source: &TableSpec, map: &
         });
     }
     Ok((fields, functions))
+}
+
+/// Rows carry their partition into this collection (created as they name
+/// them) when the source's rows carry theirs; otherwise they land in
+/// `_default`, or where the target's partition key puts them.
+fn align_partitions(conn: &Milvus, coll: &mut Collection, source: &TableSpec) -> Result<()> {
+    let carry = source.column(PARTITION_COLUMN).is_some() && coll.spec.partition_key.is_none();
+    if carry != coll.partitioned() {
+        let names = conn.partitions(&coll.spec.name)?;
+        coll.carry_partitions(carry, names);
+    }
+    Ok(())
 }
 
 /// `partitions`: with a partition key, how many (0: the server's default).
@@ -454,7 +466,12 @@ impl Sink for MilvusSink {
                 );
             }
             // Mapping errors surface before anything is created.
-            let fields = source.columns.iter().map(|c| field_schema(source, c, &self.fields)).collect::<Result<Vec<_>>>()?;
+            let fields = source
+                .columns
+                .iter()
+                .filter(|c| c.name != PARTITION_COLUMN)
+                .map(|c| field_schema(source, c, &self.fields))
+                .collect::<Result<Vec<_>>>()?;
             if !database_exists {
                 let req = CreateDatabaseRequest {
                     base: base(MsgType::CreateDatabase),
@@ -477,6 +494,7 @@ impl Sink for MilvusSink {
             create_collection(&self.conn, &self.name, schema, source.partition_key.as_ref().map_or(0, |k| k.partitions as i64))?;
         }
         let mut coll = discover(&self.conn, &self.name, &self.fields)?;
+        align_partitions(&self.conn, &mut coll, source)?;
         if coll.auto_id {
             bail!("target collection {} {AUTO_ID_REFUSAL}", self.name);
         }
@@ -503,6 +521,7 @@ impl Sink for MilvusSink {
                 if existing_rows_action(non_empty, began, opts, &self.describe())? {
                     recreate_empty(&self.conn, &self.name)?;
                     coll = discover(&self.conn, &self.name, &self.fields)?;
+                    align_partitions(&self.conn, &mut coll, source)?;
                 }
             }
             // A subset job owns the rows inside its filter only.

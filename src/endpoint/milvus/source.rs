@@ -173,8 +173,10 @@ fn check_no_dynamic_values(fd: &FieldData, ids: &[Key], collection: &str) -> Res
     Ok(())
 }
 
-/// A query result as a batch in the order of `coll.spec`, sorted by id.
-pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<RecordBatch> {
+/// A query result as a batch in the order of `coll.spec`, sorted by id;
+/// `partition`: the partition queried, which a partitioned collection's rows
+/// carry in `PARTITION_COLUMN`.
+pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>, partition: Option<&str>) -> Result<RecordBatch> {
     let mut take = |name: &str| data.iter().position(|f| f.field_name == name).map(|i| data.swap_remove(i));
     let cols = coll
         .fields
@@ -184,6 +186,12 @@ pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<Reco
             decode_field(info, fd)
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut cols = cols;
+    if coll.partitioned() {
+        let p = partition.ok_or_else(|| anyhow!("collection {}: rows read without naming their partition", coll.spec.name))?;
+        let n = cols.first().map_or(0, |c| c.len());
+        cols.push(Arc::new(StringArray::from(vec![p; n])));
+    }
     let dynamic = take(DYNAMIC_FIELD);
     let batch = RecordBatch::try_new(coll.spec.arrow_schema(), cols).context("assembling a Milvus page")?;
     let pk = batch.column(coll.spec.pk_index()).clone();
@@ -204,8 +212,8 @@ pub fn decode_result(coll: &Collection, mut data: Vec<FieldData>) -> Result<Reco
 /// Which fields a page of a keyed read asks for.
 #[derive(Clone, Copy)]
 enum Shape<'a> {
-    /// Every field of the table.
-    Rows,
+    /// Every field of the table, from one partition where rows carry theirs.
+    Rows(Option<&'a str>),
     /// The key alone.
     Ids,
     /// The key and one raw Int64 field.
@@ -244,7 +252,36 @@ pub fn decode_keys(coll: &Collection, data: Vec<FieldData>) -> Result<Vec<Key>> 
     }
 }
 
+impl Shape<'_> {
+    fn partition(&self) -> Option<&str> {
+        match self {
+            Shape::Rows(p) => *p,
+            Shape::Ids | Shape::IdsWith(_) => None,
+        }
+    }
+}
+
+/// The rows matching `expr` (at most `limit` per partition), one batch per
+/// partition that has any: a partitioned collection is asked partition by
+/// partition, so each row comes with its partition.
+pub fn query_rows(conn: &Milvus, coll: &Collection, expr: &str, output: &[String], limit: usize, ts: Option<u64>) -> Result<Vec<RecordBatch>> {
+    let parts: Vec<Option<&str>> = if coll.partitioned() { coll.partitions.iter().map(|p| Some(p.as_str())).collect() } else { vec![None] };
+    let mut out = Vec::new();
+    for p in parts {
+        let batch = decode_result(coll, conn.query_in(&coll.spec.name, p, expr, output, limit, ts)?, p)?;
+        if batch.num_rows() > 0 {
+            out.push(batch);
+        }
+    }
+    Ok(out)
+}
+
 impl MilvusSource {
+    /// The partitions row reads walk one by one (None: all at once).
+    fn partitions(&self) -> Vec<Option<&str>> {
+        if self.coll.partitioned() { self.coll.partitions.iter().map(|p| Some(p.as_str())).collect() } else { vec![None] }
+    }
+
     pub fn open(url: MilvusUrl, collection: &str, handle: Handle) -> Result<Self> {
         let conn = Milvus::connect(&url, &handle)?;
         if !conn.database_exists()? {
@@ -297,7 +334,10 @@ impl MilvusSource {
     /// Rows matching a filter expression, all of them (keyset pages by id), in
     /// batches sorted by id.
     pub fn read_where(&self, filter: &str, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages_where(&Span::default(), filter, Shape::Rows, out)
+        for p in self.partitions() {
+            self.pages_where(&Span::default(), filter, Shape::Rows(p), out)?;
+        }
+        Ok(())
     }
 
     /// (id, value of the Int64 field `field`) of every row matching `filter`,
@@ -320,7 +360,7 @@ impl MilvusSource {
     fn page_shape(&self, shape: Shape) -> (Vec<String>, usize) {
         let pk = &self.coll.pk_field;
         match shape {
-            Shape::Rows => (self.output.clone(), self.page_rows),
+            Shape::Rows(_) => (self.output.clone(), self.page_rows),
             Shape::Ids => (vec![pk.clone()], self.plan_page_rows),
             Shape::IdsWith(field) => (vec![pk.clone(), field.to_string()], self.plan_page_rows),
         }
@@ -342,7 +382,7 @@ impl MilvusSource {
         let pk = &self.coll.pk_field;
         let key = self.coll.spec.primary_key.as_str();
         let batch = match shape {
-            Shape::Rows => decode_result(&self.coll, data)?,
+            Shape::Rows(partition) => decode_result(&self.coll, data, partition)?,
             Shape::Ids => {
                 let info = self.coll.fields.iter().find(|f| &f.field == pk).unwrap();
                 let fd = data.into_iter().find(|d| &d.field_name == pk).ok_or_else(|| anyhow!("query returned no ids"))?;
@@ -369,10 +409,11 @@ impl MilvusSource {
             return self.pages_by_count(span, filter, shape, f);
         }
         let name = &self.coll.spec.name;
+        let part = shape.partition();
         let (output, limit) = self.page_shape(shape);
         let mut span = span.clone();
         loop {
-            let data = self.conn.query(name, &self.range_where(&span, filter), &output, limit, self.read_ts())?;
+            let data = self.conn.query_in(name, part, &self.range_where(&span, filter), &output, limit, self.read_ts())?;
             let batch = self.sorted_page(data, shape)?;
             let n = batch.num_rows();
             if n == 0 {
@@ -387,7 +428,8 @@ impl MilvusSource {
             // rows up to its last key. More than the page (a server that
             // answers segment by segment, or Milvus' hidden copies): the rest
             // of the span is read by ranges that need no order.
-            if n == limit && self.conn.count_where(name, &self.range_where(&span.ending_at(last.clone()), filter), self.read_ts())? > n as u64 {
+            let upto_last = self.range_where(&span.ending_at(last.clone()), filter);
+            if n == limit && self.conn.count_where_in(name, part, &upto_last, self.read_ts())? > n as u64 {
                 self.key_ordered.store(false, Relaxed);
                 return self.pages_by_count(&span, filter, shape, f);
             }
@@ -408,22 +450,23 @@ impl MilvusSource {
     /// each sorted.
     fn pages_by_count(&self, span: &Span, filter: &str, shape: Shape, f: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         let name = &self.coll.spec.name;
+        let part = shape.partition();
         let (output, limit) = self.page_shape(shape);
         let mut spans = vec![span.clone()];
         while let Some(s) = spans.pop() {
             let expr = self.range_where(&s, filter);
-            let n = self.conn.count_where(name, &expr, self.read_ts())? as usize;
+            let n = self.conn.count_where_in(name, part, &expr, self.read_ts())? as usize;
             if n == 0 {
                 continue;
             }
             if n > limit {
-                if let Some(mid) = self.median_key(&expr)? {
+                if let Some(mid) = self.median_key(part, &expr)? {
                     spans.push(s.past(mid.clone()));
                     spans.push(s.ending_at(mid));
                     continue;
                 }
             }
-            let data = self.conn.query(name, &expr, &output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
+            let data = self.conn.query_in(name, part, &expr, &output, n.min(MAX_QUERY_LIMIT), self.read_ts())?;
             let sorted = self.sorted_page(data, shape)?;
             if sorted.num_rows() > 0 {
                 f(sorted)?;
@@ -435,9 +478,9 @@ impl MilvusSource {
     /// The lower median of the distinct keys in one page of `expr`'s rows
     /// (whichever the server returns), below their largest; None when the
     /// page holds a single key (copies of one row).
-    fn median_key(&self, expr: &str) -> Result<Option<Key>> {
+    fn median_key(&self, partition: Option<&str>, expr: &str) -> Result<Option<Key>> {
         let (output, limit) = self.page_shape(Shape::Ids);
-        let data = self.conn.query(&self.coll.spec.name, expr, &output, limit.max(2), self.read_ts())?;
+        let data = self.conn.query_in(&self.coll.spec.name, partition, expr, &output, limit.max(2), self.read_ts())?;
         let mut keys = decode_keys(&self.coll, data)?;
         keys.sort_unstable();
         keys.dedup();
@@ -544,9 +587,7 @@ impl Source for MilvusSource {
     fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
             let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));
-            let data = self.conn.query(&self.coll.spec.name, &expr, &self.output, part.len(), self.read_ts())?;
-            let batch = decode_result(&self.coll, data)?;
-            if batch.num_rows() > 0 {
+            for batch in query_rows(&self.conn, &self.coll, &expr, &self.output, part.len(), self.read_ts())? {
                 out(batch)?;
             }
         }
@@ -560,15 +601,18 @@ impl Source for MilvusSource {
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        self.pages(&Span::of(chunk), Shape::Rows, &mut |b| {
-            let mut off = 0;
-            while off < b.num_rows() {
-                let n = batch_rows.min(b.num_rows() - off);
-                out(b.slice(off, n))?;
-                off += n;
-            }
-            Ok(())
-        })
+        for p in self.partitions() {
+            self.pages(&Span::of(chunk), Shape::Rows(p), &mut |b| {
+                let mut off = 0;
+                while off < b.num_rows() {
+                    let n = batch_rows.min(b.num_rows() - off);
+                    out(b.slice(off, n))?;
+                    off += n;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 }
 
