@@ -9,19 +9,8 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_rows, milvus_writer, seed_fastgpt};
-use common::online::{OnlineSource, Reaper, Writer, online_args, online_scenario, staging_scenario, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, ob_leftovers, online_args, online_scenario, staging_scenario, wait_following};
 use common::*;
-
-/// Triggers and changelog tables vmig left in an OceanBase database.
-fn ob_leftovers(url: &str) -> String {
-    let db = url.rsplit('/').next().unwrap();
-    let triggers = ob_query_i64(url, &format!("SELECT count(*) FROM information_schema.triggers WHERE trigger_schema = '{db}'"));
-    let tables = ob_query_i64(
-        url,
-        &format!("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{db}' AND table_name LIKE 'vmig_changes%'"),
-    );
-    if triggers + tables == 0 { String::new() } else { format!("{triggers} triggers, {tables} changelog tables") }
-}
 
 /// A seekdb source of 1,600 FastGPT rows and its writer.
 fn ob_source(name: &str) -> OnlineSource {

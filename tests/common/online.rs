@@ -183,6 +183,17 @@ pub fn source_artifacts(url: &str, name: &str) -> (i64, i64) {
     })
 }
 
+/// Triggers and changelog tables vmig left in an OceanBase database.
+pub fn ob_leftovers(url: &str) -> String {
+    let db = url.rsplit('/').next().unwrap();
+    let triggers = super::ob_query_i64(url, &format!("SELECT count(*) FROM information_schema.triggers WHERE trigger_schema = '{db}'"));
+    let tables = super::ob_query_i64(
+        url,
+        &format!("SELECT count(*) FROM information_schema.tables WHERE table_schema = '{db}' AND table_name LIKE 'vmig_changes%'"),
+    );
+    if triggers + tables == 0 { String::new() } else { format!("{triggers} triggers, {tables} changelog tables") }
+}
+
 /// An online test's source: its URL, a writer imitating FastGPT on it, and
 /// what vmig left on it (empty: nothing).
 pub struct OnlineSource {
