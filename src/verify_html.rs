@@ -81,6 +81,9 @@ pub fn render(rows: Option<&VerifyReport>, sample: Option<&SampleReport>, recall
         row(&mut body, "chunks", &format!("{} compared by count and content hash, {} differ", r.chunks, r.differing_chunks.len()));
         row(&mut body, "vectors", &r.vector_comparison);
         row(&mut body, "timestamps", &r.timestamp_comparison);
+        for n in &r.not_compared {
+            row(&mut body, "not compared", n);
+        }
         body.push_str("</table>\n");
         if !r.differing_chunks.is_empty() {
             body.push_str("<h3>Differing chunks</h3><ul>");
@@ -97,6 +100,9 @@ pub fn render(rows: Option<&VerifyReport>, sample: Option<&SampleReport>, recall
         row(&mut body, "rows", &format!("source {} · target {}", s.source_rows, s.target_rows));
         row(&mut body, "sampled", &format!("{} (seed {})", s.sampled, s.seed));
         row(&mut body, "result", &s.statement());
+        for n in &s.not_compared {
+            row(&mut body, "not compared", n);
+        }
         body.push_str("</table>\n");
     }
     if let Some(r) = recall {

@@ -160,9 +160,14 @@ fn fastgpt_modeldata_v2_keeps_its_bm25_function() {
     run(args(&src, &pg));
     assert_eq!(query_i64(&pg, "SELECT count(*) FROM modeldata_v2"), 600);
     assert_eq!(query_i64(&pg, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'modeldata_v2' AND column_name = 'sparse'"), 0);
-    let v = ok(&["verify", "--from", &src, "--to", &pg, "--table", "modeldata_v2"]);
+    let page = tempdir();
+    let html = page.path().join("verify.html");
+    let v = ok(&["verify", "--from", &src, "--to", &pg, "--table", "modeldata_v2", "--report", html.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&v.stdout).to_string();
-    assert!(said.contains("sparse (BM25 over text): computed by Milvus in the source, the target does not compute it"), "{said}");
+    let note = "sparse (BM25 over text): computed by Milvus in the source, the target does not compute it";
+    assert!(said.contains(note), "{said}");
+    // The page says it too, not only the terminal and the JSON.
+    assert!(std::fs::read_to_string(&html).unwrap().contains(&format!("<th>not compared</th><td>{note}")), "the HTML report lacks the note");
 
     // A collection without the function (made from the PostgreSQL copy) is refused.
     let plain = fresh_milvus_db_on(&lite, "v2_plain");
