@@ -8,7 +8,7 @@
 mod common;
 
 use common::faults::{Moment, start, wait_for};
-use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_rows, milvus_writer, seed_fastgpt};
+use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_rows, milvus_writer, seed_fastgpt, NewIds};
 use common::online::{OnlineSource, Reaper, Writer, ob_leftovers, online_args, online_scenario, staging_scenario, wait_following};
 use common::*;
 
@@ -109,7 +109,7 @@ fn milvus_source(name: &str) -> OnlineSource {
     OnlineSource {
         url: src,
         extra_args: ["--reconcile-every", "2", "--watermark-margin", "3"].iter().map(|s| s.to_string()).collect(),
-        writer: Box::new(move || milvus_writer(&w, "modeldata", 1536, 9_000_000_000_000_000)),
+        writer: Box::new(move || milvus_writer(&w, "modeldata", 1536, NewIds::CountingFrom(9_000_000_000_000_000))),
         leftovers: Box::new(String::new),
     }
 }

@@ -397,9 +397,18 @@ impl Drop for PrivateMilvus {
     }
 }
 
-/// FastGPT's traffic on a Milvus source: new rows (ids counting up from
-/// `first_id`, createTime = now) and whole collections deleted by filter.
-pub fn milvus_writer(url: &str, name: &str, dim: usize, first_id: i64) -> super::online::Writer {
+/// The ids a writer gives its new rows.
+#[derive(Clone, Copy)]
+pub enum NewIds {
+    /// Int64 ids counting up from this one.
+    CountingFrom(i64),
+    /// VarChar ids "w-<n>" (the collection is keyed by VarChar).
+    Strings,
+}
+
+/// FastGPT's traffic on a Milvus source: new rows (`ids`, createTime = now)
+/// and whole collections deleted by filter.
+pub fn milvus_writer(url: &str, name: &str, dim: usize, ids: NewIds) -> super::online::Writer {
     let (url, name) = (url.to_string(), name.to_string());
     super::online::Writer::spawn(
         move || async move { (client(&url).await, name) },
@@ -411,10 +420,14 @@ pub fn milvus_writer(url: &str, name: &str, dim: usize, first_id: i64) -> super:
                     return;
                 }
                 let now = chrono_ms();
-                let ids: Vec<i64> = (0..4).map(|k| first_id + (i * 4 + k) as i64).collect();
+                let n = (0..4).map(|k| i * 4 + k);
+                let id_column = match ids {
+                    NewIds::CountingFrom(first) => FieldColumn::new(&FieldSchema::new_primary_int64("id", "", false), n.map(|n| first + n as i64).collect::<Vec<i64>>()),
+                    NewIds::Strings => FieldColumn::new(&FieldSchema::new_primary_varchar("id", "", false, 64), n.map(|n| format!("w-{n}")).collect::<Vec<String>>()),
+                };
                 let vectors: Vec<f32> = (0..4 * dim).map(|d| ((i as usize * 31 + d * 17) % 1000) as f32 / 1000.0 - 0.5).collect();
                 let cols = vec![
-                    FieldColumn::new(&FieldSchema::new_primary_int64("id", "", false), ids),
+                    id_column,
                     FieldColumn::new(&FieldSchema::new_float_vector("vector", "", dim as i64), vectors),
                     FieldColumn::new(&FieldSchema::new_varchar("teamId", "", 64), vec!["team_w".to_string(); 4]),
                     FieldColumn::new(&FieldSchema::new_varchar("datasetId", "", 64), vec!["ds_w".to_string(); 4]),
