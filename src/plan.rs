@@ -25,6 +25,14 @@ impl std::fmt::Display for Key {
 }
 
 impl Key {
+    /// The key as an SQL literal, strings quoted by the dialect's `quote`.
+    pub fn sql_literal(&self, quote: &dyn Fn(&str) -> String) -> String {
+        match self {
+            Key::Int(v) => v.to_string(),
+            Key::Str(s) => quote(s),
+        }
+    }
+
     /// The key as text, without quotes (a string as is, a number in digits).
     pub fn to_string_lossless(&self) -> String {
         match self {

@@ -368,13 +368,14 @@ impl Drop for PrivateSeekdb {
 
 /// (id, reason) of every rejected row under `dir` (integer keys).
 pub fn rejects(dir: &std::path::Path) -> Vec<(i64, String)> {
-    let mut out: Vec<(i64, String)> = rejected_keys(dir).into_iter().map(|(k, r)| (k.parse().expect("an integer key"), r)).collect();
+    let mut out: Vec<(i64, String)> = rejected_keys(dir, "id").into_iter().map(|(k, r)| (k.parse().expect("an integer key"), r)).collect();
     out.sort();
     out
 }
 
-/// (id as text, reason) of every rejected row under `dir`, integer or string keys.
-pub fn rejected_keys(dir: &std::path::Path) -> Vec<(String, String)> {
+/// (key as text, reason) of every rejected row under `dir`, integer or
+/// string keys in column `key`.
+pub fn rejected_keys(dir: &std::path::Path, key: &str) -> Vec<(String, String)> {
     use arrow::array::AsArray;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let mut out = Vec::new();
@@ -382,7 +383,7 @@ pub fn rejected_keys(dir: &std::path::Path) -> Vec<(String, String)> {
         let f = std::fs::File::open(e.unwrap().path()).unwrap();
         for b in ParquetRecordBatchReaderBuilder::try_new(f).unwrap().build().unwrap() {
             let b = b.unwrap();
-            let ids = arrow::compute::cast(b.column_by_name("id").unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
+            let ids = arrow::compute::cast(b.column_by_name(key).unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
             let ids = ids.as_string::<i32>();
             let reasons = b.column_by_name("vmig_reason").unwrap().as_string::<i32>().clone();
             for i in 0..b.num_rows() {

@@ -28,6 +28,14 @@ impl MilvusSink {
         for b in set.partial.iter().filter(|b| b.num_rows() > 0) {
             images.extend(self.complete_partial(&coll, b)?);
         }
+        // Milvus scopes an upsert's delete to the partition it names: a row
+        // that moved partition would keep its old copy. So rows that carry
+        // their partition are first deleted from every partition.
+        if coll.partitioned() {
+            for b in &images {
+                self.delete_keys(&coll, &keys_of(b, &coll.spec.primary_key)?)?;
+            }
+        }
         // Requests of about request_bytes, one in flight while the next is encoded.
         let per_request = (self.request_bytes / crate::pipeline::estimate_row_bytes(&coll.spec).max(1)).max(1);
         let mut in_flight = None;
@@ -45,7 +53,21 @@ impl MilvusSink {
         if let Some(last) = in_flight {
             self.conn.block_on(last).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
         }
-        for part in set.deletes.chunks(IDS_PER_EXPR) {
+        self.delete_keys(&coll, &set.deletes)?;
+        let ticket = request_flush(&self.conn, &self.name)?;
+        wait_flushed(&self.conn, &self.name, ticket)?;
+        // A repair applies rows without a stream position.
+        if let Some(l) = self.ledger.as_ref().filter(|_| !job.is_empty()) {
+            let mut counts = l.position(job)?.map(|p| p.counts).unwrap_or_default();
+            counts.add(&set.counts);
+            l.record_position(job, &AppliedPosition { position: set.position, counts })?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the rows with these keys from every partition.
+    fn delete_keys(&self, coll: &Collection, keys: &[Key]) -> Result<()> {
+        for part in keys.chunks(IDS_PER_EXPR) {
             let req = DeleteRequest {
                 base: base(MsgType::Delete),
                 db_name: self.conn.url.database.clone(),
@@ -54,14 +76,6 @@ impl MilvusSink {
                 ..Default::default()
             };
             self.conn.call(&format!("deleting {} rows from {}", part.len(), self.name), |mut c| async move { c.delete(req).await })?;
-        }
-        let ticket = request_flush(&self.conn, &self.name)?;
-        wait_flushed(&self.conn, &self.name, ticket)?;
-        // A repair applies rows without a stream position.
-        if let Some(l) = self.ledger.as_ref().filter(|_| !job.is_empty()) {
-            let mut counts = l.position(job)?.map(|p| p.counts).unwrap_or_default();
-            counts.add(&set.counts);
-            l.record_position(job, &AppliedPosition { position: set.position, counts })?;
         }
         Ok(())
     }

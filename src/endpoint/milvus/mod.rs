@@ -518,9 +518,6 @@ pub struct Collection {
     pub pk_field: String,
     pub auto_id: bool,
     pub dynamic: bool,
-    /// Every partition, `_default` first, when rows travel with their
-    /// partition (`PARTITION_COLUMN`); empty otherwise.
-    pub partitions: Vec<String>,
 }
 
 impl Collection {
@@ -530,10 +527,9 @@ impl Collection {
     }
 
     /// Rows of this collection carry their partition (`PARTITION_COLUMN`),
-    /// or stop carrying it; `partitions` as the server lists them.
-    pub fn carry_partitions(&mut self, carry: bool, partitions: Vec<String>) {
+    /// or stop carrying it.
+    pub fn carry_partitions(&mut self, carry: bool) {
         self.spec.columns.retain(|c| c.name != PARTITION_COLUMN);
-        self.partitions.clear();
         if carry {
             self.spec.columns.push(ColumnSpec {
                 name: PARTITION_COLUMN.into(),
@@ -542,9 +538,6 @@ impl Collection {
                 auto_increment: false,
                 default_now: false,
             });
-            let mut sorted: Vec<String> = partitions.into_iter().filter(|p| p != DEFAULT_PARTITION).collect();
-            sorted.sort();
-            self.partitions = std::iter::once(DEFAULT_PARTITION.to_string()).chain(sorted).collect();
         }
     }
 }
@@ -691,7 +684,7 @@ pub fn map_collection(
     let computed = computed_fields(name, schema, indexes, map)?;
     let spec = TableSpec { name: name.to_string(), columns, primary_key: pk_column, indexes: spec_indexes, computed, partition_key };
     spec.validate()?;
-    Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field, partitions: Vec::new() })
+    Ok(Collection { spec, fields, pk_field, auto_id, dynamic: schema.enable_dynamic_field })
 }
 
 /// Type parameters of an input field that only its function needs (the
@@ -757,7 +750,7 @@ pub fn discover(conn: &Milvus, name: &str, map: &[FieldMap]) -> Result<Collectio
             if coll.spec.column(PARTITION_COLUMN).is_some() {
                 bail!("collection {name} has a field {PARTITION_COLUMN}, the name vmig gives each row's partition; rename the field");
             }
-            coll.carry_partitions(true, names);
+            coll.carry_partitions(true);
         }
     }
     Ok(coll)

@@ -116,13 +116,11 @@ fn with_computed_fields(mut fields: Vec<FieldSchema>, source: &TableSpec, map: &
 /// Rows carry their partition into this collection (created as they name
 /// them) when the source's rows carry theirs; otherwise they land in
 /// `_default`, or where the target's partition key puts them.
-fn align_partitions(conn: &Milvus, coll: &mut Collection, source: &TableSpec) -> Result<()> {
+fn align_partitions(coll: &mut Collection, source: &TableSpec) {
     let carry = source.column(PARTITION_COLUMN).is_some() && coll.spec.partition_key.is_none();
     if carry != coll.partitioned() {
-        let names = conn.partitions(&coll.spec.name)?;
-        coll.carry_partitions(carry, names);
+        coll.carry_partitions(carry);
     }
-    Ok(())
 }
 
 /// `partitions`: with a partition key, how many (0: the server's default).
@@ -494,7 +492,7 @@ impl Sink for MilvusSink {
             create_collection(&self.conn, &self.name, schema, source.partition_key.as_ref().map_or(0, |k| k.partitions as i64))?;
         }
         let mut coll = discover(&self.conn, &self.name, &self.fields)?;
-        align_partitions(&self.conn, &mut coll, source)?;
+        align_partitions(&mut coll, source);
         if coll.auto_id {
             bail!("target collection {} {AUTO_ID_REFUSAL}", self.name);
         }
@@ -521,7 +519,7 @@ impl Sink for MilvusSink {
                 if existing_rows_action(non_empty, began, opts, &self.describe())? {
                     recreate_empty(&self.conn, &self.name)?;
                     coll = discover(&self.conn, &self.name, &self.fields)?;
-                    align_partitions(&self.conn, &mut coll, source)?;
+                    align_partitions(&mut coll, source);
                 }
             }
             // A subset job owns the rows inside its filter only.

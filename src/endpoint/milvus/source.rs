@@ -261,13 +261,23 @@ impl Shape<'_> {
     }
 }
 
+/// The partitions a row read walks one by one, as the server lists them now
+/// (an online source or target may gain partitions): every partition of a
+/// collection whose rows carry theirs, else one read of all (None).
+pub fn partitions_to_read(conn: &Milvus, coll: &Collection) -> Result<Vec<Option<String>>> {
+    if !coll.partitioned() {
+        return Ok(vec![None]);
+    }
+    Ok(conn.partitions(&coll.spec.name)?.into_iter().map(Some).collect())
+}
+
 /// The rows matching `expr` (at most `limit` per partition), one batch per
 /// partition that has any: a partitioned collection is asked partition by
 /// partition, so each row comes with its partition.
 pub fn query_rows(conn: &Milvus, coll: &Collection, expr: &str, output: &[String], limit: usize, ts: Option<u64>) -> Result<Vec<RecordBatch>> {
-    let parts: Vec<Option<&str>> = if coll.partitioned() { coll.partitions.iter().map(|p| Some(p.as_str())).collect() } else { vec![None] };
     let mut out = Vec::new();
-    for p in parts {
+    for p in partitions_to_read(conn, coll)? {
+        let p = p.as_deref();
         let batch = decode_result(coll, conn.query_in(&coll.spec.name, p, expr, output, limit, ts)?, p)?;
         if batch.num_rows() > 0 {
             out.push(batch);
@@ -277,11 +287,6 @@ pub fn query_rows(conn: &Milvus, coll: &Collection, expr: &str, output: &[String
 }
 
 impl MilvusSource {
-    /// The partitions row reads walk one by one (None: all at once).
-    fn partitions(&self) -> Vec<Option<&str>> {
-        if self.coll.partitioned() { self.coll.partitions.iter().map(|p| Some(p.as_str())).collect() } else { vec![None] }
-    }
-
     pub fn open(url: MilvusUrl, collection: &str, handle: Handle) -> Result<Self> {
         let conn = Milvus::connect(&url, &handle)?;
         if !conn.database_exists()? {
@@ -334,8 +339,8 @@ impl MilvusSource {
     /// Rows matching a filter expression, all of them (keyset pages by id), in
     /// batches sorted by id.
     pub fn read_where(&self, filter: &str, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        for p in self.partitions() {
-            self.pages_where(&Span::default(), filter, Shape::Rows(p), out)?;
+        for p in partitions_to_read(&self.conn, &self.coll)? {
+            self.pages_where(&Span::default(), filter, Shape::Rows(p.as_deref()), out)?;
         }
         Ok(())
     }
@@ -601,8 +606,8 @@ impl Source for MilvusSource {
     }
 
     fn read_chunk(&self, chunk: &ChunkRange, batch_rows: usize, out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        for p in self.partitions() {
-            self.pages(&Span::of(chunk), Shape::Rows(p), &mut |b| {
+        for p in partitions_to_read(&self.conn, &self.coll)? {
+            self.pages(&Span::of(chunk), Shape::Rows(p.as_deref()), &mut |b| {
                 let mut off = 0;
                 while off < b.num_rows() {
                     let n = batch_rows.min(b.num_rows() - off);

@@ -55,7 +55,7 @@ impl ObSink {
         // e.g. from a replayed batch, is replaced: measured faster than
         // deleting the images' ids first).
         for part in set.deletes.chunks(DELETE_KEYS) {
-            let list: Vec<String> = part.iter().map(|k| k.to_string()).collect();
+            let list: Vec<String> = part.iter().map(key_literal).collect();
             c.query_drop(format!("{tag}DELETE FROM {t} WHERE {pk} IN ({})", list.join(",")))
                 .await
                 .ob("applying deletes")?;
@@ -63,6 +63,13 @@ impl ObSink {
         let types: Vec<ColumnType> = spec.columns.iter().map(|c| c.ty.clone()).collect();
         let prefix = format!("{tag}REPLACE INTO {t} ({}) VALUES ", column_list(&spec));
         for b in &set.images {
+            if KeySql::of(&spec).is_text() {
+                for key in keys_of(b, &spec.primary_key)? {
+                    if let Some(reason) = key_not_orderable(&key.to_string_lossless()) {
+                        bail!("a change cannot be applied to {}: {reason}", self.table);
+                    }
+                }
+            }
             let cols: Vec<ArrayRef> = b.columns().to_vec();
             let mut sql = prefix.clone().into_bytes();
             for row in 0..b.num_rows() {
@@ -101,7 +108,7 @@ impl ObSink {
                     sql.push(b'=');
                     encode_value(b.column(*i), ty, row, self.literal, &mut sql)?;
                 }
-                sql.extend_from_slice(format!(" WHERE {pk} = {key}").as_bytes());
+                sql.extend_from_slice(format!(" WHERE {pk} = {}", key_literal(key)).as_bytes());
                 c.query_drop(String::from_utf8(sql)?).await.ob("applying updates")?;
             }
         }

@@ -444,6 +444,7 @@ impl Sink for ObSink {
             statement_bytes: *self.statement_bytes.lock().unwrap(),
             record_ledger,
             bytes: 0,
+            string_key: KeySql::of(&spec).is_text().then(|| spec.primary_key.clone()),
             foreign_check: self
                 .subset
                 .get()
@@ -569,6 +570,8 @@ struct ObChunkWriter {
     /// A subset job whose target holds other rows: the query for the ids
     /// they hold (a list follows), the filter, the key column.
     foreign_check: Option<(String, crate::filter::Filter, String, KeySql)>,
+    /// A string key's column: keys OceanBase cannot order by their bytes are refused.
+    string_key: Option<String>,
 }
 
 impl ObChunkWriter {
@@ -636,6 +639,14 @@ impl ChunkWriter for ObChunkWriter {
             }
             None => Vec::new(),
         };
+        if let Some(pk) = &self.string_key {
+            let taken: std::collections::HashSet<usize> = rejects.iter().map(|r| r.row).collect();
+            for (row, key) in crate::online::keys_of(batch, pk)?.iter().enumerate().filter(|(r, _)| !taken.contains(r)) {
+                if let Some(reason) = key_not_orderable(&key.to_string_lossless()) {
+                    rejects.push(RowReject { row, reason });
+                }
+            }
+        }
         let foreign: std::collections::HashSet<usize> = rejects.iter().map(|r| r.row).collect();
         for row in (0..batch.num_rows()).filter(|r| !foreign.contains(r)) {
             let start = enc.len();

@@ -206,14 +206,23 @@ impl Source for ObSource {
 /// Keys the server returned must ascend in byte order, as the plan does.
 fn check_ascending(keys: &[Key], what: &str) -> Result<()> {
     match keys.windows(2).find(|w| w[0] >= w[1]) {
-        Some(w) => bail!(
-            "{what}: key {} came after {} in the table's key order, which is not byte order; \
-             string keys need a binary collation (utf8mb4_bin)",
-            w[1],
-            w[0]
-        ),
+        Some(w) => Err(not_byte_order(&w[0], &w[1]).context(what.to_string())),
         None => Ok(()),
     }
+}
+
+/// `later` came after `earlier` in the table's key order, but not in byte
+/// order: chunk ranges would overlap or leave gaps, so the read stops.
+fn not_byte_order(earlier: &Key, later: &Key) -> anyhow::Error {
+    let why = [later, earlier].into_iter().find_map(|k| match k {
+        Key::Str(s) => key_not_orderable(s),
+        Key::Int(_) => None,
+    });
+    anyhow!(
+        "key {later} came after {earlier} in the table's key order, which is not byte order ({}); \
+         vmig reads string keys in byte order only",
+        why.unwrap_or_else(|| "string keys need a binary collation, utf8mb4_bin".into())
+    )
 }
 
 /// Ids per page of an ids-only walk.
@@ -272,13 +281,8 @@ impl ObSource {
                 };
                 // A collation that is not byte order would make chunks
                 // overlap or leave gaps: refuse rather than copy wrongly.
-                if last.as_ref().is_some_and(|l| key <= *l) {
-                    err = Some(anyhow!(
-                        "{} {id:?} came after {} in the table's key order, which is not byte order; \
-                         string keys need a binary collation (utf8mb4_bin)",
-                        spec.primary_key,
-                        last.as_ref().unwrap()
-                    ));
+                if let Some(l) = last.as_ref().filter(|l| key <= **l) {
+                    err = Some(not_byte_order(l, &key));
                     return;
                 }
                 if let Err(e) = decoder.push_row(&fields) {

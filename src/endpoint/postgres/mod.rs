@@ -126,10 +126,7 @@ impl KeySql {
 
 /// A key as an SQL literal.
 pub fn key_literal(k: &Key) -> String {
-    match k {
-        Key::Int(v) => v.to_string(),
-        Key::Str(s) => literal(s),
-    }
+    k.sql_literal(&literal)
 }
 
 /// A subset filter as a SQL condition (`qualifier.` before each column when given).
@@ -321,6 +318,34 @@ pub async fn discover(client: &Client, table: &TableName, url: &PgUrl) -> Result
             url.redacted(),
             pk_rows.len()
         );
+    }
+    let pk_name: String = pk_rows[0].get(0);
+    let pk_type = rows.iter().find(|r| r.get::<_, String>(0) == pk_name).map(|r| r.get::<_, String>(1)).unwrap_or_default();
+    // char(n) pads its values: COPY sends 'ab   ', a key read as text is 'ab',
+    // and one key would have two spellings across chunks.
+    if pk_type == "bpchar" {
+        bail!("table {}: primary key {pk_name} is char(n), whose padding vmig cannot key chunks by; use varchar or text", table.name);
+    }
+    if pk_type == "text" || pk_type == "varchar" {
+        let collation: String = client
+            .query_one(
+                "SELECT coalesce(c.collname::text, '') FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation \
+                 WHERE a.attrelid = $1 AND a.attname = $2",
+                &[&oid, &pk_name],
+            )
+            .await
+            .pg("reading the key's collation")?
+            .get(0);
+        let default: String = client.query_one("SELECT coalesce(datcollate, '') FROM pg_database WHERE datname = current_database()", &[]).await.pg("reading the database's collation")?.get(0);
+        let effective = if collation == "default" { default } else { collation };
+        if !matches!(effective.as_str(), "C" | "POSIX" | "ucs_basic" | "C.UTF-8" | "C.utf8" | "pg_c_utf8") {
+            eprintln!(
+                "note: table {} orders its key {pk_name} by collation {effective}; vmig reads string keys in byte order \
+                 (COLLATE \"C\"), which the primary key's index cannot serve, so each chunk read scans the table. \
+                 An index on ({pk_name} COLLATE \"C\") lets chunk reads use it",
+                table.name
+            );
+        }
     }
     let idx_rows = client
         .query(

@@ -116,6 +116,7 @@ impl PgSink {
         if spec.indexes.iter().any(|ix| !existing.iter().any(|(n, valid)| n == &ix.name && *valid)) {
             self.size_index_memory(c, spec, cap, fb).await?;
         }
+        let mut todo: Vec<&IndexSpec> = Vec::new();
         for ix in &spec.indexes {
             // Indexes this table already has are kept. No IF NOT EXISTS: a name
             // taken by another table's index must fail, not silently skip the index.
@@ -129,29 +130,65 @@ impl PgSink {
                 }
                 None => {}
             }
-            let sql = create_index_sql(&self.table, spec, ix);
-            let started = std::time::Instant::now();
-            let build = c.batch_execute(&sql);
-            tokio::pin!(build);
-            // Send the statement before announcing the phase: from here on the
-            // build runs in the server even if this process dies.
-            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;
-            let res = match first {
-                std::task::Poll::Ready(r) => r,
-                std::task::Poll::Pending => {
-                    fb.phase(&format!("building index {}", ix.name));
-                    let watcher = self.watch_index_build(ix.name.clone(), fb);
-                    tokio::pin!(watcher);
-                    tokio::select! {
-                        r = &mut build => r,
-                        _ = &mut watcher => unreachable!(),
+            todo.push(ix);
+        }
+        // Every build runs at once, each on a session of its own: the btree
+        // indexes beside the vector index instead of after it. The vector
+        // index is built last on `c`, the session sized for its graph, and
+        // its progress is what the phase shows.
+        todo.sort_by_key(|ix| matches!(ix.kind, IndexKind::Hnsw { .. }));
+        let mut sessions = Vec::new();
+        for _ in 1..todo.len() {
+            sessions.push(self.pool.get().await?);
+        }
+        let sqls: Vec<String> = todo.iter().map(|ix| create_index_sql(&self.table, spec, ix)).collect();
+        let last_pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.pg("reading the session's pid")?.get(0);
+        let started = std::time::Instant::now();
+        let outcome = {
+            let mut builds = Vec::new();
+            for (i, (ix, sql)) in todo.iter().zip(&sqls).enumerate() {
+                let session = if i + 1 == todo.len() { c } else { &sessions[i] };
+                let name = ix.name.clone();
+                let mut build = Box::pin(async move {
+                    let r = session.batch_execute(sql).await;
+                    (name, r, started.elapsed().as_secs_f64())
+                });
+                // Send the statement before announcing the phase: from here on the
+                // build runs in the server even if this process dies.
+                let done = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;
+                fb.phase(&format!("building index {}", ix.name));
+                builds.push((done, build));
+            }
+            if let Some(last) = todo.last() {
+                let all = futures_util::future::join_all(builds.into_iter().map(|(done, build)| async move {
+                    match done {
+                        std::task::Poll::Ready(r) => r,
+                        std::task::Poll::Pending => build.await,
+                    }
+                }));
+                let watcher = self.watch_index_build(last.name.clone(), last_pid, fb);
+                tokio::pin!(all, watcher);
+                let results = tokio::select! {
+                    r = &mut all => r,
+                    _ = &mut watcher => unreachable!(),
+                };
+                let mut first_error = None;
+                for (name, r, seconds) in results {
+                    match r {
+                        Ok(()) => fb.say(&format!("index {name} built in {seconds:.1}s")),
+                        Err(e) if first_error.is_none() => first_error = Err::<(), _>(e).pg(&format!("building index {name}")).err(),
+                        Err(_) => {}
                     }
                 }
-            };
-            res.pg(&format!("building index {}", ix.name))?;
-            fb.say(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
+                first_error.map_or(Ok(()), Err)
+            } else {
+                Ok(())
+            }
+        };
+        for session in sessions {
+            self.pool.put(session);
         }
-        Ok(())
+        outcome
     }
 
     /// FastGPT runs `CREATE EXTENSION IF NOT EXISTS vector` at start; so do we.
@@ -194,15 +231,16 @@ impl PgSink {
     }
 
     /// Reports CREATE INDEX progress from pg_stat_progress_create_index until dropped.
-    async fn watch_index_build(&self, name: String, fb: &dyn Feedback) {
+    /// Shows the progress of the index build session `pid` runs.
+    async fn watch_index_build(&self, name: String, pid: i32, fb: &dyn Feedback) {
         let Ok(c) = connect(&self.url).await else { return std::future::pending().await };
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Ok(Some(r)) = c
                 .query_opt(
                     "SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total FROM pg_stat_progress_create_index \
-                     WHERE relid = to_regclass($1)",
-                    &[&self.table.sql()],
+                     WHERE pid = $1",
+                    &[&pid],
                 )
                 .await
             {

@@ -415,15 +415,20 @@ impl Source for StagingSource {
             Some(c) => vec![c],
             None => self.manifest.plan.iter().collect(),
         };
-        let mut keys = Vec::new();
+        // Chunks follow each other in key order: one chunk's keys sorted at a
+        // time are the whole walk in order, in one chunk's memory.
         for c in chunks {
+            let mut keys = Vec::new();
             self.read_chunk(c, 8_192, &mut |b| {
                 keys.extend(crate::online::keys_of(&b, &pk)?.into_iter().filter(|k| span.contains(k)));
                 Ok(())
             })?;
+            keys.sort_unstable();
+            if !keys.is_empty() {
+                out(&keys)?;
+            }
         }
-        keys.sort_unstable();
-        out(&keys)
+        Ok(())
     }
 
     /// The rows with these keys, found by reading every chunk file.
