@@ -268,6 +268,19 @@ fn awkward_text_keys_go_through_every_backend_and_staging() {
     assert!(stderr(&refused).contains("utf8mb4_general_ci") && stderr(&refused).contains("binary collation"), "{}", stderr(&refused));
 }
 
+/// The online writers' traffic on `notes`, change `i`: new rows with keys
+/// awkward in SQL, an update of a text, of a vector, a delete, and a key
+/// renamed; `one` picks the row, `quote` writes a string literal.
+fn notes_change(i: u64, one: &str, quote: &dyn Fn(&str) -> String) -> String {
+    match i % 5 {
+        0 => format!("INSERT INTO notes VALUES ({}, 'new', '[1,2,3,4,5,6,7,8]'), ('W{i}', 'new', '[8,7,6,5,4,3,2,1]')", quote(&format!("w{i} a'q\\é"))),
+        1 => format!("UPDATE notes SET q = concat(q, '+') WHERE k = {one}"),
+        2 => format!("UPDATE notes SET vector = '[{i},0,0,0,0,0,0,1]' WHERE k = {one}"),
+        3 => format!("DELETE FROM notes WHERE k = {one}"),
+        _ => format!("UPDATE notes SET k = concat(k, ' moved \"{i}\"') WHERE k = {one}"),
+    }
+}
+
 /// A text-keyed PostgreSQL source followed online (killed in its snapshot
 /// and while following, resumed, cut over) into PostgreSQL and into Milvus,
 /// while a writer inserts rows with awkward keys, updates, deletes, and
@@ -294,16 +307,9 @@ fn online_from_postgres_follows_a_text_keyed_table_exactly() {
                     move || async move { client(&w).await },
                     |c, i| {
                         Box::pin(async move {
-                            let one = "(SELECT k FROM notes ORDER BY random() LIMIT 1)";
-                            let sql = match i % 5 {
-                                0 => format!(
-                                    "INSERT INTO notes VALUES ('w{i} a''q\\\\é', 'new', '[1,2,3,4,5,6,7,8]'), ('W{i}', 'new', '[8,7,6,5,4,3,2,1]')"
-                                ),
-                                1 => format!("UPDATE notes SET q = q || '+' WHERE k = {one}"),
-                                2 => format!("UPDATE notes SET vector = '[{i},0,0,0,0,0,0,1]' WHERE k = {one}"),
-                                3 => format!("DELETE FROM notes WHERE k = {one}"),
-                                _ => format!("UPDATE notes SET k = k || ' moved \"{i}\"' WHERE k = {one}"),
-                            };
+                            // standard_conforming_strings: only quotes are doubled.
+                            let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+                            let sql = notes_change(i, "(SELECT k FROM notes ORDER BY random() LIMIT 1)", &quote);
                             c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
                         })
                     },
@@ -369,14 +375,7 @@ fn online_from_seekdb_follows_a_text_keyed_table_exactly() {
                 |c, i| {
                     Box::pin(async move {
                         let one: Option<String> = c.query_first("SELECT k FROM notes ORDER BY rand() LIMIT 1").await.unwrap();
-                        let one = ob_literal(&one.unwrap_or_default());
-                        let sql = match i % 5 {
-                            0 => format!("INSERT INTO notes VALUES ({}, 'new', '[1,2,3,4,5,6,7,8]'), ('W{i}', 'new', '[8,7,6,5,4,3,2,1]')", ob_literal(&format!("w{i} a'q\\é"))),
-                            1 => format!("UPDATE notes SET q = concat(q, '+') WHERE k = {one}"),
-                            2 => format!("UPDATE notes SET vector = '[{i},0,0,0,0,0,0,1]' WHERE k = {one}"),
-                            3 => format!("DELETE FROM notes WHERE k = {one}"),
-                            _ => format!("UPDATE notes SET k = concat(k, ' moved \"{i}\"') WHERE k = {one}"),
-                        };
+                        let sql = notes_change(i, &ob_literal(&one.unwrap_or_default()), &ob_literal);
                         c.query_drop(&sql).await.unwrap_or_else(|e| panic!("writer: {sql}: {e}"));
                     })
                 },
