@@ -126,8 +126,8 @@ impl Source for ObSource {
                 let sql = format!("SELECT {pk} FROM {t} WHERE {range}{past}{} ORDER BY {pk} LIMIT {ID_PAGE}", self.and_subset());
                 let ids = c.query::<String, _>(sql).await.ob("reading ids")?.iter().map(|k| key.parse(k)).collect::<Result<Vec<Key>>>()?;
                 check_ascending(&ids, "reading ids")?;
-                if after.as_ref().zip(ids.first()).is_some_and(|(a, f)| f <= a) {
-                    bail!("{}: keys came back out of byte order while reading ids", self.describe());
+                if let Some((a, f)) = after.as_ref().zip(ids.first()).filter(|(a, f)| f <= a) {
+                    return Err(not_byte_order(a, f).context("reading ids"));
                 }
                 if let Some(l) = ids.last() {
                     after = Some(l.clone());
