@@ -377,7 +377,19 @@ pub fn plan_and_prepare(
         cfg.batch_rows,
         row_bytes as f64 / 1000.0
     ));
+    for note in indexes_not_carried(source.as_ref()) {
+        progress.println(&format!("note: {note}"));
+    }
     Ok(PreparedJob { manifest, plan, spec, opts, source, targets })
+}
+
+/// One note per source index no target gets, said before the load and kept in the report.
+fn indexes_not_carried(source: &dyn Source) -> Vec<String> {
+    source
+        .indexes_not_carried()
+        .into_iter()
+        .map(|def| format!("source index not carried to the target (vmig recreates plain btree and vector indexes only): {def}"))
+        .collect()
 }
 
 /// How the load of the plan's chunks ended.
@@ -558,7 +570,7 @@ pub fn finish_targets(cfg: &JobConfig, job: &PreparedJob, cancel: &Arc<AtomicBoo
 /// complete (None: it did).
 pub fn report(cfg: &JobConfig, job: &PreparedJob, loaded: &Loaded, mut error: Option<String>, progress: &Arc<Progress>) -> Report {
     let targets = &job.targets;
-    let mut notes = Vec::new();
+    let mut notes = indexes_not_carried(job.source.as_ref());
     // Totals over the whole job (this run and earlier ones), from the ledgers.
     let rejected_total: u64 = targets
         .iter()

@@ -116,3 +116,44 @@ fn tee_through_staging_and_pipeline_file() {
         assert!(!text.contains(":postgres@"), "{f} leaks the password");
     }
 }
+
+/// Indexes vmig cannot recreate (partial, expression, other methods) are not
+/// carried, and the run says which, before the load and in its report; a
+/// partial UNIQUE index is never made whole (it would refuse the source's rows).
+#[test]
+fn indexes_not_carried_are_named_and_partial_unique_is_not_made_whole() {
+    let (src, dst) = dbs("index_kinds");
+    exec(
+        &src,
+        "CREATE TABLE docs (id bigint PRIMARY KEY, email text NOT NULL, deleted boolean NOT NULL, vector vector(4) NOT NULL); \
+         INSERT INTO docs SELECT g, 'u' || (g % 50) || '@x', g > 50, ARRAY[g, 1, 2, 3]::vector FROM generate_series(1, 400) g; \
+         CREATE UNIQUE INDEX docs_live_email ON docs (email) WHERE NOT deleted; \
+         CREATE INDEX docs_lower_email ON docs (lower(email)); \
+         CREATE INDEX docs_email ON docs (email); \
+         CREATE INDEX docs_ivf ON docs USING ivfflat (vector vector_l2_ops) WITH (lists = 4)",
+    );
+    let state = tempdir();
+    let report = state.path().join("report.json");
+    let out = ok(&[
+        "migrate", "--from", &src, "--to", &dst, "--table", "docs", "--state-root", state.path().to_str().unwrap(),
+        "--report", report.to_str().unwrap(),
+    ]);
+    // Every row, the deleted ones sharing live ones' emails included (a whole UNIQUE index would refuse them).
+    let q = "SELECT count(*) || '|' || string_agg(id || ':' || email || ':' || deleted || ':' || vector::text, ',' ORDER BY id) FROM docs";
+    let text = |url: &str| rt().block_on(async { client(url).await.query_one(q, &[]).await.unwrap().get::<_, String>(0) });
+    assert!(text(&src).starts_with("400|"));
+    assert_eq!(text(&src), text(&dst));
+    let said = stderr(&out);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let notes: Vec<&str> = r["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    for name in ["docs_live_email", "docs_lower_email", "docs_ivf"] {
+        assert!(said.contains("note: source index not carried to the target (vmig recreates plain btree and vector indexes only): CREATE") && said.contains(name), "{said}");
+        assert!(notes.iter().any(|n| n.contains("not carried") && n.contains(name)), "{notes:?}");
+    }
+    assert!(!notes.iter().any(|n| n.contains("docs_email ")), "{notes:?}");
+    let target_indexes: Vec<String> = rt().block_on(async {
+        client(&dst).await.query("SELECT indexname::text FROM pg_indexes WHERE tablename = 'docs' ORDER BY 1", &[]).await.unwrap()
+            .iter().map(|r| r.get(0)).collect()
+    });
+    assert_eq!(target_indexes, ["docs_email", "docs_pkey"]);
+}

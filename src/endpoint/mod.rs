@@ -34,6 +34,11 @@ pub trait Source: Send + Sync {
     /// Human description without secrets.
     fn describe(&self) -> String;
     fn spec(&self) -> &TableSpec;
+    /// The source's indexes no target gets because vmig cannot describe them
+    /// (expression, partial, other methods), as the source defines them.
+    fn indexes_not_carried(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Splits the primary-key space into chunks of about `chunk_rows` rows.
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>>;
     /// False when the source cannot hand out its vectors bit for bit
@@ -216,6 +221,13 @@ pub trait Sink: Send + Sync {
     /// transactions. Idempotent: applying a batch again converges.
     fn apply_changes(&self, _job: &str, _set: &crate::online::ChangeSet) -> Result<()> {
         bail!("{} cannot apply online changes yet", self.describe())
+    }
+    /// Rows of a batch of changed rows (full images, in the target's schema)
+    /// this target would refuse, with why: the checks its chunk writer makes,
+    /// so that a changed row goes to rejects as a snapshot row does instead
+    /// of stopping the apply.
+    fn refused_changes(&self, _images: &RecordBatch) -> Result<Vec<RowReject>> {
+        Ok(Vec::new())
     }
     /// Removes the job's ledger records (`reset`); returns how many.
     fn forget_job(&self, _job: &str) -> Result<u64> {

@@ -35,12 +35,12 @@ impl ObSource {
         self.subset.get().map(|c| format!(" WHERE {c}")).unwrap_or_default()
     }
 
-    pub fn skipped_indexes(&self) -> &[String] {
-        &self.discovered.skipped_indexes
-    }
 }
 
 impl Source for ObSource {
+    fn indexes_not_carried(&self) -> Vec<String> {
+        self.discovered.skipped_indexes.clone()
+    }
     fn describe(&self) -> String {
         format!("{} table {}", self.url.redacted(), self.table)
     }

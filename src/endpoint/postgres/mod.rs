@@ -391,6 +391,11 @@ pub fn parse_index_def(name: &str, def: &str, unique: bool) -> Option<IndexSpec>
     if cols_text.contains('(') {
         return None; // expression index
     }
+    // A partial index carried whole would differ, and a partial UNIQUE one
+    // would refuse rows the source holds.
+    if rest[close + 1..].contains(" WHERE ") {
+        return None;
+    }
     let mut columns = Vec::new();
     let mut opclass = None;
     for part in cols_text.split(',') {

@@ -95,10 +95,6 @@ impl PgSource {
         self.subset.get().map(|c| format!(" AND ({c})")).unwrap_or_default()
     }
 
-    pub fn skipped_indexes(&self) -> &[String] {
-        &self.discovered.skipped_indexes
-    }
-
     async fn snapshot_id(&self) -> Result<String> {
         {
             let mut g = self.snapshot.lock().unwrap();
@@ -137,6 +133,9 @@ impl PgSource {
 }
 
 impl Source for PgSource {
+    fn indexes_not_carried(&self) -> Vec<String> {
+        self.discovered.skipped_indexes.clone()
+    }
     fn describe(&self) -> String {
         format!("{} table {}", self.url.redacted(), self.table.name)
     }
