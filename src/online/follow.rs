@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use arrow::record_batch::RecordBatch;
 
 use super::{AppliedPosition, ChangeSet, PositionUnit, CutoverCheck, ChangeStream, CutoverRequest, OnlineState, OnlineStatus, RETAINED_WARN_BYTES, human_bytes};
-use crate::endpoint::{Sink, Source};
+use crate::endpoint::{Sink, Source, without_rows};
 use crate::ledger::{JobDir, now_rfc3339};
 use crate::pipeline::{
     JobConfig, PreparedJob, Target, finish_targets, load, lock_targets, plan_and_prepare, report, with_progress,
@@ -20,7 +20,7 @@ use crate::pipeline::{
 use crate::progress::{Progress, Report};
 use crate::retry::with_retries;
 use crate::schema::TableSpec;
-use crate::transform::{Transformer, write_rejects};
+use crate::transform::{Transformer, reject_batch, write_rejects};
 
 /// Wait between two polls of a source with nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -296,29 +296,39 @@ fn cutover(
     Ok(())
 }
 
-/// Transforms a change set for one target (bad rows to rejects) and applies it.
+/// Transforms a change set for one target (bad rows, and rows the target
+/// would refuse, to rejects) and applies it.
 fn apply_to_target(cfg: &JobConfig, t: &Target, set: &ChangeSet, progress: &Progress) -> Result<()> {
     let mut rejects: Vec<RecordBatch> = Vec::new();
+    // In the target's columns, as a chunk's "-refused" rejects are.
+    let mut refused_rows: Vec<RecordBatch> = Vec::new();
     let mut out = ChangeSet { images: Vec::new(), partial: Vec::new(), ..set.clone() };
     for b in &set.images {
         let tr = t.transformer.apply(0, b)?;
         rejects.extend(tr.rejects);
-        out.images.push(tr.valid);
+        let refused = t.sink.refused_changes(&tr.valid)?;
+        if refused.is_empty() {
+            out.images.push(tr.valid);
+        } else {
+            let rows: Vec<u32> = refused.iter().map(|r| r.row as u32).collect();
+            refused_rows.push(reject_batch(0, &tr.valid, &rows, refused.iter().map(|r| r.reason.clone()).collect())?);
+            out.images.push(without_rows(&tr.valid, &refused)?);
+        }
     }
     for b in &set.partial {
         let tr = Transformer::new(&columns_of(&t.spec, b)).apply(0, b)?;
         rejects.extend(tr.rejects);
         out.partial.push(tr.valid);
     }
-    if !rejects.is_empty() {
-        let n: u64 = rejects.iter().map(|b| b.num_rows() as u64).sum();
+    let n: u64 = rejects.iter().chain(&refused_rows).map(|b| b.num_rows() as u64).sum();
+    if n > 0 {
         progress.counters.change_rows_rejected.fetch_add(n, Relaxed);
-        write_rejects(
-            &JobDir::new(&cfg.job_dir).rejects(),
-            &format!("{}-{}-changes-{:016X}", cfg.command, t.name, set.position),
-            0,
-            &rejects,
-        )?;
+        let dir = JobDir::new(&cfg.job_dir).rejects();
+        for (kind, batches) in [("changes", &rejects), ("refused-changes", &refused_rows)] {
+            if !batches.is_empty() {
+                write_rejects(&dir, &format!("{}-{}-{kind}-{:016X}", cfg.command, t.name, set.position), 0, batches)?;
+            }
+        }
         progress.println(&format!(
             "{n} changed rows refused by {} (in rejects/; the target keeps their previous version)",
             t.name

@@ -692,6 +692,10 @@ impl Sink for MilvusSink {
         self.apply(job, set)
     }
 
+    fn refused_changes(&self, images: &RecordBatch) -> Result<Vec<RowReject>> {
+        refused_rows(&self.collection()?, images)
+    }
+
     fn forget_job(&self, job: &str) -> Result<u64> {
         match &self.ledger {
             Some(l) => l.forget(job),

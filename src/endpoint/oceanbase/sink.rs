@@ -522,6 +522,11 @@ impl Sink for ObSink {
         self.handle.block_on(self.apply(job, set))
     }
 
+    fn refused_changes(&self, images: &RecordBatch) -> Result<Vec<RowReject>> {
+        let spec = self.target_spec();
+        unorderable_keys(images, KeySql::of(&spec).is_text().then_some(spec.primary_key.as_str()), &[])
+    }
+
     fn forget_job(&self, job: &str) -> Result<u64> {
         self.handle.block_on(async {
             let mut c = self.pool.get().await?;
@@ -622,6 +627,19 @@ impl ObChunkWriter {
     }
 }
 
+/// Rows (other than those already refused) whose string key utf8mb4_bin cannot order.
+fn unorderable_keys(batch: &RecordBatch, string_key: Option<&str>, refused: &[RowReject]) -> Result<Vec<RowReject>> {
+    let Some(pk) = string_key else { return Ok(Vec::new()) };
+    let taken: std::collections::HashSet<usize> = refused.iter().map(|r| r.row).collect();
+    let mut out = Vec::new();
+    for (row, key) in crate::online::keys_of(batch, pk)?.iter().enumerate().filter(|(r, _)| !taken.contains(r)) {
+        if let Some(reason) = key_not_orderable(&key.to_string_lossless()) {
+            out.push(RowReject { row, reason });
+        }
+    }
+    Ok(out)
+}
+
 impl ChunkWriter for ObChunkWriter {
     fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
         let cols: Vec<ArrayRef> = batch.columns().to_vec();
@@ -639,14 +657,8 @@ impl ChunkWriter for ObChunkWriter {
             }
             None => Vec::new(),
         };
-        if let Some(pk) = &self.string_key {
-            let taken: std::collections::HashSet<usize> = rejects.iter().map(|r| r.row).collect();
-            for (row, key) in crate::online::keys_of(batch, pk)?.iter().enumerate().filter(|(r, _)| !taken.contains(r)) {
-                if let Some(reason) = key_not_orderable(&key.to_string_lossless()) {
-                    rejects.push(RowReject { row, reason });
-                }
-            }
-        }
+        let more = unorderable_keys(batch, self.string_key.as_deref(), &rejects)?;
+        rejects.extend(more);
         let foreign: std::collections::HashSet<usize> = rejects.iter().map(|r| r.row).collect();
         for row in (0..batch.num_rows()).filter(|r| !foreign.contains(r)) {
             let start = enc.len();
