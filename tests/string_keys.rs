@@ -187,6 +187,28 @@ fn a_uuid_keyed_postgres_table_goes_through_milvus_and_back() {
     assert_eq!(refused.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), [upper.as_str(), "not-a-uuid"]);
     assert!(refused.iter().all(|r| r.1.contains("not a UUID in canonical form")), "{refused:?}");
     assert_eq!(pg_text_rows(&same, "docs", "id", "team_id, q"), want);
+
+    // Again with --on-existing truncate and a chunk bound on a key that is no
+    // UUID: each chunk's clearing DELETE compares the uuid column with it.
+    exec(&back, "INSERT INTO docs SELECT '8-no-uuid', team_id, q, vector FROM docs LIMIT 1");
+    let at = query_i64(&back, "SELECT count(*) FROM docs WHERE id COLLATE \"C\" <= '8-no-uuid'");
+    let job = "sk-uuid-truncate";
+    let out = vmig(&[
+        "migrate", "--from", &back, "--to", &same, "--table", "docs", "--on-existing", "truncate", "--chunk-rows", &at.to_string(),
+        "--max-rejects", "3", "--job", job, "--quiet", "--state-root", root,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(state.path().join(job).join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["plan"][0]["text"]["upto"], "8-no-uuid", "{}", manifest["plan"]);
+    let mut refused: Vec<String> = rejected_keys(&state.path().join(job), "id").into_iter().map(|r| r.0).collect();
+    refused.sort();
+    let mut expected = vec![upper.clone(), "8-no-uuid".to_string(), "not-a-uuid".to_string()];
+    expected.sort();
+    assert_eq!(refused, expected);
+    let lowered = upper.to_lowercase();
+    let kept: Vec<_> = want.iter().filter(|r| r.0 != lowered).cloned().collect();
+    assert_eq!(kept.len(), 1199);
+    assert_eq!(pg_text_rows(&same, "docs", "id", "team_id, q"), kept);
 }
 
 fn query_text(url: &str, sql: &str) -> String {
@@ -423,4 +445,71 @@ fn online_from_a_varchar_keyed_milvus_collection_is_exact() {
         assert!(want.iter().any(|r| r.team_id == "team_w"), "the writer's rows are in the source");
         assert_eq!(pg_keyed_rows(&check_dst), want);
     });
+}
+
+/// Online into seekdb, a changed row whose key utf8mb4_bin cannot order (a
+/// trailing space) goes to rejects with its reason, as a snapshot row would,
+/// and the job keeps following; once the source row is mended, the cutover
+/// finds the target equal.
+#[test]
+fn a_change_the_target_refuses_goes_to_rejects_and_the_job_keeps_following() {
+    let name = "sk_online_refused";
+    let src = fresh_db(&source_base(), &format!("{name}_src"), true);
+    exec(
+        &src,
+        "CREATE TABLE notes (k text PRIMARY KEY, q text NOT NULL, vector vector(8) NOT NULL);
+         INSERT INTO notes SELECT md5(i::text), 'note ' || i, ARRAY(SELECT (i * j % 23)::real FROM generate_series(1, 8) j)::vector
+         FROM generate_series(1, 300) i;",
+    );
+    let ob = fresh_ob_db(name);
+    let state = tempdir();
+    let mut a = common::online::online_args(&src, &ob, state.path(), name);
+    // The refused row counts against --max-rejects, also after the cutover.
+    a.extend(args(&["--table", "notes", "--max-rejects", "1"]));
+    let job_dir = state.path().join(name);
+    let mut job = start(&a, &Moment::Committed(0));
+    let _reap = common::online::Reaper(vec![job.id()]);
+    let exactly = |k: &str| format!("SELECT count(*) FROM notes WHERE k = {} AND k LIKE {}", ob_literal(k), ob_literal(k));
+    let ob_has = |k: &str| ob_query_i64(&ob, &exactly(k));
+    let wait_row = |job: &mut std::process::Child, k: &str| {
+        let t = std::time::Instant::now();
+        // The job creates the table once it starts.
+        while ob_try_query_i64(&ob, &exactly(k)).unwrap_or(0) == 0 {
+            assert!(job.try_wait().unwrap().is_none(), "the online job ended");
+            assert!(t.elapsed() < std::time::Duration::from_secs(180), "{k} never reached the target");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    exec(&src, "INSERT INTO notes VALUES ('before', 'x', '[1,1,1,1,1,1,1,1]')");
+    wait_row(&mut job, "before");
+    // One transaction: the refused row and a good one arrive in one batch.
+    exec(&src, "INSERT INTO notes VALUES ('trail ', 'refused', '[2,2,2,2,2,2,2,2]'), ('after', 'kept', '[3,3,3,3,3,3,3,3]')");
+    wait_row(&mut job, "after");
+    assert_eq!(ob_has("trail "), 0);
+    let refused = rejected_keys(&job_dir, "k");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "trail ");
+    assert!(refused[0].1.contains("utf8mb4_bin"), "{refused:?}");
+    // Still following. The source gains 'trail' and then drops the refused
+    // 'trail ': PAD SPACE would make that delete remove 'trail' on seekdb.
+    exec(&src, "INSERT INTO notes VALUES ('trail', 'kept', '[4,4,4,4,4,4,4,4]')");
+    wait_row(&mut job, "trail");
+    exec(&src, "DELETE FROM notes WHERE k = 'trail '");
+    exec(&src, "UPDATE notes SET q = 'later' WHERE k = 'after'");
+    let t = std::time::Instant::now();
+    while ob_query_i64(&ob, "SELECT count(*) FROM notes WHERE k = 'after' AND q = 'later'") == 0 {
+        assert!(job.try_wait().unwrap().is_none(), "the online job ended");
+        assert!(t.elapsed() < std::time::Duration::from_secs(180), "the update never arrived");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(ob_has("trail"), 1, "the delete of 'trail ' removed 'trail'");
+    // The cutover finds both sides equal.
+    let mut cut = a.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let out = ok(&cut);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(job.wait().unwrap().success());
+    let want: Vec<(String, String)> = pg_text_rows(&src, "notes", "k", "q").into_iter().map(|r| (r.0, r.1[0].clone())).collect();
+    assert_eq!(ob_text_rows(&ob, "notes"), want);
 }

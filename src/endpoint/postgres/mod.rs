@@ -120,7 +120,17 @@ impl KeySql {
 
     /// A chunk's range as a condition (TRUE for every key).
     pub fn range(&self, chunk: &ChunkRange) -> String {
-        chunk.condition(&self.ordered(), &key_literal).unwrap_or_else(|| "TRUE".into())
+        // A uuid column cannot be compared with a bound that is no UUID (a
+        // text-keyed source's, whose odd rows go to rejects); its canonical
+        // text orders as the uuid does, so compare that instead.
+        let odd_bound = |t: &crate::plan::TextRange| {
+            [&t.after, &t.upto].into_iter().flatten().any(|b| crate::endpoint::columns::parse_uuid(b).is_none())
+        };
+        let column = match (&chunk.text, self.kind) {
+            (Some(t), KeyKind::Uuid) if odd_bound(t) => format!("{}::text COLLATE \"C\"", self.pk),
+            _ => self.ordered(),
+        };
+        chunk.condition(&column, &key_literal).unwrap_or_else(|| "TRUE".into())
     }
 }
 
