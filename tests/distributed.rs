@@ -459,12 +459,10 @@ fn a_shared_import_beside_its_export_waits_for_the_missing_chunks() {
     let st = dir.path().join("st");
     let st_s = st.to_str().unwrap();
     let roots = [dir.path().join("e"), dir.path().join("i")];
+    // Leases long enough that an export held still (below) stays alive.
     let mut export = Command::new(VMIG)
         .args(["export", "--from", &src, "--staging", st_s, "--shared", "--chunk-rows", "100", "--workers", "1"])
-        // 24 s of export: the import must start while chunks are still
-        // missing, also on a loaded machine (CI saw the export done first at
-        // 400 and at 150 rows/s: the import took over 7 s to reach its chunks).
-        .args(["--rate-limit", "50", "--lease", "3", "--quiet", "--state-root", roots[0].to_str().unwrap()])
+        .args(["--rate-limit", "200", "--lease", "60", "--quiet", "--state-root", roots[0].to_str().unwrap()])
         .env_remove("VMIG_STATE_ROOT")
         .stderr(Stdio::null())
         .spawn()
@@ -473,18 +471,37 @@ fn a_shared_import_beside_its_export_waits_for_the_missing_chunks() {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !st.join("chunks/000000.commit.json").exists() {
         assert!(Instant::now() < deadline, "the export wrote no chunk");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    let out = Command::new(VMIG)
-        .args(["import", "--to", &dst, "--staging", st_s, "--shared", "--workers", "1", "--lease", "3", "--quiet"])
+    // Held still after its first chunk (SIGSTOP) until the import says it
+    // waits: on a loaded machine the export used to finish before the import
+    // had looked (CI saw it at 400, 150 and 50 rows/s).
+    let pid = export.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let log_path = dir.path().join("import.log");
+    let mut import = Command::new(VMIG)
+        .args(["import", "--to", &dst, "--staging", st_s, "--shared", "--workers", "1", "--lease", "60", "--quiet"])
         .args(["--state-root", roots[1].to_str().unwrap()])
         .env_remove("VMIG_STATE_ROOT")
-        .output()
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
         .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).to_string();
-    eprintln!("{log}");
+    let _import_reaper = Reaper(vec![import.id()]);
+    let waiting = "not exported yet; waiting for the export's workers";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains(waiting) {
+        if let Some(code) = import.try_wait().unwrap() {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            panic!("the import ended ({code}) without waiting: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "the import never waited: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(export.wait().unwrap().success());
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("not exported yet; waiting for the export's workers"), "{log}");
+    let status = import.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    eprintln!("{log}");
+    assert!(status.success(), "{log}");
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
 }
