@@ -5,9 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Result, bail};
 use clap::Parser;
 
-use vmig::cli::{Cli, Command};
-use vmig::commands::{self, EXIT_CANCELLED, open_source, parse_side};
-use vmig::config::{Endpoint, redact_free_text};
+use vmig::commands::cli::{Cli, Command};
+use vmig::commands;
+use vmig::commands::EXIT_CANCELLED;
+use vmig::backends::{open_source, parse_side};
+use vmig::model::config::{Endpoint, redact_free_text};
 
 fn main() -> ExitCode {
     // Without one process-wide provider, the first TLS connection to Milvus
@@ -46,7 +48,7 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
         Command::Migrate(a) => job_exit("migrate", a, handle, cancel),
         Command::Export(a) => job_exit("export", a, handle, cancel),
         Command::Import(a) => job_exit("import", a, handle, cancel),
-        Command::Cutover(a) => vmig::online::commands::cutover(a, handle, cancel),
+        Command::Cutover(a) => vmig::commands::online::cutover(a, handle, cancel),
         Command::Status(a) => commands::status(a).map(|_| 0),
         Command::Inspect(a) => commands::inspect(a).map(|ok| if ok { 0 } else { 1 }),
         Command::Reset(a) => commands::reset(a, handle).map(|_| 0),
@@ -65,18 +67,18 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
             }
             let table = a.table.clone().unwrap_or_else(|| commands::DEFAULT_TABLE.into());
             let filter = a.subset.filter()?;
-            let source = commands::open_subset(&from, &table, handle, filter.as_ref())?;
+            let source = vmig::backends::open_subset(&from, &table, handle, filter.as_ref())?;
             let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
-            let sink = commands::open_sink(&to, &target_table, handle, None)?;
+            let sink = vmig::backends::open_sink(&to, &target_table, handle, None)?;
             if let Some(f) = &filter {
                 sink.restrict(f)?;
             }
-            let open_target = || commands::open_subset(&to, &target_table, handle, filter.as_ref());
+            let open_target = || vmig::backends::open_subset(&to, &target_table, handle, filter.as_ref());
             let whole_target = match &filter {
                 Some(_) => Some(open_source(&to, &target_table, handle)?),
                 None => None,
             };
-            let r = vmig::repair::repair(
+            let r = vmig::engine::repair::repair(
                 source.as_ref(),
                 &open_target,
                 whole_target.as_deref(),
@@ -102,21 +104,21 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
             }
             Ok(if r.equal { 0 } else { 1 })
         }
-        Command::Verify(a) => vmig::verify_command::run(&a, handle),
+        Command::Verify(a) => vmig::commands::verify::run(&a, handle),
         Command::Generate(a) => {
             let ep = Endpoint::parse(&a.to)?;
             if matches!(ep, Endpoint::Staging(_)) {
                 bail!("generate needs a database URL");
             }
-            let spec = vmig::generate::fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
-            let sink = commands::open_sink(&ep, &a.table, handle, None)?;
+            let spec = vmig::commands::generate::fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
+            let sink = vmig::backends::open_sink(&ep, &a.table, handle, None)?;
             if a.replace {
                 sink.drop_table()?;
             } else if open_source(&ep, &a.table, handle).is_ok() {
                 bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
             }
             let started = std::time::Instant::now();
-            vmig::generate::generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
+            vmig::commands::generate::generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
             eprintln!(
                 "generated {} rows ({}-d {}) in {} table {} in {:.1}s",
                 a.rows,
@@ -131,9 +133,9 @@ fn run(cli: Cli, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Re
     }
 }
 
-fn job_exit(command: &str, a: vmig::cli::RunArgs, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
+fn job_exit(command: &str, a: vmig::commands::cli::RunArgs, handle: &tokio::runtime::Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
     if commands::resolve_run_args(a.clone())?.tables.is_some() {
-        let report = vmig::tables::run_tables(command, a, handle, cancel.clone())?;
+        let report = vmig::commands::tables::run_tables(command, a, handle, cancel.clone())?;
         if cancel.load(Ordering::SeqCst) {
             eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed());
             return Ok(EXIT_CANCELLED as u8);

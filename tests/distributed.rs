@@ -52,7 +52,7 @@ fn s3_objects(prefix: &str) -> Vec<(String, String)> {
         std::env::set_var("AWS_REGION", "us-east-1");
         std::env::set_var("AWS_ENDPOINT_URL", s3_endpoint());
     });
-    let store = vmig::store::Store::open("s3://vmig-test").unwrap();
+    let store = vmig::state::store::Store::open("s3://vmig-test").unwrap();
     let folder = prefix.rsplit_once('/').map(|(f, _)| f).unwrap_or("");
     let mut out = Vec::new();
     for (key, _) in store.list(folder).unwrap() {

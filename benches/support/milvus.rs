@@ -63,8 +63,8 @@ fn schema(dim: u32) -> CollectionSchema {
 fn columns(s: &CollectionSchema, start: u64, n: u64, dim: u32) -> Vec<FieldColumn> {
     use arrow::array::AsArray;
     use arrow::datatypes::{Float32Type, Int64Type, TimestampMicrosecondType};
-    let spec = vmig::generate::fastgpt_spec("modeldata", dim, false, false);
-    let b = vmig::generate::batch(&spec, 42, start, n).unwrap();
+    let spec = vmig::commands::generate::fastgpt_spec("modeldata", dim, false, false);
+    let b = vmig::commands::generate::batch(&spec, 42, start, n).unwrap();
     let strings = |i: usize| b.column(i).as_string::<i32>().iter().map(|v| v.unwrap().to_string()).collect::<Vec<_>>();
     let f = |n: &str| s.get_field(n).unwrap();
     vec![

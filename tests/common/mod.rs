@@ -409,13 +409,13 @@ pub fn stage_with_nan_and_inf(src: &str, st: &std::path::Path) -> (i64, i64) {
     let mut values: Vec<f32> = vec_col.values().as_primitive::<arrow::datatypes::Float32Type>().values().to_vec();
     values[5 * 8 + 2] = f32::NAN;
     values[9 * 8] = f32::INFINITY;
-    let new_vec = arrow::array::FixedSizeListArray::new(vmig::schema::vector_item_field(), 8, std::sync::Arc::new(Float32Array::from(values)), None);
+    let new_vec = arrow::array::FixedSizeListArray::new(vmig::model::schema::vector_item_field(), 8, std::sync::Arc::new(Float32Array::from(values)), None);
     let mut cols = batch.columns().to_vec();
     cols[1] = std::sync::Arc::new(new_vec);
     let bad = arrow::record_batch::RecordBatch::try_new(batch.schema(), cols).unwrap();
-    let manifest = vmig::endpoint::staging::Manifest::load_dir(st).unwrap().unwrap();
-    let props = vmig::endpoint::staging::writer_properties(&manifest.table).unwrap();
-    let mut w = vmig::endpoint::staging::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
+    let manifest = vmig::state::manifest::Manifest::load_dir(st).unwrap().unwrap();
+    let props = vmig::state::parquet::writer_properties(&manifest.table).unwrap();
+    let mut w = vmig::state::parquet::ParquetFileWriter::create(path.clone(), batch.schema(), props).unwrap();
     w.write(&bad).unwrap();
     let (bytes, sha) = w.finish().unwrap();
     let marker = st.join("chunks/000000.commit.json");

@@ -1,0 +1,300 @@
+//! OceanBase (MySQL mode) rows <-> Arrow. Writes are multi-row INSERT text in
+//! which each vector is an `X'…'` literal of its little-endian float32 bytes:
+//! exact, and 3–6× faster for the server than the `'[…]'` text FastGPT uses.
+//! Reads come back in the text protocol; OceanBase prints vectors with 6
+//! significant digits, so vectors read from OceanBase are not bit-exact.
+
+use std::io::Write;
+
+use anyhow::{Result, anyhow, bail};
+use arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+
+use crate::contract::columns::{BatchBuilder, ColBuilder};
+use crate::model::schema::ColumnType;
+use crate::model::vector::vector_values;
+
+/// How vectors are spelled in INSERT statements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VectorLiteral {
+    /// `X'cdcc…'`: little-endian float32 bytes (exact, fastest).
+    Binary,
+    /// `'[0.1,0.2,…]'` with shortest round-trip decimals (exact, slow: FastGPT's way).
+    Text,
+}
+
+/// Backquotes an identifier.
+pub fn ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Appends a string literal, escaped for MySQL's default sql_mode (the
+/// session sets one without NO_BACKSLASH_ESCAPES).
+pub fn push_str_literal(s: &str, out: &mut Vec<u8>) {
+    out.push(b'\'');
+    for &b in s.as_bytes() {
+        match b {
+            b'\'' => out.extend_from_slice(b"\\'"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0 => out.extend_from_slice(b"\\0"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            0x1a => out.extend_from_slice(b"\\Z"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'\'');
+}
+
+fn int_value(col: &ArrayRef, row: usize) -> i64 {
+    match col.data_type() {
+        DataType::Int16 => col.as_primitive::<Int16Type>().value(row) as i64,
+        DataType::Int32 => col.as_primitive::<Int32Type>().value(row) as i64,
+        _ => col.as_primitive::<Int64Type>().value(row),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS.ffffff` of microseconds since the epoch (UTC wall time;
+/// the session's time_zone is +00:00).
+pub fn format_timestamp(us: i64) -> Result<String> {
+    let t = chrono::DateTime::from_timestamp_micros(us).ok_or_else(|| anyhow!("timestamp {us} µs out of range"))?;
+    Ok(t.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f").to_string())
+}
+
+/// Appends row `row` of `cols` as `(v1,v2,…)`.
+pub fn encode_row(cols: &[ArrayRef], types: &[ColumnType], row: usize, lit: VectorLiteral, out: &mut Vec<u8>) -> Result<()> {
+    out.push(b'(');
+    for (i, (col, ty)) in cols.iter().zip(types).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        encode_value(col, ty, row, lit, out)?;
+    }
+    out.push(b')');
+    Ok(())
+}
+
+/// Appends one value as an SQL literal.
+pub fn encode_value(col: &ArrayRef, ty: &ColumnType, row: usize, lit: VectorLiteral, out: &mut Vec<u8>) -> Result<()> {
+    if col.is_null(row) {
+        out.extend_from_slice(b"NULL");
+        return Ok(());
+    }
+    match ty {
+        ColumnType::Int16 | ColumnType::Int32 | ColumnType::Int64 => write!(out, "{}", int_value(col, row))?,
+        ColumnType::Float32 | ColumnType::Float64 => {
+            let v = match col.data_type() {
+                DataType::Float32 => col.as_primitive::<Float32Type>().value(row) as f64,
+                _ => col.as_primitive::<Float64Type>().value(row),
+            };
+            if !v.is_finite() {
+                bail!("{v} cannot be stored in OceanBase");
+            }
+            // Display prints the shortest decimal that parses back to the same value.
+            match col.data_type() {
+                DataType::Float32 => write!(out, "{}", v as f32)?,
+                _ => write!(out, "{v}")?,
+            }
+        }
+        ColumnType::Bool => out.push(if col.as_boolean().value(row) { b'1' } else { b'0' }),
+        ColumnType::Text { .. } | ColumnType::Uuid | ColumnType::Json { .. } => {
+            push_str_literal(col.as_any().downcast_ref::<StringArray>().unwrap().value(row), out)
+        }
+        ColumnType::Timestamp { .. } => {
+            let us = col.as_any().downcast_ref::<TimestampMicrosecondArray>().unwrap().value(row);
+            push_str_literal(&format_timestamp(us)?, out);
+        }
+        ColumnType::Vector { .. } | ColumnType::HalfVec { .. } => {
+            let v = vector_values(col, row);
+            match lit {
+                VectorLiteral::Binary => {
+                    out.extend_from_slice(b"X'");
+                    let start = out.len();
+                    out.resize(start + v.len() * 8, 0);
+                    for (dst, x) in out[start..].chunks_exact_mut(8).zip(v) {
+                        for (j, b) in x.to_le_bytes().into_iter().enumerate() {
+                            dst[2 * j] = HEX[(b >> 4) as usize];
+                            dst[2 * j + 1] = HEX[(b & 15) as usize];
+                        }
+                    }
+                    out.push(b'\'');
+                }
+                VectorLiteral::Text => {
+                    out.extend_from_slice(b"'[");
+                    for (j, x) in v.iter().enumerate() {
+                        if j > 0 {
+                            out.push(b',');
+                        }
+                        write!(out, "{x}")?;
+                    }
+                    out.extend_from_slice(b"]'");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Collects text-protocol rows into record batches.
+pub struct TextRowDecoder {
+    out: BatchBuilder,
+}
+
+impl TextRowDecoder {
+    pub fn new(schema: SchemaRef, types: Vec<ColumnType>) -> Self {
+        let fixed = vec![true; types.len()];
+        TextRowDecoder { out: BatchBuilder::new(schema, types, fixed) }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.out.rows
+    }
+
+    /// Appends one row; `fields[i]` is column i's text, `None` for NULL.
+    pub fn push_row(&mut self, fields: &[Option<&[u8]>]) -> Result<()> {
+        if fields.len() != self.out.cols.len() {
+            bail!("row has {} fields, expected {}", fields.len(), self.out.cols.len());
+        }
+        // Parse everything first so a bad value never leaves half a row behind.
+        let mut parsed: Vec<Parsed> = Vec::with_capacity(fields.len());
+        for (col, f) in self.out.cols.iter().zip(fields) {
+            parsed.push(match f {
+                None => Parsed::Null,
+                Some(b) => parse_field(col, b)?,
+            });
+        }
+        for (col, p) in self.out.cols.iter_mut().zip(parsed) {
+            match (col, p) {
+                (ColBuilder::I16(x), Parsed::Int(v)) => x.append_value(v as i16),
+                (ColBuilder::I32(x), Parsed::Int(v)) => x.append_value(v as i32),
+                (ColBuilder::I64(x), Parsed::Int(v)) => x.append_value(v),
+                (ColBuilder::F32(x), Parsed::Float(v)) => x.append_value(v as f32),
+                (ColBuilder::F64(x), Parsed::Float(v)) => x.append_value(v),
+                (ColBuilder::Bool(x), Parsed::Int(v)) => x.append_value(v != 0),
+                (ColBuilder::Text { b, .. } | ColBuilder::Uuid(b), Parsed::Text(s)) => b.append_value(s),
+                (ColBuilder::Ts(v, valid), Parsed::Int(us)) => {
+                    v.push(us);
+                    valid.push(true);
+                }
+                (c @ ColBuilder::Vector { .. }, Parsed::Vector(v)) => c.push_vector(Some(&mut v.into_iter())),
+                (ColBuilder::I16(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::I32(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::I64(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::F32(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::F64(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::Bool(x), Parsed::Null) => x.append_null(),
+                (ColBuilder::Text { b, .. } | ColBuilder::Uuid(b), Parsed::Null) => b.append_null(),
+                (ColBuilder::Ts(v, valid), Parsed::Null) => {
+                    v.push(0);
+                    valid.push(false);
+                }
+                (c @ ColBuilder::Vector { .. }, Parsed::Null) => c.push_vector(None),
+                _ => unreachable!("parse_field returns the builder's kind"),
+            }
+        }
+        self.out.rows += 1;
+        Ok(())
+    }
+
+    pub fn take_batch(&mut self) -> Result<RecordBatch> {
+        self.out.take_batch()
+    }
+}
+
+enum Parsed {
+    Null,
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Vector(Vec<f32>),
+}
+
+fn utf8(b: &[u8]) -> Result<&str> {
+    std::str::from_utf8(b).map_err(|_| anyhow!("value is not UTF-8"))
+}
+
+fn parse_field(col: &ColBuilder, b: &[u8]) -> Result<Parsed> {
+    Ok(match col {
+        ColBuilder::I16(_) | ColBuilder::I32(_) | ColBuilder::I64(_) | ColBuilder::Bool(_) => {
+            Parsed::Int(utf8(b)?.parse().map_err(|_| anyhow!("{:?} is not an integer", String::from_utf8_lossy(b)))?)
+        }
+        ColBuilder::F32(_) | ColBuilder::F64(_) => {
+            Parsed::Float(utf8(b)?.parse().map_err(|_| anyhow!("{:?} is not a number", String::from_utf8_lossy(b)))?)
+        }
+        ColBuilder::Text { .. } | ColBuilder::Uuid(_) => Parsed::Text(utf8(b)?.to_string()),
+        ColBuilder::Ts(_, _) => Parsed::Int(parse_timestamp(utf8(b)?)?),
+        ColBuilder::Vector { dim, .. } => {
+            let v = parse_vector_text(b)?;
+            if v.len() != *dim {
+                bail!("vector has {} dimensions, column declares {dim}", v.len());
+            }
+            Parsed::Vector(v)
+        }
+    })
+}
+
+/// Microseconds since the epoch of `YYYY-MM-DD HH:MM:SS[.ffffff]` (UTC wall time).
+pub fn parse_timestamp(s: &str) -> Result<i64> {
+    let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
+        .map_err(|_| anyhow!("{s:?} is not a timestamp"))?;
+    Ok(t.and_utc().timestamp_micros())
+}
+
+/// Parses OceanBase's vector text `[0.1,0.333333,…]`.
+pub fn parse_vector_text(b: &[u8]) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    parse_vector_into(b, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the floats of `[a,b,…]` to `out` (one pass, no intermediate splits).
+pub fn parse_vector_into(b: &[u8], out: &mut Vec<f32>) -> Result<()> {
+    let bad = || anyhow!("vector text does not look like [..]: {:?}", String::from_utf8_lossy(&b[..b.len().min(40)]));
+    let inner = b.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")).ok_or_else(bad)?;
+    let mut rest = inner.trim_ascii_start();
+    while !rest.is_empty() {
+        let (x, used) = fast_float2::parse_partial::<f32, _>(rest).map_err(|_| bad())?;
+        out.push(x);
+        rest = rest[used..].trim_ascii_start();
+        match rest.first() {
+            Some(b',') => rest = rest[1..].trim_ascii_start(),
+            None => {}
+            Some(_) => return Err(bad()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::vector::round_like_oceanbase;
+
+    #[test]
+    fn text_vectors_and_rounding() {
+        let v = parse_vector_text(b"[0.1,0.333333,-0.000000025,12345.7]").unwrap();
+        assert_eq!(v, vec![0.1f32, 0.333333, -2.5e-8, 12345.7]);
+        assert_eq!(round_like_oceanbase(1.0 / 3.0), 0.333333);
+        assert_eq!(round_like_oceanbase(12345.678), 12345.7);
+        for x in v {
+            assert_eq!(round_like_oceanbase(x), x, "rounding must be idempotent");
+        }
+        assert!(parse_vector_text(b"0.1,0.2").is_err());
+        assert!(parse_vector_text(b"[0.1;0.2]").is_err());
+        assert_eq!(parse_vector_text(b"[]").unwrap(), Vec::<f32>::new());
+        assert_eq!(parse_vector_text(b"[1e-3, -2]").unwrap(), vec![0.001, -2.0]);
+    }
+
+    #[test]
+    fn literals_are_escaped_and_exact() {
+        let mut out = Vec::new();
+        push_str_literal("it's a \\ test\n", &mut out);
+        assert_eq!(out, b"'it\\'s a \\\\ test\\n'");
+        assert_eq!(parse_timestamp("2025-01-01 00:00:00.123456").unwrap(), 1_735_689_600_123_456);
+        assert_eq!(format_timestamp(1_735_689_600_123_456).unwrap(), "2025-01-01 00:00:00.123456");
+        assert_eq!(parse_timestamp("2025-01-01 00:00:00").unwrap(), 1_735_689_600_000_000);
+    }
+}

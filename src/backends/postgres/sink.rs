@@ -1,0 +1,795 @@
+//! PostgreSQL as a target: the job's advisory lock and what a killed run left
+//! (sessions, INVALID indexes), pgvector, the table, chunks written by binary
+//! COPY IN with their ledger row in one transaction, indexes and the sequence.
+
+use super::copy::{copy_header, copy_trailer, encode_rows};
+use super::*;
+
+pub struct PgSink {
+    pub(super) url: PgUrl,
+    pub(super) table: TableName,
+    pub(super) handle: Handle,
+    pub(super) pool: Arc<Pool>,
+    target: Mutex<Option<TableSpec>>,
+    upsert: Mutex<bool>,
+    ledger: Mutex<bool>,
+    /// A subset job's filter (`restrict`).
+    subset: std::sync::OnceLock<crate::model::filter::Filter>,
+    /// The target held rows outside the subset at prepare: writes refuse their ids.
+    foreign_check: Mutex<bool>,
+}
+
+impl PgSink {
+    pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
+        let client = handle.block_on(connect(&url))?;
+        let pool = Arc::new(Pool::new(&url, client));
+        Ok(PgSink {
+            url,
+            table: TableName::parse(table),
+            handle,
+            pool,
+            target: Mutex::new(None),
+            upsert: Mutex::new(false),
+            ledger: Mutex::new(true),
+            subset: Default::default(),
+            foreign_check: Mutex::new(false),
+        })
+    }
+
+    pub(super) fn target_spec(&self) -> TableSpec {
+        self.target.lock().unwrap().clone().expect("prepare() before writing")
+    }
+
+    /// Sizes the session's maintenance_work_mem for the largest HNSW graph
+    /// (pgvector builds far faster while the graph fits in it), within the
+    /// cap, and says what it chose and why; warns before the build when the
+    /// graph cannot fit.
+    async fn size_index_memory(&self, c: &Client, spec: &TableSpec, cap: Option<u64>, fb: &dyn Feedback) -> Result<()> {
+        let floor: u64 = 1 << 30;
+        let graphs: Vec<(u32, u64, u32)> = spec
+            .indexes
+            .iter()
+            .filter_map(|ix| match &ix.kind {
+                IndexKind::Hnsw { m, .. } => {
+                    let col = spec.columns.iter().find(|c| ix.columns.first() == Some(&c.name))?;
+                    let per_value = if matches!(col.ty, ColumnType::HalfVec { .. }) { 2 } else { 4 };
+                    Some((col.ty.vector_dim()?, per_value, *m))
+                }
+                _ => None,
+            })
+            .collect();
+        let (cap, cap_from) = match cap {
+            Some(b) => (b, "--index-memory".to_string()),
+            None => match server_memory(c).await {
+                Some(total) => (total / 4, format!("a quarter of the server's {}", crate::model::human_bytes(total))),
+                None => (floor, "vmig's default (the server's memory is not readable to this role)".to_string()),
+            },
+        };
+        let current: i64 = c
+            .query_one("SELECT setting::bigint * 1024 FROM pg_settings WHERE name = 'maintenance_work_mem'", &[])
+            .await
+            .pg("reading maintenance_work_mem")?
+            .get(0);
+        let Some(&(dim, per_value, m)) = graphs.iter().max_by_key(|(d, b, m)| *d as u64 * b + *m as u64) else {
+            let chosen = floor.max(current as u64).min(cap).max(1 << 20);
+            return c.batch_execute(&format!("SET maintenance_work_mem = '{}kB'", chosen >> 10)).await.pg("setting maintenance_work_mem");
+        };
+        let rows: i64 = c.query_one(&format!("SELECT count(*) FROM {}", self.table.sql()), &[]).await.pg("counting rows")?.get(0);
+        let need = hnsw_graph_bytes(rows.max(0) as u64, dim, per_value, m);
+        // Room over the estimate, never below what the server or 1 GB gives; the cap wins.
+        let chosen = (need + need / 4).max(floor).max(current as u64).min(cap).max(1 << 20);
+        c.batch_execute(&format!("SET maintenance_work_mem = '{}kB'", chosen >> 10)).await.pg("setting maintenance_work_mem")?;
+        let workers: String =
+            c.query_one("SELECT current_setting('max_parallel_maintenance_workers')", &[]).await.pg("reading max_parallel_maintenance_workers")?.get(0);
+        let hb = crate::model::human_bytes;
+        fb.say(&format!(
+            "HNSW graph ≈ {} ({rows} rows × {dim} dims, m={m}); maintenance_work_mem {} (cap {} from {cap_from}); \
+             {workers} parallel maintenance workers (the server's max_parallel_maintenance_workers)",
+            hb(need),
+            hb(chosen),
+            hb(cap)
+        ));
+        if need > chosen {
+            fb.say(&format!(
+                "warning: the HNSW graph (≈{}) does not fit in maintenance_work_mem ({}): pgvector builds much more slowly once it \
+                 overflows; --index-memory {}MB would make it fit, if the server has that much free memory",
+                hb(need),
+                hb(chosen),
+                (need + need / 4).div_ceil(1 << 20)
+            ));
+        }
+        Ok(())
+    }
+
+    async fn create_indexes(&self, c: &Client, spec: &TableSpec, cap: Option<u64>, fb: &dyn Feedback) -> Result<()> {
+        let existing: Vec<(String, bool)> = c
+            .query(
+                "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE i.indrelid = to_regclass($1)",
+                &[&self.table.sql()],
+            )
+            .await
+            .pg("listing target indexes")?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if spec.indexes.iter().any(|ix| !existing.iter().any(|(n, valid)| n == &ix.name && *valid)) {
+            self.size_index_memory(c, spec, cap, fb).await?;
+        }
+        let mut todo: Vec<&IndexSpec> = Vec::new();
+        for ix in &spec.indexes {
+            // Indexes this table already has are kept. No IF NOT EXISTS: a name
+            // taken by another table's index must fail, not silently skip the index.
+            match existing.iter().find(|(n, _)| n == &ix.name) {
+                Some((_, true)) => continue,
+                Some((_, false)) => {
+                    // Left INVALID by a build that did not finish: unusable, so rebuilt.
+                    fb.say(&format!("index {} is INVALID (a build that did not finish); dropping and rebuilding it", ix.name));
+                    let drop = format!("DROP INDEX IF EXISTS {}", self.index_sql_name(&ix.name));
+                    c.batch_execute(&drop).await.pg(&format!("dropping invalid index {}", ix.name))?;
+                }
+                None => {}
+            }
+            todo.push(ix);
+        }
+        // Every build runs at once, each on a session of its own: the btree
+        // indexes beside the vector index instead of after it. The vector
+        // index is built last on `c`, the session sized for its graph, and
+        // its progress is what the phase shows.
+        todo.sort_by_key(|ix| matches!(ix.kind, IndexKind::Hnsw { .. }));
+        let mut sessions = Vec::new();
+        for _ in 1..todo.len() {
+            sessions.push(self.pool.get().await?);
+        }
+        let sqls: Vec<String> = todo.iter().map(|ix| create_index_sql(&self.table, spec, ix)).collect();
+        let last_pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await.pg("reading the session's pid")?.get(0);
+        let started = std::time::Instant::now();
+        let outcome = {
+            let mut builds = Vec::new();
+            for (i, (ix, sql)) in todo.iter().zip(&sqls).enumerate() {
+                let session = if i + 1 == todo.len() { c } else { &sessions[i] };
+                let name = ix.name.clone();
+                let mut build = Box::pin(async move {
+                    let r = session.batch_execute(sql).await;
+                    (name, r, started.elapsed().as_secs_f64())
+                });
+                // Send the statement before announcing the phase: from here on the
+                // build runs in the server even if this process dies.
+                let done = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;
+                fb.phase(&format!("building index {}", ix.name));
+                builds.push((done, build));
+            }
+            if let Some(last) = todo.last() {
+                let all = futures_util::future::join_all(builds.into_iter().map(|(done, build)| async move {
+                    match done {
+                        std::task::Poll::Ready(r) => r,
+                        std::task::Poll::Pending => build.await,
+                    }
+                }));
+                let watcher = self.watch_index_build(last.name.clone(), last_pid, fb);
+                tokio::pin!(all, watcher);
+                let results = tokio::select! {
+                    r = &mut all => r,
+                    _ = &mut watcher => unreachable!(),
+                };
+                let mut first_error = None;
+                for (name, r, seconds) in results {
+                    match r {
+                        Ok(()) => fb.say(&format!("index {name} built in {seconds:.1}s")),
+                        Err(e) if first_error.is_none() => first_error = Err::<(), _>(e).pg(&format!("building index {name}")).err(),
+                        Err(_) => {}
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            } else {
+                Ok(())
+            }
+        };
+        for session in sessions {
+            self.pool.put(session);
+        }
+        outcome
+    }
+
+    /// FastGPT runs `CREATE EXTENSION IF NOT EXISTS vector` at start; so do we.
+    /// When that is not possible, the error says why: not installed on the
+    /// server, or not permitted to this role.
+    async fn create_pgvector(&self, c: &Client) -> Result<()> {
+        let db = self.url.redacted();
+        match c.batch_execute("CREATE EXTENSION IF NOT EXISTS vector").await {
+            Ok(()) => {
+                eprintln!("created extension vector (pgvector) in {db}: the target database did not have it");
+                Ok(())
+            }
+            Err(e) => {
+                let available: bool = c
+                    .query_one("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')", &[])
+                    .await
+                    .pg("checking pgvector")?
+                    .get(0);
+                if !available {
+                    bail!(
+                        "target database {db} has no pgvector extension, and the server does not have pgvector installed \
+                         (pg_available_extensions has no 'vector'); install pgvector on the server, then run again"
+                    );
+                }
+                bail!(
+                    "target database {db} has no pgvector extension, and role {} may not create it ({}); \
+                     ask a superuser to run `CREATE EXTENSION vector` in that database",
+                    self.url.user,
+                    pg_error_text(&e)
+                )
+            }
+        }
+    }
+
+    fn index_sql_name(&self, name: &str) -> String {
+        match &self.table.schema {
+            Some(s) => format!("{}.{}", ident(s), ident(name)),
+            None => ident(name),
+        }
+    }
+
+    /// Reports CREATE INDEX progress from pg_stat_progress_create_index until dropped.
+    /// Shows the progress of the index build session `pid` runs.
+    async fn watch_index_build(&self, name: String, pid: i32, fb: &dyn Feedback) {
+        let Ok(c) = connect(&self.url).await else { return std::future::pending().await };
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Ok(Some(r)) = c
+                .query_opt(
+                    "SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total FROM pg_stat_progress_create_index \
+                     WHERE pid = $1",
+                    &[&pid],
+                )
+                .await
+            {
+                let phase: String = r.get(0);
+                let (td, tt, bd, bt): (i64, i64, i64, i64) = (r.get(1), r.get(2), r.get(3), r.get(4));
+                let pct = if tt > 0 { 100.0 * td as f64 / tt as f64 } else if bt > 0 { 100.0 * bd as f64 / bt as f64 } else { 0.0 };
+                fb.phase(&format!("building index {name} ({phase}, {pct:.0}%)"));
+            }
+        }
+    }
+
+    /// Ends the sessions a killed earlier run of `job` left in this database
+    /// (an index build goes on in the server until it next writes to its dead
+    /// client). Called with the job's lock held, so none of them is alive.
+    async fn end_leftover_sessions(&self, c: &Client, job: &str, mine: &str, fb: &dyn Feedback) -> Result<()> {
+        let prefix = format!("vmig {job} ");
+        let rows = c
+            .query(
+                "SELECT pid, coalesce(state, ''), left(coalesce(query, ''), 80) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND starts_with(application_name, $1) AND application_name <> $2",
+                &[&prefix, &mine],
+            )
+            .await
+            .pg("looking for sessions of an earlier run")?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let pids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        for r in &rows {
+            let (pid, state, query): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
+            fb.say(&format!(
+                "a killed earlier run of job {job} left session {pid} ({state}: {}); ending it",
+                query.split_whitespace().collect::<Vec<_>>().join(" ")
+            ));
+        }
+        c.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid", &[&pids]).await.pg("ending sessions of an earlier run")?;
+        let started = std::time::Instant::now();
+        loop {
+            let left: i64 = c
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&pids])
+                .await
+                .pg("waiting for sessions to end")?
+                .get(0);
+            if left == 0 {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("sessions {pids:?} of an earlier run of job {job} did not end within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// application_name of a job's sessions: `vmig <job> <pid>@<host>`
+/// (PostgreSQL keeps 63 bytes).
+pub(super) fn session_name(job: &str) -> String {
+    let me = Holder::me();
+    let mut name = format!("vmig {job} {}@{}", me.pid, me.host);
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// The advisory-lock key of a job (positive, so pg_locks shows it plainly).
+fn lock_key(job: &str) -> i64 {
+    (xxhash_rust::xxh3::xxh3_64(format!("vmig job {job}").as_bytes()) >> 1) as i64
+}
+
+/// A job's advisory lock: released when its session ends (also when the
+/// process dies: the server sees the connection close). A keeper task takes
+/// it again if a server restart ends the session mid-run.
+struct PgJobLock {
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl PgJobLock {
+    fn keep(client: Client, url: PgUrl, name: String, key: i64, handle: &Handle) -> PgJobLock {
+        let keeper = handle.spawn(async move {
+            let mut client = client;
+            loop {
+                while !client.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                // The server went away with the lock; take it again once it is back.
+                client = loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Ok(c) = connect_as(&url, Some(&name)).await else { continue };
+                    match c.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await {
+                        Ok(r) if r.get::<_, bool>(0) => break c,
+                        Ok(_) => {
+                            eprintln!("warning: after a server restart, another run took this job's lock; stop one of them");
+                            return;
+                        }
+                        Err(_) => continue,
+                    }
+                };
+            }
+        });
+        PgJobLock { keeper }
+    }
+}
+
+impl Drop for PgJobLock {
+    fn drop(&mut self) {
+        // Dropping the task's client ends the session, which frees the lock.
+        self.keeper.abort();
+    }
+}
+
+impl Sink for PgSink {
+    fn describe(&self) -> String {
+        format!("{} table {}", self.url.redacted(), self.table.name)
+    }
+
+    fn restrict(&self, filter: &crate::model::filter::Filter) -> Result<()> {
+        self.subset.set(filter.clone()).map_err(|_| anyhow!("{} is already restricted to a subset", self.describe()))
+    }
+
+    fn drop_table(&self) -> Result<()> {
+        let sql = format!("DROP TABLE IF EXISTS {}", self.table.sql());
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            c.batch_execute(&sql).await.pg("dropping table")?;
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+
+    fn forget_job(&self, job: &str) -> Result<u64> {
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let mut n = 0;
+            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE]).await.pg("reading ledger")?.get::<_, bool>(0) {
+                n = c.execute(&format!("DELETE FROM {LEDGER_TABLE} WHERE job = $1"), &[&job]).await.pg("deleting ledger rows")?;
+            }
+            if c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&POSITIONS_TABLE]).await.pg("reading ledger")?.get::<_, bool>(0) {
+                n += c.execute(&format!("DELETE FROM {POSITIONS_TABLE} WHERE job = $1"), &[&job]).await.pg("deleting ledger rows")?;
+            }
+            self.pool.put(c);
+            Ok(n)
+        })
+    }
+
+    fn lock_job(&self, job: &str, fb: &dyn Feedback) -> Result<Box<dyn std::any::Any + Send>> {
+        let name = session_name(job);
+        *self.pool.name.lock().unwrap() = Some(name.clone());
+        self.pool.idle.lock().unwrap().clear();
+        let key = lock_key(job);
+        self.handle.block_on(async {
+            let c = connect_as(&self.url, Some(&name)).await?;
+            let got: bool = c.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await.pg("taking the job's lock")?.get(0);
+            if !got {
+                let holder = c
+                    .query_opt(
+                        "SELECT a.application_name, a.backend_start::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                           AND (l.classid::int8 << 32) | l.objid::int8 = $1 LIMIT 1",
+                        &[&key],
+                    )
+                    .await
+                    .pg("finding the job's lock holder")?
+                    .map(|r| {
+                        let app: String = r.get(0);
+                        let since: String = r.get(1);
+                        let who = app.strip_prefix(&format!("vmig {job} ")).unwrap_or(&app).to_string();
+                        match who.split_once('@') {
+                            Some((pid, host)) => format!("host {host}, pid {pid}, since {since}"),
+                            None => format!("session {app}, since {since}"),
+                        }
+                    });
+                return Err(job_locked(job, &self.describe(), holder));
+            }
+            self.end_leftover_sessions(&c, job, &name, fb).await?;
+            Ok(Box::new(PgJobLock::keep(c, self.url.clone(), name.clone(), key, &self.handle)) as Box<dyn std::any::Any + Send>)
+        })
+    }
+
+    fn prepare(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec> {
+        *self.upsert.lock().unwrap() = opts.on_existing == OnExisting::Upsert;
+        *self.ledger.lock().unwrap() = !opts.job.is_empty();
+        let spec = self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let has_vector: bool = c
+                .query_one("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')", &[])
+                .await
+                .pg("checking pgvector")?
+                .get(0);
+            if !has_vector {
+                self.create_pgvector(&c).await?;
+            }
+            let spec = match discover(&c, &self.table, &self.url).await? {
+                Some(d) => {
+                    d.spec.same_columns_as(source)?;
+                    d.spec
+                }
+                None => {
+                    let mut spec = source.clone();
+                    spec.name = self.table.name.clone();
+                    c.batch_execute(&create_table_sql(&self.table, &spec)).await.pg("creating target table")?;
+                    spec.indexes = source.indexes.clone();
+                    spec
+                }
+            };
+            if !opts.job.is_empty() {
+                c.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (job TEXT NOT NULL, chunk INT NOT NULL, lo BIGINT NOT NULL, \
+                     hi BIGINT NOT NULL, rows BIGINT NOT NULL, rejected BIGINT NOT NULL, content_hash TEXT NOT NULL, \
+                     bytes BIGINT NOT NULL, committed_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (job, chunk))"
+                ))
+                .await
+                .pg("creating ledger table")?;
+                let ledger_rows: i64 = c
+                    .query_one(&format!("SELECT count(*) FROM {LEDGER_TABLE} WHERE job = $1"), &[&opts.job])
+                    .await
+                    .pg("reading ledger")?
+                    .get(0);
+                let t = self.table.sql();
+                let (c_ref, t_ref) = (&c, &t);
+                let exists = move |cond: String| async move {
+                    c_ref.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {t_ref} WHERE {cond})"), &[]).await.pg("checking target").map(|r| r.get::<_, bool>(0))
+                };
+                let target = format!("table {} in {}", self.table.name, self.url.redacted());
+                match self.subset.get() {
+                    None => {
+                        if existing_rows_action(exists("true".into()).await?, ledger_rows > 0, opts, &target)? {
+                            c.batch_execute(&format!("TRUNCATE {t}")).await.pg("truncating target")?
+                        }
+                    }
+                    // A subset job owns the rows inside its filter only.
+                    Some(f) => {
+                        f.check_columns(&spec, &target)?;
+                        let cond = filter_sql(f, None);
+                        let target = format!("{target} (rows where {})", f.describe());
+                        if existing_rows_action(exists(cond.clone()).await?, ledger_rows > 0, opts, &target)? {
+                            c.batch_execute(&format!("DELETE FROM {t} WHERE {cond}")).await.pg("emptying the subset in the target")?
+                        }
+                        *self.foreign_check.lock().unwrap() = exists(format!("NOT coalesce(({cond}), false)")).await?;
+                    }
+                }
+            }
+            self.pool.put(c);
+            Ok::<_, anyhow::Error>(spec)
+        })?;
+        *self.target.lock().unwrap() = Some(spec.clone());
+        Ok(spec)
+    }
+
+    fn applied_position(&self, job: &str) -> Result<Option<crate::contract::changes::AppliedPosition>> {
+        self.handle.block_on(self.read_position(job))
+    }
+
+    fn apply_changes(&self, job: &str, set: &crate::contract::changes::ChangeSet) -> Result<()> {
+        self.handle.block_on(self.apply(job, set))
+    }
+
+    fn committed(&self, job: &str) -> Result<Ledger> {
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            let exists: bool = c
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&LEDGER_TABLE])
+                .await
+                .pg("reading ledger")?
+                .get(0);
+            let mut ledger = Ledger::new();
+            if exists {
+                for r in c
+                    .query(
+                        &format!(
+                            "SELECT chunk, lo, hi, rows, rejected, content_hash, bytes, committed_at::text \
+                             FROM {LEDGER_TABLE} WHERE job = $1"
+                        ),
+                        &[&job],
+                    )
+                    .await
+                    .pg("reading ledger")?
+                {
+                    let chunk = r.get::<_, i32>(0) as u32;
+                    ledger.insert(
+                        chunk,
+                        CommitRecord {
+                            chunk,
+                            lo: r.get(1),
+                            hi: r.get(2),
+                            rows: r.get::<_, i64>(3) as u64,
+                            rejected: r.get::<_, i64>(4) as u64,
+                            content_hash: r.get(5),
+                            bytes: r.get::<_, i64>(6) as u64,
+                            sha256: None,
+                            file: None,
+                            committed_at: r.get(7),
+                        },
+                    );
+                }
+            }
+            self.pool.put(c);
+            Ok(ledger)
+        })
+    }
+
+    fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>> {
+        let spec = self.target_spec();
+        let upsert = *self.upsert.lock().unwrap();
+        let record_ledger = *self.ledger.lock().unwrap();
+        let t = self.table.sql();
+        let cols = column_list(&spec);
+        let pk = ident(&spec.primary_key);
+        let handle = self.handle.clone();
+        let subset = self.subset.get();
+        let and_subset = |q: Option<&str>| subset.map(|f| format!(" AND ({})", filter_sql(f, q))).unwrap_or_default();
+        let (client, sink) = self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            c.batch_execute("BEGIN").await.pg("begin")?;
+            let copy_target = if upsert {
+                c.batch_execute(&format!(
+                    "CREATE TEMP TABLE vmig_chunk ON COMMIT DROP AS SELECT {cols} FROM {t} WITH NO DATA"
+                ))
+                .await
+                .pg("creating chunk table")?;
+                "vmig_chunk".to_string()
+            } else if record_ledger {
+                // A retried chunk replaces whatever an earlier attempt left
+                // (of a subset job: inside the subset only).
+                c.batch_execute(&format!("DELETE FROM {t} WHERE {}{}", KeySql::of(&spec).range(chunk), and_subset(None)))
+                    .await
+                    .pg(&format!("clearing chunk {}", chunk.id))?;
+                t.clone()
+            } else {
+                t.clone()
+            };
+            let sink: CopyInSink<Bytes> = c
+                .copy_in(&format!("COPY {copy_target} ({cols}) FROM STDIN (FORMAT binary)"))
+                .await
+                .pg(&format!("writing chunk {}", chunk.id))?;
+            let mut sink = Box::pin(sink);
+            sink.send(copy_header().freeze()).await.pg("writing")?;
+            Ok::<_, anyhow::Error>((c, sink))
+        })?;
+        Ok(Box::new(PgChunkWriter {
+            handle,
+            pool: self.pool.clone(),
+            job: job.to_string(),
+            client: Some(client),
+            sink: Some(sink),
+            types: spec.columns.iter().map(|c| c.ty.clone()).collect(),
+            merge_sql: upsert.then(|| {
+                format!(
+                    "DELETE FROM {t} USING vmig_chunk s WHERE {t}.{pk} = s.{pk}{}; INSERT INTO {t} ({cols}) SELECT {cols} FROM vmig_chunk",
+                    and_subset(Some(&t))
+                )
+            }),
+            foreign_check: subset.filter(|_| *self.foreign_check.lock().unwrap()).map(|f| {
+                (
+                    format!(
+                        "SELECT {} FROM {t} WHERE {} AND NOT coalesce(({}), false)",
+                        KeySql::of(&spec).select(),
+                        KeySql::of(&spec).any(1),
+                        filter_sql(f, None)
+                    ),
+                    f.clone(),
+                    spec.primary_key.clone(),
+                    KeySql::of(&spec),
+                )
+            }),
+            record_ledger,
+            chunk: chunk.clone(),
+            bytes: 0,
+            buf: BytesMut::new(),
+        }))
+    }
+
+    fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
+        let mut spec = self.target_spec();
+        // Index names are unique per schema: a renamed table gets renamed indexes.
+        spec.indexes = source
+            .indexes
+            .iter()
+            .map(|ix| {
+                let mut ix = ix.clone();
+                if source.name != self.table.name {
+                    let base = ix.name.strip_prefix(&format!("{}_", source.name)).unwrap_or(&ix.name).to_string();
+                    ix.name = format!("{}_{base}", self.table.name);
+                }
+                ix
+            })
+            .collect();
+        let t = self.table.sql();
+        self.handle.block_on(async {
+            let c = self.pool.get().await?;
+            if opts.create_indexes {
+                self.create_indexes(&c, &spec, opts.index_memory, fb).await?;
+            }
+            // Move the id sequence past max(id) so the application's next insert does not collide.
+            let pk = &spec.primary_key;
+            let seq: Option<String> = c
+                .query_one("SELECT pg_get_serial_sequence($1, $2)", &[&t, pk])
+                .await
+                .pg("finding id sequence")?
+                .get(0);
+            if let Some(seq) = seq {
+                fb.phase("fixing sequence");
+                c.query_one(
+                    &format!("SELECT setval($1::text::regclass, GREATEST((SELECT max({}) FROM {t}), 1))", ident(pk)),
+                    &[&seq],
+                )
+                .await
+                .pg("setting id sequence")?;
+            }
+            fb.phase("analyzing");
+            c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
+            if !opts.job.is_empty() {
+                let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();
+                let target_rows: i64 =
+                    c.query_one(&format!("SELECT count(*) FROM {t}{inside}"), &[]).await.pg("counting target")?.get(0);
+                let ledger_rows: i64 = c
+                    .query_one(
+                        &format!("SELECT coalesce(sum(rows), 0)::int8 FROM {LEDGER_TABLE} WHERE job = $1"),
+                        &[&opts.job],
+                    )
+                    .await
+                    .pg("reading ledger")?
+                    .get(0);
+                check_final_count(target_rows as u64, ledger_rows as u64, opts, &format!("table {}", self.table.name), fb)?;
+            }
+            self.pool.put(c);
+            Ok(())
+        })
+    }
+}
+
+struct PgChunkWriter {
+    handle: Handle,
+    pool: Arc<Pool>,
+    job: String,
+    client: Option<Client>,
+    sink: Option<Pin<Box<CopyInSink<Bytes>>>>,
+    types: Vec<ColumnType>,
+    merge_sql: Option<String>,
+    record_ledger: bool,
+    chunk: ChunkRange,
+    bytes: u64,
+    buf: BytesMut,
+    /// A subset job whose target holds other rows: the query for the ids
+    /// they hold, the filter, the key column.
+    foreign_check: Option<(String, crate::model::filter::Filter, String, KeySql)>,
+}
+
+impl ChunkWriter for PgChunkWriter {
+    fn write(&mut self, batch: &RecordBatch) -> Result<Vec<RowReject>> {
+        let refused = match &self.foreign_check {
+            // On a connection of its own: this one is busy with the COPY.
+            Some((query, f, pk, key)) => refuse_foreign_ids(batch, pk, f, &mut |ids| {
+                self.handle.block_on(async {
+                    let c = self.pool.get().await?;
+                    let ids = key.param(ids);
+                    let held = c
+                        .query(query.as_str(), &[ids.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)])
+                        .await
+                        .pg("checking ids outside the subset")?
+                        .iter()
+                        .map(|r| key.get(r, 0))
+                        .collect();
+                    self.pool.put(c);
+                    Ok(held)
+                })
+            })?,
+            None => Vec::new(),
+        };
+        let batch = &without_rows(batch, &refused)?;
+        self.buf.clear();
+        encode_rows(batch, &self.types, &mut self.buf)?;
+        self.bytes += self.buf.len() as u64;
+        let data = self.buf.split().freeze();
+        let sink = self.sink.as_mut().unwrap();
+        let id = self.chunk.id;
+        self.handle.block_on(async { sink.send(data).await.pg(&format!("writing chunk {id}")) })?;
+        Ok(refused)
+    }
+
+    fn commit(mut self: Box<Self>, mut record: CommitRecord) -> Result<CommitRecord> {
+        record.bytes = self.bytes;
+        record.committed_at = now_rfc3339();
+        let mut sink = self.sink.take().unwrap();
+        let client = self.client.take().unwrap();
+        let id = self.chunk.id;
+        let job_and_ledger = self.record_ledger;
+        let merge = self.merge_sql.take();
+        let rec = record.clone();
+        let job = std::mem::take(&mut self.job);
+        self.handle.block_on(async {
+            sink.send(copy_trailer().freeze()).await.pg(&format!("writing chunk {id}"))?;
+            sink.as_mut().finish().await.pg(&format!("writing chunk {id}"))?;
+            if let Some(m) = merge {
+                client.batch_execute(&m).await.pg(&format!("merging chunk {id}"))?;
+            }
+            if job_and_ledger {
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {LEDGER_TABLE} (job, chunk, lo, hi, rows, rejected, content_hash, bytes) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                        ),
+                        &[
+                            &job,
+                            &(rec.chunk as i32),
+                            &rec.lo,
+                            &rec.hi,
+                            &(rec.rows as i64),
+                            &(rec.rejected as i64),
+                            &rec.content_hash,
+                            &(rec.bytes as i64),
+                        ],
+                    )
+                    .await
+                    .pg(&format!("recording chunk {id}"))?;
+            }
+            client.batch_execute("COMMIT").await.pg(&format!("committing chunk {id}"))?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        self.pool.put(client);
+        Ok(record)
+    }
+}
+
+/// pgvector's in-memory HNSW graph, estimated per element: its vector, its
+/// neighbour lists (2·m at layer 0, about m/(m−1) more above; 16 bytes per
+/// candidate) and ~100 bytes of element header and heap pointers.
+pub fn hnsw_graph_bytes(rows: u64, dim: u32, bytes_per_value: u64, m: u32) -> u64 {
+    let m = m.max(2) as u64;
+    let neighbours = 2 * m + m / (m - 1) + 1;
+    rows * (dim as u64 * bytes_per_value + 8 + neighbours * 16 + 100)
+}
+
+/// The server's memory, where this role may read /proc/meminfo through the server.
+async fn server_memory(c: &Client) -> Option<u64> {
+    let text: String = c.query_one("SELECT pg_read_file('/proc/meminfo', 0, 200)", &[]).await.ok()?.get(0);
+    let kb: u64 = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
+}
+
+#[cfg(test)]
+mod sizing_tests {
+    #[test]
+    fn a_fastgpt_graph_of_200k_rows_no_longer_fits_in_1gb() {
+        // 1536-d float vectors, m = 16: about 6.9 KB per row.
+        let b = super::hnsw_graph_bytes(200_000, 1536, 4, 16);
+        assert!(b > 1 << 30 && b < 3 << 29, "{b}");
+        assert!(super::hnsw_graph_bytes(20_000, 1536, 4, 16) < 1 << 30);
+    }
+}

@@ -1,0 +1,39 @@
+//! Online migration: the snapshot copy (the offline pipeline), then the
+//! source's changes applied continuously, then cutover. A source gives a
+//! [`ChangeStream`]; every target applies [`ChangeSet`]s with the position
+//! they cover in its ledger, in the same transaction where it has one.
+
+pub mod follow;
+
+pub use follow::run_online;
+
+
+
+
+/// What a cutover's check found (verify, or digests across a staging area).
+pub struct CutoverCheck {
+    pub equal: bool,
+    /// Completes "safe to switch: …" when equal.
+    pub summary: String,
+    /// What differs, when not equal.
+    pub differences: String,
+}
+
+impl From<crate::engine::verify::VerifyReport> for CutoverCheck {
+    fn from(r: crate::engine::verify::VerifyReport) -> Self {
+        let diffs: Vec<String> = r
+            .differing_chunks
+            .iter()
+            .take(3)
+            .map(|d| d.describe())
+            .collect();
+        CutoverCheck {
+            equal: r.equal,
+            summary: format!(
+                "the target equals the source ({} rows, ids and every column; vectors {})",
+                r.target_rows, r.vector_comparison
+            ),
+            differences: format!("source {} rows, target {} rows; {}", r.source_rows, r.target_rows, diffs.join("; ")),
+        }
+    }
+}

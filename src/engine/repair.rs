@@ -1,0 +1,129 @@
+//! `vmig repair`: makes a target equal to a source that kept changing (or a
+//! partial run left behind) without a full recopy. Verify's per-chunk
+//! comparison finds the differing chunks; each is recopied as one change
+//! batch — the target's ids the source no longer has are deleted, the
+//! source's rows of the chunk replace the target's — and then the whole
+//! table is verified again.
+
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow, bail};
+use arrow::record_batch::RecordBatch;
+
+use crate::contract::{OnExisting, Sink, SinkOptions, Source};
+use crate::contract::changes::{ChangeCounts, ChangeSet};
+use crate::contract::reconcile::diff_ids;
+use crate::engine::transform::Transformer;
+use crate::engine::verify::{VerifyReport, verify};
+
+/// What a repair did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    pub chunks: u64,
+    pub differing_before: u64,
+    /// The verify before the repair.
+    pub before: Option<VerifyReport>,
+    pub rows_written: u64,
+    pub rows_deleted: u64,
+    /// The verify after the repair.
+    pub equal: bool,
+    pub after: Option<VerifyReport>,
+}
+
+/// Rows per change batch written to the target.
+const BATCH_ROWS: usize = 2_000;
+
+/// `open_target`: the target as verify reads it, opened fresh for each
+/// comparison (a PostgreSQL side keeps one snapshot per opening).
+/// `whole_target`: of a subset repair, the target with every row, to make
+/// sure no row the subset lacks belongs to a row outside it.
+pub fn repair(
+    source: &dyn Source,
+    open_target: &dyn Fn() -> Result<Arc<dyn Source>>,
+    whole_target: Option<&dyn Source>,
+    sink: &dyn Sink,
+    chunk_rows: u64,
+    workers: usize,
+    say: &dyn Fn(&str),
+) -> Result<RepairReport> {
+    let plan = source.plan(chunk_rows)?;
+    let before = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    let mut report = RepairReport { chunks: plan.len() as u64, differing_before: before.differing_chunks.len() as u64, ..Default::default() };
+    if before.equal {
+        say(&format!("the target already equals the source ({} rows in {} chunks); nothing to repair", before.source_rows, plan.len()));
+        report.equal = true;
+        report.after = Some(before);
+        return Ok(report);
+    }
+    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false, index_memory: None };
+    let target_spec = sink.prepare(source.spec(), &plan, &opts)?;
+    let transformer = Transformer::new(&target_spec);
+    let target = open_target()?;
+    for d in &before.differing_chunks {
+        let chunk = plan.iter().find(|c| c.id == d.chunk).cloned().unwrap();
+        // Ids only the target has (verify lists at most 20 of them).
+        let ids = diff_ids(source, target.as_ref(), &chunk)?;
+        if let Some(whole) = whole_target.filter(|_| !ids.missing.is_empty()) {
+            let mut taken = Vec::new();
+            whole.read_rows_by_id(&ids.missing, &mut |b| {
+                taken.extend(crate::contract::changes::keys_of(&b, &whole.spec().primary_key)?);
+                Ok(())
+            })?;
+            if !taken.is_empty() {
+                taken.truncate(20);
+                bail!(
+                    "chunk {}: the target gives ids {taken:?} to rows outside the subset; repair does not overwrite them \
+                     (the rows of the subset with these ids cannot be copied under the same ids)",
+                    chunk.id
+                );
+            }
+        }
+        let extra = ids.extra;
+        let mut set = ChangeSet {
+            deletes: extra.clone(),
+            counts: ChangeCounts { deletes: extra.len() as u64, ..Default::default() },
+            ..Default::default()
+        };
+        let mut rows = 0u64;
+        // The source reads on its own thread (its driver's runtime), the
+        // target writes here, a few batches apart.
+        std::thread::scope(|s| -> Result<()> {
+            let (tx, rx) = crossbeam_channel::bounded::<RecordBatch>(2);
+            let chunk = &chunk;
+            let reader = s.spawn(move || source.read_chunk(chunk, BATCH_ROWS, &mut |b| tx.send(b).map_err(|_| anyhow!("stopped"))));
+            for b in rx.iter() {
+                let t = transformer.apply(0, &b)?;
+                let refused: usize = t.rejects.iter().map(|r| r.num_rows()).sum();
+                if refused > 0 {
+                    bail!(
+                        "chunk {}: the target refuses {refused} of its rows (a migrate of the same tables lists them in rejects/); \
+                         repair cannot make the target equal",
+                        chunk.id
+                    );
+                }
+                rows += t.valid.num_rows() as u64;
+                set.images.push(t.valid);
+                sink.apply_changes("", &set)?;
+                set = ChangeSet::default();
+            }
+            reader.join().map_err(|_| anyhow!("reading chunk {} panicked", chunk.id))??;
+            if set.has_rows() {
+                sink.apply_changes("", &set)?;
+            }
+            Ok(())
+        })?;
+        report.rows_written += rows;
+        report.rows_deleted += extra.len() as u64;
+        say(&format!(
+            "chunk {:06} {}: rewrote {rows} rows, deleted {} the source no longer has",
+            chunk.id,
+            chunk.describe_bounds(),
+            extra.len()
+        ));
+    }
+    let after = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    report.before = Some(before);
+    report.equal = after.equal;
+    report.after = Some(after);
+    Ok(report)
+}

@@ -1,0 +1,446 @@
+//! `vmig verify`: both sides read chunk by chunk, rows hashed (order-independent),
+//! counts and hashes compared; differing chunks are diffed row by row.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, anyhow};
+use arrow::array::{Array, ArrayRef, AsArray, FixedSizeListArray, Float32Array, ListArray};
+use arrow::datatypes::{DataType, Float32Type, TimeUnit, TimestampMicrosecondType};
+use arrow::record_batch::RecordBatch;
+use serde::Serialize;
+
+use crate::contract::Source;
+use crate::model::hash::{ChunkDigest, row_hashes};
+use crate::model::plan::{ChunkRange, Key, TextRange};
+use crate::model::vector::round_like_oceanbase;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ChunkDiff {
+    pub chunk: u32,
+    pub lo: i64,
+    pub hi: i64,
+    /// String keys: the chunk's bounds (`lo`/`hi` are then fingerprints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextRange>,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    /// Ids in the source but not the target (first 20).
+    pub missing: Vec<Key>,
+    /// Ids in the target but not the source (first 20).
+    pub extra: Vec<Key>,
+    /// Ids on both sides whose values differ (first 20).
+    pub different: Vec<Key>,
+    /// Row copies the target holds beyond one per id (Milvus does not
+    /// enforce unique keys: an upsert whose delete it lost leaves the old
+    /// copy, which queries hide and `count(*)` counts).
+    pub duplicates: u64,
+}
+
+impl ChunkDiff {
+    /// "chunk 000003 [1200, 1599]: source 400 rows, target 401 rows; missing ids [..]; extra ids [..]; different ids [..]; 2 duplicate copies".
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "chunk {:06} {}: source {} rows, target {} rows; missing ids {}; extra ids {}; different ids {}",
+            self.chunk,
+            crate::model::plan::describe_bounds(self.lo, self.hi, self.text.as_ref()),
+            self.source_rows,
+            self.target_rows,
+            key_list(&self.missing),
+            key_list(&self.extra),
+            key_list(&self.different)
+        );
+        if self.duplicates > 0 {
+            s.push_str(&format!("; {} duplicate copies of ids the target holds", self.duplicates));
+        }
+        s
+    }
+}
+
+/// "[1, 2]", "[\"a\", \"b\"]".
+pub fn key_list(keys: &[Key]) -> String {
+    format!("[{}]", keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    pub source: String,
+    pub target: String,
+    pub chunks: u64,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    pub differing_chunks: Vec<ChunkDiff>,
+    pub equal: bool,
+    /// How vectors were compared: "bit-exact", or rounded to 6 significant
+    /// digits when a side cannot give exact vectors (OceanBase).
+    pub vector_comparison: String,
+    /// "exact", or "milliseconds" when a side is Milvus (epoch-ms fields).
+    pub timestamp_comparison: String,
+    /// Fields a side computes (Milvus functions), which are not compared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_compared: Vec<String>,
+}
+
+/// What verify says about fields Milvus computes: never copied (the target
+/// recomputes them), so never compared.
+pub fn computed_notes(from: &crate::model::schema::TableSpec, to: &crate::model::schema::TableSpec) -> Vec<String> {
+    let mut notes: Vec<String> = from
+        .computed
+        .iter()
+        .map(|c| {
+            let there = if to.computed.iter().any(|t| t.computes_same_as(c)) { "the target computes it too" } else { "the target does not compute it" };
+            format!("{}: computed by Milvus in the source, {there}; not copied, not compared", c.describe())
+        })
+        .collect();
+    notes.extend(
+        to.computed.iter().filter(|t| !from.computed.iter().any(|c| c.computes_same_as(t))).map(|t| format!("{}: computed by Milvus in the target; not compared", t.describe())),
+    );
+    notes
+}
+
+/// How values are made comparable when one side cannot hold them exactly.
+#[derive(Clone, Copy, Debug, Default)]
+struct Normalise {
+    /// Vectors as OceanBase prints them (see `round_like_oceanbase`).
+    round_vectors: bool,
+    /// Timestamps floored to milliseconds (Milvus keeps epoch milliseconds).
+    timestamps_ms: bool,
+}
+
+fn normalise(b: &RecordBatch, n: Normalise) -> Result<RecordBatch> {
+    let cols = b
+        .columns()
+        .iter()
+        .map(|c| -> Result<ArrayRef> {
+            match c.data_type() {
+                DataType::Timestamp(TimeUnit::Microsecond, _) if n.timestamps_ms => {
+                    let t = c.as_primitive::<TimestampMicrosecondType>();
+                    let ms: arrow::array::TimestampMicrosecondArray = t.unary(|us| us.div_euclid(1000) * 1000);
+                    Ok(Arc::new(ms.with_data_type(c.data_type().clone())))
+                }
+                DataType::FixedSizeList(f, dim) if n.round_vectors => {
+                    let l = c.as_fixed_size_list();
+                    let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
+                    Ok(Arc::new(FixedSizeListArray::try_new(f.clone(), *dim, Arc::new(v), l.nulls().cloned())?))
+                }
+                DataType::List(f) if n.round_vectors => {
+                    let l = c.as_list::<i32>();
+                    let v: Float32Array = l.values().as_primitive::<Float32Type>().unary(round_like_oceanbase);
+                    Ok(Arc::new(ListArray::try_new(f.clone(), l.offsets().clone(), Arc::new(v), l.nulls().cloned())?))
+                }
+                _ => Ok(c.clone()),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(b.schema(), cols)?)
+}
+
+impl Normalise {
+    /// The name of a comparison mode (keys of an export's source digests).
+    pub fn key(&self) -> &'static str {
+        match (self.round_vectors, self.timestamps_ms) {
+            (false, false) => "exact",
+            (true, false) => "rounded",
+            (false, true) => "ms",
+            (true, true) => "rounded+ms",
+        }
+    }
+    const ALL: [Normalise; 4] = [
+        Normalise { round_vectors: false, timestamps_ms: false },
+        Normalise { round_vectors: true, timestamps_ms: false },
+        Normalise { round_vectors: false, timestamps_ms: true },
+        Normalise { round_vectors: true, timestamps_ms: true },
+    ];
+}
+
+/// id -> row hash of one side's chunk, with rows projected to `columns` order.
+fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: Normalise) -> Result<HashMap<Key, u64>> {
+    Ok(read_side_modes(side, chunk, columns, &[norm])?.pop().unwrap())
+}
+
+/// `read_side` under several comparison modes, reading the chunk once.
+fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
+    let mut out = vec![HashMap::new(); norms.len()];
+    side.read_chunk(chunk, 2048, &mut |raw: RecordBatch| {
+        for (rows, norm) in out.iter_mut().zip(norms) {
+            rows.extend(hash_rows(side, &raw, columns, *norm)?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// (id, hash of the row's `columns` in that order) for each row of a batch
+/// in `side`'s schema, values made comparable by `norm`.
+fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Normalise) -> Result<Vec<(Key, u64)>> {
+    let b = normalise(raw, norm)?;
+    let projected: Vec<_> = columns
+        .iter()
+        .map(|c| b.column_by_name(c).cloned().ok_or_else(|| anyhow!("{} has no column {c}", side.describe())))
+        .collect::<Result<_>>()?;
+    let fields: Vec<_> =
+        columns.iter().zip(&projected).map(|(n, a)| arrow::datatypes::Field::new(n, a.data_type().clone(), true)).collect();
+    let pb = RecordBatch::try_new(std::sync::Arc::new(arrow::datatypes::Schema::new(fields)), projected)?;
+    let pk = &side.spec().primary_key;
+    let valid = b.column_by_name(pk).ok_or_else(|| anyhow!("{} has no column {pk}", side.describe()))?.clone();
+    let ids = crate::contract::changes::keys_of(&b, pk)?;
+    Ok(row_hashes(&pb).into_iter().zip(ids).enumerate().filter(|(i, _)| valid.is_valid(*i)).map(|(_, (h, id))| (id, h)).collect())
+}
+
+/// id -> row hash of the rows of `ids` one side holds (ids it lacks are absent).
+fn read_ids_side(side: &dyn Source, ids: &[Key], columns: &[String], norm: Normalise) -> Result<HashMap<Key, u64>> {
+    let mut rows = HashMap::new();
+    side.read_rows_by_id(ids, &mut |raw| {
+        rows.extend(hash_rows(side, &raw, columns, norm)?);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
+    let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
+    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows: rows.len() as u64, digest: format!("{sum:016x}") }
+}
+
+/// Digests of every chunk of `side` under every comparison mode, by mode.
+pub fn digests_all_modes(side: &dyn Source, plan: &[ChunkRange]) -> Result<std::collections::BTreeMap<String, Vec<ChunkDigest>>> {
+    let columns: Vec<String> = side.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let mut out: std::collections::BTreeMap<String, Vec<ChunkDigest>> = Default::default();
+    for chunk in plan {
+        let modes = read_side_modes(side, chunk, &columns, &Normalise::ALL)?;
+        for (norm, rows) in Normalise::ALL.iter().zip(&modes) {
+            out.entry(norm.key().to_string()).or_default().push(digest_of(chunk, rows));
+        }
+    }
+    Ok(out)
+}
+
+/// Digests of `side` in the mode a comparison with a source of these
+/// properties needs; returns (mode, digests). `columns`: the source's.
+pub fn digests_for(side: &dyn Source, plan: &[ChunkRange], columns: &[String], source_exact: bool, source_ms: bool) -> Result<(String, Vec<ChunkDigest>)> {
+    let norm = Normalise { round_vectors: !source_exact || !side.vectors_exact(), timestamps_ms: source_ms || side.timestamps_ms() };
+    let mut out = Vec::new();
+    for chunk in plan {
+        out.push(digest_of(chunk, &read_side(side, chunk, columns, norm)?));
+    }
+    Ok((norm.key().to_string(), out))
+}
+
+fn first(mut v: Vec<Key>) -> Vec<Key> {
+    v.sort_unstable();
+    v.truncate(20);
+    v
+}
+
+/// How two sides' values are made comparable, and how that reads in a report.
+fn comparison(from: &dyn Source, to: &dyn Source) -> (Normalise, String, String) {
+    let rounded = !from.vectors_exact() || !to.vectors_exact();
+    let norm = Normalise { round_vectors: rounded, timestamps_ms: from.timestamps_ms() || to.timestamps_ms() };
+    let vectors = if rounded {
+        "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; at most 5e-6 relative)"
+    } else {
+        "bit-exact"
+    };
+    let timestamps = if norm.timestamps_ms { "milliseconds (Milvus keeps epoch milliseconds)" } else { "exact" };
+    (norm, vectors.into(), timestamps.into())
+}
+
+pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
+    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
+    let work = Mutex::new(plan.iter());
+    let results = Mutex::new(Vec::new());
+    let error = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.max(1) {
+            s.spawn(|| {
+                loop {
+                    let Some(chunk) = work.lock().unwrap().next().cloned() else { break };
+                    let res = (|| -> Result<ChunkDiff> {
+                        let a = read_side(from, &chunk, &columns, norm)?;
+                        let b = read_side(to, &chunk, &columns, norm)?;
+                        let missing = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+                        let extra = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
+                        let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+                        let copies = to.stored_copies(&chunk)?.unwrap_or(b.len() as u64);
+                        Ok(ChunkDiff {
+                            chunk: chunk.id,
+                            lo: chunk.lo,
+                            hi: chunk.hi,
+                            text: chunk.text.clone(),
+                            source_rows: a.len() as u64,
+                            target_rows: b.len() as u64,
+                            missing: first(missing),
+                            extra: first(extra),
+                            different: first(different),
+                            duplicates: copies.saturating_sub(b.len() as u64),
+                        })
+                    })();
+                    match res {
+                        Ok(d) => results.lock().unwrap().push(d),
+                        Err(e) => {
+                            *error.lock().unwrap() = Some(anyhow!("chunk {}: {e:#}", chunk.id));
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = error.into_inner().unwrap() {
+        return Err(e);
+    }
+    let mut all = results.into_inner().unwrap();
+    all.sort_by_key(|d| d.chunk);
+    let differing: Vec<ChunkDiff> = all
+        .iter()
+        .filter(|d| {
+            d.source_rows != d.target_rows || !d.missing.is_empty() || !d.extra.is_empty() || !d.different.is_empty() || d.duplicates > 0
+        })
+        .cloned()
+        .collect();
+    Ok(VerifyReport {
+        source: from.describe(),
+        target: to.describe(),
+        chunks: all.len() as u64,
+        source_rows: all.iter().map(|d| d.source_rows).sum(),
+        target_rows: all.iter().map(|d| d.target_rows).sum(),
+        equal: differing.is_empty(),
+        differing_chunks: differing,
+        vector_comparison,
+        timestamp_comparison,
+        not_compared: computed_notes(from.spec(), to.spec()),
+    })
+}
+
+/// `verify --sample N`: N source rows chosen uniformly at random by key,
+/// compared with the target's rows of the same ids (every column, verify's
+/// rules), and both sides' row counts.
+#[derive(Clone, Debug, Serialize)]
+pub struct SampleReport {
+    pub source: String,
+    pub target: String,
+    pub source_rows: u64,
+    pub target_rows: u64,
+    /// Row copies the target holds beyond one per id (Milvus `count(*)`).
+    pub target_duplicates: u64,
+    pub sampled: u64,
+    /// Reproduces the same sample (`--seed`).
+    pub seed: u64,
+    /// Sampled ids the target lacks (first 20) and how many.
+    pub missing: Vec<Key>,
+    pub missing_count: u64,
+    /// Sampled ids whose values differ (first 20) and how many.
+    pub different: Vec<Key>,
+    pub different_count: u64,
+    /// With no differing sample: the share of differing rows is below this at 95 % confidence.
+    pub differing_share_below_95: Option<f64>,
+    pub equal: bool,
+    pub vector_comparison: String,
+    pub timestamp_comparison: String,
+    /// Fields a side computes (Milvus functions), which are not compared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_compared: Vec<String>,
+}
+
+impl SampleReport {
+    /// The confidence statement a user reads.
+    pub fn statement(&self) -> String {
+        let bad = self.missing_count + self.different_count;
+        match self.differing_share_below_95 {
+            Some(p) if bad == 0 => format!(
+                "no difference in {} sampled rows: with 95 % confidence fewer than {:.3} % of the source's rows differ in the target",
+                self.sampled,
+                p * 100.0
+            ),
+            _ => format!(
+                "{bad} of {} sampled rows DIFFER ({} missing, {} different; about {:.3} % of the rows)",
+                self.sampled,
+                self.missing_count,
+                self.different_count,
+                bad as f64 * 100.0 / self.sampled.max(1) as f64
+            ),
+        }
+    }
+}
+
+/// A small, seedable generator (splitmix64) for the sample; no statistics
+/// beyond uniform choice are needed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, n).
+    fn below(&mut self, n: u64) -> u64 {
+        ((self.next() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+/// Up to `n` keys of `side` chosen uniformly at random (reservoir sampling
+/// over one walk of its keys, ids only), ascending, and the number of keys.
+pub fn sample_ids(side: &dyn Source, n: usize, seed: u64) -> Result<(Vec<Key>, u64)> {
+    let mut rng = SplitMix(seed);
+    let mut chosen: Vec<Key> = Vec::with_capacity(n);
+    let mut seen = 0u64;
+    side.read_ids(&ChunkRange::whole(), &mut |ids| {
+        for id in ids.iter().cloned() {
+            seen += 1;
+            if chosen.len() < n {
+                chosen.push(id);
+            } else {
+                let j = rng.below(seen);
+                if (j as usize) < n {
+                    chosen[j as usize] = id;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    chosen.sort_unstable();
+    Ok((chosen, seen))
+}
+
+pub fn verify_sample(from: &dyn Source, to: &dyn Source, n: usize, seed: u64) -> Result<SampleReport> {
+    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
+    let (ids, source_rows) = sample_ids(from, n, seed)?;
+    let mut target_rows = 0u64;
+    to.read_ids(&ChunkRange::whole(), &mut |ids| {
+        target_rows += ids.len() as u64;
+        Ok(())
+    })?;
+    let copies = to.stored_copies(&ChunkRange::whole())?.unwrap_or(target_rows);
+    let a = read_ids_side(from, &ids, &columns, norm)?;
+    let b = read_ids_side(to, &ids, &columns, norm)?;
+    // Rows deleted from the source between the walk and the read are not samples.
+    let missing: Vec<Key> = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+    let different: Vec<Key> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+    let sampled = a.len() as u64;
+    let clean = missing.is_empty() && different.is_empty();
+    let duplicates = copies.saturating_sub(target_rows);
+    Ok(SampleReport {
+        source: from.describe(),
+        target: to.describe(),
+        source_rows,
+        target_rows,
+        target_duplicates: duplicates,
+        sampled,
+        seed,
+        missing_count: missing.len() as u64,
+        missing: first(missing),
+        different_count: different.len() as u64,
+        different: first(different),
+        // No failure in n independent draws: p < 1 - 0.05^(1/n) at 95 %.
+        differing_share_below_95: (clean && sampled > 0).then(|| 1.0 - 0.05f64.powf(1.0 / sampled as f64)),
+        equal: clean && source_rows == target_rows && duplicates == 0,
+        vector_comparison,
+        timestamp_comparison,
+        not_compared: computed_notes(from.spec(), to.spec()),
+    })
+}

@@ -1,0 +1,482 @@
+//! Counters shared by the stages, live display (bars on a terminal, plain
+//! lines otherwise), the status file `vmig status` reads, and the final report.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use crate::contract::changes::{ChangeCounts, PositionUnit};
+use crate::model::human_bytes;
+use crate::state::store::Store;
+
+#[derive(Default)]
+pub struct Counters {
+    pub rows_read: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub rows_transformed: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub chunks_committed: AtomicU64,
+    pub chunks_skipped: AtomicU64,
+    pub rows_skipped: AtomicU64,
+    pub read_ns: AtomicU64,
+    pub write_ns: AtomicU64,
+    pub finish_ns: AtomicU64,
+    /// Rows of applied changes the targets' rules refused (online).
+    pub change_rows_rejected: AtomicU64,
+    /// Online: time spent reading changes from the source and applying them.
+    pub change_read_ns: AtomicU64,
+    pub change_apply_ns: AtomicU64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChunkFailure {
+    pub chunk: u32,
+    pub error: String,
+}
+
+/// The live status of one command on one job (`status-<command>.json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub job: String,
+    pub command: String,
+    /// running, done, failed, cancelled, incomplete
+    pub state: String,
+    /// planning, preparing target, loading, finishing, building index NAME
+    /// (percent), fixing sequence, done …
+    #[serde(default)]
+    pub phase: String,
+    pub pid: u32,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub started_at: String,
+    pub updated_at: String,
+    pub chunks_total: u64,
+    pub chunks_committed: u64,
+    pub chunks_skipped: u64,
+    pub rows_planned: u64,
+    pub rows_read: u64,
+    pub rows_written: u64,
+    pub rows_rejected: u64,
+    pub bytes_written: u64,
+    pub failures: Vec<ChunkFailure>,
+    pub last_error: Option<String>,
+    /// Online jobs: change capture and apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<crate::state::progress::OnlineStatus>,
+    /// A worker of a shared job: host, claims, heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<crate::state::claims::WorkerInfo>,
+}
+
+/// Drives the display and the status file while a job runs.
+pub struct Progress {
+    pub counters: Counters,
+    pub status: Mutex<Status>,
+    status_path: PathBuf,
+    started: Instant,
+    bars: Option<(MultiProgress, ProgressBar, ProgressBar, ProgressBar)>,
+    done: AtomicBool,
+    /// The status file is written only once the run holds the job's locks,
+    /// so a refused second run leaves the first one's status alone.
+    owns_status: AtomicBool,
+    /// While the targets finish: seconds per phase ("building index …",
+    /// "loading collection …"), for the report.
+    finish_timing: Mutex<Option<PhaseClock>>,
+    finish_phases: Mutex<Vec<PhaseTime>>,
+}
+
+/// The phase being timed and when it began.
+struct PhaseClock {
+    name: String,
+    since: Instant,
+}
+
+/// Seconds spent in one phase of the finish (index builds, loads, …).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTime {
+    pub phase: String,
+    pub seconds: f64,
+}
+
+impl Progress {
+    pub fn new(status: Status, status_path: PathBuf, quiet: bool) -> Self {
+        let bars = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{prefix:>9} [{bar:30}] {pos}/{len} rows  {msg}  {per_sec}  eta {eta}",
+            )
+            .unwrap()
+            .progress_chars("=> ");
+            let mk = |name: &str| {
+                let b = mp.add(ProgressBar::new(status.rows_planned));
+                b.set_style(style.clone());
+                b.set_prefix(name.to_string());
+                b
+            };
+            let (e, t, i) = (mk("export"), mk("transform"), mk("import"));
+            (mp, e, t, i)
+        });
+        Progress {
+            counters: Counters::default(),
+            status: Mutex::new(status),
+            status_path,
+            started: Instant::now(),
+            bars,
+            done: AtomicBool::new(false),
+            owns_status: AtomicBool::new(false),
+            finish_timing: Mutex::new(None),
+            finish_phases: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// From now on this run writes the job's status file.
+    pub fn own_status(&self) {
+        self.owns_status.store(true, Relaxed);
+    }
+
+    /// The plan is known: sizes the bars and the status.
+    pub fn set_plan(&self, chunks: u64, rows: u64) {
+        {
+            let mut s = self.status.lock().unwrap();
+            s.chunks_total = chunks;
+            s.rows_planned = rows;
+        }
+        if let Some((_, e, t, i)) = &self.bars {
+            for b in [e, t, i] {
+                b.set_length(rows);
+            }
+        }
+    }
+
+    /// Enters a phase: written to the status file at once (so `vmig status`
+    /// and tests watching it see it), shown on the bars' line on a terminal,
+    /// off a terminal in the 5-second progress line (an index build prints
+    /// one line every 5 s, not one per percent).
+    pub fn set_phase(&self, phase: &str) {
+        if let Some(clock) = self.finish_timing.lock().unwrap().as_mut() {
+            // "building index x (42%)" is still the phase "building index x".
+            let name = phase.split(" (").next().unwrap_or(phase);
+            if clock.name != name {
+                self.close_phase(clock);
+                *clock = PhaseClock { name: name.to_string(), since: Instant::now() };
+            }
+        }
+        self.status.lock().unwrap().phase = phase.to_string();
+        if let Some((_, _, _, i)) = &self.bars {
+            i.set_message(phase.to_string());
+        }
+        self.write_status(None);
+        test_pause(phase);
+    }
+
+    fn close_phase(&self, clock: &PhaseClock) {
+        let seconds = clock.since.elapsed().as_secs_f64();
+        let mut phases = self.finish_phases.lock().unwrap();
+        match phases.iter_mut().find(|p| p.phase == clock.name) {
+            Some(p) => p.seconds += seconds,
+            None => phases.push(PhaseTime { phase: clock.name.clone(), seconds }),
+        }
+    }
+
+    /// Times the phases the targets' finish goes through until `end_finish_timing`.
+    pub fn begin_finish_timing(&self) {
+        *self.finish_timing.lock().unwrap() = Some(PhaseClock { name: "other".into(), since: Instant::now() });
+    }
+
+    pub fn end_finish_timing(&self) {
+        if let Some(clock) = self.finish_timing.lock().unwrap().take() {
+            self.close_phase(&clock);
+        }
+    }
+
+    /// Seconds per phase of the finish so far, in the order first entered.
+    pub fn finish_phases(&self) -> Vec<PhaseTime> {
+        self.finish_phases.lock().unwrap().iter().filter(|p| p.seconds >= 0.005).cloned().collect()
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// A message for the user (above the bars when there are bars).
+    pub fn println(&self, msg: &str) {
+        match &self.bars {
+            Some((mp, ..)) => {
+                let _ = mp.println(msg);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn refresh(&self) {
+        let c = &self.counters;
+        if let Some((_, e, t, i)) = &self.bars {
+            e.set_position(c.rows_read.load(Relaxed));
+            e.set_message(format!("{:.1} MB", c.bytes_read.load(Relaxed) as f64 / 1e6));
+            t.set_position(c.rows_transformed.load(Relaxed));
+            t.set_message(format!("{} rejected", c.rows_rejected.load(Relaxed)));
+            i.set_position(c.rows_written.load(Relaxed) + c.rows_skipped.load(Relaxed));
+            i.set_message(format!("{:.1} MB", c.bytes_written.load(Relaxed) as f64 / 1e6));
+        }
+        self.write_status(None);
+    }
+
+    pub fn write_status(&self, state: Option<&str>) {
+        if !self.owns_status.load(Relaxed) {
+            return;
+        }
+        let bytes = self.status_doc(state, None);
+        let _ = crate::state::files::write_atomic(&self.status_path, &bytes);
+    }
+
+    /// The status as a shared job's worker publishes it in the store.
+    pub fn status_json(&self, worker: Option<crate::state::claims::WorkerInfo>) -> Vec<u8> {
+        self.status_doc(None, worker)
+    }
+
+    fn status_doc(&self, state: Option<&str>, worker: Option<crate::state::claims::WorkerInfo>) -> Vec<u8> {
+        let c = &self.counters;
+        let mut s = self.status.lock().unwrap();
+        if let Some(st) = state {
+            s.state = st.to_string();
+        }
+        if worker.is_some() {
+            s.worker = worker;
+        }
+        s.updated_at = crate::model::now_rfc3339();
+        s.rows_read = c.rows_read.load(Relaxed);
+        s.rows_written = c.rows_written.load(Relaxed);
+        s.rows_rejected = c.rows_rejected.load(Relaxed);
+        s.bytes_written = c.bytes_written.load(Relaxed);
+        s.chunks_committed = c.chunks_committed.load(Relaxed);
+        s.chunks_skipped = c.chunks_skipped.load(Relaxed);
+        serde_json::to_vec_pretty(&*s).unwrap_or_default()
+    }
+
+    fn plain_line(&self) {
+        let (phase, online) = {
+            let s = self.status.lock().unwrap();
+            (s.phase.clone(), s.online.clone())
+        };
+        if let (Some(o), "following" | "catching up" | "cutting over") = (&online, phase.as_str()) {
+            eprintln!("progress: {phase} · {}", o.summary());
+            return;
+        }
+        if !phase.is_empty() && phase != "loading" && phase != "snapshot" {
+            eprintln!("progress: {phase} · {:.0}s", self.elapsed());
+            return;
+        }
+        let c = &self.counters;
+        let secs = self.elapsed().max(1e-9);
+        let written = c.rows_written.load(Relaxed);
+        let planned = self.status.lock().unwrap().rows_planned;
+        eprintln!(
+            "progress: read {} · written {} (+{} already committed) of {planned} rows · {} rejected · {:.0} rows/s · {:.1} MB written",
+            c.rows_read.load(Relaxed),
+            written,
+            c.rows_skipped.load(Relaxed),
+            c.rows_rejected.load(Relaxed),
+            written as f64 / secs,
+            c.bytes_written.load(Relaxed) as f64 / 1e6
+        );
+    }
+
+    /// Refreshes until `stop()`; call on its own thread.
+    pub fn run_ticker(&self) {
+        let mut last_line = Instant::now();
+        while !self.done.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            self.refresh();
+            if self.bars.is_none() && last_line.elapsed() >= Duration::from_secs(5) {
+                self.plain_line();
+                last_line = Instant::now();
+            }
+        }
+    }
+
+    pub fn stop(&self) {
+        self.done.store(true, Relaxed);
+        self.refresh();
+        if let Some((mp, e, t, i)) = &self.bars {
+            for b in [e, t, i] {
+                b.abandon();
+            }
+            let _ = mp.clear();
+        }
+    }
+}
+
+impl crate::contract::Feedback for Progress {
+    fn say(&self, msg: &str) {
+        self.println(msg);
+    }
+    fn phase(&self, phase: &str) {
+        self.set_phase(phase);
+    }
+}
+
+/// Fault-injection hook for the kill tests: with `VMIG_TEST_PAUSE_AT=TEXT`,
+/// the process stops for up to a minute when it enters a phase starting with
+/// TEXT, after the status file shows it, so a test can kill it at exactly
+/// that moment. Nothing else changes.
+fn test_pause(phase: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(at) = AT.get_or_init(|| std::env::var("VMIG_TEST_PAUSE_AT").ok().filter(|s| !s.is_empty())) {
+        if phase.starts_with(at.as_str()) {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
+}
+
+/// Per-stage totals of one run, printed as a table and written with --report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StageReport {
+    pub stage: String,
+    pub rows: u64,
+    pub rejected: u64,
+    pub skipped_committed: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub job: String,
+    pub command: String,
+    pub ok: bool,
+    pub source: String,
+    pub targets: Vec<String>,
+    pub stages: Vec<StageReport>,
+    pub chunks_total: u64,
+    pub chunks_committed: u64,
+    pub chunks_skipped: u64,
+    pub chunks_pending: u64,
+    pub rows_rejected_total: u64,
+    pub load_seconds: f64,
+    pub finish_seconds: f64,
+    /// Where the finish's time went: each index build, load, sequence, …
+    #[serde(default)]
+    pub finish_phases: Vec<PhaseTime>,
+    pub total_seconds: f64,
+    pub rows_per_second: f64,
+    pub peak_rss_mb: f64,
+    pub vectors_exact: bool,
+    pub notes: Vec<String>,
+    pub error: Option<String>,
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<10} {:>12} {:>10} {:>12} {:>12} {:>9}\n",
+            "stage", "rows", "rejected", "skipped", "MB", "seconds"
+        );
+        for st in &self.stages {
+            s += &format!(
+                "{:<10} {:>12} {:>10} {:>12} {:>12.1} {:>9.2}\n",
+                st.stage,
+                st.rows,
+                st.rejected,
+                st.skipped_committed,
+                st.bytes as f64 / 1e6,
+                st.seconds
+            );
+        }
+        if self.finish_seconds > 0.0 {
+            let phases: Vec<String> = self.finish_phases.iter().map(|p| format!("{} {:.1}s", p.phase, p.seconds)).collect();
+            s += &format!("time: load {:.1}s · finish {:.1}s", self.load_seconds, self.finish_seconds);
+            if !phases.is_empty() {
+                s += &format!(" ({})", phases.join(" · "));
+            }
+            s += "\n";
+        }
+        s += &format!(
+            "chunks: {} total, {} committed now, {} already committed, {} pending · {:.0} rows/s · peak RSS {:.0} MB · {:.1}s",
+            self.chunks_total,
+            self.chunks_committed,
+            self.chunks_skipped,
+            self.chunks_pending,
+            self.rows_per_second,
+            self.peak_rss_mb,
+            self.total_seconds
+        );
+        s
+    }
+}
+
+/// Peak resident set size of this process, from /proc (MB).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// What `vmig status` shows of an online job.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OnlineStatus {
+    pub artifacts: String,
+    pub applied: ChangeCounts,
+    pub changes_per_second: f64,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub retained_bytes: u64,
+    pub applied_position: String,
+    pub source_position: String,
+    #[serde(default)]
+    pub unit: PositionUnit,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+impl OnlineStatus {
+    /// One line: applied changes, rate, lag, retained log.
+    pub fn summary(&self) -> String {
+        let behind = match self.unit {
+            PositionUnit::Bytes => format!(
+                ", {} · source keeps {} for the job",
+                human_bytes(self.lag_bytes),
+                human_bytes(self.retained_bytes)
+            ),
+            PositionUnit::Changes => format!(" · {} changes waiting in the source's changelog", self.retained_bytes),
+            PositionUnit::Watermark => String::new(),
+        };
+        format!(
+            "applied {} inserts, {} updates, {} deletes · {:.0} changes/s · lag {:.1} s{behind}",
+            self.applied.inserts, self.applied.updates, self.applied.deletes, self.changes_per_second, self.lag_seconds,
+        )
+    }
+}
+
+/// Retained change log above which `status` warns (the source's disk fills).
+pub const RETAINED_WARN_BYTES: u64 = 1 << 30;
+
+/// What every worker of a shared job last published (`work/*/workers/*.json`).
+pub fn worker_statuses(store: &Store) -> anyhow::Result<Vec<Status>> {
+    let mut out = Vec::new();
+    for (key, _) in store.list("work")? {
+        if !key.contains("/workers/") || !key.ends_with(".json") {
+            continue;
+        }
+        if let Some(o) = store.get(&format!("work/{key}"))? {
+            if let Ok(s) = serde_json::from_slice::<Status>(&o.bytes) {
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
