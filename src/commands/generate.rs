@@ -4,12 +4,15 @@
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::record_batch::RecordBatch;
+use tokio::runtime::Handle;
 
+use crate::commands::cli::GenerateArgs;
 use crate::contract::{OnExisting, Sink, SinkOptions};
 use crate::contract::commit::CommitRecord;
+use crate::model::config::Endpoint;
 use crate::model::plan::ChunkRange;
 use crate::model::schema::{ColumnSpec, ColumnType, IndexKind, IndexSpec, Metric, TableSpec, vector_item_field};
 
@@ -144,4 +147,31 @@ pub fn generate(sink: &dyn Sink, spec: &TableSpec, rows: u64, seed: u64, progres
     })?;
     progress(&format!("{rows} rows written"));
     sink.finish(spec, &[whole], &opts, &crate::contract::PrintFeedback)
+}
+
+/// `vmig generate`: a FastGPT-shaped table of random rows.
+pub fn run(a: GenerateArgs, handle: &Handle) -> Result<u8> {
+    let ep = Endpoint::parse(&a.to)?;
+    if matches!(ep, Endpoint::Staging(_)) {
+        bail!("generate needs a database URL");
+    }
+    let spec = fastgpt_spec(&a.table, a.dim, a.halfvec, !a.no_vector_index);
+    let sink = crate::backends::open_sink(&ep, &a.table, handle, None)?;
+    if a.replace {
+        sink.drop_table()?;
+    } else if crate::backends::open_source(&ep, &a.table, handle).is_ok() {
+        bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
+    }
+    let started = std::time::Instant::now();
+    generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
+    eprintln!(
+        "generated {} rows ({}-d {}) in {} table {} in {:.1}s",
+        a.rows,
+        a.dim,
+        if a.halfvec { "halfvec" } else { "vector" },
+        ep.describe(),
+        a.table,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(0)
 }

@@ -2,7 +2,8 @@
 //! `reset` and `status` do about a job's source artefacts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
@@ -17,15 +18,12 @@ use crate::backends::postgres::PgSource;
 use crate::backends::postgres::changes::{PgChangeStream, drop_artifacts};
 use crate::backends::staging::StagingSource;
 use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
-use crate::commands::{EXIT_CANCELLED, JobSetup, run_job, setup_job};
-use crate::commands::cli::RunArgs;
+use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
 use crate::engine::online::{CutoverCheck, run_online};
 use crate::engine::online::follow::OpenStream;
 use crate::model::now_rfc3339;
 use crate::model::config::Endpoint;
-use crate::state::ledger::JobDir;
-use crate::state::locks::process_alive;
 use crate::state::online::{CutoverRequest, OnlineState};
 use crate::state::progress::{Report, Status};
 
@@ -257,95 +255,6 @@ fn wait_for_snapshot(staging: &StagingSource, cancel: &AtomicBool) -> Result<()>
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-/// `vmig cutover`: asks the running online job to cut over and waits for
-/// it, or cuts over itself when no run is alive. Returns the exit code.
-pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<u8> {
-    args.online = true;
-    let resolved = crate::commands::resolve_run_args(args.clone())?;
-    // The flags say which job: import (staging → database), export
-    // (database → staging) or migrate.
-    let command = match (&resolved.from, &resolved.to, &resolved.staging) {
-        (None, Some(_), Some(_)) => "import",
-        (Some(_), None, Some(_)) => "export",
-        _ => "migrate",
-    };
-    let job = setup_job(command, args.clone(), handle)?;
-    let dir = job.cfg.job_dir.clone();
-    drop(job);
-    if let Some(r) = CutoverRequest::load(&dir, command)?.filter(|r| r.state == "done") {
-        println!("{}", r.message.unwrap_or_default());
-        eprintln!("the {command} job in {} was already cut over at {}", dir.display(), r.finished_at.unwrap_or_default());
-        return Ok(0);
-    }
-    if command == "import" {
-        if read_end(&dir)?.is_none() {
-            bail!(
-                "the export into {} has not cut over yet: run `vmig cutover` with the export's flags on the source's side \
-                 first, then bring the staging area here",
-                dir.display()
-            );
-        }
-    } else if OnlineState::load(&dir)?.is_none() {
-        bail!("no online job in {} (start one with {command} --online, with the same flags)", dir.display());
-    }
-    let running = read_status(&dir, command).filter(|s| s.state == "running" && process_alive(s.pid));
-    CutoverRequest {
-        requested_at: now_rfc3339(),
-        state: "requested".into(),
-        position: None,
-        message: None,
-        finished_at: None,
-        standalone: running.is_none(),
-    }
-    .save(&dir, command)?;
-    let Some(run) = running else {
-        eprintln!("no online run of this job is alive; cutting over here");
-        let report = run_job(command, args, handle, cancel.clone())?;
-        if cancel.load(Relaxed) {
-            return Ok(EXIT_CANCELLED as u8);
-        }
-        if let Some(e) = report.error {
-            bail!("{e}");
-        }
-        let r = CutoverRequest::load(&dir, command)?.ok_or_else(|| anyhow!("cutover left no result"))?;
-        println!("{}", r.message.unwrap_or_default());
-        return Ok(0);
-    };
-    eprintln!("cutover requested from the online job (pid {}); waiting for it to drain, finish and verify", run.pid);
-    let mut last_phase = String::new();
-    loop {
-        if cancel.load(Relaxed) {
-            eprintln!("stopped waiting; the online job goes on with the cutover (see vmig status)");
-            return Ok(EXIT_CANCELLED as u8);
-        }
-        if let Some(r) = CutoverRequest::load(&dir, command)? {
-            match r.state.as_str() {
-                "done" => {
-                    println!("{}", r.message.unwrap_or_default());
-                    return Ok(0);
-                }
-                "failed" => bail!("{}", r.message.unwrap_or_else(|| "cutover failed".into())),
-                _ => {}
-            }
-        }
-        match read_status(&dir, command) {
-            Some(s) if s.state == "running" && process_alive(s.pid) => {
-                if s.phase != last_phase {
-                    eprintln!("online job: {}", s.phase);
-                    last_phase = s.phase;
-                }
-            }
-            _ => bail!("the online job ended before the cutover finished; run `vmig cutover` again to finish it here"),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn read_status(dir: &std::path::Path, command: &str) -> Option<Status> {
-    let bytes = std::fs::read(JobDir::new(dir).status(command)).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// `reset` of an online job: drops what it keeps on its source (needs the

@@ -10,8 +10,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tokio::runtime::Handle;
 
-use crate::commands::{JobSetup, resolve_run_args, run_setup, setup_job};
 use crate::commands::cli::RunArgs;
+use crate::commands::job::{JobSetup, resolve_run_args, setup_job};
+use crate::commands::migrate::run_setup;
 use crate::engine::pipeline::Permits;
 use crate::model::config::TableEntry;
 use crate::state::progress::Report;

@@ -7,8 +7,8 @@ use serde::Serialize;
 use tokio::runtime::Handle;
 
 use crate::backends::{open_subset, parse_side};
-use crate::commands::DEFAULT_TABLE;
 use crate::commands::cli::VerifyArgs;
+use crate::commands::job::DEFAULT_TABLE;
 use crate::engine::recall::{RecallOptions, RecallReport, recall};
 use crate::engine::verify::{SampleReport, VerifyReport, verify, verify_sample};
 use crate::model::config::Endpoint;

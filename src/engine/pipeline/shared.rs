@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use anyhow::{Result, bail};
 
 use crate::contract::{Sink, Source};
-use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets, plan_and_prepare};
+use super::job::{JobConfig, PreparedJob, finish_targets, plan_and_prepare};
 use crate::model::now_rfc3339;
 use crate::model::plan::ChunkRange;
 use crate::model::retry::Cancelled;

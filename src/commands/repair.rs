@@ -1,0 +1,62 @@
+//! `vmig repair`: compares every chunk and recopies those that differ.
+
+use anyhow::{Result, bail};
+use tokio::runtime::Handle;
+
+use crate::backends::{open_sink, open_source, open_subset, parse_side};
+use crate::commands::cli::VerifyArgs;
+use crate::engine::repair::repair;
+use crate::model::config::Endpoint;
+
+pub fn run(a: VerifyArgs, handle: &Handle) -> Result<u8> {
+    let (Some(from), Some(to)) = (a.from.as_deref(), a.to.as_deref()) else {
+        bail!("repair needs --from (the source) and --to (the target database)");
+    };
+    // repair shares verify's flags; those it has no use for are refused, not ignored.
+    let verify_only = [("--sample", a.sample.is_some()), ("--recall", a.recall.is_some()), ("--seed", a.seed.is_some()), ("--staging", a.staging.is_some())];
+    if let Some((flag, _)) = verify_only.iter().find(|(_, given)| *given) {
+        bail!("repair compares and mends every chunk; {flag} is verify's (give the source with --from and the target with --to)");
+    }
+    let (from, to) = (parse_side(from)?, Endpoint::parse(to)?);
+    if matches!(to, Endpoint::Staging(_)) {
+        bail!("repair writes a database target; --to cannot be a staging directory");
+    }
+    let table = a.table.clone().unwrap_or_else(|| crate::commands::job::DEFAULT_TABLE.into());
+    let filter = a.subset.filter()?;
+    let source = open_subset(&from, &table, handle, filter.as_ref())?;
+    let target_table = a.target_table.clone().unwrap_or_else(|| source.spec().name.clone());
+    let sink = open_sink(&to, &target_table, handle, None)?;
+    if let Some(f) = &filter {
+        sink.restrict(f)?;
+    }
+    let open_target = || open_subset(&to, &target_table, handle, filter.as_ref());
+    let whole_target = match &filter {
+        Some(_) => Some(open_source(&to, &target_table, handle)?),
+        None => None,
+    };
+    let r = repair(
+        source.as_ref(),
+        &open_target,
+        whole_target.as_deref(),
+        sink.as_ref(),
+        a.chunk_rows.unwrap_or(20_000),
+        a.workers.unwrap_or(2),
+        &|m| eprintln!("{m}"),
+    )?;
+    let after = r.after.as_ref().unwrap();
+    if r.equal {
+        println!(
+            "repair: recopied {} of {} chunks ({} rows written, {} deleted); the target equals the source ({} rows, ids and every column; vectors {})",
+            r.differing_before, r.chunks, r.rows_written, r.rows_deleted, after.target_rows, after.vector_comparison
+        );
+    } else {
+        for d in &after.differing_chunks {
+            println!("still different: {}", d.describe());
+        }
+        println!("repair: recopied {} chunks, but {} chunks still differ (is the source still being written?)", r.differing_before, after.differing_chunks.len());
+    }
+    if let Some(p) = &a.report {
+        std::fs::write(p, serde_json::to_vec_pretty(&r)?)?;
+    }
+    Ok(if r.equal { 0 } else { 1 })
+}
