@@ -11,10 +11,12 @@ use arrow::record_batch::RecordBatch;
 use milvus::proto::common::MsgType;
 use milvus::proto::milvus::DeleteRequest;
 
-use super::encode::start_upsert;
-use super::sink::{MilvusSink, request_flush, wait_flushed};
-use super::source::query_rows;
-use super::{Collection, base, in_expr};
+use crate::backends::milvus::{base, in_expr};
+use crate::backends::milvus::ddl::{request_flush, wait_flushed};
+use crate::backends::milvus::encode::start_upsert;
+use crate::backends::milvus::mapping::Collection;
+use crate::backends::milvus::sink::MilvusSink;
+use crate::backends::milvus::source::query_rows;
 use crate::contract::changes::{AppliedPosition, ChangeSet, keys_of};
 use crate::model::plan::Key;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::MilvusSource;
+use crate::backends::milvus::MilvusSource;
 use crate::contract::Source;
 use crate::contract::changes::{ChangeCounts, ChangeSet, ChangeStream, PositionUnit, StreamBatch, StreamStats};
 use crate::contract::reconcile::{changes_for, diff_ids};
@@ -63,7 +63,7 @@ impl MilvusChangeStream {
         fb: &dyn crate::contract::Feedback,
     ) -> Result<MilvusChangeStream> {
         let coll = source.collection();
-        let time_field = coll.fields.iter().find(|f| matches!(f.kind, super::FieldKind::EpochMs)).map(|f| f.field.clone());
+        let time_field = coll.fields.iter().find(|f| matches!(f.kind, crate::backends::milvus::mapping::FieldKind::EpochMs)).map(|f| f.field.clone());
         let describe = source.describe();
         let watermark = match OnlineState::load(job_dir)?.filter(|s| s.kind == "milvus") {
             Some(st) => st.consistent_point.parse().unwrap_or(started_ms),

@@ -12,7 +12,8 @@ use milvus::proto::schema::{
     VectorField, field_data, scalar_field, vector_field,
 };
 
-use super::{Collection, FieldInfo, FieldKind, Milvus, PARTITION_COLUMN, base};
+use crate::backends::milvus::{Milvus, base};
+use crate::backends::milvus::mapping::{Collection, FieldInfo, FieldKind, PARTITION_COLUMN};
 use crate::contract::RowReject;
 
 fn scalars(dt: DataType, name: &str, data: scalar_field::Data) -> FieldData {

@@ -15,12 +15,13 @@ use arrow::record_batch::RecordBatch;
 use milvus::proto::schema::{FieldData, field_data, scalar_field, vector_field};
 use tokio::runtime::Handle;
 
+use crate::backends::milvus::{Milvus, in_expr, key_literal, scalar};
+use crate::backends::milvus::mapping::{Collection, FieldInfo, FieldKind, discover};
 use crate::contract::Source;
 use crate::contract::changes::keys_of;
 use crate::model::config::MilvusUrl;
 use crate::model::plan::{Bounds, ChunkRange, Key, ranges_from_keys};
 use crate::model::schema::{IndexKind, TableSpec, vector_item_field};
-use super::{Collection, FieldInfo, FieldKind, Milvus, discover, in_expr, key_literal, scalar};
 
 /// Bytes of rows per read page (~1,300 rows of 1536-d).
 const PAGE_BYTES: usize = 8 << 20;
@@ -548,7 +549,7 @@ impl Source for MilvusSource {
             }],
         };
         let kv = |k: &str, v: String| KeyValuePair { key: k.into(), value: v };
-        let metric_name = super::metric_to_milvus(metric);
+        let metric_name = crate::backends::milvus::mapping::metric_to_milvus(metric);
         let guarantee = self.read_ts();
         let req = SearchRequest {
             base: super::base(MsgType::Search),

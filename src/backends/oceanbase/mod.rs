@@ -9,6 +9,7 @@ pub mod changes;
 mod sink;
 mod source;
 pub mod sql;
+mod writer;
 
 pub use sink::ObSink;
 pub use source::ObSource;

@@ -5,6 +5,7 @@
 //! binary COPY codec in `copy.rs`.
 
 mod apply;
+mod indexes;
 pub mod changes;
 pub mod copy;
 pub mod pgoutput;
