@@ -34,7 +34,7 @@ pub enum Command {
     /// Compare two sides chunk by chunk (row counts and content hashes); exit 1 on any difference.
     Verify(VerifyArgs),
     /// Make a target equal to a source that kept changing: verify chunk by chunk, recopy only the differing chunks, verify again; exit 0 only when equal.
-    Repair(VerifyArgs),
+    Repair(RepairArgs),
     /// Show a staging directory's manifest, schema and chunks, checking every chunk file's sha256.
     Inspect(InspectArgs),
     /// Forget a job's progress (ledger rows in the target, local state, staged chunks).
@@ -147,6 +147,7 @@ pub struct RunArgs {
     /// SQL column ↔ Milvus field mapping (pipeline file only; default: FastGPT's).
     #[arg(skip)]
     pub milvus_fields: Option<Vec<crate::model::config::FieldMap>>,
+    /// Which rows: --filter, --team, --dataset, --collection.
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Several tables in one job (pipeline file only).
@@ -162,6 +163,7 @@ pub struct StatusArgs {
     /// Job id (its state lives in STATE_ROOT/JOB).
     #[arg(long)]
     pub job: Option<String>,
+    /// Directory holding jobs' local state. Default: staging.
     #[arg(long, env = "VMIG_STATE_ROOT")]
     pub state_root: Option<PathBuf>,
     /// Print JSON instead of text.
@@ -180,8 +182,10 @@ pub struct VerifyArgs {
     /// A staging area standing for whichever of --from/--to is missing.
     #[arg(long)]
     pub staging: Option<String>,
+    /// Table (Milvus: collection) on the --from side. Default: modeldata.
     #[arg(long)]
     pub table: Option<String>,
+    /// Table on the --to side. Default: the same name as --table.
     #[arg(long)]
     pub target_table: Option<String>,
     /// Rows per compared chunk when neither side is staging. Default: 20000.
@@ -218,6 +222,35 @@ pub struct VerifyArgs {
     /// with a recall-vs-k chart when the name ends in .html.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Which rows: --filter, --team, --dataset, --collection.
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RepairArgs {
+    /// The source: a URL, an env name, or a staging directory.
+    #[arg(long)]
+    pub from: String,
+    /// The target database to mend: a URL or an env name.
+    #[arg(long)]
+    pub to: String,
+    /// Table (Milvus: collection) in the source. Default: modeldata.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Table in the target. Default: the same name as --table.
+    #[arg(long)]
+    pub target_table: Option<String>,
+    /// Rows per compared chunk. Default: 20000.
+    #[arg(long)]
+    pub chunk_rows: Option<u64>,
+    /// Chunks compared and mended at once. Default: 2.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Write the repair report (JSON) to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Which rows: --filter, --team, --dataset, --collection.
     #[command(flatten)]
     pub subset: SubsetArgs,
 }
@@ -248,6 +281,7 @@ pub struct ResetArgs {
     /// Source of an online job: its replication slot and publication are dropped.
     #[arg(long)]
     pub from: Option<String>,
+    /// Directory holding jobs' local state. Default: staging.
     #[arg(long, env = "VMIG_STATE_ROOT")]
     pub state_root: Option<PathBuf>,
     /// Do not ask for confirmation.
@@ -260,12 +294,16 @@ pub struct GenerateArgs {
     /// Database URL to create the table in (or an env name).
     #[arg(long)]
     pub to: String,
+    /// Rows to generate.
     #[arg(long, default_value_t = 10_000)]
     pub rows: u64,
+    /// Dimensions of each vector.
     #[arg(long, default_value_t = 1536)]
     pub dim: u32,
+    /// Table (Milvus: collection) to create.
     #[arg(long, default_value = "modeldata")]
     pub table: String,
+    /// Seed of the random rows (the same seed gives the same rows).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Store vectors as halfvec instead of vector.

@@ -4,20 +4,13 @@ use anyhow::{Result, bail};
 use tokio::runtime::Handle;
 
 use crate::backends::{open_sink, open_source, open_subset, parse_side};
-use crate::commands::cli::VerifyArgs;
+use crate::commands::cli::RepairArgs;
 use crate::engine::repair::repair;
 use crate::model::config::Endpoint;
 
-pub fn run(a: VerifyArgs, handle: &Handle) -> Result<u8> {
-    let (Some(from), Some(to)) = (a.from.as_deref(), a.to.as_deref()) else {
-        bail!("repair needs --from (the source) and --to (the target database)");
-    };
-    // repair shares verify's flags; those it has no use for are refused, not ignored.
-    let verify_only = [("--sample", a.sample.is_some()), ("--recall", a.recall.is_some()), ("--seed", a.seed.is_some()), ("--staging", a.staging.is_some())];
-    if let Some((flag, _)) = verify_only.iter().find(|(_, given)| *given) {
-        bail!("repair compares and mends every chunk; {flag} is verify's (give the source with --from and the target with --to)");
-    }
-    let (from, to) = (parse_side(from)?, Endpoint::parse(to)?);
+/// Mends the target until it equals the source; exit 1 while chunks still differ.
+pub fn run(a: RepairArgs, handle: &Handle) -> Result<u8> {
+    let (from, to) = (parse_side(&a.from)?, Endpoint::parse(&a.to)?);
     if matches!(to, Endpoint::Staging(_)) {
         bail!("repair writes a database target; --to cannot be a staging directory");
     }

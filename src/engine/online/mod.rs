@@ -3,6 +3,8 @@
 //! [`ChangeStream`]; every target applies [`ChangeSet`]s with the position
 //! they cover in its ledger, in the same transaction where it has one.
 
+pub mod apply;
+pub mod cutover;
 pub mod follow;
 
 pub use follow::run_online;
