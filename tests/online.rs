@@ -7,7 +7,7 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count_settled, milvus_rows};
-use common::online::{OnlineSource, Reaper, Writer, online_args, online_scenario, source_artifacts, staging_scenario, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, applied, online_args, online_scenario, source_artifacts, staging_scenario, wait_following};
 use common::*;
 
 fn http_get(addr: &str) -> String {
@@ -200,4 +200,63 @@ fn missing_prerequisites_are_one_clear_line_each() {
     ok(&["generate", "--to", &cluster.url, "--rows", "20", "--dim", "8"]);
     exec(&cluster.url, "SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')");
     expect_line(&cluster.url, &dst, &["no free replication slot", "max_replication_slots = 1"], "prereq_slot");
+}
+
+/// Verification while following: once every chunk was seen equal, a cutover
+/// reads only the keys changed since (and chunks never seen equal). A row of
+/// a changed key deleted from the target behind vmig's back is found and
+/// named; once the source changes it again the job repairs it, and the next
+/// cutover passes. The target is then compared with SQL, not vmig's verify.
+#[test]
+fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
+    let (src, dst) = dbs("online_watch");
+    ok(&["generate", "--to", &src, "--rows", "1200", "--dim", "16"]);
+    let state = tempdir();
+    let job = "online_watch";
+    let mut args = online_args(&src, &dst, state.path(), job);
+    // The verifier rests 10 s after each chunk of 400 rows: the change and
+    // the damage below happen while it rests, after the chunk's last check.
+    args.extend(["--verify-rate".into(), "40".into()]);
+    let job_dir = state.path().join(job);
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let verification = |field: &str| -> u64 {
+        common::faults::status_of(&job_dir, "migrate").and_then(|s| s["online"]["verification"][field].as_u64()).unwrap_or(u64::MAX)
+    };
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        while !done() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(120), "{what} not reached in 120 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Every chunk seen equal (1200 rows in chunks of 400: 3 chunks, or more).
+    wait_until("a full pass", &|| verification("chunks") != u64::MAX && verification("chunks_verified") == verification("chunks"));
+    assert!(verification("chunks") >= 3);
+    let id = query_i64(&src, "SELECT min(id) FROM modeldata");
+    let before = applied(&job_dir, "migrate");
+    exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
+    wait_following(&mut run, &job_dir, "migrate", before, job);
+    wait_until("the change in the target", &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id} AND team_id = 'moved'")) == 1);
+    // Behind vmig's back: the changed row goes from the target.
+    exec(&dst, &format!("DELETE FROM modeldata WHERE id = {id}"));
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let out = vmig(&cut);
+    assert!(!out.status.success(), "a cutover over a target missing a changed row must fail");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(said.contains(&format!("missing ids [{id}]")), "the cutover names the missing id: {said}");
+    // The job keeps following: the source's next change of that row repairs it.
+    let before = applied(&job_dir, "migrate");
+    exec(&src, &format!("UPDATE modeldata SET team_id = 'moved again' WHERE id = {id}"));
+    wait_following(&mut run, &job_dir, "migrate", before, job);
+    let out = ok(&cut);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("safe to switch"), "{said}");
+    assert!(said.contains("cutover window") && said.contains("changed keys"), "the cutover says what it checked: {said}");
+    assert!(run.wait().unwrap().success());
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+    assert!(!job_dir.join("watch.json").exists(), "a finished cutover removes its verification record");
 }

@@ -115,6 +115,14 @@ pub struct RunArgs {
     /// seekdb via triggers; Milvus via a createTime watermark and reconcile).
     #[arg(long)]
     pub online: bool,
+    /// Online: rows per second the verifier that checks chunks while the job
+    /// follows may read (default: as fast as one reader goes).
+    #[arg(long, value_name = "ROWS")]
+    pub verify_rate: Option<u64>,
+    /// Cutover: compare both whole tables instead of only what changed since
+    /// each chunk was last seen equal.
+    #[arg(long)]
+    pub full_verify: bool,
     /// Online from Milvus: rows are polled with createTime ≥ watermark −
     /// this many seconds (clock skew, inserts in flight). Default: 5.
     #[arg(long, value_name = "SECS")]

@@ -58,6 +58,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         message: None,
         finished_at: None,
         standalone: running.is_none(),
+        full_verify: args.full_verify,
     }
     .save(&dir, command)?;
     let Some(run) = running else {

@@ -20,6 +20,7 @@ use crate::backends::staging::StagingSource;
 use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
 use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
+use crate::engine::online::watch::WatchSides;
 use crate::engine::online::{CutoverCheck, run_online};
 use crate::engine::online::follow::OpenStream;
 use crate::model::now_rfc3339;
@@ -193,7 +194,18 @@ fn from_database(
             }
         }
     };
-    run_online(cfg, source, job.sinks.clone(), open_stream, &check, cancel)
+    // A source whose stream sees every change, into a SQL target: verified
+    // while following, so the cutover checks only what changed. (Milvus
+    // targets keep the cutover's repair rounds: their duplicate copies are
+    // counted per chunk, not per key.)
+    let watch_sides = match &job.target_ep {
+        Some(target_ep) if !repair && !matches!(target_ep, Endpoint::Milvus(_)) => Some(WatchSides {
+            open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
+            rate: job.args.verify_rate.unwrap_or(0),
+        }),
+        _ => None,
+    };
+    run_online(cfg, source, job.sinks.clone(), open_stream, &check, watch_sides, cancel)
 }
 
 /// Repairs a cutover's check may run before it reports a difference.
@@ -234,7 +246,7 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
             differences: diffs.into_iter().take(5).collect::<Vec<_>>().join("; "),
         })
     };
-    run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, cancel)
+    run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, None, cancel)
 }
 
 /// An online import starts once the export's snapshot is complete.
@@ -301,6 +313,9 @@ pub fn status_lines(dir: &std::path::Path, runs: &[Status]) -> Result<Vec<String
             ));
             if let Some(n) = &o.note {
                 out.push(n.clone());
+            }
+            if let Some(v) = &o.verification {
+                out.push(format!("verification while following: {}", v.summary()));
             }
             if let Some(w) = &o.warning {
                 out.push(format!("warning: {w}"));

@@ -63,6 +63,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     for command in ["export", "import", "migrate"] {
         files.extend([jd.status(command), crate::state::online::CutoverRequest::path(&dir, command)]);
     }
+    files.extend(crate::engine::online::watch::watch_files(&dir));
     for p in files {
         if p.exists() {
             std::fs::remove_file(&p)?;

@@ -245,9 +245,64 @@ fn comparison(from: &dyn Source, to: &dyn Source) -> (Normalise, String, String)
     (norm, vectors.into(), timestamps.into())
 }
 
+/// How two sides are compared: the source's columns, and how values are
+/// made comparable (with how that reads in a report).
+pub struct Comparison {
+    columns: Vec<String>,
+    norm: Normalise,
+    pub vector_comparison: String,
+    pub timestamp_comparison: String,
+}
+
+impl Comparison {
+    pub fn of(from: &dyn Source, to: &dyn Source) -> Comparison {
+        let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
+        Comparison { columns: from.spec().columns.iter().map(|c| c.name.clone()).collect(), norm, vector_comparison, timestamp_comparison }
+    }
+
+    /// One chunk read whole on both sides and compared row by row.
+    pub fn chunk(&self, from: &dyn Source, to: &dyn Source, chunk: &ChunkRange) -> Result<ChunkDiff> {
+        let a = read_side(from, chunk, &self.columns, self.norm)?;
+        let b = read_side(to, chunk, &self.columns, self.norm)?;
+        let copies = to.stored_copies(chunk)?.unwrap_or(b.len() as u64);
+        Ok(diff_of(chunk, &a, &b, copies))
+    }
+
+    /// The rows of `keys` read by id on both sides and compared: a chunk's
+    /// diff over those keys only (a key neither side holds is equal).
+    pub fn keys(&self, from: &dyn Source, to: &dyn Source, chunk: &ChunkRange, keys: &[Key]) -> Result<ChunkDiff> {
+        let a = read_ids_side(from, keys, &self.columns, self.norm)?;
+        let b = read_ids_side(to, keys, &self.columns, self.norm)?;
+        Ok(diff_of(chunk, &a, &b, b.len() as u64))
+    }
+}
+
+fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, copies: u64) -> ChunkDiff {
+    let missing = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+    let extra = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
+    let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+    ChunkDiff {
+        chunk: chunk.id,
+        lo: chunk.lo,
+        hi: chunk.hi,
+        text: chunk.text.clone(),
+        source_rows: a.len() as u64,
+        target_rows: b.len() as u64,
+        missing: first(missing),
+        extra: first(extra),
+        different: first(different),
+        duplicates: copies.saturating_sub(b.len() as u64),
+    }
+}
+
+impl ChunkDiff {
+    pub fn is_equal(&self) -> bool {
+        self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty() && self.duplicates == 0
+    }
+}
+
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
-    let columns: Vec<String> = from.spec().columns.iter().map(|c| c.name.clone()).collect();
-    let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
+    let cmp = Comparison::of(from, to);
     let work = Mutex::new(plan.iter());
     let results = Mutex::new(Vec::new());
     let error = Mutex::new(None);
@@ -256,27 +311,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
             s.spawn(|| {
                 loop {
                     let Some(chunk) = work.lock().unwrap().next().cloned() else { break };
-                    let res = (|| -> Result<ChunkDiff> {
-                        let a = read_side(from, &chunk, &columns, norm)?;
-                        let b = read_side(to, &chunk, &columns, norm)?;
-                        let missing = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
-                        let extra = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
-                        let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
-                        let copies = to.stored_copies(&chunk)?.unwrap_or(b.len() as u64);
-                        Ok(ChunkDiff {
-                            chunk: chunk.id,
-                            lo: chunk.lo,
-                            hi: chunk.hi,
-                            text: chunk.text.clone(),
-                            source_rows: a.len() as u64,
-                            target_rows: b.len() as u64,
-                            missing: first(missing),
-                            extra: first(extra),
-                            different: first(different),
-                            duplicates: copies.saturating_sub(b.len() as u64),
-                        })
-                    })();
-                    match res {
+                    match cmp.chunk(from, to, &chunk) {
                         Ok(d) => results.lock().unwrap().push(d),
                         Err(e) => {
                             *error.lock().unwrap() = Some(anyhow!("chunk {}: {e:#}", chunk.id));
@@ -292,13 +327,7 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
     }
     let mut all = results.into_inner().unwrap();
     all.sort_by_key(|d| d.chunk);
-    let differing: Vec<ChunkDiff> = all
-        .iter()
-        .filter(|d| {
-            d.source_rows != d.target_rows || !d.missing.is_empty() || !d.extra.is_empty() || !d.different.is_empty() || d.duplicates > 0
-        })
-        .cloned()
-        .collect();
+    let differing: Vec<ChunkDiff> = all.iter().filter(|d| !d.is_equal()).cloned().collect();
     Ok(VerifyReport {
         source: from.describe(),
         target: to.describe(),
@@ -307,8 +336,8 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         target_rows: all.iter().map(|d| d.target_rows).sum(),
         equal: differing.is_empty(),
         differing_chunks: differing,
-        vector_comparison,
-        timestamp_comparison,
+        vector_comparison: cmp.vector_comparison,
+        timestamp_comparison: cmp.timestamp_comparison,
         not_compared: computed_notes(from.spec(), to.spec()),
     })
 }

@@ -79,6 +79,12 @@ fn render(job: &str, p: &Progress) -> String {
             }
             crate::contract::changes::PositionUnit::Watermark => {}
         }
+        if let Some(v) = &o.verification {
+            metric("vmig_verify_chunks", "gauge", "Chunks of the verification plan of an online job.", &one(v.chunks));
+            metric("vmig_verify_chunks_verified", "gauge", "Chunks seen equal on both sides while following.", &one(v.chunks_verified));
+            metric("vmig_cutover_changed_keys", "gauge", "Keys a cutover would read by id now (changed since their chunk was seen equal).", &one(v.changed_keys));
+            metric("vmig_cutover_unverified_chunks", "gauge", "Chunks a cutover would read whole now (never seen equal).", &one(v.unverified_chunks));
+        }
     }
     out
 }

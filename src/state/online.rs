@@ -74,6 +74,9 @@ pub struct CutoverRequest {
     /// alive): a failed cutover ends the run instead of following on.
     #[serde(default)]
     pub standalone: bool,
+    /// `cutover --full-verify`: compare both whole tables, not only what changed.
+    #[serde(default)]
+    pub full_verify: bool,
 }
 
 impl CutoverRequest {

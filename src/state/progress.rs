@@ -265,7 +265,10 @@ impl Progress {
             (s.phase.clone(), s.online.clone())
         };
         if let (Some(o), "following" | "catching up" | "cutting over") = (&online, phase.as_str()) {
-            eprintln!("progress: {phase} · {}", o.summary());
+            match &o.verification {
+                Some(v) => eprintln!("progress: {phase} · {} · {}", o.summary(), v.summary()),
+                None => eprintln!("progress: {phase} · {}", o.summary()),
+            }
             return;
         }
         if !phase.is_empty() && phase != "loading" && phase != "snapshot" {
@@ -441,6 +444,39 @@ pub struct OnlineStatus {
     pub note: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Verification while following (targets checked at cutover by what changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerifyProgress>,
+}
+
+/// Verification while following: chunks seen equal, and what a cutover
+/// would compare if it ran now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyProgress {
+    pub chunks: u64,
+    pub chunks_verified: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_full_pass: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_full_pass: Option<String>,
+    /// Keys changed since their chunk was last seen equal (read by id at cutover).
+    pub changed_keys: u64,
+    /// Chunks never seen equal (read whole at cutover).
+    pub unverified_chunks: u64,
+}
+
+impl VerifyProgress {
+    /// "verified 12/40 chunks (last full pass …) · cutover would check 31 changed keys and 28 chunks".
+    pub fn summary(&self) -> String {
+        let pass = match &self.last_full_pass {
+            Some(t) => format!(" (last full pass {t})"),
+            None => String::new(),
+        };
+        format!(
+            "verified {}/{} chunks{pass} · cutover would check {} changed keys and {} unverified chunks",
+            self.chunks_verified, self.chunks, self.changed_keys, self.unverified_chunks
+        )
+    }
 }
 
 impl OnlineStatus {

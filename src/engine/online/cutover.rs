@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 
 use crate::contract::changes::ChangeStream;
 use crate::engine::online::CutoverCheck;
+use crate::engine::online::watch::{WatchCheck, Watching};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets};
 use crate::model::now_rfc3339;
 use crate::state::online::{CutoverRequest, OnlineState};
@@ -17,7 +19,12 @@ pub(super) fn standalone_cutover(dir: &std::path::Path, command: &str) -> bool {
     CutoverRequest::load(dir, command).ok().flatten().is_some_and(|r| r.standalone)
 }
 
-/// Drained: finish every target, verify, remove the source's artefacts.
+/// Drained: finish every target, check it against the source (what changed
+/// since each chunk was seen equal, or both whole tables without a watch or
+/// with `--full-verify`), remove the source's artefacts. The writes are
+/// stopped from `drain_started` on: the line "cutover window" says how long
+/// that lasted and where the time went.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn cutover(
     cfg: &JobConfig,
     job: &PreparedJob,
@@ -25,8 +32,11 @@ pub(super) fn cutover(
     cancel: &Arc<AtomicBool>,
     progress: &Arc<Progress>,
     check: &dyn Fn() -> Result<CutoverCheck>,
+    watching: Option<&Watching<'_>>,
+    drain_started: Instant,
 ) -> Result<()> {
     let dir = cfg.job_dir.clone();
+    let drained = drain_started.elapsed();
     let fail = |msg: String| -> Result<()> {
         if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {
             req.state = "failed".into();
@@ -36,14 +46,33 @@ pub(super) fn cutover(
         }
         bail!("{msg}")
     };
+    let finish_started = Instant::now();
     if let Some(e) = finish_targets(cfg, job, cancel, progress) {
         return fail(format!("cutover: finishing the target failed: {e}"));
     }
+    let finished = finish_started.elapsed();
     progress.set_phase("verifying");
-    let r = match check() {
+    let full = CutoverRequest::load(&dir, &cfg.command)?.is_some_and(|r| r.full_verify);
+    let check_started = Instant::now();
+    let checked = match watching.filter(|_| !full) {
+        Some(w) => w.check().map(|c| {
+            let what = format!("checked {} changed keys and {} unverified chunks ({} rows)", c.changed_keys, c.unverified_chunks, c.rows_compared);
+            (changed_only(&c, &w.cmp.vector_comparison), what)
+        }),
+        None => check().map(|r| (r, "verified both whole tables".to_string())),
+    };
+    let (r, what) = match checked {
         Ok(r) => r,
         Err(e) => return fail(format!("cutover: verify failed to run: {e:#}")),
     };
+    let window = format!(
+        "cutover window {:.1} s: drain {:.1} s, finish {:.1} s, {what} in {:.1} s",
+        drain_started.elapsed().as_secs_f64(),
+        drained.as_secs_f64(),
+        finished.as_secs_f64(),
+        check_started.elapsed().as_secs_f64()
+    );
+    progress.println(&window);
     if !r.equal {
         return fail(format!(
             "cutover: the target differs from the source after draining ({}); were writes to the source stopped? \
@@ -54,8 +83,9 @@ pub(super) fn cutover(
     let artifacts = stream.artifacts();
     stream.drop_artifacts()?;
     let _ = std::fs::remove_file(OnlineState::path(&dir));
+    crate::engine::online::watch::discard(&dir)?;
     let removed = if stream.removes_artifacts() { format!("; {artifacts} removed") } else { String::new() };
-    let msg = format!("safe to switch: {}{removed}", r.summary);
+    let msg = format!("safe to switch: {}{removed} ({window})", r.summary);
     if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {
         req.state = "done".into();
         req.message = Some(msg.clone());
@@ -64,4 +94,17 @@ pub(super) fn cutover(
     }
     progress.println(&msg);
     Ok(())
+}
+
+/// A watch's check as the cutover reports it.
+fn changed_only(c: &WatchCheck, vectors: &str) -> CutoverCheck {
+    CutoverCheck {
+        equal: c.differing.is_empty(),
+        summary: format!(
+            "the target equals the source (every chunk seen equal while following; the {} keys changed since and {} chunks never seen equal \
+             compared now: ids and every column; vectors {vectors})",
+            c.changed_keys, c.unverified_chunks
+        ),
+        differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
+    }
 }

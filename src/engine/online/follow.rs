@@ -12,7 +12,9 @@ use anyhow::Result;
 
 use crate::contract::{Sink, Source};
 use crate::contract::changes::{AppliedPosition, ChangeCounts, ChangeSet, ChangeStream, PositionUnit, StreamBatch};
+use crate::contract::changes::keys_of;
 use crate::engine::online::CutoverCheck;
+use crate::engine::online::watch::{self, WatchSides, Watching};
 use crate::engine::online::apply::apply_to_target;
 use crate::engine::online::cutover::{cutover, standalone_cutover};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets, load, lock_targets, plan_and_prepare, report, with_progress};
@@ -36,6 +38,7 @@ pub fn run_online(
     sinks: Vec<(String, Arc<dyn Sink>)>,
     open_stream: OpenStream<'_>,
     check: &dyn Fn() -> Result<CutoverCheck>,
+    watch_sides: Option<WatchSides<'_>>,
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
     let describe = (source.describe(), sinks.iter().map(|(_, s)| s.describe()).collect());
@@ -46,6 +49,10 @@ pub fn run_online(
         for (_, s) in &sinks {
             committed |= s.job_began(&cfg.job)?;
         }
+        if !committed {
+            // A job starting over: no check of an earlier copy counts.
+            watch::discard(&cfg.job_dir)?;
+        }
         let mut stream = open_stream(progress, committed)?;
         progress.println(&format!("change capture: {}", stream.artifacts()));
         let job = plan_and_prepare(cfg, source, sinks, progress)?;
@@ -55,8 +62,18 @@ pub fn run_online(
             progress.set_phase("finishing snapshot");
             error = finish_targets(cfg, &job, &cancel, progress);
         }
+        // Verification while following starts once the snapshot is loaded.
+        let mut watching = None;
         if error.is_none() {
-            match follow(cfg, &job, stream.as_mut(), &cancel, progress, check) {
+            if let Some(w) = watch_sides {
+                match Watching::open(&cfg.job_dir, w.open, cfg.chunk_rows, w.rate) {
+                    Ok(w) => watching = Some(w),
+                    Err(e) => error = Some(format!("setting up verification while following: {e:#}")),
+                }
+            }
+        }
+        if error.is_none() {
+            match follow(cfg, &job, stream.as_mut(), &cancel, progress, check, watching.as_ref()) {
                 Ok(true) => {}
                 Ok(false) => {
                     loaded.cancelled = true;
@@ -93,8 +110,29 @@ fn follow(
     cancel: &Arc<AtomicBool>,
     progress: &Arc<Progress>,
     check: &dyn Fn() -> Result<CutoverCheck>,
+    watching: Option<&Watching<'_>>,
 ) -> Result<bool> {
-    let mut f = Follower::new(cfg, job, stream, cancel, progress)?;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        if let Some(w) = watching {
+            s.spawn(|| w.run_verifier(&stop, &|m| progress.println(m)));
+        }
+        let followed = follow_batches(cfg, job, stream, cancel, progress, check, watching);
+        stop.store(true, Relaxed);
+        followed
+    })
+}
+
+fn follow_batches(
+    cfg: &JobConfig,
+    job: &PreparedJob,
+    stream: &mut dyn ChangeStream,
+    cancel: &Arc<AtomicBool>,
+    progress: &Arc<Progress>,
+    check: &dyn Fn() -> Result<CutoverCheck>,
+    watching: Option<&Watching<'_>>,
+) -> Result<bool> {
+    let mut f = Follower::new(cfg, job, stream, cancel, progress, watching)?;
     progress.set_phase("catching up");
     loop {
         if cancel.load(Relaxed) {
@@ -116,13 +154,18 @@ fn follow(
         let cutting = complete && f.drain_to.is_some();
         f.apply_reconciled(stream, cutting)?;
         if cutting {
-            match cutover(cfg, job, stream, cancel, progress, check) {
+            let drain_started = f.drain_started.unwrap_or_else(Instant::now);
+            match cutover(cfg, job, stream, cancel, progress, check, watching, drain_started) {
                 Ok(()) => return Ok(true),
                 // Run by `vmig cutover` itself: nothing left to follow for.
                 Err(e) if standalone_cutover(&cfg.job_dir, &cfg.command) => return Err(e),
                 Err(e) => {
                     progress.println(&format!("error: {e:#}"));
                     f.drain_to = None;
+                    f.drain_started = None;
+                    if let Some(w) = watching {
+                        w.resume();
+                    }
                 }
             }
         }
@@ -150,8 +193,11 @@ struct Follower<'a> {
     /// Behind the source with nothing arriving since then.
     behind_since: Option<Instant>,
     last_stats: Option<Instant>,
-    /// Where a requested cutover drains to.
+    /// Where a requested cutover drains to, and since when (the writes are stopped).
     drain_to: Option<u64>,
+    drain_started: Option<Instant>,
+    /// Verification while following: every change is marked before it is applied.
+    watching: Option<&'a Watching<'a>>,
     /// Changes per batch (whole transactions: a large one exceeds it).
     batch_changes: usize,
 }
@@ -164,6 +210,7 @@ impl<'a> Follower<'a> {
         stream: &mut dyn ChangeStream,
         cancel: &'a Arc<AtomicBool>,
         progress: &'a Arc<Progress>,
+        watching: Option<&'a Watching<'a>>,
     ) -> Result<Self> {
         let mut applied: Vec<AppliedPosition> = Vec::new();
         for t in &job.targets {
@@ -185,6 +232,8 @@ impl<'a> Follower<'a> {
             behind_since: None,
             last_stats: None,
             drain_to: None,
+            drain_started: None,
+            watching,
             batch_changes: job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000),
         })
     }
@@ -204,6 +253,7 @@ impl<'a> Follower<'a> {
             self.progress.println(&format!("the stream ends at {}: applying it, then cutting over", stream.format_position(end)));
             self.progress.set_phase("cutting over");
             self.drain_to = Some(end);
+            self.drain_started = Some(Instant::now());
         } else if let Some(mut req) = CutoverRequest::load(dir, command)?.filter(|r| r.state == "requested") {
             let p = stream.current_position()?;
             req.position = Some(stream.format_position(p));
@@ -211,6 +261,7 @@ impl<'a> Follower<'a> {
             self.progress.println(&format!("cutover requested: draining to {}", stream.format_position(p)));
             self.progress.set_phase("cutting over");
             self.drain_to = Some(p);
+            self.drain_started = Some(Instant::now());
         }
         Ok(())
     }
@@ -230,6 +281,7 @@ impl<'a> Follower<'a> {
             let counters = &self.progress.counters;
             counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
             let apply_started = Instant::now();
+            self.mark(set)?;
             for (i, t) in self.job.targets.iter().enumerate() {
                 if self.applied[i].position >= set.position && !stream.idempotent() {
                     continue; // this target has it (a resume after a crash between targets)
@@ -292,11 +344,24 @@ impl<'a> Follower<'a> {
             unit: stats.unit,
             note: stats.note.clone(),
             warning,
+            verification: self.watching.map(|w| w.watch.progress()),
         };
         self.progress.status.lock().unwrap().online = Some(online);
         self.progress.write_status(None);
         self.last_stats = Some(Instant::now());
         Ok(())
+    }
+
+    /// Marks every key a change set touches as changed, before any target
+    /// applies it.
+    fn mark(&self, set: &ChangeSet) -> Result<()> {
+        let Some(w) = self.watching else { return Ok(()) };
+        let pk = &self.job.source.spec().primary_key;
+        let mut keys = set.deletes.clone();
+        for b in set.images.iter().chain(&set.partial) {
+            keys.extend(keys_of(b, pk)?);
+        }
+        w.watch.mark(keys)
     }
 
     /// Applies what a reconcile found (changes the position cannot see) to
@@ -306,6 +371,7 @@ impl<'a> Follower<'a> {
         if !set.has_rows() {
             return Ok(());
         }
+        self.mark(&set)?;
         for (i, t) in self.job.targets.iter().enumerate() {
             let mut at_position = set.clone();
             at_position.position = self.applied[i].position.max(self.applied_position);

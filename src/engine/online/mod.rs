@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod cutover;
 pub mod follow;
+pub mod watch;
 
 pub use follow::run_online;
 

@@ -1,0 +1,410 @@
+//! Verification while following, so that a cutover checks only what can
+//! still differ. A background verifier walks the chunks of a plan made when
+//! following starts, compares each on both sides with verify's rules and
+//! records, per chunk, the change mark it was last seen equal at. Every
+//! change is marked (its key, a sequence number) before it is applied, so a
+//! key changed after its chunk's check stays "changed" until the next check.
+//! At cutover only changed keys (read by id on both sides) and chunks never
+//! seen equal (read whole) are compared.
+//!
+//! Both records live in the job's directory beside its status and survive
+//! kill -9: `watch.json` (plan, per-chunk checks) is replaced atomically;
+//! `changed-keys.jsonl` is appended and fsynced before the change it marks
+//! reaches any target, so a crash can leave a key marked that was never
+//! applied (checked once more), never the reverse.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use serde::{Deserialize, Serialize};
+
+use crate::contract::Source;
+use crate::engine::verify::{ChunkDiff, Comparison};
+use crate::model::now_rfc3339;
+use crate::model::plan::{Bounds, ChunkRange, Key};
+use crate::state::files::{load_json, write_atomic};
+use crate::state::progress::VerifyProgress;
+
+const WATCH_FILE: &str = "watch.json";
+const CHANGED_FILE: &str = "changed-keys.jsonl";
+
+/// `watch.json`: the verification plan and what each chunk was last seen equal at.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct WatchFile {
+    plan: Vec<ChunkRange>,
+    /// Chunk id → its last equal check.
+    checked: BTreeMap<u32, ChunkCheck>,
+    /// When every chunk had been seen equal at least once (the first full pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_full_pass: Option<String>,
+    /// When the verifier last finished a walk over every chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_full_pass: Option<String>,
+}
+
+/// A chunk seen equal: every change marked up to `mark` was in that comparison.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkCheck {
+    mark: u64,
+    at: String,
+    rows: u64,
+}
+
+/// One line of `changed-keys.jsonl`.
+#[derive(Serialize, Deserialize)]
+struct ChangedLine {
+    mark: u64,
+    keys: Vec<Key>,
+}
+
+struct State {
+    file: WatchFile,
+    /// Per chunk of the plan (by position): key → the last mark it was
+    /// changed at, for keys no equal check of the chunk has covered yet.
+    changed: Vec<HashMap<Key, u64>>,
+    /// The last mark given.
+    mark: u64,
+    log: File,
+    /// Lines in the change log since it was last rewritten.
+    log_lines: u64,
+    /// Where the verifier walks next.
+    cursor: usize,
+    /// Chunks compared in the current walk.
+    walked: usize,
+}
+
+/// What a cutover compared and found.
+pub struct WatchCheck {
+    pub changed_keys: usize,
+    pub unverified_chunks: usize,
+    pub rows_compared: u64,
+    pub differing: Vec<ChunkDiff>,
+}
+
+pub struct Watch {
+    dir: PathBuf,
+    state: Mutex<State>,
+}
+
+/// The files of a job's watch (`reset` and a fresh start remove them).
+pub fn watch_files(dir: &Path) -> [PathBuf; 2] {
+    [dir.join(WATCH_FILE), dir.join(CHANGED_FILE)]
+}
+
+/// Forgets a job's watch: a job that starts over (or has cut over) must not
+/// trust checks made of another copy.
+pub fn discard(dir: &Path) -> Result<()> {
+    for p in watch_files(dir) {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", p.display())),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Watch {
+    /// The job's watch: loaded as a killed run left it, or planned from
+    /// `source` (chunks of about `chunk_rows`, covering every possible key).
+    pub fn open(dir: &Path, source: &dyn Source, chunk_rows: u64) -> Result<Watch> {
+        let file = match load_json::<WatchFile>(&dir.join(WATCH_FILE))? {
+            Some(f) => f,
+            None => {
+                let f = WatchFile { plan: source.plan(chunk_rows)?, ..Default::default() };
+                write_atomic(&dir.join(WATCH_FILE), &serde_json::to_vec_pretty(&f)?)?;
+                f
+            }
+        };
+        let path = dir.join(CHANGED_FILE);
+        let log = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut state = State { changed: vec![HashMap::new(); file.plan.len()], file, mark: 0, log, log_lines: 0, cursor: 0, walked: 0 };
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).lines() {
+                // A line cut short by a kill was never followed by its apply.
+                let Ok(l) = serde_json::from_str::<ChangedLine>(&line?) else { continue };
+                state.note(l.mark, l.keys)?;
+                state.log_lines += 1;
+            }
+        }
+        for at in 0..state.file.plan.len() {
+            state.forget_covered(at);
+        }
+        Ok(Watch { dir: dir.to_path_buf(), state: Mutex::new(state) })
+    }
+
+    /// Marks `keys` as changed, durably, before the change is applied.
+    pub fn mark(&self, keys: Vec<Key>) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut st = self.state.lock().unwrap();
+        let mark = st.mark + 1;
+        let mut line = serde_json::to_vec(&ChangedLine { mark, keys: keys.clone() })?;
+        line.push(b'\n');
+        st.log.write_all(&line)?;
+        st.log.sync_data()?;
+        st.note(mark, keys)?;
+        st.log_lines += 1;
+        Ok(())
+    }
+
+    /// Compares the next chunk due (never seen equal, or holding keys
+    /// changed since its check) and records it when equal; returns the
+    /// rows compared, None when no chunk is due. A chunk that differs while
+    /// changes are in flight is simply due again on a later walk.
+    pub fn verify_next(&self, cmp: &Comparison, from: &dyn Source, to: &dyn Source) -> Result<Option<u64>> {
+        let (at, chunk, mark) = {
+            let mut st = self.state.lock().unwrap();
+            let n = st.file.plan.len();
+            let Some(offset) = (0..n).find(|i| st.due((st.cursor + i) % n)) else {
+                st.finish_walk();
+                return Ok(None);
+            };
+            let at = (st.cursor + offset) % n;
+            if at < st.cursor {
+                st.finish_walk();
+            }
+            st.cursor = at + 1;
+            st.walked += 1;
+            (at, st.file.plan[at].clone(), st.mark)
+        };
+        let diff = cmp.chunk(from, to, &chunk)?;
+        let rows = diff.source_rows.max(diff.target_rows);
+        if !diff.is_equal() {
+            return Ok(Some(rows));
+        }
+        let mut st = self.state.lock().unwrap();
+        st.file.checked.insert(chunk.id, ChunkCheck { mark, at: now_rfc3339(), rows: diff.source_rows });
+        if st.file.first_full_pass.is_none() && st.file.checked.len() == st.file.plan.len() {
+            st.file.first_full_pass = Some(now_rfc3339());
+        }
+        st.forget_covered(at);
+        write_atomic(&self.dir.join(WATCH_FILE), &serde_json::to_vec_pretty(&st.file)?)?;
+        st.compact_log(&self.dir)?;
+        Ok(Some(rows))
+    }
+
+    /// Where verification stands, and what a cutover would compare now.
+    pub fn progress(&self) -> VerifyProgress {
+        let st = self.state.lock().unwrap();
+        let (keys, chunks) = st.pending();
+        VerifyProgress {
+            chunks: st.file.plan.len() as u64,
+            chunks_verified: st.file.checked.len() as u64,
+            first_full_pass: st.file.first_full_pass.clone(),
+            last_full_pass: st.file.last_full_pass.clone(),
+            changed_keys: keys.iter().map(|(_, k)| k.len() as u64).sum(),
+            unverified_chunks: chunks.len() as u64,
+        }
+    }
+
+    /// The cutover's check, with the writes stopped and the stream drained:
+    /// changed keys by id on both sides, chunks never seen equal whole.
+    pub fn check(&self, cmp: &Comparison, from: &dyn Source, to: &dyn Source) -> Result<WatchCheck> {
+        let (plan, keys, chunks) = {
+            let st = self.state.lock().unwrap();
+            let (keys, chunks) = st.pending();
+            (st.file.plan.clone(), keys, chunks)
+        };
+        let mut out = WatchCheck {
+            changed_keys: keys.iter().map(|(_, k)| k.len()).sum(),
+            unverified_chunks: chunks.len(),
+            rows_compared: 0,
+            differing: Vec::new(),
+        };
+        for at in chunks {
+            let d = cmp.chunk(from, to, &plan[at])?;
+            out.rows_compared += d.source_rows.max(d.target_rows);
+            if !d.is_equal() {
+                out.differing.push(d);
+            }
+        }
+        for (at, ks) in keys {
+            for part in ks.chunks(1_000) {
+                let d = cmp.keys(from, to, &plan[at], part)?;
+                out.rows_compared += d.source_rows.max(d.target_rows);
+                if !d.is_equal() {
+                    out.differing.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl State {
+    /// Records that `keys` changed at `mark`.
+    fn note(&mut self, mark: u64, keys: Vec<Key>) -> Result<()> {
+        for k in keys {
+            let at = chunk_of(&self.file.plan, &k).ok_or_else(|| anyhow!("key {k} lies in no chunk of the verification plan"))?;
+            self.changed[at].insert(k, mark);
+        }
+        self.mark = self.mark.max(mark);
+        Ok(())
+    }
+
+    /// Never seen equal, or holding keys changed since its last check.
+    fn due(&self, at: usize) -> bool {
+        !self.file.checked.contains_key(&self.file.plan[at].id) || !self.changed[at].is_empty()
+    }
+
+    /// A walk over every chunk is complete.
+    fn finish_walk(&mut self) {
+        if self.walked > 0 && self.file.checked.len() == self.file.plan.len() {
+            self.file.last_full_pass = Some(now_rfc3339());
+        }
+        self.walked = 0;
+    }
+
+    /// Keys the chunk's last equal check covered are no longer changed.
+    fn forget_covered(&mut self, at: usize) {
+        if let Some(chk) = self.file.checked.get(&self.file.plan[at].id) {
+            let covered = chk.mark;
+            self.changed[at].retain(|_, m| *m > covered);
+        }
+    }
+
+    /// Changed keys by chunk position (chunks seen equal before the change),
+    /// and the positions of chunks never seen equal (compared whole).
+    fn pending(&self) -> (Vec<(usize, Vec<Key>)>, Vec<usize>) {
+        let mut keys = Vec::new();
+        let mut unverified = Vec::new();
+        for (at, c) in self.file.plan.iter().enumerate() {
+            if !self.file.checked.contains_key(&c.id) {
+                unverified.push(at);
+            } else if !self.changed[at].is_empty() {
+                let mut ks: Vec<Key> = self.changed[at].keys().cloned().collect();
+                ks.sort();
+                keys.push((at, ks));
+            }
+        }
+        (keys, unverified)
+    }
+
+    /// Rewrites the change log with only the keys still changed, once it
+    /// has grown well past them (a job that follows for days).
+    fn compact_log(&mut self, dir: &Path) -> Result<()> {
+        let still: usize = self.changed.iter().map(HashMap::len).sum();
+        if self.log_lines < 1_000 || self.log_lines < 4 * still as u64 {
+            return Ok(());
+        }
+        let mut by_mark: BTreeMap<u64, Vec<Key>> = BTreeMap::new();
+        for (k, m) in self.changed.iter().flatten() {
+            by_mark.entry(*m).or_default().push(k.clone());
+        }
+        let mut text = Vec::new();
+        for (mark, keys) in &by_mark {
+            text.extend(serde_json::to_vec(&ChangedLine { mark: *mark, keys: keys.clone() })?);
+            text.push(b'\n');
+        }
+        let path = dir.join(CHANGED_FILE);
+        write_atomic(&path, &text)?;
+        self.log = OpenOptions::new().append(true).open(&path)?;
+        self.log_lines = by_mark.len() as u64;
+        Ok(())
+    }
+}
+
+/// The position of the chunk holding `key` (plans are in key order and
+/// cover every key of their type).
+fn chunk_of(plan: &[ChunkRange], key: &Key) -> Option<usize> {
+    let below = |c: &ChunkRange| match (c.bounds(), key) {
+        (Bounds::Int { hi, .. }, Key::Int(k)) => hi < *k,
+        (Bounds::Text { upto: Some(u), .. }, Key::Str(k)) => k.as_str() > u,
+        _ => false,
+    };
+    let at = plan.partition_point(below);
+    plan.get(at).filter(|c| c.contains(key)).map(|_| at).or_else(|| plan.iter().position(|c| c.contains(key)))
+}
+
+/// Opens both sides afresh: each comparison reads the rows as they are
+/// now (a source keeps one snapshot for every read it makes).
+pub type OpenSides<'a> = Box<dyn Fn() -> Result<(Arc<dyn Source>, Arc<dyn Source>)> + Send + Sync + 'a>;
+
+/// A job's verification while following: its record, how to open the two
+/// sides, and the background verifier's pace.
+pub struct Watching<'a> {
+    pub watch: Watch,
+    open: OpenSides<'a>,
+    pub cmp: Comparison,
+    /// Rows per second the verifier reads at most (0: no limit).
+    rate: u64,
+    /// A cutover holds the verifier still while it checks.
+    paused: AtomicBool,
+    busy: Mutex<()>,
+}
+
+impl<'a> Watching<'a> {
+    /// Opens (or resumes) the job's watch over the sides `open` gives.
+    pub fn open(dir: &Path, open: OpenSides<'a>, chunk_rows: u64, rate: u64) -> Result<Watching<'a>> {
+        let (from, to) = open()?;
+        let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
+        let cmp = Comparison::of(from.as_ref(), to.as_ref());
+        Ok(Watching { watch, open, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
+    }
+
+    /// The background verifier: compares the chunks due, one at a time,
+    /// until `stop`. Errors are said and retried (the job keeps following).
+    pub fn run_verifier(&self, stop: &AtomicBool, say: &dyn Fn(&str)) {
+        let mut last_error: Option<String> = None;
+        while !stop.load(Relaxed) {
+            if self.paused.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            let started = Instant::now();
+            let done = {
+                let _busy = self.busy.lock().unwrap();
+                (self.open)().and_then(|(from, to)| self.watch.verify_next(&self.cmp, from.as_ref(), to.as_ref()))
+            };
+            let idle = match done {
+                Ok(Some(rows)) => {
+                    last_error = None;
+                    if self.rate > 0 { Duration::from_secs_f64(rows as f64 / self.rate as f64).saturating_sub(started.elapsed()) } else { Duration::ZERO }
+                }
+                Ok(None) => Duration::from_secs(1),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        say(&format!("warning: verifying while following: {msg} (tried again)"));
+                    }
+                    last_error = Some(msg);
+                    Duration::from_secs(5)
+                }
+            };
+            let until = Instant::now() + idle;
+            while Instant::now() < until && !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+            }
+        }
+    }
+
+    /// The cutover's check, on both sides as they are now. The verifier is
+    /// held still from here on (a finished cutover removes the record);
+    /// `resume` lets it go on after a cutover that failed.
+    pub fn check(&self) -> Result<WatchCheck> {
+        self.paused.store(true, Relaxed);
+        let _busy = self.busy.lock().unwrap();
+        let (from, to) = (self.open)()?;
+        self.watch.check(&self.cmp, from.as_ref(), to.as_ref())
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Relaxed);
+    }
+}
+
+/// The sides an online job verifies while it follows (the source, the
+/// target read back), opened once the snapshot is loaded (the target
+/// exists by then), and the verifier's pace.
+pub struct WatchSides<'a> {
+    pub open: OpenSides<'a>,
+    /// Rows per second at most (0: no limit).
+    pub rate: u64,
+}
