@@ -271,8 +271,13 @@ impl Comparison {
     /// The rows of `keys` read by id on both sides and compared: a chunk's
     /// diff over those keys only (a key neither side holds is equal).
     pub fn keys(&self, from: &dyn Source, to: &dyn Source, chunk: &ChunkRange, keys: &[Key]) -> Result<ChunkDiff> {
-        let a = read_ids_side(from, keys, &self.columns, self.norm)?;
-        let b = read_ids_side(to, keys, &self.columns, self.norm)?;
+        // Only the keys asked for, byte for byte: a side may also answer with
+        // rows its collation calls equal (OceanBase's PAD SPACE: 'a ' = 'a').
+        let wanted: std::collections::HashSet<&Key> = keys.iter().collect();
+        let mut a = read_ids_side(from, keys, &self.columns, self.norm)?;
+        let mut b = read_ids_side(to, keys, &self.columns, self.norm)?;
+        a.retain(|k, _| wanted.contains(k));
+        b.retain(|k, _| wanted.contains(k));
         Ok(diff_of(chunk, &a, &b, b.len() as u64))
     }
 }

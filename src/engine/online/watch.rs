@@ -33,6 +33,10 @@ use crate::state::progress::VerifyProgress;
 
 const WATCH_FILE: &str = "watch.json";
 const CHANGED_FILE: &str = "changed-keys.jsonl";
+/// A chunk is compared again no sooner than this after its last comparison:
+/// a chunk the writers keep changing is not re-read without pause, and one
+/// that differs while changes are in flight waits for them to settle.
+const RECHECK_AFTER: Duration = Duration::from_secs(30);
 
 /// `watch.json`: the verification plan and what each chunk was last seen equal at.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -73,6 +77,8 @@ struct State {
     log: File,
     /// Lines in the change log since it was last rewritten.
     log_lines: u64,
+    /// Per chunk of the plan: when this run last compared it.
+    compared: Vec<Option<Instant>>,
     /// Where the verifier walks next.
     cursor: usize,
     /// Chunks compared in the current walk.
@@ -123,7 +129,16 @@ impl Watch {
         };
         let path = dir.join(CHANGED_FILE);
         let log = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let mut state = State { changed: vec![HashMap::new(); file.plan.len()], file, mark: 0, log, log_lines: 0, cursor: 0, walked: 0 };
+        let mut state = State {
+            changed: vec![HashMap::new(); file.plan.len()],
+            compared: vec![None; file.plan.len()],
+            file,
+            mark: 0,
+            log,
+            log_lines: 0,
+            cursor: 0,
+            walked: 0,
+        };
         if let Ok(f) = File::open(&path) {
             for line in BufReader::new(f).lines() {
                 // A line cut short by a kill was never followed by its apply.
@@ -172,6 +187,7 @@ impl Watch {
             }
             st.cursor = at + 1;
             st.walked += 1;
+            st.compared[at] = Some(Instant::now());
             (at, st.file.plan[at].clone(), st.mark)
         };
         let diff = cmp.chunk(from, to, &chunk)?;
@@ -249,9 +265,11 @@ impl State {
         Ok(())
     }
 
-    /// Never seen equal, or holding keys changed since its last check.
+    /// Never seen equal, or holding keys changed since its last check; and
+    /// not compared in the last `RECHECK_AFTER`.
     fn due(&self, at: usize) -> bool {
-        !self.file.checked.contains_key(&self.file.plan[at].id) || !self.changed[at].is_empty()
+        let stale = !self.file.checked.contains_key(&self.file.plan[at].id) || !self.changed[at].is_empty();
+        stale && self.compared[at].is_none_or(|t| t.elapsed() >= RECHECK_AFTER)
     }
 
     /// A walk over every chunk is complete.
