@@ -6,7 +6,7 @@
 mod common;
 
 use common::faults::{Moment, start, wait_for};
-use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count_settled, milvus_rows};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count_settled, milvus_count_where, milvus_insert_copy, milvus_rows};
 use common::online::{OnlineSource, Reaper, Writer, applied, online_args, online_scenario, source_artifacts, staging_scenario, wait_following};
 use common::*;
 
@@ -258,4 +258,118 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     assert!(run.wait().unwrap().success());
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
     assert!(!job_dir.join("watch.json").exists(), "a finished cutover removes its verification record");
+}
+
+/// Polls `done` every 50 ms for up to `secs`.
+fn wait_until(what: &str, secs: u64, done: &dyn Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(secs), "{what} not reached in {secs} s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A field of the verification while following, from the job's status.
+fn verification(job_dir: &std::path::Path, field: &str) -> Option<u64> {
+    common::faults::status_of(job_dir, "migrate").and_then(|s| s["online"]["verification"][field].as_u64())
+}
+
+/// Chunks `watch.json` records as seen equal.
+fn chunks_seen_equal(job_dir: &std::path::Path) -> usize {
+    std::fs::read(job_dir.join("watch.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|w| w["checked"].as_object().map(|c| c.len()))
+        .unwrap_or(0)
+}
+
+/// Killed (-9) in the middle of a verification pass while a writer runs,
+/// the job resumes the pass where it was (the chunks already seen equal stay
+/// so), completes it, and cuts over with nothing left unverified; the target
+/// then equals the source by SQL, not by vmig's verify.
+#[test]
+fn a_job_killed_during_a_verification_pass_resumes_the_pass() {
+    let source = pg_source("online_pass");
+    let dst = fresh_db(&target_base(), "online_pass_dst", true);
+    let state = tempdir();
+    let job = "online_pass";
+    let mut args = online_args(&source.url, &dst, state.path(), job);
+    // 16 chunks of 100 rows at 100 rows/s: a pass lasts about 16 s.
+    let at = args.iter().position(|a| a == "--chunk-rows").unwrap();
+    args[at + 1] = "100".into();
+    args.extend(["--verify-rate", "100"].map(String::from));
+    let job_dir = state.path().join(job);
+    let writer = (source.writer)();
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let chunks = || verification(&job_dir, "chunks").unwrap_or(0);
+    wait_until("three chunks seen equal", 120, &|| chunks_seen_equal(&job_dir) >= 3);
+    let seen = chunks_seen_equal(&job_dir);
+    assert!((seen as u64) < chunks(), "killed before the pass ended: {seen} of {} chunks", chunks());
+    common::online::kill(run);
+    let seen = chunks_seen_equal(&job_dir);
+    writer.wait_for_more(10);
+
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap2 = Reaper(vec![run.id()]);
+    // The resumed job's first word on verification already counts the
+    // chunks the killed run saw equal (a fresh start would begin at 0).
+    let pid = run.id() as u64;
+    let of_this_run = || common::faults::status_of(&job_dir, "migrate").is_some_and(|s| s["pid"].as_u64() == Some(pid));
+    wait_until("the resumed job's verification status", 120, &|| of_this_run() && verification(&job_dir, "chunks_verified").is_some());
+    let resumed_at = verification(&job_dir, "chunks_verified").unwrap();
+    assert!(resumed_at >= seen as u64, "the resumed job counts {resumed_at} chunks verified, the killed run had {seen}");
+    wait_until("a full pass", 180, &|| chunks() > 0 && verification(&job_dir, "chunks_verified") == Some(chunks()));
+    writer.stop();
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let said = String::from_utf8_lossy(&ok(&cut).stdout).into_owned();
+    assert!(said.contains("safe to switch") && said.contains(" 0 unverified chunks"), "{said}");
+    assert!(run.wait().unwrap().success());
+    assert_same_rows(&source.url, "modeldata", &dst, "modeldata");
+    assert_eq!((source.leftovers)(), "", "the slot and publication are gone");
+}
+
+/// Into Milvus, a change applied wrongly is caught at cutover: after a key
+/// changed (and its chunk's last check), a second copy of it is written to
+/// the collection with a plain SDK insert. The cutover counts the copies of
+/// the changed keys, names the id, recopies its chunk, and only then says
+/// "safe to switch"; the collection then holds one copy per id, equal to
+/// the source (read with the Milvus SDK, not vmig).
+#[test]
+fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
+    let src = fresh_db(&source_base(), "online_dup_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1200", "--dim", "16"]);
+    let m = fresh_milvus_db("online_dup");
+    let state = tempdir();
+    let job = "online_dup";
+    let args = online_args(&src, &m, state.path(), job);
+    let job_dir = state.path().join(job);
+    let mut run = start(&args, &Moment::Committed(0));
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let chunks = || verification(&job_dir, "chunks").unwrap_or(0);
+    wait_until("a full pass", 180, &|| chunks() >= 3 && verification(&job_dir, "chunks_verified") == Some(chunks()));
+    // A chunk is compared again 30 s after its last comparison at the
+    // earliest: the change and the copy below fall after its last check.
+    let id = query_i64(&src, "SELECT min(id) FROM modeldata");
+    let before = applied(&job_dir, "migrate");
+    exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
+    wait_following(&mut run, &job_dir, "migrate", before, job);
+    wait_until("the change in the target", 60, &|| milvus_count_where(&m, "modeldata", &format!("id == {id} and teamId == 'moved'")) == 1);
+    let row = as_mrows(&rows(&src, "modeldata")).into_iter().find(|r| r.id == id).unwrap();
+    milvus_insert_copy(&m, "modeldata", &row);
+    assert_eq!(milvus_count_where(&m, "modeldata", &format!("id == {id}")), 2, "the collection holds a second copy");
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let said = String::from_utf8_lossy(&ok(&cut).stdout).into_owned();
+    assert!(said.contains(&format!("1 duplicate copies of ids [{id}]")), "the cutover names the second copy: {said}");
+    assert!(said.contains("recopied from the source and then equal") && said.contains("safe to switch"), "{said}");
+    assert!(run.wait().unwrap().success());
+    let want = as_mrows(&rows(&src, "modeldata"));
+    assert_eq!(milvus_count_settled(&m, "modeldata", want.len() as i64), want.len() as i64, "one copy per id");
+    assert_eq!(milvus_rows(&m, "modeldata"), want);
 }

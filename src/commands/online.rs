@@ -20,7 +20,8 @@ use crate::backends::staging::StagingSource;
 use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
 use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
-use crate::engine::online::watch::WatchSides;
+use crate::engine::online::watch::{MendChunks, WatchSides};
+use crate::model::plan::ChunkRange;
 use crate::engine::online::{CutoverCheck, run_online};
 use crate::engine::online::follow::OpenStream;
 use crate::model::now_rfc3339;
@@ -194,13 +195,20 @@ fn from_database(
             }
         }
     };
-    // A source whose stream sees every change, into a SQL target: verified
-    // while following, so the cutover checks only what changed. (Milvus
-    // targets keep the cutover's repair rounds: their duplicate copies are
-    // counted per chunk, not per key.)
+    // A source whose stream sees every change: verified while following, so
+    // the cutover checks only what changed. A Milvus target also counts the
+    // copies of those keys, and a chunk found differing there (Milvus 2.3
+    // can lose a delete it acknowledged) is recopied and compared again.
     let watch_sides = match &job.target_ep {
-        Some(target_ep) if !repair && !matches!(target_ep, Endpoint::Milvus(_)) => Some(WatchSides {
+        Some(target_ep) if !repair => Some(WatchSides {
             open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
+            mend: matches!(target_ep, Endpoint::Milvus(_)).then(|| -> MendChunks<'_> {
+                Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
+                    let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
+                    let say = |m: &str| eprintln!("{m}");
+                    crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
+                })
+            }),
             rate: job.args.verify_rate.unwrap_or(0),
         }),
         _ => None,

@@ -75,6 +75,11 @@ pub trait Source: Send + Sync {
     fn stored_copies(&self, _span: &ChunkRange) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// How many row copies the store holds with these keys (Milvus'
+    /// `count(*)` over an id list); None where keys are unique by construction.
+    fn stored_copies_of(&self, _ids: &[Key]) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// The top-`k` keys for `query` through this side's own vector index, as
     /// an application's search gets them (`metric`, search breadth `ef`),
     /// nearest first; and the search as it ran, in words.

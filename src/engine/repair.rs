@@ -15,6 +15,7 @@ use crate::contract::changes::{ChangeCounts, ChangeSet};
 use crate::contract::reconcile::diff_ids;
 use crate::engine::transform::Transformer;
 use crate::engine::verify::{VerifyReport, verify};
+use crate::model::plan::ChunkRange;
 
 /// What a repair did.
 #[derive(Debug, Default, serde::Serialize)]
@@ -55,14 +56,39 @@ pub fn repair(
         report.after = Some(before);
         return Ok(report);
     }
+    let differing: Vec<ChunkRange> =
+        before.differing_chunks.iter().filter_map(|d| plan.iter().find(|c| c.id == d.chunk).cloned()).collect();
+    let (written, deleted) = recopy_chunks(source, open_target()?.as_ref(), whole_target, sink, &plan, &differing, say)?;
+    report.rows_written += written;
+    report.rows_deleted += deleted;
+    let after = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    report.before = Some(before);
+    report.equal = after.equal;
+    report.after = Some(after);
+    Ok(report)
+}
+
+/// Makes each of `chunks` on the target equal to the source's: the target's
+/// ids the source lacks are deleted and the source's rows replace the
+/// target's (upserts, which also remove any extra copies Milvus holds).
+/// `plan`: the plan the chunks belong to (the sink prepares for it).
+/// Returns the rows written and deleted.
+pub fn recopy_chunks(
+    source: &dyn Source,
+    target: &dyn Source,
+    whole_target: Option<&dyn Source>,
+    sink: &dyn Sink,
+    plan: &[ChunkRange],
+    chunks: &[ChunkRange],
+    say: &dyn Fn(&str),
+) -> Result<(u64, u64)> {
     let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false, index_memory: None };
-    let target_spec = sink.prepare(source.spec(), &plan, &opts)?;
+    let target_spec = sink.prepare(source.spec(), plan, &opts)?;
     let transformer = Transformer::new(&target_spec);
-    let target = open_target()?;
-    for d in &before.differing_chunks {
-        let chunk = plan.iter().find(|c| c.id == d.chunk).cloned().unwrap();
+    let (mut written, mut deleted) = (0, 0);
+    for chunk in chunks {
         // Ids only the target has (verify lists at most 20 of them).
-        let ids = diff_ids(source, target.as_ref(), &chunk)?;
+        let ids = diff_ids(source, target, chunk)?;
         if let Some(whole) = whole_target.filter(|_| !ids.missing.is_empty()) {
             let mut taken = Vec::new();
             whole.read_rows_by_id(&ids.missing, &mut |b| {
@@ -89,7 +115,6 @@ pub fn repair(
         // target writes here, a few batches apart.
         std::thread::scope(|s| -> Result<()> {
             let (tx, rx) = crossbeam_channel::bounded::<RecordBatch>(2);
-            let chunk = &chunk;
             let reader = s.spawn(move || source.read_chunk(chunk, BATCH_ROWS, &mut |b| tx.send(b).map_err(|_| anyhow!("stopped"))));
             for b in rx.iter() {
                 let t = transformer.apply(0, &b)?;
@@ -112,8 +137,8 @@ pub fn repair(
             }
             Ok(())
         })?;
-        report.rows_written += rows;
-        report.rows_deleted += extra.len() as u64;
+        written += rows;
+        deleted += extra.len() as u64;
         say(&format!(
             "chunk {:06} {}: rewrote {rows} rows, deleted {} the source no longer has",
             chunk.id,
@@ -121,9 +146,5 @@ pub fn repair(
             extra.len()
         ));
     }
-    let after = verify(source, open_target()?.as_ref(), &plan, workers)?;
-    report.before = Some(before);
-    report.equal = after.equal;
-    report.after = Some(after);
-    Ok(report)
+    Ok((written, deleted))
 }

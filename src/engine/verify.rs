@@ -35,6 +35,17 @@ pub struct ChunkDiff {
     /// enforce unique keys: an upsert whose delete it lost leaves the old
     /// copy, which queries hide and `count(*)` counts).
     pub duplicates: u64,
+    /// Ids the target holds more than one copy of, where they were looked
+    /// for (a by-id check; first 20).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub duplicate_ids: Vec<Key>,
+    /// Missing, extra and different ids beyond the 20 of each listed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unlisted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ChunkDiff {
@@ -50,7 +61,9 @@ impl ChunkDiff {
             key_list(&self.extra),
             key_list(&self.different)
         );
-        if self.duplicates > 0 {
+        if !self.duplicate_ids.is_empty() {
+            s.push_str(&format!("; {} duplicate copies of ids {}", self.duplicates, key_list(&self.duplicate_ids)));
+        } else if self.duplicates > 0 {
             s.push_str(&format!("; {} duplicate copies of ids the target holds", self.duplicates));
         }
         s
@@ -278,14 +291,46 @@ impl Comparison {
         let mut b = read_ids_side(to, keys, &self.columns, self.norm)?;
         a.retain(|k, _| wanted.contains(k));
         b.retain(|k, _| wanted.contains(k));
-        Ok(diff_of(chunk, &a, &b, b.len() as u64))
+        // Milvus: copies of these keys beyond one each, which its queries hide.
+        let Some(copies) = to.stored_copies_of(keys)? else { return Ok(diff_of(chunk, &a, &b, b.len() as u64)) };
+        let mut d = diff_of(chunk, &a, &b, copies);
+        if d.duplicates > 0 {
+            let held: Vec<Key> = keys.iter().filter(|k| b.contains_key(*k)).cloned().collect();
+            d.duplicate_ids = duplicated_keys(to, &held, copies)?;
+        }
+        Ok(d)
     }
 }
 
+/// The keys among `held` (each held at least once) that `side` holds more
+/// than once, found by halving the list while its copies exceed its keys
+/// (a few counts per duplicate, not one per key); the first 20.
+fn duplicated_keys(side: &dyn Source, held: &[Key], copies: u64) -> Result<Vec<Key>> {
+    let mut found = Vec::new();
+    let mut todo = vec![(held.to_vec(), copies)];
+    while let Some((keys, copies)) = todo.pop() {
+        if copies <= keys.len() as u64 || found.len() >= 20 {
+            continue;
+        }
+        if keys.len() == 1 {
+            found.extend(keys);
+            continue;
+        }
+        let (lo, hi) = keys.split_at(keys.len() / 2);
+        for part in [lo, hi] {
+            let n = side.stored_copies_of(part)?.unwrap_or(part.len() as u64);
+            todo.push((part.to_vec(), n));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, copies: u64) -> ChunkDiff {
-    let missing = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
-    let extra = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
-    let different = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+    let missing: Vec<Key> = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
+    let extra: Vec<Key> = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
+    let different: Vec<Key> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();
+    let unlisted = [&missing, &extra, &different].iter().map(|v| v.len().saturating_sub(20) as u64).sum();
     ChunkDiff {
         chunk: chunk.id,
         lo: chunk.lo,
@@ -297,10 +342,18 @@ fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, cop
         extra: first(extra),
         different: first(different),
         duplicates: copies.saturating_sub(b.len() as u64),
+        duplicate_ids: Vec::new(),
+        unlisted,
     }
 }
 
 impl ChunkDiff {
+    /// Every id that differs, where all are listed (none beyond the first
+    /// 20 of a kind, no copies counted but not named).
+    pub fn all_differing_ids(&self) -> Option<Vec<Key>> {
+        (self.unlisted == 0 && self.duplicates == 0).then(|| [&self.missing, &self.extra, &self.different].into_iter().flatten().cloned().collect())
+    }
+
     pub fn is_equal(&self) -> bool {
         self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty() && self.duplicates == 0
     }

@@ -144,6 +144,14 @@ impl Writer {
     }
 }
 
+/// A test that fails mid-way stops its writer too (its changes would flood
+/// the WAL every other test's slot decodes).
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+    }
+}
+
 /// Changes the online job has applied (all kinds), from its status file.
 pub fn applied(job_dir: &Path, command: &str) -> u64 {
     status_of(job_dir, command)

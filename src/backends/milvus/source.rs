@@ -590,6 +590,15 @@ impl Source for MilvusSource {
         Ok(Some(self.conn.count_where(&self.coll.spec.name, &expr, self.read_ts())?))
     }
 
+    fn stored_copies_of(&self, ids: &[Key]) -> Result<Option<u64>> {
+        let mut copies = 0;
+        for part in ids.chunks(self.page_rows.max(1)) {
+            let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));
+            copies += self.conn.count_where(&self.coll.spec.name, &expr, self.read_ts())?;
+        }
+        Ok(Some(copies))
+    }
+
     fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
         for part in ids.chunks(self.page_rows.max(1)) {
             let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));

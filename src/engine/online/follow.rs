@@ -66,7 +66,7 @@ pub fn run_online(
         let mut watching = None;
         if error.is_none() {
             if let Some(w) = watch_sides {
-                match Watching::open(&cfg.job_dir, w.open, cfg.chunk_rows, w.rate) {
+                match Watching::open(&cfg.job_dir, w, cfg.chunk_rows) {
                     Ok(w) => watching = Some(w),
                     Err(e) => error = Some(format!("setting up verification while following: {e:#}")),
                 }
@@ -281,7 +281,7 @@ impl<'a> Follower<'a> {
             let counters = &self.progress.counters;
             counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
             let apply_started = Instant::now();
-            self.mark(set)?;
+            let mark = self.mark(set)?;
             for (i, t) in self.job.targets.iter().enumerate() {
                 if self.applied[i].position >= set.position && !stream.idempotent() {
                     continue; // this target has it (a resume after a crash between targets)
@@ -289,6 +289,7 @@ impl<'a> Follower<'a> {
                 self.retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(self.cfg, t, set, self.progress))?;
                 self.applied[i].position = set.position;
             }
+            self.applied(mark);
             stream.confirm(set.position)?;
             counters.change_apply_ns.fetch_add(apply_started.elapsed().as_nanos() as u64, Relaxed);
             self.applied_position = set.position;
@@ -354,14 +355,21 @@ impl<'a> Follower<'a> {
 
     /// Marks every key a change set touches as changed, before any target
     /// applies it.
-    fn mark(&self, set: &ChangeSet) -> Result<()> {
-        let Some(w) = self.watching else { return Ok(()) };
+    fn mark(&self, set: &ChangeSet) -> Result<u64> {
+        let Some(w) = self.watching else { return Ok(0) };
         let pk = &self.job.source.spec().primary_key;
         let mut keys = set.deletes.clone();
         for b in set.images.iter().chain(&set.partial) {
             keys.extend(keys_of(b, pk)?);
         }
         w.watch.mark(keys)
+    }
+
+    /// Every target has the changes marked up to `mark`.
+    fn applied(&self, mark: u64) {
+        if let Some(w) = self.watching {
+            w.watch.applied(mark);
+        }
     }
 
     /// Applies what a reconcile found (changes the position cannot see) to
@@ -371,7 +379,7 @@ impl<'a> Follower<'a> {
         if !set.has_rows() {
             return Ok(());
         }
-        self.mark(&set)?;
+        let mark = self.mark(&set)?;
         for (i, t) in self.job.targets.iter().enumerate() {
             let mut at_position = set.clone();
             at_position.position = self.applied[i].position.max(self.applied_position);
@@ -379,6 +387,7 @@ impl<'a> Follower<'a> {
                 apply_to_target(self.cfg, t, &at_position, self.progress)
             })?;
         }
+        self.applied(mark);
         self.totals.add(&set.counts);
         Ok(())
     }

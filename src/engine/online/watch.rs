@@ -37,6 +37,8 @@ const CHANGED_FILE: &str = "changed-keys.jsonl";
 /// a chunk the writers keep changing is not re-read without pause, and one
 /// that differs while changes are in flight waits for them to settle.
 const RECHECK_AFTER: Duration = Duration::from_secs(30);
+/// Times a cutover recopies chunks that still differ before it reports them.
+const MEND_ROUNDS: usize = 3;
 
 /// `watch.json`: the verification plan and what each chunk was last seen equal at.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -74,6 +76,9 @@ struct State {
     changed: Vec<HashMap<Key, u64>>,
     /// The last mark given.
     mark: u64,
+    /// Every change marked up to here is applied to the targets: a chunk
+    /// seen equal covers these marks, not those still being applied.
+    applied: u64,
     log: File,
     /// Lines in the change log since it was last rewritten.
     log_lines: u64,
@@ -91,6 +96,9 @@ pub struct WatchCheck {
     pub unverified_chunks: usize,
     pub rows_compared: u64,
     pub differing: Vec<ChunkDiff>,
+    /// What differed and was recopied from the source, then found equal
+    /// (Milvus targets: writes Milvus acknowledged and lost).
+    pub mended: Vec<ChunkDiff>,
 }
 
 pub struct Watch {
@@ -134,6 +142,7 @@ impl Watch {
             compared: vec![None; file.plan.len()],
             file,
             mark: 0,
+            applied: 0,
             log,
             log_lines: 0,
             cursor: 0,
@@ -150,15 +159,19 @@ impl Watch {
         for at in 0..state.file.plan.len() {
             state.forget_covered(at);
         }
+        // A change a killed run marked but did not apply is delivered again
+        // and marked anew.
+        state.applied = state.mark;
         Ok(Watch { dir: dir.to_path_buf(), state: Mutex::new(state) })
     }
 
-    /// Marks `keys` as changed, durably, before the change is applied.
-    pub fn mark(&self, keys: Vec<Key>) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
+    /// Marks `keys` as changed, durably, before the change is applied;
+    /// `applied` with the mark returned once every target has it.
+    pub fn mark(&self, keys: Vec<Key>) -> Result<u64> {
         let mut st = self.state.lock().unwrap();
+        if keys.is_empty() {
+            return Ok(st.mark);
+        }
         let mark = st.mark + 1;
         let mut line = serde_json::to_vec(&ChangedLine { mark, keys: keys.clone() })?;
         line.push(b'\n');
@@ -166,7 +179,13 @@ impl Watch {
         st.log.sync_data()?;
         st.note(mark, keys)?;
         st.log_lines += 1;
-        Ok(())
+        Ok(mark)
+    }
+
+    /// The changes marked up to `mark` are applied to every target.
+    pub fn applied(&self, mark: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.applied = st.applied.max(mark);
     }
 
     /// Compares the next chunk due (never seen equal, or holding keys
@@ -188,22 +207,41 @@ impl Watch {
             st.cursor = at + 1;
             st.walked += 1;
             st.compared[at] = Some(Instant::now());
-            (at, st.file.plan[at].clone(), st.mark)
+            (at, st.file.plan[at].clone(), st.applied)
         };
         let diff = cmp.chunk(from, to, &chunk)?;
         let rows = diff.source_rows.max(diff.target_rows);
-        if !diff.is_equal() {
-            return Ok(Some(rows));
+        // Under steady writes a chunk rarely reads equal: a few keys are in
+        // flight between the two reads. Those keys are marked changed (the
+        // cutover compares them by id) and the rest of the chunk counts as
+        // seen equal. A chunk with more differences, or copies not named,
+        // waits for a later walk.
+        if let Some(keys) = diff.all_differing_ids() {
+            self.mark(keys)?;
+            self.record_equal(at, mark, diff.source_rows)?;
         }
+        Ok(Some(rows))
+    }
+
+    /// Chunk `at` was seen equal with every change up to `mark` applied.
+    fn record_equal(&self, at: usize, mark: u64, rows: u64) -> Result<()> {
         let mut st = self.state.lock().unwrap();
-        st.file.checked.insert(chunk.id, ChunkCheck { mark, at: now_rfc3339(), rows: diff.source_rows });
+        let id = st.file.plan[at].id;
+        st.file.checked.insert(id, ChunkCheck { mark, at: now_rfc3339(), rows });
         if st.file.first_full_pass.is_none() && st.file.checked.len() == st.file.plan.len() {
             st.file.first_full_pass = Some(now_rfc3339());
         }
         st.forget_covered(at);
         write_atomic(&self.dir.join(WATCH_FILE), &serde_json::to_vec_pretty(&st.file)?)?;
-        st.compact_log(&self.dir)?;
-        Ok(Some(rows))
+        st.compact_log(&self.dir)
+    }
+
+    fn plan(&self) -> Vec<ChunkRange> {
+        self.state.lock().unwrap().file.plan.clone()
+    }
+
+    fn applied_mark(&self) -> u64 {
+        self.state.lock().unwrap().applied
     }
 
     /// Where verification stands, and what a cutover would compare now.
@@ -233,6 +271,7 @@ impl Watch {
             unverified_chunks: chunks.len(),
             rows_compared: 0,
             differing: Vec::new(),
+            mended: Vec::new(),
         };
         for at in chunks {
             let d = cmp.chunk(from, to, &plan[at])?;
@@ -345,11 +384,15 @@ fn chunk_of(plan: &[ChunkRange], key: &Key) -> Option<usize> {
 /// now (a source keeps one snapshot for every read it makes).
 pub type OpenSides<'a> = Box<dyn Fn() -> Result<(Arc<dyn Source>, Arc<dyn Source>)> + Send + Sync + 'a>;
 
+/// Recopies `chunks` (of `plan`) from the source to the target: (source, target, plan, chunks).
+pub type MendChunks<'a> = Box<dyn Fn(&dyn Source, &dyn Source, &[ChunkRange], &[ChunkRange]) -> Result<()> + Send + Sync + 'a>;
+
 /// A job's verification while following: its record, how to open the two
 /// sides, and the background verifier's pace.
 pub struct Watching<'a> {
     pub watch: Watch,
     open: OpenSides<'a>,
+    mend: Option<MendChunks<'a>>,
     pub cmp: Comparison,
     /// Rows per second the verifier reads at most (0: no limit).
     rate: u64,
@@ -360,11 +403,12 @@ pub struct Watching<'a> {
 
 impl<'a> Watching<'a> {
     /// Opens (or resumes) the job's watch over the sides `open` gives.
-    pub fn open(dir: &Path, open: OpenSides<'a>, chunk_rows: u64, rate: u64) -> Result<Watching<'a>> {
+    pub fn open(dir: &Path, sides: WatchSides<'a>, chunk_rows: u64) -> Result<Watching<'a>> {
+        let WatchSides { open, mend, rate } = sides;
         let (from, to) = open()?;
         let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
         let cmp = Comparison::of(from.as_ref(), to.as_ref());
-        Ok(Watching { watch, open, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
+        Ok(Watching { watch, open, mend, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
     }
 
     /// The background verifier: compares the chunks due, one at a time,
@@ -406,11 +450,49 @@ impl<'a> Watching<'a> {
     /// The cutover's check, on both sides as they are now. The verifier is
     /// held still from here on (a finished cutover removes the record);
     /// `resume` lets it go on after a cutover that failed.
+    ///
+    /// Where the sides can mend (Milvus targets), differing chunks are
+    /// recopied from the source and compared whole again; what then is
+    /// equal is reported as mended, not as differing.
     pub fn check(&self) -> Result<WatchCheck> {
         self.paused.store(true, Relaxed);
         let _busy = self.busy.lock().unwrap();
         let (from, to) = (self.open)()?;
-        self.watch.check(&self.cmp, from.as_ref(), to.as_ref())
+        let mut c = self.watch.check(&self.cmp, from.as_ref(), to.as_ref())?;
+        let Some(mend) = self.mend.as_ref().filter(|_| !c.differing.is_empty()) else { return Ok(c) };
+        let plan = self.watch.plan();
+        let at_of = |d: &ChunkDiff| plan.iter().position(|p| p.id == d.chunk);
+        // What was found first is what the cutover names; later rounds
+        // (Milvus' count(*) can over-count for a while after upserts,
+        // milvus-io/milvus#27515) only decide whether it is mended.
+        let mut found: Vec<ChunkDiff> = std::mem::take(&mut c.differing);
+        let mut left: Vec<usize> = found.iter().filter_map(at_of).collect();
+        for _round in 0..MEND_ROUNDS {
+            let chunks: Vec<ChunkRange> = left.iter().map(|at| plan[*at].clone()).collect();
+            let (from, to) = (self.open)()?;
+            mend(from.as_ref(), to.as_ref(), &plan, &chunks)?;
+            let (from, to) = (self.open)()?;
+            let mark = self.watch.applied_mark();
+            let mut still = Vec::new();
+            c.differing.clear();
+            for at in left {
+                let again = self.cmp.chunk(from.as_ref(), to.as_ref(), &plan[at])?;
+                c.rows_compared += again.source_rows.max(again.target_rows);
+                if again.is_equal() {
+                    self.watch.record_equal(at, mark, again.source_rows)?;
+                } else {
+                    still.push(at);
+                    c.differing.push(again);
+                }
+            }
+            left = still;
+            if left.is_empty() {
+                break;
+            }
+        }
+        found.retain(|d| at_of(d).is_some_and(|at| !left.contains(&at)));
+        c.mended = found;
+        Ok(c)
     }
 
     pub fn resume(&self) {
@@ -423,6 +505,9 @@ impl<'a> Watching<'a> {
 /// exists by then), and the verifier's pace.
 pub struct WatchSides<'a> {
     pub open: OpenSides<'a>,
+    /// Recopies chunks from the source to the target (source, target,
+    /// plan, chunks), for targets known to lose acknowledged writes.
+    pub mend: Option<MendChunks<'a>>,
     /// Rows per second at most (0: no limit).
     pub rate: u64,
 }
