@@ -1,9 +1,12 @@
 //! Milvus as an online target. Milvus has no transactions and (in 2.3) no
 //! partial update, so a change batch is: final images upserted (a partial
 //! image completed from the row the target holds, so an unchanged vector is
-//! kept as it is), deleted ids deleted, a flush waited for, and only then the
-//! position appended to the job's ledger file. Replaying a batch after a
-//! kill converges: upsert and delete by id are idempotent.
+//! kept as it is) and deleted ids deleted. The batch does not wait for a
+//! flush (a flush takes Milvus seconds, which would be the lag): one flush
+//! is in flight at a time, requested after a batch when none is, and once
+//! persisted it appends to the job's ledger file the position of the last
+//! batch applied before it was asked for. Replaying batches after a kill
+//! converges: upsert and delete by id are idempotent.
 
 use anyhow::{Result, anyhow};
 use arrow::array::{ArrayRef, UInt32Array};
@@ -15,13 +18,26 @@ use crate::backends::milvus::{base, in_expr};
 use crate::backends::milvus::ddl::{request_flush, wait_flushed};
 use crate::backends::milvus::encode::start_upsert;
 use crate::backends::milvus::mapping::Collection;
-use crate::backends::milvus::sink::MilvusSink;
+use crate::backends::milvus::sink::{MilvusSink, persist};
 use crate::backends::milvus::source::query_rows;
 use crate::contract::changes::{AppliedPosition, ChangeSet, keys_of};
 use crate::model::plan::Key;
+use crate::state::ledger::LedgerFile;
+use std::sync::Arc;
 
 /// Ids per delete or lookup expression.
 const IDS_PER_EXPR: usize = 4_000;
+
+/// The online job's flushes (see the module's comment).
+#[derive(Default)]
+pub(super) struct OnlineFlush {
+    in_flight: Option<std::thread::JoinHandle<Result<()>>>,
+    /// The last batch applied: its position, and the job's counts with it.
+    applied: Option<AppliedPosition>,
+    /// Batches were applied since the last flush request.
+    unrequested: bool,
+    job: String,
+}
 
 impl MilvusSink {
     pub(super) fn apply(&self, job: &str, set: &ChangeSet) -> Result<()> {
@@ -56,15 +72,55 @@ impl MilvusSink {
             self.conn.block_on(last).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
         }
         self.delete_keys(&coll, &set.deletes)?;
+        // A repair applies rows without a stream position, flushed before it verifies.
+        let Some(ledger) = self.ledger.clone().filter(|_| !job.is_empty()) else {
+            let ticket = request_flush(&self.conn, &self.name)?;
+            return wait_flushed(&self.conn, &self.name, ticket);
+        };
+        let mut f = self.online_flush.lock().unwrap();
+        let mut counts = match &f.applied {
+            Some(a) => a.counts,
+            None => ledger.position(job)?.map(|p| p.counts).unwrap_or_default(),
+        };
+        counts.add(&set.counts);
+        f.applied = Some(AppliedPosition { position: set.position, counts });
+        f.unrequested = true;
+        f.job = job.to_string();
+        self.flush_online(&mut f, ledger, false)
+    }
+
+    /// Reaps the flush in flight if it is done (or, `wait`, once it is) and
+    /// requests the next one when batches were applied since the last
+    /// request; `wait`: until everything applied is persisted and recorded.
+    fn flush_online(&self, f: &mut OnlineFlush, ledger: Arc<LedgerFile>, wait: bool) -> Result<()> {
+        if let Some(h) = f.in_flight.take_if(|h| wait || h.is_finished()) {
+            h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked"))??;
+        }
+        if f.in_flight.is_some() || !f.unrequested {
+            return Ok(());
+        }
+        let Some(at) = f.applied.clone() else { return Ok(()) };
+        f.unrequested = false;
         let ticket = request_flush(&self.conn, &self.name)?;
-        wait_flushed(&self.conn, &self.name, ticket)?;
-        // A repair applies rows without a stream position.
-        if let Some(l) = self.ledger.as_ref().filter(|_| !job.is_empty()) {
-            let mut counts = l.position(job)?.map(|p| p.counts).unwrap_or_default();
-            counts.add(&set.counts);
-            l.record_position(job, &AppliedPosition { position: set.position, counts })?;
+        let (conn, name, job) = (self.conn.clone(), self.name.clone(), f.job.clone());
+        let h = std::thread::spawn(move || {
+            persist(&conn, &name, ticket, &format!("flushing the changes up to position {}", at.position))?;
+            ledger.record_position(&job, &at)
+        });
+        if wait {
+            h.join().map_err(|_| anyhow!("a Milvus flush waiter panicked"))??;
+        } else {
+            f.in_flight = Some(h);
         }
         Ok(())
+    }
+
+    /// Everything applied online persisted and its position recorded
+    /// (before a cutover finishes the target, and when the job stops).
+    pub(super) fn settle_online(&self) -> Result<()> {
+        let Some(ledger) = self.ledger.clone() else { return Ok(()) };
+        let mut f = self.online_flush.lock().unwrap();
+        self.flush_online(&mut f, ledger, true)
     }
 
     /// Deletes the rows with these keys from every partition.

@@ -41,6 +41,8 @@ pub struct MilvusSink {
     target: Mutex<Option<Collection>>,
     pub(super) request_bytes: usize,
     flushes: Arc<Flushes>,
+    /// Online change batches: the flush in flight and what it will record.
+    pub(super) online_flush: Mutex<super::apply::OnlineFlush>,
     /// A subset job's filter (`restrict`).
     subset: std::sync::OnceLock<crate::model::filter::Filter>,
     /// The filter as a Milvus expression, once the collection's fields are
@@ -64,6 +66,20 @@ struct Flushes {
 const MAX_PENDING_FLUSHES: usize = 2;
 /// How long a flush wait keeps trying while Milvus is unreachable.
 const FLUSH_RETRY_FOR: Duration = Duration::from_secs(180);
+
+/// Waits until the data a flush `ticket` covers is persisted. A Milvus
+/// restart interrupts the wait: the writes were acknowledged (they are in
+/// Milvus' log), so the flush is requested again until it holds.
+pub(super) fn persist(conn: &Milvus, name: &str, ticket: super::ddl::FlushTicket, what: &str) -> Result<()> {
+    let mut ticket = Some(ticket);
+    crate::model::retry::with_retries(what, FLUSH_RETRY_FOR, 0, &std::sync::atomic::AtomicBool::new(false), &|m| eprintln!("{m}"), || {
+        let t = match ticket.take() {
+            Some(t) => t,
+            None => request_flush(conn, name)?,
+        };
+        wait_flushed(conn, name, t)
+    })
+}
 
 impl Flushes {
     fn add(&self, wait: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
@@ -107,6 +123,7 @@ impl Drop for MilvusSink {
     // A cancelled run still records the chunks whose flush completes.
     fn drop(&mut self) {
         let _ = self.flushes.drain();
+        let _ = self.settle_online();
     }
 }
 
@@ -133,6 +150,7 @@ impl MilvusSink {
             target: Mutex::new(None),
             request_bytes,
             flushes: Arc::new(Flushes::default()),
+            online_flush: Default::default(),
             subset: Default::default(),
             foreign_check: Mutex::new(None),
         })
@@ -323,6 +341,7 @@ impl Sink for MilvusSink {
 
     fn finish(&self, source: &TableSpec, _plan: &[ChunkRange], opts: &SinkOptions, fb: &dyn Feedback) -> Result<()> {
         self.flushes.drain()?;
+        self.settle_online()?;
         let coll = discover(&self.conn, &self.name, &self.fields)?;
         let mut has_vector_index = coll.spec.indexes.iter().any(|i| matches!(i.kind, IndexKind::Hnsw { .. }));
         if opts.create_indexes {
@@ -532,23 +551,7 @@ impl ChunkWriter for MilvusChunkWriter {
         let ticket = request_flush(&self.conn, &self.coll.spec.name)?;
         let (conn, name, ledger, job, rec) = (self.conn.clone(), self.coll.spec.name.clone(), self.ledger.clone(), self.job.clone(), record.clone());
         self.flushes.add(move || {
-            // A Milvus restart interrupts the wait: the upserts were acknowledged
-            // (they are in Milvus' log), so flush again until it holds.
-            let mut ticket = Some(ticket);
-            crate::model::retry::with_retries(
-                &format!("flushing chunk {}", rec.chunk),
-                FLUSH_RETRY_FOR,
-                0,
-                &std::sync::atomic::AtomicBool::new(false),
-                &|m| eprintln!("{m}"),
-                || {
-                    let t = match ticket.take() {
-                        Some(t) => t,
-                        None => request_flush(&conn, &name)?,
-                    };
-                    wait_flushed(&conn, &name, t)
-                },
-            )?;
+            persist(&conn, &name, ticket, &format!("flushing chunk {}", rec.chunk))?;
             match &ledger {
                 Some(l) => l.append(&job, &rec),
                 None => Ok(()),
