@@ -1,6 +1,6 @@
 //! Online benchmark against the real local databases (scripts/dbs.sh start):
 //!
-//!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS,
+//!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS, BENCH_SOURCE_ROWS,
 //!                                        BENCH_CASES=pg>pg,pg>ob,pg>milvus,ob>pg,milvus>pg)
 //!
 //! For each source > target case, in the same run:
@@ -12,7 +12,15 @@
 //! - catch-up: the job is stopped, BENCH_CHANGES inserts (1,000 per
 //!   transaction) pile up on the source, the job is restarted, and the time
 //!   until all are applied gives changes/s, beside the raw ceiling;
-//! - then cutover (drain, finish, verify) and its duration;
+//! - the verifier's full pass after the catch-up (verification while
+//!   following), then cutover: its duration and the window it reports (drain,
+//!   finish, check of the changed keys), and a full `vmig verify` of the same
+//!   tables beside it (what a cutover without verification while following
+//!   would read);
+//! - pg>pg: PostgreSQL's own logical replication (publication, subscription
+//!   with `binary = true`) on a second copy of the source, into another
+//!   database of the target server: its initial sync and its catch-up of the
+//!   same backlog, beside vmig's snapshot and catch-up;
 //! - OceanBase sources: the source's single-row insert rate without and with
 //!   vmig's triggers (the capture's cost to the application);
 //! - Milvus sources: the id-set reconcile the cutover runs, per million ids.
@@ -76,6 +84,14 @@ struct Figures {
     trigger_rates: Option<(f64, f64)>,
     /// Milvus source: the cutover's reconcile line.
     reconcile: Option<String>,
+    /// Start to following (snapshot loaded, indexes built), seconds.
+    snapshot: f64,
+    /// From the catch-up's end to the verifier's next full pass, seconds.
+    verify_pass: Option<f64>,
+    /// The cutover's own "cutover window …" line.
+    window: String,
+    /// A full `vmig verify` of the same tables after the cutover, seconds.
+    full_verify: f64,
 }
 
 fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: &str, dst: &str, raw: f64) -> Figures {
@@ -103,8 +119,10 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
     };
     let mut trigger_rates = None;
     let without = (source_kind == "ob").then(|| rt.block_on(async { Load::connect(source_kind, src, 1536).await.single_row_rate(300).await }));
+    let t = Instant::now();
     let mut run = start();
     wait("following", || status(&dir)["phase"] == "following");
+    let snapshot = t.elapsed().as_secs_f64();
     if let Some(without) = without {
         let with = rt.block_on(async { Load::connect(source_kind, src, 1536).await.single_row_rate(300).await });
         trigger_rates = Some((without, with));
@@ -156,25 +174,119 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
     let before = applied(&dir);
     let t = Instant::now();
     let mut run = start();
-    wait("backlog applied", || applied(&dir) >= before + changes);
+    // The restarted job's phases as its status shows them (the killed run's
+    // status stays until the new one writes its own).
+    let pid = run.id() as u64;
+    let mut phases: Vec<(f64, String)> = Vec::new();
+    wait("backlog applied", || {
+        let st = status(&dir);
+        if st["pid"].as_u64() == Some(pid) {
+            let phase = st["phase"].as_str().unwrap_or_default().to_string();
+            if phases.last().is_none_or(|(_, p)| *p != phase) {
+                phases.push((t.elapsed().as_secs_f64(), phase));
+            }
+        }
+        applied(&dir) >= before + changes
+    });
     let catch_up = changes as f64 / t.elapsed().as_secs_f64();
+    eprintln!(
+        "{name}: restart to caught up {:.1} s; phases: {}",
+        t.elapsed().as_secs_f64(),
+        phases.iter().map(|(at, p)| format!("{at:.1} s {p}")).collect::<Vec<_>>().join(", ")
+    );
+
+    // A job that follows for hours has verified every chunk by the time it
+    // is cut over: wait for the verifier's pass over what the backlog changed.
+    let t = Instant::now();
+    let verification = |f: &str| status(&dir)["online"]["verification"][f].as_u64();
+    let verify_pass = verification("chunks").map(|_| {
+        wait("a full verification pass", || {
+            verification("chunks_verified") == verification("chunks") && verification("changed_keys") == Some(0)
+        });
+        t.elapsed().as_secs_f64()
+    });
 
     let t = Instant::now();
     let mut cut = args.clone();
     cut[0] = "cutover".into();
-    vmig(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let out = Command::new(VMIG).args(&cut).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "cutover failed: {said}{}", String::from_utf8_lossy(&out.stderr));
     let cutover = t.elapsed().as_secs_f64();
+    let window = said.lines().find_map(|l| l.split_once("cutover window").map(|(_, w)| format!("window{}", w.trim_end_matches(')')))).unwrap_or_default();
     assert!(run.wait().unwrap().success());
+    let t = Instant::now();
+    vmig(&["verify", "--from", src, "--to", dst]);
+    let full_verify = t.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&log).unwrap();
     if let Some(l) = text.lines().filter(|l| l.contains("changes applied")).last() {
         eprintln!("{name}: {l}");
     }
     let reconcile = text.lines().filter(|l| l.starts_with("reconcile at")).last().map(|l| l.split_once(": ").map_or(l, |x| x.1).to_string());
-    Figures { case: case.into(), raw, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile }
+    Figures { case: case.into(), raw, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile, snapshot, verify_pass, window, full_verify }
 }
 
-/// A source of 2,000 FastGPT rows (and, for SQL sources, a seed pool the
-/// loads copy vectors from); returns its URL.
+/// PostgreSQL's own logical replication as the peer of a pg>pg case, on a
+/// second copy of the source: the initial sync (CREATE SUBSCRIPTION with
+/// `binary = true` until every table is ready), then the catch-up of a
+/// backlog of `changes` inserts made while the subscription was disabled.
+/// Returns (initial sync seconds, catch-up changes/s).
+fn native_replication(rt: &tokio::runtime::Runtime, dst_base: &str, changes: u64) -> (f64, f64) {
+    let src = prepare_source(rt, "pg", "pg>pg_native");
+    rt.block_on(async {
+        let dst = fresh_pg(dst_base, "bench_online_native").await;
+        let (s, d) = (client(&src).await, client(&dst).await);
+        d.batch_execute(
+            "CREATE TABLE modeldata (id BIGSERIAL PRIMARY KEY, vector VECTOR(1536) NOT NULL, team_id VARCHAR(50) NOT NULL, \
+             dataset_id VARCHAR(50) NOT NULL, collection_id VARCHAR(50) NOT NULL, createtime TIMESTAMP DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .await
+        .unwrap();
+        s.batch_execute("CREATE PUBLICATION bench_native FOR TABLE modeldata").await.unwrap();
+        let count = async |c: &tokio_postgres::Client| -> i64 { c.query_one("SELECT count(*) FROM modeldata", &[]).await.unwrap().get(0) };
+        let t = Instant::now();
+        d.batch_execute(&format!("CREATE SUBSCRIPTION bench_native CONNECTION '{src}' PUBLICATION bench_native WITH (binary = true)")).await.unwrap();
+        loop {
+            let pending: i64 = d.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'", &[]).await.unwrap().get(0);
+            if pending == 0 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(3600), "native initial sync not done in an hour");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let initial = t.elapsed().as_secs_f64();
+        assert_eq!(count(&d).await, count(&s).await, "native initial sync copied every row");
+        d.batch_execute("ALTER SUBSCRIPTION bench_native DISABLE").await.unwrap();
+        loop {
+            let running: i64 = d.query_one("SELECT count(pid) FROM pg_stat_subscription WHERE subname = 'bench_native'", &[]).await.unwrap().get(0);
+            if running == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut load = Load::connect("pg", &src, 1536).await;
+        let mut left = changes;
+        while left > 0 {
+            let n = left.min(1000);
+            load.insert(n, "backlog").await;
+            left -= n;
+        }
+        let want = count(&s).await;
+        let t = Instant::now();
+        d.batch_execute("ALTER SUBSCRIPTION bench_native ENABLE").await.unwrap();
+        while count(&d).await < want {
+            assert!(t.elapsed() < Duration::from_secs(3600), "native catch-up not done in an hour");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let catch_up = changes as f64 / t.elapsed().as_secs_f64();
+        d.batch_execute("DROP SUBSCRIPTION bench_native").await.unwrap();
+        s.batch_execute("DROP PUBLICATION bench_native").await.unwrap();
+        (initial, catch_up)
+    })
+}
+
+/// A source of BENCH_SOURCE_ROWS FastGPT rows (default 2,000; and, for SQL
+/// sources, a seed pool of 2,000 rows the loads copy vectors from); returns its URL.
 fn prepare_source(rt: &tokio::runtime::Runtime, kind: &str, case: &str) -> String {
     let db = format!("bench_online_src_{}", case.replace('>', "_"));
     let url = match kind {
@@ -185,16 +297,17 @@ fn prepare_source(rt: &tokio::runtime::Runtime, kind: &str, case: &str) -> Strin
     };
     // Milvus reads only indexed collections; the SQL sources need no vector index.
     let index = if kind == "milvus" { vec![] } else { vec!["--no-vector-index"] };
-    let mut args = vec!["generate", "--to", &url, "--rows", "2000", "--dim", "1536"];
+    let rows = env_or("BENCH_SOURCE_ROWS", "2000");
+    let mut args = vec!["generate", "--to", &url, "--rows", &rows, "--dim", "1536"];
     args.extend(index);
     vmig(&args);
     match kind {
-        "pg" => rt.block_on(async { client(&url).await.batch_execute("CREATE TABLE modeldata_seed AS SELECT * FROM modeldata").await.unwrap() }),
+        "pg" => rt.block_on(async { client(&url).await.batch_execute("CREATE TABLE modeldata_seed AS SELECT * FROM modeldata LIMIT 2000").await.unwrap() }),
         "ob" => rt.block_on(async {
             use mysql_async::prelude::Queryable;
             let mut c = oceanbase::conn(&url).await;
             c.query_drop("CREATE TABLE modeldata_seed LIKE modeldata").await.unwrap();
-            c.query_drop("INSERT INTO modeldata_seed SELECT * FROM modeldata").await.unwrap();
+            c.query_drop("INSERT INTO modeldata_seed SELECT * FROM modeldata LIMIT 2000").await.unwrap();
         }),
         _ => {}
     }
@@ -250,6 +363,27 @@ fn main() {
             }
         });
         let f = bench_case(&rt, case, source_kind, &src, &dst, raw);
+        let source_rows: f64 = env_or("BENCH_SOURCE_ROWS", "2000").parse().unwrap();
+        notes.push(format!(
+            "{case}: snapshot of {source_rows} rows to following {:.1} s; verifier's pass after the catch-up {}; cutover {:.1} s, {}; \
+             full vmig verify of the same tables {:.1} s",
+            f.snapshot,
+            f.verify_pass.map_or("none (no verification while following)".into(), |s| format!("{s:.1} s")),
+            f.cutover,
+            f.window,
+            f.full_verify
+        ));
+        if case == "pg>pg" {
+            let (initial, native_catch_up) = native_replication(&rt, &dst_base, changes);
+            notes.push(format!(
+                "{case}: PostgreSQL logical replication (binary): initial sync {initial:.1} s (vmig's snapshot to following {:.1} s, {:.2}×); \
+                 catch-up {native_catch_up:.0} changes/s (vmig {:.0}, {:.2}×)",
+                f.snapshot,
+                initial / f.snapshot,
+                f.catch_up,
+                f.catch_up / native_catch_up
+            ));
+        }
         let line = format!(
             "{:<10} {:>14.0} {:>14.0} {:>8.2}× {:>11.0} {:>11.2} {:>13.2} {:>11.1}",
             f.case,

@@ -4,7 +4,7 @@
 //! kind of database.
 mod common;
 
-use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_insert_copy, milvus_rows};
+use common::milvus_db::{as_mrows, fresh_milvus_db, milvus_count, milvus_insert_copy, milvus_query_rows, milvus_rows};
 use common::*;
 
 /// Changes three separate parts of the key space and leaves the rest alone.
@@ -84,7 +84,7 @@ fn verify_finds_a_second_copy_in_milvus_and_repair_removes_it() {
     let copied = &want[120];
     milvus_insert_copy(&mv, "modeldata", copied);
     assert_eq!(milvus_count(&mv, "modeldata"), want.len() as i64 + 1, "Milvus keeps both copies");
-    assert_eq!(milvus_rows(&mv, "modeldata"), want, "queries show one copy");
+    assert_eq!(milvus_query_rows(&mv, "modeldata"), want, "queries show one copy");
 
     let out = vmig(&["verify", "--from", &src, "--to", &mv, "--chunk-rows", "50"]);
     let said = String::from_utf8_lossy(&out.stdout);

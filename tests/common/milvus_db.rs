@@ -207,15 +207,28 @@ fn strings(c: &FieldColumn) -> Vec<String> {
 }
 
 /// Every row of a FastGPT-shaped collection, ordered by id (the collection
-/// must be loaded). Reads every id first, then the rows by id in groups: no
-/// reliance on the order of a limited query's reply, which servers differ on
-/// (milvus-lite answers segment by segment).
+/// must be loaded), after checking that it holds one copy per id: queries
+/// return one copy of an id however many Milvus stores, so a strongly
+/// consistent `count(*)` must equal the ids read (given the time Milvus 2.3
+/// takes to stop over-counting after upserts, see `milvus_count_settled`).
 pub fn milvus_rows(url: &str, name: &str) -> Vec<MRow> {
+    let rows = milvus_query_rows(url, name);
+    let copies = milvus_count_settled(url, name, rows.len() as i64);
+    assert_eq!(copies, rows.len() as i64, "{name}: count(*) is {copies} for {} distinct ids: the collection holds second copies", rows.len());
+    rows
+}
+
+/// Every row as queries show it (one copy per id, whatever count(*) says).
+/// Reads every id first, then the rows by id in groups: no reliance on the
+/// order of a limited query's reply, which servers differ on (milvus-lite
+/// answers segment by segment).
+pub fn milvus_query_rows(url: &str, name: &str) -> Vec<MRow> {
     rt().block_on(async {
         let c = client(url).await;
         let strong = || QueryOptions::new().consistency_level(0);
         let ids_of = |cols: &[FieldColumn]| longs(cols.iter().find(|c| c.name == "id").expect("no field id"));
-        let mut ids = ids_of(&c.query(name, "id > -1", &strong().output_fields(vec!["id".to_string()]).limit(16_384)).await.unwrap());
+        // No filter (negative ids included): Milvus takes an empty expression with a limit.
+        let mut ids = ids_of(&c.query(name, "", &strong().output_fields(vec!["id".to_string()]).limit(16_384)).await.unwrap());
         ids.sort_unstable();
         assert!(ids.len() < 16_384, "milvus_rows reads test-sized collections only");
         let mut out: Vec<MRow> = Vec::new();

@@ -56,7 +56,11 @@ pub(super) fn cutover(
     let check_started = Instant::now();
     let checked = match watching.filter(|_| !full) {
         Some(w) => w.check().map(|c| {
-            let what = format!("checked {} changed keys and {} unverified chunks ({} rows)", c.changed_keys, c.unverified_chunks, c.rows_compared);
+            let counted = if c.copies_counted > 0 { format!(", counted the copies in {} chunks", c.copies_counted) } else { String::new() };
+            let what = format!(
+                "checked {} changed keys and {} unverified chunks ({} rows){counted}",
+                c.changed_keys, c.unverified_chunks, c.rows_compared
+            );
             (changed_only(&c, &w.cmp.vector_comparison), what)
         }),
         None => check().map(|r| (r, "verified both whole tables".to_string())),
@@ -110,7 +114,7 @@ fn changed_only(c: &WatchCheck, vectors: &str) -> CutoverCheck {
         equal: c.differing.is_empty(),
         summary: format!(
             "the target equals the source (every chunk seen equal while following; the {} keys changed since and {} chunks never seen equal \
-             compared now: ids, every column and, in Milvus, the copies of each id; vectors {vectors}){mended}",
+             compared now: ids, every column and, in Milvus, the copies of each id and of each chunk; vectors {vectors}){mended}",
             c.changed_keys, c.unverified_chunks
         ),
         differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
