@@ -18,7 +18,7 @@ use crate::backends::milvus::{base, in_expr};
 use crate::backends::milvus::ddl::{request_flush, wait_flushed};
 use crate::backends::milvus::encode::start_upsert;
 use crate::backends::milvus::mapping::Collection;
-use crate::backends::milvus::sink::{MilvusSink, persist};
+use crate::backends::milvus::sink::{MilvusSink, OnlineFlush, persist};
 use crate::backends::milvus::source::query_rows;
 use crate::contract::changes::{AppliedPosition, ChangeSet, keys_of};
 use crate::model::plan::Key;
@@ -27,17 +27,6 @@ use std::sync::Arc;
 
 /// Ids per delete or lookup expression.
 const IDS_PER_EXPR: usize = 4_000;
-
-/// The online job's flushes (see the module's comment).
-#[derive(Default)]
-pub(super) struct OnlineFlush {
-    in_flight: Option<std::thread::JoinHandle<Result<()>>>,
-    /// The last batch applied: its position, and the job's counts with it.
-    applied: Option<AppliedPosition>,
-    /// Batches were applied since the last flush request.
-    unrequested: bool,
-    job: String,
-}
 
 impl MilvusSink {
     pub(super) fn apply(&self, job: &str, set: &ChangeSet) -> Result<()> {

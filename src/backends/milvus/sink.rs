@@ -42,7 +42,7 @@ pub struct MilvusSink {
     pub(super) request_bytes: usize,
     flushes: Arc<Flushes>,
     /// Online change batches: the flush in flight and what it will record.
-    pub(super) online_flush: Mutex<super::apply::OnlineFlush>,
+    pub(super) online_flush: Mutex<OnlineFlush>,
     /// A subset job's filter (`restrict`).
     subset: std::sync::OnceLock<crate::model::filter::Filter>,
     /// The filter as a Milvus expression, once the collection's fields are
@@ -66,6 +66,18 @@ struct Flushes {
 const MAX_PENDING_FLUSHES: usize = 2;
 /// How long a flush wait keeps trying while Milvus is unreachable.
 const FLUSH_RETRY_FOR: Duration = Duration::from_secs(180);
+
+/// An online job's flushes (apply.rs): one in flight at a time, recording
+/// the position of the last batch applied before it was requested.
+#[derive(Default)]
+pub(super) struct OnlineFlush {
+    pub(super) in_flight: Option<std::thread::JoinHandle<Result<()>>>,
+    /// The last batch applied: its position, and the job's counts with it.
+    pub(super) applied: Option<crate::contract::changes::AppliedPosition>,
+    /// Batches were applied since the last flush request.
+    pub(super) unrequested: bool,
+    pub(super) job: String,
+}
 
 /// Waits until the data a flush `ticket` covers is persisted. A Milvus
 /// restart interrupts the wait: the writes were acknowledged (they are in
