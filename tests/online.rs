@@ -218,24 +218,15 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     let mut run = start(&args, &Moment::Committed(0));
     let _reap = Reaper(vec![run.id()]);
     wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
-    let verification = |field: &str| -> u64 {
-        common::faults::status_of(&job_dir, "migrate").and_then(|s| s["online"]["verification"][field].as_u64()).unwrap_or(u64::MAX)
-    };
-    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
-        let t = std::time::Instant::now();
-        while !done() {
-            assert!(t.elapsed() < std::time::Duration::from_secs(120), "{what} not reached in 120 s");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     // Every chunk seen equal (1200 rows in chunks of 400: 3 chunks, or more).
-    wait_until("a full pass", &|| verification("chunks") != u64::MAX && verification("chunks_verified") == verification("chunks"));
-    assert!(verification("chunks") >= 3);
+    let chunks = || verification(&job_dir, "chunks");
+    wait_until("a full pass", 120, &|| chunks().is_some() && verification(&job_dir, "chunks_verified") == chunks());
+    assert!(chunks().unwrap() >= 3);
     let id = id_in_the_chunk_checked_last(&job_dir, &src);
     let before = applied(&job_dir, "migrate");
     exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
     wait_following(&mut run, &job_dir, "migrate", before, job);
-    wait_until("the change in the target", &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id} AND team_id = 'moved'")) == 1);
+    wait_until("the change in the target", 120, &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id} AND team_id = 'moved'")) == 1);
     // Behind vmig's back: the changed row goes from the target.
     exec(&dst, &format!("DELETE FROM modeldata WHERE id = {id}"));
     let mut cut = args.clone();
