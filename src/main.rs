@@ -8,13 +8,19 @@ use clap::Parser;
 use vmig::commands::cli::Cli;
 use vmig::commands;
 use vmig::commands::job::EXIT_CANCELLED;
-use vmig::model::config::redact_free_text;
+use vmig::model::config::{holds_url_password, redact_free_text};
 
 fn main() -> ExitCode {
     // Without one process-wide provider, the first TLS connection to Milvus
     // (https://, tonic) panicked: rustls cannot choose between ring and aws-lc-rs.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    if std::env::args().skip(1).any(|a| holds_url_password(&a)) {
+        eprintln!(
+            "warning: a password is on the command line, where ps shows it to every user of this host and shell history keeps it; \
+             pass env:NAME (or FastGPT's PG_URL, OCEANBASE_URL, MILVUS_ADDRESS), PGPASSWORD or ~/.pgpass instead"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -18,7 +18,8 @@ pub enum Endpoint {
     Staging(String),
 }
 
-/// A PostgreSQL URL, kept whole for connecting; shown only through `redacted()`.
+/// A PostgreSQL URL, kept for connecting without its TLS parameters (which
+/// vmig applies itself); shown only through `redacted()`.
 #[derive(Clone)]
 pub struct PgUrl {
     url: String,
@@ -26,7 +27,102 @@ pub struct PgUrl {
     pub port: u16,
     pub database: String,
     pub user: String,
+    pub tls: PgTls,
 }
+
+/// libpq's `sslmode`, with libpq's meanings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SslMode {
+    /// Plain text only.
+    Disable,
+    /// Plain text first; TLS if the server refuses it.
+    Allow,
+    /// TLS if the server offers it, plain text otherwise; certificate not checked.
+    Prefer,
+    /// TLS or no connection; certificate not checked (unless a CA is given: verify-ca).
+    Require,
+    /// TLS; the certificate must chain to the CA.
+    VerifyCa,
+    /// TLS; the certificate must chain to the CA and name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(s: &str) -> Result<SslMode> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => bail!("invalid sslmode {other:?} (disable, allow, prefer, require, verify-ca or verify-full)"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where the trusted CA certificates come from (`sslrootcert`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of one or more CA certificates.
+    File(PathBuf),
+    /// The operating system's trust store (`sslrootcert=system`).
+    System,
+}
+
+/// A PostgreSQL connection's TLS settings: the URL's `sslmode`,
+/// `sslrootcert`, `sslcert`, `sslkey`, else libpq's environment
+/// (`PGSSLMODE`, …), else libpq's defaults (`prefer`; `~/.postgresql/root.crt`,
+/// `postgresql.crt`, `postgresql.key` when those files exist).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PgTls {
+    pub mode: SslMode,
+    pub root_cert: Option<RootCert>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl PgTls {
+    /// `given`: the URL's TLS parameters by name; `env`: libpq's variables.
+    fn resolve(given: &[(String, String)], env: impl Fn(&str) -> Option<String>) -> Result<PgTls> {
+        let get = |param: &str, var: &str| {
+            given.iter().rev().find(|(k, _)| k == param).map(|(_, v)| v.clone()).or_else(|| env(var)).filter(|v| !v.is_empty())
+        };
+        let home_file = |name: &str| {
+            env("HOME").map(|h| Path::new(&h).join(".postgresql").join(name)).filter(|p| p.is_file())
+        };
+        let root_cert = match get("sslrootcert", "PGSSLROOTCERT") {
+            Some(v) if v == "system" => Some(RootCert::System),
+            Some(v) => Some(RootCert::File(PathBuf::from(v))),
+            None => home_file("root.crt").map(RootCert::File),
+        };
+        let mode = match get("sslmode", "PGSSLMODE") {
+            Some(m) => SslMode::parse(&m)?,
+            // libpq: the system store is only meaningful with the host name checked.
+            None if root_cert == Some(RootCert::System) => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        };
+        if root_cert == Some(RootCert::System) && mode < SslMode::VerifyFull {
+            bail!("sslrootcert=system needs sslmode=verify-full (got {}): a public CA vouches for many hosts, so only the host name check makes it mean something", mode.name());
+        }
+        let client_cert = get("sslcert", "PGSSLCERT").map(PathBuf::from).or_else(|| home_file("postgresql.crt"));
+        let client_key = get("sslkey", "PGSSLKEY").map(PathBuf::from).or_else(|| home_file("postgresql.key"));
+        Ok(PgTls { mode, root_cert, client_cert, client_key })
+    }
+}
+
+/// The URL parameters vmig handles itself rather than tokio-postgres.
+const PG_TLS_PARAMS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 impl std::fmt::Debug for PgUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,20 +132,34 @@ impl std::fmt::Debug for PgUrl {
 
 impl PgUrl {
     pub fn parse(raw: &str) -> Result<Self> {
-        let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
+        Self::parse_with_env(raw, |v| std::env::var(v).ok())
+    }
+
+    fn parse_with_env(raw: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
         let decode = |s: &str| {
             percent_decode(s).with_context(|| "invalid percent-encoding in PostgreSQL URL".to_string())
         };
+        let (tls_params, rest): (Vec<(String, String)>, Vec<(String, String)>) =
+            u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).partition(|(k, _)| PG_TLS_PARAMS.contains(&k.as_str()));
+        let tls = PgTls::resolve(&tls_params, env)?;
+        if rest.is_empty() {
+            u.set_query(None);
+        } else {
+            u.query_pairs_mut().clear().extend_pairs(rest);
+        }
         Ok(PgUrl {
-            url: raw.to_string(),
+            url: u.to_string(),
             host: u.host_str().unwrap_or("localhost").to_string(),
             port: u.port().unwrap_or(5432),
             database: decode(u.path().trim_start_matches('/'))
                 .map(|d| if d.is_empty() { "postgres".to_string() } else { d })?,
             user: decode(u.username())?,
+            tls,
         })
     }
 
+    /// The URL for tokio-postgres: everything but the TLS parameters.
     pub fn connection_string(&self) -> &str {
         &self.url
     }
@@ -58,7 +168,9 @@ impl PgUrl {
     pub fn with_database(&self, db: &str) -> Result<PgUrl> {
         let mut u = url::Url::parse(&self.url)?;
         u.set_path(&format!("/{db}"));
-        PgUrl::parse(u.as_str())
+        let mut other = PgUrl::parse_with_env(u.as_str(), |_| None)?;
+        other.tls = self.tls.clone();
+        Ok(other)
     }
 
     pub fn redacted(&self) -> String {
@@ -337,6 +449,12 @@ fn resolve_env_reference(arg: &str) -> Result<String> {
     }
 }
 
+/// Whether `s` holds a `scheme://user:password@host` with a password (the
+/// command line warns: `ps` shows it to every user of the host).
+pub fn holds_url_password(s: &str) -> bool {
+    redact_free_text(s) != s
+}
+
 /// Hides the password of every `scheme://user:password@host` in text we echo back.
 pub fn redact_free_text(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -454,6 +572,31 @@ mod tests {
             redact_free_text("cannot connect to mysql://u@h:1/db: denied for 'u'@'x' and postgresql://a:b:c@d"),
             "cannot connect to mysql://u@h:1/db: denied for 'u'@'x' and postgresql://a:***@d"
         );
+    }
+
+    #[test]
+    fn postgres_tls_settings_follow_libpq() {
+        let none = |_: &str| None;
+        let u = PgUrl::parse_with_env("postgresql://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x", none).unwrap();
+        assert_eq!((u.tls.mode, u.tls.root_cert.clone()), (SslMode::VerifyFull, Some(RootCert::File("/ca.pem".into()))));
+        assert_eq!(u.connection_string(), "postgresql://u@h/db?application_name=x");
+        let d = PgUrl::parse_with_env("postgresql://u@h/db", none).unwrap();
+        assert_eq!((d.tls.mode, d.connection_string()), (SslMode::Prefer, "postgresql://u@h/db"));
+        let env = |v: &str| match v {
+            "PGSSLMODE" => Some("require".to_string()),
+            "PGSSLCERT" => Some("/c.crt".to_string()),
+            "PGSSLKEY" => Some("/c.key".to_string()),
+            _ => None,
+        };
+        let e = PgUrl::parse_with_env("postgresql://u@h/db", env).unwrap();
+        assert_eq!((e.tls.mode, e.tls.client_cert.as_deref(), e.tls.client_key.as_deref()), (SslMode::Require, Some(Path::new("/c.crt")), Some(Path::new("/c.key"))));
+        // The URL wins over the environment.
+        assert_eq!(PgUrl::parse_with_env("postgresql://u@h/db?sslmode=disable", env).unwrap().tls.mode, SslMode::Disable);
+        let s = PgUrl::parse_with_env("postgresql://u@h/db?sslrootcert=system", none).unwrap();
+        assert_eq!(s.tls.mode, SslMode::VerifyFull);
+        assert!(PgUrl::parse_with_env("postgresql://u@h/db?sslrootcert=system&sslmode=require", none).is_err());
+        assert!(PgUrl::parse_with_env("postgresql://u@h/db?sslmode=verify", none).unwrap_err().to_string().contains("verify-full"));
+        assert!(holds_url_password("--from=postgresql://u:pw@h/db") && !holds_url_password("postgresql://u@h/db"));
     }
 
     #[test]

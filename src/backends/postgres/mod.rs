@@ -5,6 +5,7 @@
 //! binary COPY codec in `copy.rs`.
 
 mod apply;
+mod connect;
 mod indexes;
 pub mod changes;
 pub mod copy;
@@ -14,6 +15,7 @@ mod sink;
 mod stream;
 mod source;
 
+pub use connect::connect_as;
 pub use sink::PgSink;
 pub use source::PgSource;
 
@@ -26,7 +28,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
 use tokio::runtime::Handle;
-use tokio_postgres::{Client, CopyInSink, NoTls};
+use tokio_postgres::{Client, CopyInSink};
 
 use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
 use crate::contract::commit::{CommitRecord, Ledger};
@@ -168,24 +170,6 @@ impl TableName {
 
 pub async fn connect(url: &PgUrl) -> Result<Client> {
     connect_as(url, None).await
-}
-
-/// Connects with `application_name` set, so the server (and a later run)
-/// can tell which job a session belongs to.
-pub async fn connect_as(url: &PgUrl, application_name: Option<&str>) -> Result<Client> {
-    let mut config: tokio_postgres::Config =
-        url.connection_string().parse().map_err(|e| anyhow!("invalid PostgreSQL URL {}: {e}", url.redacted()))?;
-    if let Some(name) = application_name {
-        config.application_name(name);
-    }
-    let (client, conn) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), pg_error_text(&e)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
 }
 
 /// The most useful one-line text of a driver error (the server's message if any).

@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,6 +20,7 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::{backend::Message, frontend};
 
+use super::connect::{Attempt, attempts, client_config, failure_text, session_config};
 use crate::model::config::PgUrl;
 
 /// What `CREATE_REPLICATION_SLOT` returned; the snapshot lives as long as the session.
@@ -37,29 +38,104 @@ impl CreatedSlot {
 }
 
 struct ReplicationSession {
-    stream: TcpStream,
+    wire: Wire,
     buf: BytesMut,
+}
+
+/// The session's byte stream, plain or TLS, shared with the thread that
+/// sends status updates: a TLS stream cannot be split, so both take turns
+/// (reads wait at most the socket's read timeout).
+#[derive(Clone)]
+struct Wire {
+    stream: Arc<Mutex<Stream>>,
+    /// The same socket, for its timeouts.
+    socket: Arc<TcpStream>,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Wire {
+    fn lock(&self) -> MutexGuard<'_, Stream> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        match &mut *self.lock() {
+            Stream::Plain(s) => s.write_all(bytes).and_then(|_| s.flush()),
+            Stream::Tls(s) => s.write_all(bytes).and_then(|_| s.flush()),
+        }
+    }
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut *self.lock() {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
 }
 
 impl Drop for ReplicationSession {
     fn drop(&mut self) {
         let mut out = BytesMut::new();
         frontend::terminate(&mut out);
-        let _ = self.stream.write_all(&out);
+        let _ = self.wire.write_all(&out);
     }
+}
+
+/// Opens the TCP connection and, as `sslmode` asks, upgrades it to TLS
+/// before the startup message (SSLRequest, then the handshake).
+fn open_wire(url: &PgUrl, attempt: Attempt) -> Result<Wire> {
+    let socket = TcpStream::connect((url.host.as_str(), url.port))
+        .with_context(|| format!("replication connection to {}", url.redacted()))?;
+    socket.set_read_timeout(Some(Duration::from_secs(300)))?;
+    let timeouts = Arc::new(socket.try_clone()?);
+    if attempt == Attempt::Plain {
+        return Ok(Wire { stream: Arc::new(Mutex::new(Stream::Plain(socket))), socket: timeouts });
+    }
+    let mut socket = socket;
+    let mut out = BytesMut::new();
+    frontend::ssl_request(&mut out);
+    socket.write_all(&out)?;
+    let mut answer = [0u8; 1];
+    socket.read_exact(&mut answer).context("the server's answer to the TLS request")?;
+    match (answer[0], attempt) {
+        (b'S', _) => {}
+        (b'N', Attempt::TlsIfOffered) => {
+            return Ok(Wire { stream: Arc::new(Mutex::new(Stream::Plain(socket))), socket: timeouts });
+        }
+        (b'N', _) => bail!("the server offers no TLS, and sslmode={} does not allow plain text", url.tls.mode.name()),
+        (other, _) => bail!("unexpected answer {other:#x} to the TLS request"),
+    }
+    let name = rustls::pki_types::ServerName::try_from(url.host.clone()).map_err(|e| anyhow!("host {}: {e}", url.host))?;
+    let conn = rustls::ClientConnection::new(client_config(&url.tls)?, name).context("TLS")?;
+    let mut tls = rustls::StreamOwned::new(conn, socket);
+    // The handshake now, so a refused certificate is reported as such.
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).map_err(|e| anyhow!(failure_text(&e, url)))?;
+    }
+    Ok(Wire { stream: Arc::new(Mutex::new(Stream::Tls(Box::new(tls)))), socket: timeouts })
 }
 
 impl ReplicationSession {
     fn connect(url: &PgUrl, application_name: &str) -> Result<Self> {
-        let config: tokio_postgres::Config =
-            url.connection_string().parse().map_err(|e| anyhow!("invalid PostgreSQL URL {}: {e}", url.redacted()))?;
+        let mut last = None;
+        for &attempt in attempts(url.tls.mode) {
+            match Self::connect_once(url, application_name, attempt) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.expect("every sslmode makes at least one attempt");
+        Err(e.context(format!("replication connection to {}", url.redacted())))
+    }
+
+    fn connect_once(url: &PgUrl, application_name: &str, attempt: Attempt) -> Result<Self> {
+        let config = session_config(url)?;
         let user = config.get_user().unwrap_or("postgres").to_string();
         let dbname = config.get_dbname().unwrap_or(&user).to_string();
         let password = config.get_password().map(|p| p.to_vec());
-        let stream = TcpStream::connect((url.host.as_str(), url.port))
-            .with_context(|| format!("replication connection to {}", url.redacted()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(300)))?;
-        let mut s = ReplicationSession { stream, buf: BytesMut::new() };
+        let mut s = ReplicationSession { wire: open_wire(url, attempt)?, buf: BytesMut::new() };
         let mut out = BytesMut::new();
         frontend::startup_message(
             [("user", user.as_str()), ("database", dbname.as_str()), ("replication", "database"), ("application_name", application_name)],
@@ -114,7 +190,7 @@ impl ReplicationSession {
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes).context("replication connection")
+        self.wire.write_all(bytes).context("replication connection")
     }
 
     /// One message as (tag, body), framed by hand: the copy-both messages
@@ -163,7 +239,7 @@ impl ReplicationSession {
 
     fn fill(&mut self) -> Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.stream.read(&mut chunk)?;
+        let n = self.wire.read(&mut chunk)?;
         if n == 0 {
             bail!("the server closed the replication connection");
         }
@@ -177,7 +253,7 @@ impl ReplicationSession {
                 return Ok(m);
             }
             let mut chunk = [0u8; 8192];
-            let n = self.stream.read(&mut chunk).context("replication connection")?;
+            let n = self.wire.read(&mut chunk).context("replication connection")?;
             if n == 0 {
                 bail!("the server closed the replication connection");
             }
@@ -254,7 +330,7 @@ pub struct LogicalStream {
 /// Sends standby status updates on a stream's connection (any thread).
 #[derive(Clone)]
 pub struct StatusSender {
-    stream: Arc<Mutex<TcpStream>>,
+    wire: Wire,
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -274,7 +350,7 @@ impl StatusSender {
         let mut msg = vec![b'd'];
         msg.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         msg.extend_from_slice(&body);
-        self.stream.lock().unwrap().write_all(&msg).context("sending the applied position")
+        self.wire.write_all(&msg).context("sending the applied position")
     }
 }
 
@@ -301,8 +377,8 @@ pub fn start_streaming(url: &PgUrl, application_name: &str, slot: &str, publicat
             _ => {}
         }
     }
-    session.stream.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let sender = StatusSender { stream: Arc::new(Mutex::new(session.stream.try_clone()?)) };
+    session.wire.socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let sender = StatusSender { wire: session.wire.clone() };
     Ok((LogicalStream { session }, sender))
 }
 
