@@ -176,13 +176,14 @@ seekdb_pid() { # dir -> pid of a live server, or nothing
 # seekdb daemonises and answers SQL ~1.5 s later. memory_budget keeps it from
 # taking 80% of RAM; WARN keeps its logs small. It listens on every interface:
 # we only ever connect through 127.0.0.1.
-seekdb_start_dir() { # dir port
+seekdb_start_dir() { # dir port [seekdb options, e.g. --parameter ssl_client_authentication=true]
   local dir=$1 port=$2 i
+  shift 2
   mkdir -p "$dir"
   if [ -n "$(seekdb_pid "$dir")" ]; then log "seekdb already running on 127.0.0.1:$port"; return 0; fi
   "$(seekdb_bin)" --base-dir "$dir" --port "$port" --log-level WARN \
     --parameter memory_budget="${VMIG_SEEKDB_MEMORY:-4G}" --parameter datafile_size=1G --parameter datafile_next=1G \
-    --parameter datafile_maxsize=20G --parameter log_disk_size=4G >"$dir/start.log" 2>&1 \
+    --parameter datafile_maxsize=20G --parameter log_disk_size=4G "$@" >"$dir/start.log" 2>&1 \
     || { cat "$dir/start.log" >&2; return 1; }
   for i in $(seq 1 240); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -363,7 +364,7 @@ case "${1:-}" in
   milvus-stop)
     milvus_stop_dir "${2:?dir}" ;;
   seekdb-start)
-    ensure_venv; seekdb_start_dir "${2:?dir}" "${3:?port}" ;;
+    ensure_venv; seekdb_start_dir "${2:?dir}" "${3:?port}" "${@:4}" ;;
   seekdb-stop)
     seekdb_stop_dir "${2:?dir}" ;;
   stop-one)
@@ -388,5 +389,5 @@ case "${1:-}" in
   env)
     ensure_venv; print_env ;;
   *)
-    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT|seekdb-stop DIR|milvus-start DIR PORT [auth] [tls]|milvus-stop DIR" >&2; exit 2 ;;
+    echo "usage: $0 start|stop|status|env|start-one NAME|stop-one NAME|seekdb-start DIR PORT [OPTIONS]|seekdb-stop DIR|milvus-start DIR PORT [auth] [tls]|milvus-stop DIR" >&2; exit 2 ;;
 esac

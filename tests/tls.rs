@@ -242,3 +242,144 @@ fn tls_failures_say_what_failed() {
     let e = connect_error(&front.url(&src, "127.0.0.1", "sslmode=verify-full"), &dst);
     assert!(e.contains("sslrootcert"), "{e}");
 }
+
+/// A URL without a password: every session (data, and the replication
+/// session of an online job) takes it from the password file or from
+/// PGPASSWORD, as libpq does, and nothing warns; a password on the command
+/// line draws one warning line.
+#[test]
+fn passwords_come_from_the_password_file_or_pgpassword() {
+    use common::faults::{Moment, wait_for};
+    let name = "pgpass";
+    let (src, dst) = dbs(name);
+    ok(&["generate", "--to", &src, "--rows", "500", "--dim", "64"]);
+    let bare = |u: &str| {
+        let mut u = url::Url::parse(u).unwrap();
+        u.set_password(None).unwrap();
+        u.to_string()
+    };
+    let (bare_src, bare_dst) = (bare(&src), bare(&dst));
+    let dir = tempdir();
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(&passfile, "# test\n127.0.0.1:*:*:postgres:postgres\n").unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(VMIG);
+        cmd.args(args).env_remove("PGPASSWORD").env("PGPASSFILE", dir.path().join("none"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+
+    let out = run(&["verify", "--from", &bare_src, "--to", &bare_dst], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("password"), "{}", stderr(&out));
+
+    let state = tempdir();
+    let job_dir = state.path().join(name);
+    let args = ["migrate", "--online", "--from", &bare_src, "--to", &bare_dst, "--job", name, "--state-root", state.path().to_str().unwrap(), "--quiet"];
+    let mut job = run(&args, &[("PGPASSFILE", passfile.to_str().unwrap())]).stderr(Stdio::piped()).spawn().unwrap();
+    let _reap = common::online::Reaper(vec![job.id()]);
+    wait_for(&mut job, &job_dir, "migrate", &Moment::Phase("following".into()), name);
+    exec(&src, "UPDATE modeldata SET team_id = 'moved' WHERE id IN (SELECT id FROM modeldata ORDER BY id LIMIT 3)");
+    common::online::wait_following(&mut job, &job_dir, "migrate", 2, name);
+    let mut cut = args.to_vec();
+    cut[0] = "cutover";
+    let out = run(&cut, &[("PGPASSWORD", "postgres")]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "{}", stderr(&out));
+    let status = job.wait().unwrap();
+    assert!(status.success(), "the online job ended with {status}");
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+    let job_err = std::io::read_to_string(job.stderr.take().unwrap()).unwrap();
+    assert!(!job_err.contains("warning: a password") && !stderr(&out).contains("warning: a password"), "{job_err}");
+
+    let out = run(&["verify", "--from", &src, "--to", &dst], &[]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stderr(&out).matches("warning: a password is on the command line").count(), 1, "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------- OceanBase / seekdb
+
+/// A seekdb of the test's own serving TLS with the test's certificate (its
+/// `wallet/`), with a user that must use TLS and one that must present a
+/// client certificate (root stays plain for the test's own reads).
+fn tls_seekdb(pki: &Pki) -> PrivateSeekdb {
+    let ob = PrivateSeekdb::start_with(
+        "tls",
+        52997,
+        |dir| {
+            let wallet = dir.join("wallet");
+            std::fs::create_dir_all(&wallet).unwrap();
+            for (from, to) in [(&pki.ca, "ca.pem"), (&pki.server_cert, "server-cert.pem"), (&pki.server_key, "server-key.pem")] {
+                std::fs::copy(from, wallet.join(to)).unwrap();
+            }
+        },
+        &["--parameter", "ssl_client_authentication=true"],
+    );
+    let root = ob.url.replacen("mysql://root%40sys@", "mysql://root@", 1);
+    for sql in [
+        "CREATE USER vmig_tls IDENTIFIED BY 'tls-pw' REQUIRE SSL",
+        "GRANT ALL PRIVILEGES ON *.* TO vmig_tls",
+        "CREATE USER vmig_x509 IDENTIFIED BY 'x509-pw' REQUIRE X509",
+        "GRANT ALL PRIVILEGES ON *.* TO vmig_x509",
+        // seekdb turns away a client certificate whose CN it has not invited.
+        "ALTER SYSTEM SET ob_ssl_invited_common_names = 'postgres'",
+    ] {
+        ob_exec(&root, sql);
+    }
+    ob
+}
+
+fn ob_tls_url(user: &str, password: &str, host: &str, port: u16, params: &str) -> String {
+    format!("mysql://{user}:{password}@{host}:{port}/vmig?{params}")
+}
+
+/// Into and out of a TLS seekdb with verify_identity (and, out, a client
+/// certificate): rows equal; each failure names itself in one line. Small
+/// vectors: seekdb 1.4 drops TLS sessions whose statements pass ~18 KB and
+/// stalls results past ~1 MB (plain sessions carry both), so 1536-d rows
+/// cannot cross its TLS; docs/limits.md says so.
+#[test]
+fn oceanbase_over_tls_with_verified_certificates() {
+    let pki = pki();
+    let ob = tls_seekdb(&pki);
+    let (src, dst) = dbs("ob_tls");
+    ok(&["generate", "--to", &src, "--rows", "60", "--dim", "8"]);
+    let ca = format!("ssl-ca={}", pki.ca.display());
+    let into = ob_tls_url("vmig_tls", "tls-pw", "127.0.0.1", ob.port, &format!("ssl-mode=verify_identity&{ca}"));
+    let state = tempdir();
+    ok(&["migrate", "--from", &src, "--to", &into, "--chunk-rows", "20", "--state-root", state.path().to_str().unwrap()]);
+    let stored = ob_rows(&ob.url, "modeldata");
+    assert_rows_close(&rows(&src, "modeldata"), &stored);
+
+    let out_of = ob_tls_url(
+        "vmig_x509",
+        "x509-pw",
+        "127.0.0.1",
+        ob.port,
+        &format!("ssl-mode=verify_identity&{ca}&ssl-cert={}&ssl-key={}", pki.client_cert.display(), pki.client_key.display()),
+    );
+    let out = ok(&["migrate", "--from", &out_of, "--to", &dst, "--chunk-rows", "20", "--state-root", state.path().to_str().unwrap()]);
+    assert_eq!(rows(&dst, "modeldata"), stored, "PostgreSQL holds what seekdb stores, bit for bit");
+    let key_path = pki.client_key.to_str().unwrap();
+    for (what, text) in [("stdout", String::from_utf8_lossy(&out.stdout).into_owned()), ("stderr", stderr(&out))] {
+        assert!(!text.contains(key_path) && !text.contains("x509-pw"), "{what} holds a secret: {text}");
+    }
+
+    let e = connect_error(&ob_tls_url("vmig_tls", "tls-pw", "127.0.0.1", ob.port, &format!("ssl-mode=verify_identity&ssl-ca={}", pki.other_ca.display())), &dst);
+    assert!(e.contains("not signed by the CA in ssl-ca") && e.contains(&format!("127.0.0.1:{}", ob.port)), "{e}");
+    let e = connect_error(&ob_tls_url("vmig_tls", "tls-pw", "localhost", ob.port, &format!("ssl-mode=verify_identity&{ca}")), &dst);
+    assert!(e.contains("does not name the host localhost"), "{e}");
+    // verify_ca is refused, never silently weaker (the driver cannot skip only the host name).
+    let e = connect_error(&ob_tls_url("vmig_tls", "tls-pw", "localhost", ob.port, &format!("ssl-mode=verify_ca&{ca}")), &dst);
+    assert!(e.contains("verify_identity"), "{e}");
+    // The default (preferred) uses TLS where offered: the TLS-only user gets in.
+    ok(&["verify", "--from", &ob_tls_url("vmig_tls", "tls-pw", "127.0.0.1", ob.port, ""), "--to", &dst]);
+    // Plain text is refused for the TLS-only user; a certificate user needs its certificate.
+    connect_error(&ob_tls_url("vmig_tls", "tls-pw", "127.0.0.1", ob.port, "ssl-mode=disabled"), &dst);
+    connect_error(&ob_tls_url("vmig_x509", "x509-pw", "127.0.0.1", ob.port, &format!("ssl-mode=verify_identity&{ca}")), &dst);
+    // REQUIRED against the shared seekdb, which offers no TLS, refuses rather than falling back.
+    let plain = format!("{}?ssl-mode=required", fresh_ob_db("ob_tls_plain"));
+    let e = connect_error(&plain, &dst);
+    assert!(e.contains("offers no TLS") && e.contains("ssl-mode=REQUIRED"), "{e}");
+}

@@ -223,6 +223,37 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A TLS failure anywhere in `e`'s chain, in the words a user acts on
+/// (every backend's drivers use rustls). `host`: what was connected to;
+/// `trusted`: where the trusted CAs came from, named as the URL names it.
+pub fn tls_failure_text(e: &(dyn std::error::Error + 'static), host: &str, trusted: &str) -> Option<String> {
+    use rustls::CertificateError as C;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        // io::Error hides the error it wraps from source(); look inside.
+        let inner = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            let Some(r) = candidate.downcast_ref::<rustls::Error>() else { continue };
+            return Some(match r {
+                rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+                    format!("the server's certificate is not signed by {trusted}")
+                }
+                rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+                    format!("the server's certificate does not name the host {host} (connect by a name the certificate holds)")
+                }
+                rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "the server's certificate has expired".into(),
+                rustls::Error::InvalidCertificate(other) => format!("the server's certificate was refused: {other:?}"),
+                rustls::Error::AlertReceived(alert) => {
+                    format!("the server ended the TLS handshake ({alert:?}); if it requires a client certificate, give one")
+                }
+                other => format!("TLS failed: {other}"),
+            });
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// A row the target refused (found by bisecting a failed batch).
 #[derive(Clone, Debug)]
 pub struct RowReject {

@@ -178,18 +178,38 @@ impl PgUrl {
     }
 }
 
-/// How an OceanBase connection uses TLS (`?ssl-mode=`, as MySQL clients name it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How an OceanBase connection uses TLS (`?ssl-mode=`, with the MySQL
+/// client's names and meanings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TlsMode {
     Disabled,
-    /// Encrypted, certificate not checked (MySQL's REQUIRED).
+    /// TLS if the server offers it, plain text otherwise (MySQL's default).
+    Preferred,
+    /// TLS or no connection; certificate not checked.
     Required,
-    /// Encrypted, certificate and host name checked.
+    /// TLS; the certificate must chain to a trusted CA (refused at connect:
+    /// the driver cannot check the chain without the host name).
+    VerifyCa,
+    /// TLS; the certificate must chain to a trusted CA and name the host.
     VerifyIdentity,
+}
+
+impl TlsMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsMode::Disabled => "DISABLED",
+            TlsMode::Preferred => "PREFERRED",
+            TlsMode::Required => "REQUIRED",
+            TlsMode::VerifyCa => "VERIFY_CA",
+            TlsMode::VerifyIdentity => "VERIFY_IDENTITY",
+        }
+    }
 }
 
 /// An OceanBase / seekdb URL (`mysql://`, `oceanbase://`, `seekdb://`). The
 /// user may carry a tenant (`root@tenant`, percent-encoded in the URL).
+/// TLS: `ssl-mode`, `ssl-ca` (PEM CA file; else the public CAs), `ssl-cert`
+/// and `ssl-key` (a client certificate), as the MySQL client names them.
 #[derive(Clone)]
 pub struct ObUrl {
     pub host: String,
@@ -198,6 +218,9 @@ pub struct ObUrl {
     password: String,
     pub database: String,
     pub tls: TlsMode,
+    pub ssl_ca: Option<PathBuf>,
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ObUrl {
@@ -211,17 +234,31 @@ impl ObUrl {
         let u = url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid OceanBase URL: {e}"))?;
         let decode =
             |s: &str| percent_decode(s).with_context(|| "invalid percent-encoding in OceanBase URL".to_string());
-        let mut tls = TlsMode::Disabled;
+        let mut tls = TlsMode::Preferred;
+        let (mut ssl_ca, mut ssl_cert, mut ssl_key) = (None, None, None);
         for (k, v) in u.query_pairs() {
-            tls = match (k.to_ascii_lowercase().as_str(), v.to_ascii_lowercase().as_str()) {
-                ("ssl-mode" | "sslmode", "disabled" | "disable") => TlsMode::Disabled,
-                ("ssl-mode" | "sslmode", "required" | "require" | "preferred") | ("tls" | "ssl", "true") => {
-                    TlsMode::Required
+            let key = k.to_ascii_lowercase().replace('_', "-");
+            match (key.as_str(), v.to_ascii_lowercase().replace('-', "_").as_str()) {
+                ("ssl-mode" | "sslmode", mode) => {
+                    tls = match mode {
+                        "disabled" | "disable" => TlsMode::Disabled,
+                        "preferred" | "prefer" => TlsMode::Preferred,
+                        "required" | "require" => TlsMode::Required,
+                        "verify_ca" => TlsMode::VerifyCa,
+                        "verify_identity" | "verify_full" => TlsMode::VerifyIdentity,
+                        other => bail!("unsupported ssl-mode {other} (disabled, preferred, required, verify_ca, verify_identity)"),
+                    }
                 }
-                ("ssl-mode" | "sslmode", "verify_identity" | "verify_ca" | "verify-full") => TlsMode::VerifyIdentity,
-                ("tls" | "ssl", "false") => TlsMode::Disabled,
-                (k, v) => bail!("unsupported OceanBase URL parameter {k}={v} (supported: ssl-mode=disabled|required|verify_identity)"),
-            };
+                ("tls" | "ssl", "true") => tls = TlsMode::Required,
+                ("tls" | "ssl", "false") => tls = TlsMode::Disabled,
+                ("ssl-ca", _) => ssl_ca = Some(PathBuf::from(v.as_ref())),
+                ("ssl-cert", _) => ssl_cert = Some(PathBuf::from(v.as_ref())),
+                ("ssl-key", _) => ssl_key = Some(PathBuf::from(v.as_ref())),
+                (k, _) => bail!("unsupported OceanBase URL parameter {k} (supported: ssl-mode, ssl-ca, ssl-cert, ssl-key)"),
+            }
+        }
+        if ssl_cert.is_some() != ssl_key.is_some() {
+            bail!("ssl-cert and ssl-key go together (a client certificate and its key)");
         }
         let database = decode(u.path().trim_start_matches('/'))?;
         if database.is_empty() {
@@ -234,6 +271,9 @@ impl ObUrl {
             password: decode(u.password().unwrap_or(""))?,
             database,
             tls,
+            ssl_ca,
+            ssl_cert,
+            ssl_key,
         })
     }
 
@@ -649,7 +689,7 @@ mod tests {
             panic!("not an OceanBase URL")
         };
         assert_eq!((u.user.as_str(), u.password(), u.port, u.database.as_str()), ("root@tenant", "p@ss", 2881, "fastgpt"));
-        assert_eq!(u.tls, TlsMode::Disabled);
+        assert_eq!(u.tls, TlsMode::Preferred);
         assert!(!format!("{u:?}").contains("p@ss"));
         let Endpoint::OceanBase(s) = Endpoint::parse("seekdb://root@127.0.0.1/test?ssl-mode=required").unwrap() else {
             panic!("seekdb:// is an alias")

@@ -340,9 +340,20 @@ pub(crate) fn dbs_script(args: &[&str]) -> bool {
 
 impl PrivateSeekdb {
     pub fn start(name: &str, port: u16) -> Self {
+        Self::start_with(name, port, |_| {}, &[])
+    }
+
+    /// `prepare` fills the server's directory before its first start (a
+    /// TLS wallet); `options` go to the seekdb binary.
+    pub fn start_with(name: &str, port: u16, prepare: impl FnOnce(&std::path::Path), options: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("vmig-test-seekdb-{name}-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(dbs_script(&["seekdb-start", dir.to_str().unwrap(), &port.to_string()]), "seekdb did not start");
+        std::fs::create_dir_all(&dir).unwrap();
+        prepare(&dir);
+        let port_s = port.to_string();
+        let mut args = vec!["seekdb-start", dir.to_str().unwrap(), &port_s];
+        args.extend_from_slice(options);
+        assert!(dbs_script(&args), "seekdb did not start");
         let base = format!("mysql://root@127.0.0.1:{port}/test");
         ob_exec(&base, "CREATE DATABASE IF NOT EXISTS vmig");
         PrivateSeekdb { dir, url: tenant_form(&with_db(&base, "vmig")), port }

@@ -42,7 +42,8 @@ const PAGE_BYTES: usize = 8 << 20;
 
 // ---------------------------------------------------------------- connection
 
-fn opts(url: &ObUrl) -> mysql_async::Opts {
+/// `tls`: whether this attempt asks for TLS (`PREFERRED` tries it first).
+fn opts(url: &ObUrl, tls: bool) -> mysql_async::Opts {
     let mut b = OptsBuilder::default()
         .ip_or_hostname(url.host.clone())
         .tcp_port(url.port)
@@ -53,14 +54,40 @@ fn opts(url: &ObUrl) -> mysql_async::Opts {
         // Timestamps travel as UTC wall time; strict mode makes the server
         // refuse (not truncate) values that do not fit.
         .init(vec!["SET time_zone = '+00:00', sql_mode = 'STRICT_ALL_TABLES'"]);
-    b = match url.tls {
-        TlsMode::Disabled => b,
-        TlsMode::Required => b.ssl_opts(Some(
-            SslOpts::default().with_danger_accept_invalid_certs(true).with_danger_skip_domain_validation(true),
-        )),
-        TlsMode::VerifyIdentity => b.ssl_opts(Some(SslOpts::default())),
-    };
+    if tls {
+        b = b.ssl_opts(Some(ssl_opts(url)));
+    }
     b.into()
+}
+
+fn ssl_opts(url: &ObUrl) -> SslOpts {
+    let mut o = SslOpts::default();
+    if let Some(ca) = &url.ssl_ca {
+        o = o.with_root_certs(vec![ca.clone().into()]).with_disable_built_in_roots(true);
+    }
+    if let (Some(cert), Some(key)) = (&url.ssl_cert, &url.ssl_key) {
+        o = o.with_client_identity(Some(mysql_async::ClientIdentity::new(cert.clone().into(), key.clone().into())));
+    }
+    // The MySQL client's meanings. VERIFY_CA is refused before connecting
+    // (see `connect`): the driver's "skip the host name only" option no longer
+    // recognises rustls' host-name error, so it would fail every connection.
+    let check = matches!(url.tls, TlsMode::VerifyIdentity | TlsMode::VerifyCa);
+    o.with_danger_accept_invalid_certs(!check).with_danger_skip_domain_validation(!check)
+}
+
+/// Why a session could not be opened, in one line: TLS in words, else the server's message.
+fn connect_error_text(e: &mysql_async::Error, url: &ObUrl) -> String {
+    if matches!(e, mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)) {
+        return format!("the server offers no TLS, and ssl-mode={} does not allow plain text", url.tls.name());
+    }
+    let trusted = match &url.ssl_ca {
+        Some(ca) => format!("the CA in ssl-ca ({})", ca.display()),
+        None => "a public CA (give ssl-ca=FILE for a private one)".into(),
+    };
+    match crate::contract::tls_failure_text(e, &url.host, &trusted) {
+        Some(t) => format!("{t} (ssl-mode={})", url.tls.name()),
+        None => ob_error_text(e),
+    }
 }
 
 /// The server's message and code, or the driver's error; never the password.
@@ -82,9 +109,20 @@ impl<T> ObContext<T> for std::result::Result<T, mysql_async::Error> {
 }
 
 pub async fn connect(url: &ObUrl) -> Result<Conn> {
-    let mut c = Conn::new(opts(url))
-        .await
-        .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), ob_error_text(&e)))?;
+    if url.tls == TlsMode::VerifyCa {
+        bail!(
+            "cannot connect to {}: ssl-mode=verify_ca is not available for OceanBase (the MySQL driver checks the chain only together with the host name); use ssl-mode=verify_identity with a host name the certificate holds",
+            url.redacted()
+        );
+    }
+    let first = Conn::new(opts(url, url.tls != TlsMode::Disabled)).await;
+    let mut c = match first {
+        Err(mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer)) if url.tls == TlsMode::Preferred => {
+            Conn::new(opts(url, false)).await
+        }
+        other => other,
+    }
+    .map_err(|e| anyhow!("cannot connect to {}: {}", url.redacted(), connect_error_text(&e, url)))?;
     // Big chunks and index builds outlast OceanBase's 10 s default query timeout.
     for set in ["SET ob_query_timeout = 86400000000", "SET ob_trx_timeout = 86400000000"] {
         if let Err(e) = c.query_drop(set).await {

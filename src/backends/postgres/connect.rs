@@ -110,46 +110,15 @@ fn connection_dropped(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn tls_failure(e: &(dyn std::error::Error + 'static), url: &PgUrl) -> Option<String> {
-    let mode = url.tls.mode.name();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        // io::Error hides the error it wraps from source(); look inside.
-        let inner = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &(dyn std::error::Error + 'static));
-        for candidate in [Some(err), inner].into_iter().flatten() {
-            if let Some(r) = candidate.downcast_ref::<rustls::Error>() {
-                return Some(describe_rustls(r, url));
-            }
-            if candidate.to_string().contains("server does not support TLS") {
-                return Some(format!("the server offers no TLS, and sslmode={mode} does not allow plain text"));
-            }
-        }
-        cur = err.source();
+    if crate::contract::error_chain(e).contains("server does not support TLS") {
+        return Some(format!("the server offers no TLS, and sslmode={} does not allow plain text", url.tls.mode.name()));
     }
-    None
-}
-
-fn describe_rustls(e: &rustls::Error, url: &PgUrl) -> String {
-    let ca = match &url.tls.root_cert {
+    let trusted = match &url.tls.root_cert {
         Some(RootCert::System) => "the system's trusted CAs".to_string(),
         Some(RootCert::File(p)) => format!("the CA in sslrootcert ({})", p.display()),
-        None => "no CA".to_string(),
+        None => "a trusted CA".to_string(),
     };
-    match e {
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
-                format!("the server's certificate is not signed by {ca} (sslmode={})", url.tls.mode.name())
-            }
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                format!("the server's certificate does not name the host {} (sslmode=verify-full checks it; connect by a name the certificate holds)", url.host)
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "the server's certificate has expired".into(),
-            other => format!("the server's certificate was refused: {other:?}"),
-        },
-        rustls::Error::AlertReceived(alert) => format!(
-            "the server ended the TLS handshake ({alert:?}); if it requires a client certificate, give sslcert and sslkey"
-        ),
-        other => format!("TLS failed: {other}"),
-    }
+    crate::contract::tls_failure_text(e, &url.host, &trusted).map(|t| format!("{t} (sslmode={})", url.tls.mode.name()))
 }
 
 /// The rustls settings of one connection's `sslmode`.
