@@ -113,6 +113,13 @@ fn print_rows(r: &VerifyReport) {
     for n in &r.not_compared {
         println!("{n}");
     }
+    if r.source_duplicates > 0 {
+        println!(
+            "note: the source holds {} copies beyond one per id, of ids {} (Milvus keeps an old copy when it loses a delete; reads return one, and that one was compared)",
+            r.source_duplicates,
+            crate::engine::verify::key_list(&r.source_duplicate_ids)
+        );
+    }
     println!(
         "verify: {} chunks · source {} rows · target {} rows · {}",
         r.chunks,

@@ -39,6 +39,14 @@ pub struct ChunkDiff {
     /// for (a by-id check; first 20).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub duplicate_ids: Vec<Key>,
+    /// Copies the source holds beyond one per id (a Milvus source that lost
+    /// a delete), and which ids (first 20), where counted (`verify`). Told,
+    /// not failed: the sides are compared as the source reads, one copy an
+    /// id, and no recopy can remove a source's copy.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_duplicates: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_duplicate_ids: Vec<Key>,
     /// Missing, extra and different ids beyond the 20 of each listed.
     #[serde(skip_serializing_if = "is_zero")]
     pub unlisted: u64,
@@ -84,6 +92,11 @@ pub struct VerifyReport {
     pub target_rows: u64,
     pub differing_chunks: Vec<ChunkDiff>,
     pub equal: bool,
+    /// Copies a Milvus source holds beyond one per id, and which ids (first 20).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub source_duplicates: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_duplicate_ids: Vec<Key>,
     /// How vectors were compared: "bit-exact", or rounded to 6 significant
     /// digits when a side cannot give exact vectors (OceanBase).
     pub vector_comparison: String,
@@ -265,20 +278,43 @@ pub struct Comparison {
     norm: Normalise,
     pub vector_comparison: String,
     pub timestamp_comparison: String,
+    /// Also count the source's copies per chunk (`verify` tells them; the
+    /// repairs and the online verifier, which cannot act on them, do not).
+    pub count_source_copies: bool,
 }
 
 impl Comparison {
     pub fn of(from: &dyn Source, to: &dyn Source) -> Comparison {
         let (norm, vector_comparison, timestamp_comparison) = comparison(from, to);
-        Comparison { columns: from.spec().columns.iter().map(|c| c.name.clone()).collect(), norm, vector_comparison, timestamp_comparison }
+        Comparison {
+            columns: from.spec().columns.iter().map(|c| c.name.clone()).collect(),
+            norm,
+            vector_comparison,
+            timestamp_comparison,
+            count_source_copies: false,
+        }
     }
 
-    /// One chunk read whole on both sides and compared row by row.
+    /// One chunk read whole on both sides and compared row by row; on a
+    /// side that can hold an id twice (Milvus), copies are counted and the
+    /// ids held twice named.
     pub fn chunk(&self, from: &dyn Source, to: &dyn Source, chunk: &ChunkRange) -> Result<ChunkDiff> {
         let a = read_side(from, chunk, &self.columns, self.norm)?;
         let b = read_side(to, chunk, &self.columns, self.norm)?;
         let copies = to.stored_copies(chunk)?.unwrap_or(b.len() as u64);
-        Ok(diff_of(chunk, &a, &b, copies))
+        let mut d = diff_of(chunk, &a, &b, copies);
+        if d.duplicates > 0 {
+            let held: Vec<Key> = b.keys().cloned().collect();
+            d.duplicate_ids = duplicated_keys(to, &sorted(held), copies)?;
+        }
+        if let Some(source_copies) = if self.count_source_copies { from.stored_copies(chunk)? } else { None } {
+            d.source_duplicates = source_copies.saturating_sub(a.len() as u64);
+            if d.source_duplicates > 0 {
+                let held: Vec<Key> = a.keys().cloned().collect();
+                d.source_duplicate_ids = duplicated_keys(from, &sorted(held), source_copies)?;
+            }
+        }
+        Ok(d)
     }
 
     /// The rows of `keys` read by id on both sides and compared: a chunk's
@@ -326,6 +362,11 @@ fn duplicated_keys(side: &dyn Source, held: &[Key], copies: u64) -> Result<Vec<K
     Ok(found)
 }
 
+fn sorted(mut keys: Vec<Key>) -> Vec<Key> {
+    keys.sort();
+    keys
+}
+
 fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, copies: u64) -> ChunkDiff {
     let missing: Vec<Key> = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
     let extra: Vec<Key> = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
@@ -343,6 +384,8 @@ fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, cop
         different: first(different),
         duplicates: copies.saturating_sub(b.len() as u64),
         duplicate_ids: Vec::new(),
+        source_duplicates: 0,
+        source_duplicate_ids: Vec::new(),
         unlisted,
     }
 }
@@ -360,7 +403,8 @@ impl ChunkDiff {
 }
 
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {
-    let cmp = Comparison::of(from, to);
+    let mut cmp = Comparison::of(from, to);
+    cmp.count_source_copies = true;
     let work = Mutex::new(plan.iter());
     let results = Mutex::new(Vec::new());
     let error = Mutex::new(None);
@@ -393,6 +437,8 @@ pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: 
         source_rows: all.iter().map(|d| d.source_rows).sum(),
         target_rows: all.iter().map(|d| d.target_rows).sum(),
         equal: differing.is_empty(),
+        source_duplicates: all.iter().map(|d| d.source_duplicates).sum(),
+        source_duplicate_ids: first(all.iter().flat_map(|d| d.source_duplicate_ids.iter().cloned()).collect()),
         differing_chunks: differing,
         vector_comparison: cmp.vector_comparison,
         timestamp_comparison: cmp.timestamp_comparison,

@@ -173,6 +173,13 @@ pub fn milvus_insert_copy(url: &str, name: &str, row: &MRow) {
     write_row(url, name, row, false)
 }
 
+/// Deletes one id (every copy of it).
+pub fn milvus_delete(url: &str, name: &str, id: i64) {
+    rt().block_on(async {
+        client(url).await.delete(name, &milvus::mutate::DeleteOptions::with_filter(format!("id in [{id}]"))).await.unwrap();
+    });
+}
+
 fn write_row(url: &str, name: &str, row: &MRow, upsert: bool) {
     rt().block_on(async {
         let c = client(url).await;
