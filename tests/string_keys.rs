@@ -353,6 +353,22 @@ fn online_from_postgres_follows_a_text_keyed_table_exactly() {
             match target {
                 "pg" => assert_eq!(pg_text_rows(&check_dst, "notes", "k", "q"), want),
                 _ => {
+                    // Read back with pymilvus (no vmig code), every copy counted.
+                    let (base, db) = check_dst.rsplit_once('/').unwrap();
+                    let state = tempdir();
+                    let dumped = state.path().join("notes.json");
+                    pymilvus("dump_rows.py", &[base, db, "notes", dumped.to_str().unwrap(), "k,q,vector"]);
+                    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&dumped).unwrap()).unwrap();
+                    let got: Vec<(String, Vec<String>, Vec<u32>)> = v
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| {
+                            let bits = r["vector"].as_array().unwrap().iter().map(|x| (x.as_f64().unwrap() as f32).to_bits()).collect();
+                            (r["k"].as_str().unwrap().to_string(), vec![r["q"].as_str().unwrap().to_string()], bits)
+                        })
+                        .collect();
+                    assert_eq!(got, want, "Milvus holds the source's keys, text and vectors");
                     let out = vmig(&["verify", "--from", src, "--to", &check_dst, "--table", "notes", "--chunk-rows", "300"]);
                     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
                 }
@@ -361,10 +377,15 @@ fn online_from_postgres_follows_a_text_keyed_table_exactly() {
     }
 }
 
-/// (key, q) of every row of a seekdb table, in byte order of the keys.
-fn ob_text_rows(url: &str, table: &str) -> Vec<(String, String)> {
+/// (key, q, vector bits) of every row of a seekdb table, in byte order of
+/// the keys (the writer's vectors are small integers: exact in seekdb's text).
+fn ob_text_rows(url: &str, table: &str) -> Vec<(String, String, Vec<u32>)> {
     use mysql_async::prelude::Queryable;
-    rt().block_on(async { ob_conn(url).await.query(format!("SELECT k, q FROM {table} ORDER BY k")).await.unwrap() })
+    let rows: Vec<(String, String, String)> =
+        rt().block_on(async { ob_conn(url).await.query(format!("SELECT k, q, vector FROM {table} ORDER BY k")).await.unwrap() });
+    rows.into_iter()
+        .map(|(k, q, v)| (k, q, v.trim_matches(|c| c == '[' || c == ']').split(',').map(|x| x.parse::<f32>().unwrap().to_bits()).collect()))
+        .collect()
 }
 
 /// A MySQL string literal.
@@ -410,8 +431,8 @@ fn online_from_seekdb_follows_a_text_keyed_table_exactly() {
     online_scenario(name, &source, &dst, &move |src| {
         let want = ob_text_rows(src, "notes");
         assert!(want.len() > 1600 && want.iter().any(|r| r.0.contains("moved")), "the writer's changes are in the source");
-        let got: Vec<(String, String)> = pg_text_rows(&check_dst, "notes", "k", "q").into_iter().map(|(k, q, _)| (k, q[0].clone())).collect();
-        assert_eq!(got, want);
+        let got: Vec<(String, String, Vec<u32>)> = pg_text_rows(&check_dst, "notes", "k", "q").into_iter().map(|(k, q, v)| (k, q[0].clone(), v)).collect();
+        assert_eq!(got, want, "keys, text and vectors");
         let out = vmig(&["verify", "--from", src, "--to", &check_dst, "--table", "notes", "--chunk-rows", "300"]);
         assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
     });
@@ -510,6 +531,6 @@ fn a_change_the_target_refuses_goes_to_rejects_and_the_job_keeps_following() {
     let out = ok(&cut);
     assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(job.wait().unwrap().success());
-    let want: Vec<(String, String)> = pg_text_rows(&src, "notes", "k", "q").into_iter().map(|r| (r.0, r.1[0].clone())).collect();
+    let want: Vec<(String, String, Vec<u32>)> = pg_text_rows(&src, "notes", "k", "q").into_iter().map(|r| (r.0, r.1[0].clone(), r.2)).collect();
     assert_eq!(ob_text_rows(&ob, "notes"), want);
 }
