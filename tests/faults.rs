@@ -127,6 +127,7 @@ fn export_into_staging_killed_at_every_moment_resumes() {
     let args = s(&["export", "--from", &src, "--staging", &st_s, "--chunk-rows", CHUNK_ROWS]);
     let reset = || remove(&[st.clone()]);
     let check = || {
+        assert_eq!(staged_rows(&st), rows(&src, "modeldata"), "the staged rows (pyarrow) equal the source's (SQL)");
         ok(&["verify", "--from", &src, "--to", &st_s]);
         ok(&["inspect", &st_s, "--deep"]);
         let markers = std::fs::read_dir(st.join("chunks")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".commit.json")).count();

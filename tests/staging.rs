@@ -118,6 +118,7 @@ fn export_killed_resumes_and_tampered_chunks_are_refused() {
     child.kill().unwrap();
     child.wait().unwrap();
     ok(&["export", "--from", &src, "--staging", st_s, "--chunk-rows", "100"]);
+    assert_eq!(staged_rows(&st), rows(&src, "modeldata"), "the staged rows (pyarrow) equal the source's (SQL)");
     ok(&["verify", "--from", &src, "--to", st_s]);
     ok(&["inspect", st_s]);
 

@@ -152,6 +152,32 @@ pub fn assert_same_rows(a_url: &str, a_table: &str, b_url: &str, b_table: &str) 
     a.len()
 }
 
+/// Every row of a staging area's committed chunks, read by pyarrow
+/// (`fixtures/staged_rows.py`, which also checks each file against its
+/// marker), in the form of `rows()`: the judge of staging tests that shares
+/// no code with vmig.
+pub fn staged_rows(staging: &std::path::Path) -> Vec<Row> {
+    let python = std::env::var("VMIG_TEST_PYTHON").expect("VMIG_TEST_PYTHON (scripts/test.sh) names the python with pyarrow");
+    let out_dir = tempdir();
+    let out = out_dir.path().join("rows.json");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/staged_rows.py");
+    let run = Command::new(python).args([script, staging.to_str().unwrap(), out.to_str().unwrap()]).output().unwrap();
+    assert!(run.status.success(), "staged_rows.py: {}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Row {
+            id: r["id"].as_i64().unwrap(),
+            vector_bits: r["vector_bits"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u32).collect(),
+            team_id: r["team_id"].as_str().unwrap().into(),
+            dataset_id: r["dataset_id"].as_str().unwrap().into(),
+            collection_id: r["collection_id"].as_str().unwrap().into(),
+            createtime: r["createtime"].as_str().map(str::to_string),
+        })
+        .collect()
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
