@@ -160,6 +160,36 @@ fn fastgpt_modeldata_v2_keeps_its_bm25_function() {
     run(args(&src, &pg));
     assert_eq!(query_i64(&pg, "SELECT count(*) FROM modeldata_v2"), 600);
     assert_eq!(query_i64(&pg, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'modeldata_v2' AND column_name = 'sparse'"), 0);
+    // Every copied column, read back by SQL, equals the collection as pymilvus reads it.
+    let dump_dir = tempdir();
+    let dumped = dump_dir.path().join("v2.json");
+    pymilvus("dump_rows.py", &[&lite, "v2_src", "modeldata_v2", dumped.to_str().unwrap(), "id,vector,text,teamId,datasetId,collectionId,createTime"]);
+    let want: Vec<(i64, Vec<u32>, String, String, String, String, i64)> = serde_json::from_slice::<serde_json::Value>(&std::fs::read(&dumped).unwrap())
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let s = |f: &str| r[f].as_str().unwrap().to_string();
+            let bits = r["vector"].as_array().unwrap().iter().map(|x| (x.as_f64().unwrap() as f32).to_bits()).collect();
+            (r["id"].as_i64().unwrap(), bits, s("text"), s("teamId"), s("datasetId"), s("collectionId"), r["createTime"].as_i64().unwrap())
+        })
+        .collect();
+    let got: Vec<(i64, Vec<u32>, String, String, String, String, i64)> = rt().block_on(async {
+        client(&pg)
+            .await
+            .query(
+                "SELECT id, vector::real[], text, team_id, dataset_id, collection_id, (extract(epoch FROM createtime) * 1000)::int8 FROM modeldata_v2 ORDER BY id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Vec<f32>>(1).iter().map(|x| x.to_bits()).collect(), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6)))
+            .collect()
+    });
+    assert_eq!(got.len(), 600);
+    assert!(got == want, "PostgreSQL's modeldata_v2 differs from the collection (pymilvus)");
     let page = tempdir();
     let html = page.path().join("verify.html");
     let v = ok(&["verify", "--from", &src, "--to", &pg, "--table", "modeldata_v2", "--report", html.to_str().unwrap()]);
