@@ -171,11 +171,15 @@ fn three_workers_one_killed(
     }
     let others: Vec<Worker> = (1..3).map(|n| Worker::start(args, logs.path(), n)).collect();
     reaper.0.extend(others.iter().map(|w| w.child.id()));
-    // Kill it while it runs a chunk: a claim on a chunk not yet committed.
+    // Kill it while it runs a chunk: stopped (SIGSTOP) it can neither
+    // commit nor release, so a claim seen then is one it dies holding.
+    let pid = victim.child.id() as i32;
     loop {
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
         if !running(&id).is_empty() {
             break;
         }
+        unsafe { libc::kill(pid, libc::SIGCONT) };
         assert!(Instant::now() < deadline, "worker 0 stopped claiming chunks before it could be killed");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -183,6 +187,7 @@ fn three_workers_one_killed(
     victim.child.kill().unwrap();
     victim.child.wait().unwrap();
     let left = running(&id);
+    assert!(!left.is_empty(), "the killed worker held no claim: nothing to take over");
     let logs: Vec<String> = others.into_iter().map(Worker::finish).collect();
     for chunk in left {
         assert!(
@@ -347,7 +352,11 @@ fn shards_cover_the_plan_once_and_a_restarted_shard_resumes() {
     first.wait().unwrap();
     let before = markers();
     assert!(before.iter().all(|c| c % 3 == 0), "shard 0 only took its chunks: {before:?}");
-    let out = shard_run(&["--shard", "0/3"], &[], None).wait_with_output().unwrap();
+    // Which shard each writer process ran (chunk files name their writer's pid).
+    let mut shard_of_pid = std::collections::HashMap::from([(first.id(), 0u32)]);
+    let again = shard_run(&["--shard", "0/3"], &[], None);
+    shard_of_pid.insert(again.id(), 0);
+    let out = again.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     eprintln!("{log}");
     assert!(out.status.success(), "{log}");
@@ -358,7 +367,9 @@ fn shards_cover_the_plan_once_and_a_restarted_shard_resumes() {
         (vec!["--shards", "3"], vec![("JOB_COMPLETION_INDEX", "1")]),
         (vec![], vec![("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "3")]),
     ] {
-        let out = shard_run(&extra, &env, None).wait_with_output().unwrap();
+        let run = shard_run(&extra, &env, None);
+        shard_of_pid.insert(run.id(), if env[0].1 == "1" { 1 } else { 2 });
+        let out = run.wait_with_output().unwrap();
         eprintln!("{}", String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success());
     }
@@ -374,8 +385,9 @@ fn shards_cover_the_plan_once_and_a_restarted_shard_resumes() {
         let name = e.unwrap().file_name().to_string_lossy().to_string();
         if let Some(stem) = name.strip_suffix(".parquet") {
             let chunk: u32 = stem[..6].parse().unwrap();
-            assert!(stem.len() > 6, "a shared job's chunk file names its writer: {name}");
-            let _ = chunk;
+            let pid: u32 = stem.rsplit('-').next().unwrap().parse().unwrap_or_else(|_| panic!("a shared job's chunk file names its writer: {name}"));
+            let shard = shard_of_pid.get(&pid).unwrap_or_else(|| panic!("{name}: written by pid {pid}, no shard's process"));
+            assert_eq!(chunk % 3, *shard, "{name}: chunk {chunk} written by shard {shard}'s process");
         }
     }
     let dst = fresh_db(&target_base(), "shard_dst", true);
