@@ -291,11 +291,11 @@ fn passwords_come_from_the_password_file_or_pgpassword() {
     assert!(status.success(), "the online job ended with {status}");
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
     let job_err = std::io::read_to_string(job.stderr.take().unwrap()).unwrap();
-    assert!(!job_err.contains("warning: a password") && !stderr(&out).contains("warning: a password"), "{job_err}");
+    assert!(!job_err.contains(PASSWORD_WARNING) && !raw_stderr(&out).contains(PASSWORD_WARNING), "{job_err}");
 
     let out = run(&["verify", "--from", &src, "--to", &dst], &[]).output().unwrap();
     assert!(out.status.success());
-    assert_eq!(stderr(&out).matches("warning: a password is on the command line").count(), 1, "{}", stderr(&out));
+    assert_eq!(raw_stderr(&out).matches(PASSWORD_WARNING).count(), 1, "{}", raw_stderr(&out));
 }
 
 // ---------------------------------------------------------------- OceanBase / seekdb
