@@ -164,7 +164,7 @@ fn ob_scenario(command: &str) {
     };
     let source_rows = rows(&src, "modeldata");
     let check = || {
-        assert_rows_close(&source_rows, &ob_rows(&ob, "modeldata"));
+        assert_rows_equal(&source_rows, &ob_rows(&ob, "modeldata"));
         assert_eq!(ob_query_i64(&ob, "SELECT count(DISTINCT id) FROM modeldata"), ROWS as i64);
         let ddl = ob_query_string(&ob, "SHOW CREATE TABLE modeldata");
         for ix in PG_INDEXES {

@@ -115,7 +115,7 @@ fn milvus_to_oceanbase_and_back() {
         want.iter().map(|r| (&r.team_id, r.create_time_ms)).collect::<Vec<_>>()
     );
     let seeded_rows: Vec<Row> = rows_from_mrows(&want);
-    assert_rows_close(&seeded_rows, &in_ob);
+    assert_rows_equal(&seeded_rows, &in_ob);
     assert!(ob_query_string(&ob, "SHOW CREATE TABLE modeldata").contains("DISTANCE=INNER_PRODUCT, TYPE=HNSW, M=32, EF_CONSTRUCTION=128"));
     ok(&["verify", "--from", &m, "--to", &ob]);
 

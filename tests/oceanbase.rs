@@ -20,10 +20,10 @@ fn postgres_to_oceanbase_and_back() {
     let state = tempdir();
     let sr = state.path().to_str().unwrap();
 
-    // PG → OB: FastGPT's DDL mirrored, vectors within 6 digits (OB prints them so).
+    // PG → OB: FastGPT's DDL mirrored, vectors bit for bit.
     ok(&["migrate", "--from", &src, "--to", &ob, "--chunk-rows", "600", "--state-root", sr]);
     let in_ob = ob_rows(&ob, "modeldata");
-    assert_rows_close(&original, &in_ob);
+    assert_rows_equal(&original, &in_ob);
     let ddl = ob_show_create(&ob, "modeldata");
     assert!(
         ddl.contains("VECTOR KEY `modeldata_vector_index` (`vector`) WITH (DISTANCE=INNER_PRODUCT, TYPE=HNSW, M=32, EF_CONSTRUCTION=128"),
@@ -37,15 +37,15 @@ fn postgres_to_oceanbase_and_back() {
     ob_exec(&ob, &format!("DELETE FROM modeldata WHERE id > {max_id}"));
     let out = ok(&["verify", "--from", &src, "--to", &ob]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("all rows equal") && said.contains("6 significant digits"), "{said}");
+    assert!(said.contains("all rows equal") && said.contains("vectors bit-exact"), "{said}");
     // A rerun finds every chunk committed and writes nothing.
     let out = ok(&["migrate", "--from", &src, "--to", &ob, "--chunk-rows", "600", "--state-root", sr]);
     assert!(stderr(&out).contains("5 already committed"), "{}", stderr(&out));
 
-    // OB → PG (the backup direction): PG receives exactly what OB returns.
+    // OB → PG (the backup direction): PG receives exactly what OB stores,
+    // which is exactly the original.
     ok(&["migrate", "--from", &ob, "--to", &dst, "--chunk-rows", "700", "--state-root", sr]);
-    assert_eq!(rows(&dst, "modeldata"), in_ob, "PostgreSQL must hold exactly the values OceanBase returned");
-    assert_rows_close(&original, &rows(&dst, "modeldata"));
+    assert_rows_equal(&original, &rows(&dst, "modeldata"));
     let ix = query_i64(&dst, "SELECT count(*) FROM pg_indexes WHERE tablename = 'modeldata' AND indexdef LIKE '%hnsw (vector vector_ip_ops) WITH (m=''32'', ef_construction=''128'')%'");
     assert_eq!(ix, 1, "HNSW index with the source's parameters");
     assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > max_id);
@@ -71,11 +71,11 @@ fn oceanbase_to_staging_to_postgres_with_oceanbase_stopped() {
     ok(&["verify", "--from", &ob.url, "--to", st]);
     ob.stop();
     let out = ok(&["import", "--staging", st, "--to", &dst]);
-    assert!(stderr(&out).contains("not bit-exact"), "the report says vectors came through text: {}", stderr(&out));
-    assert_eq!(rows(&dst, "modeldata"), before, "imported rows differ from what OceanBase held");
+    assert!(!stderr(&out).contains("not bit-exact"), "vectors read from seekdb are exact: {}", stderr(&out));
+    assert_rows_equal(&before, &rows(&dst, "modeldata"));
     ok(&["verify", "--from", st, "--to", &dst]);
     let out = ok(&["inspect", st]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT bit-exact"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("NOT bit-exact"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[test]
@@ -88,8 +88,8 @@ fn postgres_to_staging_to_oceanbase() {
     let st = st.to_str().unwrap();
     ok(&["export", "--from", &src, "--staging", st, "--chunk-rows", "250"]);
     ok(&["import", "--staging", st, "--to", &ob]);
-    // halfvec values widen exactly to float32; OB prints them within 6 digits.
-    assert_rows_close(&rows(&src, "modeldata"), &ob_rows(&ob, "modeldata"));
+    // halfvec values widen exactly to float32, and seekdb keeps them bit for bit.
+    assert_rows_equal(&rows(&src, "modeldata"), &ob_rows(&ob, "modeldata"));
     ok(&["verify", "--from", st, "--to", &ob]);
     ok(&["verify", "--from", &src, "--to", &ob]);
 }
@@ -101,8 +101,8 @@ fn oceanbase_to_oceanbase_keeps_index_variant() {
     ok(&["generate", "--to", &a, "--rows", "900", "--dim", "64", "--no-vector-index"]);
     ob_exec(&a, "CREATE VECTOR INDEX vector_index ON modeldata(vector) WITH (distance=inner_product, type=hnsw_sq, m=16, ef_construction=64)");
     ok(&["migrate", "--from", &a, "--to", &b, "--target-table", "modeldata_copy", "--chunk-rows", "200", "--state-root", tempdir().path().to_str().unwrap()]);
-    // Both sides print the same stored floats: equal text, so equal bits here.
-    assert_eq!(ob_rows(&a, "modeldata"), ob_rows(&b, "modeldata_copy"));
+    // Both sides read exactly (doubles in full): the same stored bits.
+    assert_rows_equal(&ob_rows(&a, "modeldata"), &ob_rows(&b, "modeldata_copy"));
     let ddl = ob_show_create(&b, "modeldata_copy");
     assert!(ddl.contains("VECTOR KEY `vector_index` (`vector`) WITH (DISTANCE=INNER_PRODUCT, TYPE=HNSW_SQ, M=16, EF_CONSTRUCTION=64"), "{ddl}");
     ok(&["verify", "--from", &a, "--to", &b, "--target-table", "modeldata_copy"]);
@@ -148,7 +148,7 @@ fn oceanbase_import_killed_resumes_without_duplicates() {
     }
     let out = ok(&["import", "--staging", st, "--to", &ob]);
     assert!(stderr(&out).contains("already committed"), "{}", stderr(&out));
-    assert_rows_close(&rows(&src, "modeldata"), &ob_rows(&ob, "modeldata"));
+    assert_rows_equal(&rows(&src, "modeldata"), &ob_rows(&ob, "modeldata"));
     ok(&["verify", "--from", st, "--to", &ob]);
 }
 

@@ -25,7 +25,7 @@ fn online_from_seekdb_into_postgres_survives_kills_and_cuts_over_within_its_tole
     let dst = fresh_db(&target_base(), "online_obpg_dst", true);
     online_scenario("online_obpg", &ob_source("online_obpg"), &dst, &|src| {
         let want = ob_rows(src, "modeldata");
-        assert_rows_close(&want, &rows(&dst, "modeldata"));
+        assert_rows_equal(&want, &rows(&dst, "modeldata"));
         assert!(want.iter().any(|r| r.id > 1_000_000), "no key was moved by the writer");
         assert!(query_i64(&dst, "SELECT nextval('modeldata_id_seq')") > query_i64(&dst, "SELECT max(id) FROM modeldata"));
     });
@@ -50,7 +50,7 @@ fn online_from_seekdb_through_staging_with_separate_processes() {
     let src = source.url.clone();
     let dst = fresh_db(&target_base(), &format!("{name}_dst"), true);
     staging_scenario(name, &source, &dst);
-    assert_rows_close(&ob_rows(&src, "modeldata"), &rows(&dst, "modeldata"));
+    assert_rows_equal(&ob_rows(&src, "modeldata"), &rows(&dst, "modeldata"));
 }
 
 /// No TRIGGER privilege: one line before anything is copied; `reset`

@@ -91,7 +91,7 @@ fn check(kind: Kind, url: &str, all: &[Row], victim: i64) {
             let of = |t: &str| team(&got, t, i64::MIN);
             let exact = |a: &[Row], b: &[Row], w: &str| match kind {
                 Kind::Pg => assert_eq!(a, b, "{what}: {w}"),
-                _ => assert_rows_close(a, b),
+                _ => assert_rows_equal(a, b),
             };
             exact(&of(MOVED), &moved, "the moved team");
             exact(&of(THERE), &there, "the team already there");

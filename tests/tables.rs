@@ -48,8 +48,8 @@ fn two_tables_in_one_job_survive_a_kill_and_report_a_section_each() {
     assert!(err.contains("── table notes → notes_copy (job two.notes_copy)"), "{err}");
 
     let want: Vec<Row> = rows(&src, "modeldata").into_iter().filter(|r| r.team_id == "team-2-团队").collect();
-    assert_rows_close(&want, &ob_rows(&dst, "modeldata"));
-    assert_rows_close(&rows(&src, "notes"), &ob_rows(&dst, "notes_copy"));
+    assert_rows_equal(&want, &ob_rows(&dst, "modeldata"));
+    assert_rows_equal(&rows(&src, "notes"), &ob_rows(&dst, "notes_copy"));
 
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["ok"], true);

@@ -350,7 +350,7 @@ fn oceanbase_over_tls_with_verified_certificates() {
     let state = tempdir();
     ok(&["migrate", "--from", &src, "--to", &into, "--chunk-rows", "20", "--state-root", state.path().to_str().unwrap()]);
     let stored = ob_rows(&ob.url, "modeldata");
-    assert_rows_close(&rows(&src, "modeldata"), &stored);
+    assert_rows_equal(&rows(&src, "modeldata"), &stored);
 
     let out_of = ob_tls_url(
         "vmig_x509",

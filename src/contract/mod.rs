@@ -44,8 +44,9 @@ pub trait Source: Send + Sync {
     }
     /// Splits the primary-key space into chunks of about `chunk_rows` rows.
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>>;
-    /// False when the source cannot hand out its vectors bit for bit
-    /// (OceanBase prints them with 6 significant digits).
+    /// False when the source cannot hand out its vectors bit for bit: a
+    /// staging area whose manifest says so (written from OceanBase by an
+    /// earlier vmig, which read vectors at 6 significant digits).
     fn vectors_exact(&self) -> bool {
         true
     }

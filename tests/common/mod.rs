@@ -308,14 +308,17 @@ pub fn fresh_ob_db(name: &str) -> String {
 }
 
 /// Rows of a FastGPT-shaped OceanBase table, in the same form as `rows()`:
-/// vectors parsed from OceanBase's text, timestamps as PostgreSQL prints them.
+/// vectors as the float32 seekdb stores, bit for bit (it prints a VECTOR at
+/// 6 significant digits, but an array of doubles in full, so the SQL widens
+/// each element to a double), timestamps as PostgreSQL prints them.
 pub fn ob_rows(url: &str, table: &str) -> Vec<Row> {
     use mysql_async::prelude::Queryable;
     rt().block_on(async {
         let mut c = ob_conn(url).await;
         let rows: Vec<(i64, String, String, String, String, Option<String>)> = c
             .query(format!(
-                "SELECT id, vector, team_id, dataset_id, collection_id, CAST(createtime AS CHAR) FROM {table} ORDER BY id"
+                "SELECT id, array_map(x -> cast(x as double), vector), team_id, dataset_id, collection_id, CAST(createtime AS CHAR) \
+                 FROM {table} ORDER BY id"
             ))
             .await
             .unwrap();
@@ -325,7 +328,7 @@ pub fn ob_rows(url: &str, table: &str) -> Vec<Row> {
                 vector_bits: v
                     .trim_matches(|c| c == '[' || c == ']')
                     .split(',')
-                    .map(|x| x.parse::<f32>().unwrap().to_bits())
+                    .map(|x| (x.parse::<f64>().unwrap() as f32).to_bits())
                     .collect(),
                 team_id,
                 dataset_id,
@@ -336,23 +339,13 @@ pub fn ob_rows(url: &str, table: &str) -> Vec<Row> {
     })
 }
 
-/// Rows equal in everything, vectors within OceanBase's 6 significant digits.
-pub fn assert_rows_close(a: &[Row], b: &[Row]) {
+/// Rows equal in everything, vectors bit for bit, with the first row that
+/// differs named.
+pub fn assert_rows_equal(a: &[Row], b: &[Row]) {
     assert!(!a.is_empty(), "no rows");
     assert_eq!(a.len(), b.len(), "row counts differ");
     for (x, y) in a.iter().zip(b) {
-        assert_eq!(
-            (x.id, &x.team_id, &x.dataset_id, &x.collection_id, &x.createtime),
-            (y.id, &y.team_id, &y.dataset_id, &y.collection_id, &y.createtime),
-            "row {} differs",
-            x.id
-        );
-        assert_eq!(x.vector_bits.len(), y.vector_bits.len(), "row {}: dimensions differ", x.id);
-        for (p, q) in x.vector_bits.iter().zip(&y.vector_bits) {
-            let (p, q) = (f32::from_bits(*p), f32::from_bits(*q));
-            // Half a unit in the 6th digit (5e-6 relative at most) plus float32's own rounding.
-            assert!((p - q).abs() <= 5.2e-6 * p.abs().max(q.abs()), "row {}: {p} vs {q}", x.id);
-        }
+        assert_eq!(x, y, "row {} differs", x.id);
     }
 }
 

@@ -1,5 +1,9 @@
-//! OceanBase as a source: keyset pages of each chunk's key range, vectors
-//! parsed from OceanBase's text (6 significant digits).
+//! OceanBase as a source: keyset pages of each chunk's key range. Vectors
+//! are read exactly: seekdb prints a VECTOR's floats with 6 significant
+//! digits but an array of doubles in full, so each vector is selected as
+//! that array (float32 widened to double is exact, and parses back to the
+//! same float32). seekdb has no binary form of a vector (HEX, CAST AS
+//! BINARY and the binary protocol all give text or an error).
 
 use super::*;
 
@@ -49,10 +53,6 @@ impl Source for ObSource {
         &self.discovered.spec
     }
 
-    fn vectors_exact(&self) -> bool {
-        false
-    }
-
     fn plan(&self, chunk_rows: u64) -> Result<Vec<ChunkRange>> {
         let key = KeySql::of(self.spec());
         let pk = key.column();
@@ -89,8 +89,8 @@ impl Source for ObSource {
         let key = KeySql::of(spec);
         let pk = key.column();
         let range = key.range(chunk);
-        // Vectors come back as text, ~10 bytes per dimension.
-        let row_text = crate::model::schema::estimate_row_bytes(spec) * 5 / 2;
+        // Vectors come back as text, ~20 bytes per dimension (doubles in full).
+        let row_text = crate::model::schema::estimate_row_bytes(spec) * 5;
         let page = (PAGE_BYTES / row_text.max(1)).clamp(100, 20_000);
         let mut decoder = self.decoder();
         self.handle.block_on(async {
@@ -230,7 +230,19 @@ const ID_PAGE: usize = 50_000;
 
 impl ObSource {
     fn select(&self) -> String {
-        format!("SELECT {} FROM {}", column_list(self.spec()), ident(&self.table))
+        let columns: Vec<String> = self
+            .spec()
+            .columns
+            .iter()
+            .map(|c| match c.ty {
+                // The fastest exact form measured (as fast as a per-element
+                // cast to double, 4.5× the server time of the lossy default).
+                ColumnType::Vector { dim } if dim > 0 => format!("array_slice(array_append({0}, 0e0), 1, {dim})", ident(&c.name)),
+                ColumnType::Vector { .. } => format!("array_map(x -> cast(x as double), {})", ident(&c.name)),
+                _ => ident(&c.name),
+            })
+            .collect();
+        format!("SELECT {} FROM {}", columns.join(", "), ident(&self.table))
     }
 
     fn decoder(&self) -> TextRowDecoder {

@@ -1,8 +1,8 @@
 //! OceanBase (MySQL mode) rows <-> Arrow. Writes are multi-row INSERT text in
 //! which each vector is an `X'…'` literal of its little-endian float32 bytes:
 //! exact, and 3–6× faster for the server than the `'[…]'` text FastGPT uses.
-//! Reads come back in the text protocol; OceanBase prints vectors with 6
-//! significant digits, so vectors read from OceanBase are not bit-exact.
+//! Reads come back in the text protocol, vectors as arrays of doubles in
+//! full (see source.rs), which parse back to the stored float32 exactly.
 
 use std::io::Write;
 
