@@ -98,7 +98,8 @@ pub struct VerifyReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_duplicate_ids: Vec<Key>,
     /// How vectors were compared: "bit-exact", or rounded to 6 significant
-    /// digits when a side cannot give exact vectors (OceanBase).
+    /// digits when a side cannot give exact vectors (a staging area whose
+    /// manifest says so).
     pub vector_comparison: String,
     /// "exact", or "milliseconds" when a side is Milvus (epoch-ms fields).
     pub timestamp_comparison: String,
@@ -263,7 +264,7 @@ fn comparison(from: &dyn Source, to: &dyn Source) -> (Normalise, String, String)
     let rounded = !from.vectors_exact() || !to.vectors_exact();
     let norm = Normalise { round_vectors: rounded, timestamps_ms: from.timestamps_ms() || to.timestamps_ms() };
     let vectors = if rounded {
-        "rounded to 6 significant digits (OceanBase returns vectors as text with 6 significant digits; at most 5e-6 relative)"
+        "rounded to 6 significant digits (a side's vectors were read at 6 significant digits, as its manifest says; at most 5e-6 relative)"
     } else {
         "bit-exact"
     };

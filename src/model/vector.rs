@@ -22,10 +22,10 @@ pub fn vector_values(col: &ArrayRef, row: usize) -> &[f32] {
     }
 }
 
-/// The value OceanBase shows for `x`: rounded to 6 significant digits, then
-/// read back as float32 (the nearest float to that decimal). Idempotent, so
-/// vectors already read from OceanBase stay as they are; verify compares
-/// both sides in this form when one of them is OceanBase.
+/// The value OceanBase's VECTOR text shows for `x`: rounded to 6
+/// significant digits, then read back as float32. Idempotent; verify
+/// compares both sides in this form when one side's vectors were read that
+/// way (a staging area written from OceanBase by an earlier vmig).
 pub fn round_like_oceanbase(x: f32) -> f32 {
     if x == 0.0 || !x.is_finite() {
         return x;
