@@ -98,7 +98,12 @@ pub async fn raw_insert(url: &str, rows: u64, dim: u32, text: bool) -> f64 {
 /// Rows/s of plain keyset reads (`id > last ORDER BY id LIMIT page`) of the
 /// whole table, the id space split between CONNECTIONS sessions; values are
 /// fetched, not decoded.
-pub async fn raw_keyset_read(url: &str, page: usize) -> f64 {
+/// Rows/s of keyset pages over CONNECTIONS sessions. `exact`: vectors as
+/// vmig reads them, arrays of doubles seekdb prints in full (the fastest
+/// exact form found); else seekdb's default VECTOR text (6 significant
+/// digits, lossy), for reference.
+pub async fn raw_keyset_read(url: &str, page: usize, dim: u32, exact: bool) -> f64 {
+    let vector = if exact { format!("array_slice(array_append(vector, 0e0), 1, {dim})") } else { "vector".to_string() };
     let mut c = conn(url).await;
     let (lo, hi): (i64, i64) = c.query_first("SELECT min(id), max(id) FROM modeldata").await.unwrap().unwrap();
     let total: i64 = c.query_first("SELECT count(*) FROM modeldata").await.unwrap().unwrap();
@@ -107,6 +112,7 @@ pub async fn raw_keyset_read(url: &str, page: usize) -> f64 {
     let tasks: Vec<_> = (0..CONNECTIONS as i64)
         .map(|w| {
             let url = url.to_string();
+            let vector = vector.clone();
             tokio::spawn(async move {
                 let mut c = conn(&url).await;
                 let (mut last, end) = (lo + w * step - 1, (lo + (w + 1) * step - 1).min(hi));
@@ -114,7 +120,7 @@ pub async fn raw_keyset_read(url: &str, page: usize) -> f64 {
                 loop {
                     let rows: Vec<mysql_async::Row> = c
                         .query(format!(
-                            "SELECT id, vector, team_id, dataset_id, collection_id, createtime FROM modeldata \
+                            "SELECT id, {vector}, team_id, dataset_id, collection_id, createtime FROM modeldata \
                              WHERE id > {last} AND id <= {end} ORDER BY id LIMIT {page}"
                         ))
                         .await
