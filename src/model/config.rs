@@ -489,10 +489,17 @@ fn resolve_env_reference(arg: &str) -> Result<String> {
     }
 }
 
-/// Whether `s` holds a `scheme://user:password@host` with a password (the
-/// command line warns: `ps` shows it to every user of the host).
+/// Whether `s` holds a `scheme://user:password@host` with a password, or a
+/// Milvus address whose user is an API key (the command line warns: `ps`
+/// shows it to every user of the host).
 pub fn holds_url_password(s: &str) -> bool {
-    redact_free_text(s) != s
+    let milvus_key = ["http://", "https://", "milvus://"].iter().any(|scheme| {
+        s.find(scheme).is_some_and(|i| {
+            let rest = &s[i + scheme.len()..];
+            rest[..rest.find('/').unwrap_or(rest.len())].contains('@')
+        })
+    });
+    redact_free_text(s) != s || milvus_key
 }
 
 /// Hides the password of every `scheme://user:password@host` in text we echo back.
@@ -637,6 +644,7 @@ mod tests {
         assert!(PgUrl::parse_with_env("postgresql://u@h/db?sslrootcert=system&sslmode=require", none).is_err());
         assert!(PgUrl::parse_with_env("postgresql://u@h/db?sslmode=verify", none).unwrap_err().to_string().contains("verify-full"));
         assert!(holds_url_password("--from=postgresql://u:pw@h/db") && !holds_url_password("postgresql://u@h/db"));
+        assert!(holds_url_password("https://APIKEY@cloud.example/db") && !holds_url_password("http://milvus:19530/fastgpt"));
     }
 
     #[test]
