@@ -8,15 +8,38 @@ eval "$(scripts/dbs.sh env)"
 "$VMIG_VENV/bin/pip" install -q --disable-pip-version-check pyarrow duckdb
 export VMIG_TEST_PYTHON="$VMIG_VENV/bin/python"
 # Debian's Chromium renders verify's HTML report in its test; openssl makes
-# the certificates of the TLS Milvus test (scripts/dbs.sh milvus-start … tls).
+# the certificates of the TLS Milvus test (scripts/dbs.sh milvus-start … tls);
+# promtool checks and unit-tests the alert rules (tests/deploy.rs). Each
+# command:package pair names the Debian package that has the command.
 missing=()
-command -v chromium >/dev/null || missing+=(chromium)
-command -v openssl >/dev/null || missing+=(openssl)
+for need in chromium:chromium openssl:openssl promtool:prometheus; do
+  command -v "${need%%:*}" >/dev/null || missing+=("${need#*:}")
+done
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "test: installing ${missing[*]} (Debian) for the HTML report and TLS tests"
+  echo "test: installing ${missing[*]} (Debian) for the HTML report, TLS and alert-rule tests"
+  # prometheus without its recommends: they add prometheus-node-exporter, a
+  # server on port 9100 that promtool does not need.
+  with_recommends=()
+  for package in "${missing[@]}"; do
+    [ "$package" = prometheus ] || with_recommends+=("$package")
+  done
   { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
-    echo "test: could not install ${missing[*]}; the HTML report or TLS test will fail" >&2
+    { [ ${#with_recommends[@]} -eq 0 ] ||
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${with_recommends[@]}" >/dev/null; } &&
+    { [[ " ${missing[*]} " != *" prometheus "* ]] ||
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; } ||
+    echo "test: could not install ${missing[*]}; the HTML report, TLS or alert-rule test will fail" >&2
+  # The package enables a Prometheus server on port 9090, which a running
+  # init system starts (a container's policy-rc.d usually forbids that);
+  # the tests need only promtool.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/prometheus ]; then
+      /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+      update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
+  fi
 fi
 log="$(mktemp)"
 set +e

@@ -122,8 +122,8 @@ fn reset_drops_the_slot_and_publication_and_refuses_without_the_source() {
     assert!(status.contains("online (following): applied 0 inserts, 0 updates, 5 deletes"), "{status}");
     assert!(status.contains("replication slot vmig_online_reset"), "{status}");
     let metrics = http_get("127.0.0.1:19187");
-    assert!(metrics.contains("vmig_changes_applied_total{job=\"online_reset\",kind=\"delete\"} 5"), "{metrics}");
-    assert!(metrics.contains("vmig_lag_bytes{job=\"online_reset\"}"), "{metrics}");
+    assert!(metrics.contains("vmig_changes_applied_total{vmig_job=\"online_reset\",kind=\"delete\"} 5"), "{metrics}");
+    assert!(metrics.contains("vmig_lag_bytes{vmig_job=\"online_reset\"}"), "{metrics}");
     // SIGTERM stops it cleanly: exit 130, the slot kept for the resume.
     unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
     assert_eq!(run.wait().unwrap().code(), Some(130));

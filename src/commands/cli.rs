@@ -143,8 +143,9 @@ pub struct RunArgs {
     /// Write the final report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9187) while the job runs.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve a live status page on ADDR (e.g. 127.0.0.1:9187) while the job
+    /// runs: / (HTML), /status.json and /metrics (Prometheus text).
+    #[arg(long, value_name = "ADDR", alias = "http")]
     pub metrics: Option<String>,
     /// Directory holding jobs' local state when no --staging is given. Default: staging.
     #[arg(long, env = "VMIG_STATE_ROOT")]
@@ -177,6 +178,9 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Redraw the text view every SECONDS (default 3) until interrupted.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "3", conflicts_with = "json")]
+    pub watch: Option<f64>,
 }
 
 #[derive(Args, Debug)]

@@ -113,6 +113,11 @@ pub trait Feedback: Sync {
     /// E.g. "building index vector_index", "building index vector_index (42%)",
     /// "fixing sequence". The text before " (" names the phase.
     fn phase(&self, phase: &str);
+    /// An index build on `on` (a table or collection) began: from here on it
+    /// runs in the server. Builds may overlap; each is timed on its own.
+    fn index_started(&self, _on: &str, _index: &str) {}
+    /// That build ended (`ok`: it succeeded).
+    fn index_finished(&self, _on: &str, _index: &str, _ok: bool) {}
 }
 
 /// Feedback on stderr for commands without a live display (`generate`).

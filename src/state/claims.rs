@@ -100,9 +100,7 @@ impl ClaimRecord {
     }
 }
 
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub use crate::model::now_ms;
 
 /// A claim this worker holds.
 #[derive(Debug)]
@@ -286,6 +284,17 @@ pub struct WorkerInfo {
     pub lost_claims: u64,
     pub heartbeat_ms: i64,
     pub lease_ms: i64,
+}
+
+impl WorkerInfo {
+    pub fn heartbeat_age_seconds(&self) -> f64 {
+        (now_ms() - self.heartbeat_ms).max(0) as f64 / 1000.0
+    }
+
+    /// No heartbeat within the lease: the worker's claims may be taken over.
+    pub fn lease_ran_out(&self) -> bool {
+        now_ms() - self.heartbeat_ms > self.lease_ms
+    }
 }
 
 #[cfg(test)]

@@ -1,57 +1,42 @@
-//! `--metrics ADDR`: Prometheus text metrics served over HTTP while a job
-//! runs, so a long online sync is watched by a dashboard, not a terminal.
+//! Prometheus text metrics of a running job (`/metrics` of the live page),
+//! so a long online sync is watched by a dashboard, not a terminal. Every
+//! series carries `vmig_job`: Prometheus keeps `job` for its scrape job.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::Duration;
+use std::sync::atomic::Ordering::Relaxed;
 
-use anyhow::{Context, Result};
+use crate::state::progress::{Progress, Status};
 
-use crate::state::progress::Progress;
-
-/// Serves until the returned flag is set.
-pub fn serve(addr: &str, job: &str, progress: Arc<Progress>) -> Result<Arc<AtomicBool>> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
-    listener.set_nonblocking(true)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s, job) = (stop.clone(), job.to_string());
-    std::thread::spawn(move || {
-        while !s.load(Relaxed) {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    let _ = conn.set_nonblocking(false);
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut buf = [0u8; 2048];
-                    let _ = conn.read(&mut buf);
-                    let body = render(&job, &progress);
-                    let _ = write!(
-                        conn,
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    });
-    Ok(stop)
-}
-
-fn render(job: &str, p: &Progress) -> String {
+/// The metrics now. `workers`: a shared job's workers as read from its store.
+pub fn render(job: &str, p: &Progress, workers: &[Status]) -> String {
     let c = &p.counters;
-    let st = p.status.lock().unwrap().clone();
+    let st = p.snapshot();
     let job = job.replace('\\', "\\\\").replace('"', "\\\"");
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, v) in samples {
-            out.push_str(&format!("{name}{{job=\"{job}\"{labels}}} {v}\n"));
+            out.push_str(&format!("{name}{{vmig_job=\"{job}\"{labels}}} {v}\n"));
         }
     };
     let one = |v: u64| vec![(String::new(), v as f64)];
+    let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', " ");
+    metric(
+        "vmig_job_info",
+        "gauge",
+        "The job's command, source and targets (addresses without secrets).",
+        &[(format!(",command=\"{}\",source=\"{}\",target=\"{}\"", label(&st.command), label(&st.source), label(&st.targets.join(", "))), 1.0)],
+    );
+    let epoch = |t: &str| chrono::DateTime::parse_from_rfc3339(t).map(|d| d.timestamp_millis() as f64 / 1000.0).unwrap_or(0.0);
+    metric("vmig_start_timestamp_seconds", "gauge", "When this run started (unix time).", &[(String::new(), epoch(&st.started_at))]);
+    metric(
+        "vmig_last_progress_timestamp_seconds",
+        "gauge",
+        "When the job last moved: rows, chunks or changes applied, a phase step, or a follower caught up (unix time).",
+        &[(String::new(), p.last_progress_ms() as f64 / 1000.0)],
+    );
+    metric("vmig_chunks_planned", "gauge", "Chunks in the job's plan.", &one(st.chunks_total));
+    metric("vmig_rows_planned", "gauge", "Rows in the job's plan (estimated at planning).", &one(st.rows_planned));
+    metric("vmig_rows_per_second", "gauge", "Rows written per second over the last 30 s.", &[(String::new(), st.rows_per_second)]);
     metric("vmig_rows_copied_total", "counter", "Rows written to the target by the snapshot copy in this run.", &one(c.rows_written.load(Relaxed)));
     metric("vmig_rows_skipped_total", "counter", "Rows of chunks already committed by earlier runs.", &one(c.rows_skipped.load(Relaxed)));
     metric(
@@ -62,7 +47,9 @@ fn render(job: &str, p: &Progress) -> String {
     );
     metric("vmig_chunks_committed_total", "counter", "Chunks committed in this run.", &one(c.chunks_committed.load(Relaxed)));
     metric("vmig_chunk_failures_total", "counter", "Chunks that failed for good.", &one(st.failures.len() as u64));
-    metric("vmig_phase", "gauge", "The job's phase (1 for the current one).", &[(format!(",phase=\"{}\"", st.phase.replace('"', "'")), 1.0)]);
+    // "building index x (42%)" is the phase "building index x": one series per phase, not per percent.
+    let phase = st.phase.split(" (").next().unwrap_or_default();
+    metric("vmig_phase", "gauge", "The job's phase (1 for the current one).", &[(format!(",phase=\"{}\"", label(phase)), 1.0)]);
     if let Some(o) = &st.online {
         let kinds = [("insert", o.applied.inserts), ("update", o.applied.updates), ("delete", o.applied.deletes)];
         let by_kind: Vec<(String, f64)> = kinds.iter().map(|(k, v)| (format!(",kind=\"{k}\""), *v as f64)).collect();
@@ -85,6 +72,17 @@ fn render(job: &str, p: &Progress) -> String {
             metric("vmig_cutover_changed_keys", "gauge", "Keys a cutover would read by id now (changed since their chunk was seen equal).", &one(v.changed_keys));
             metric("vmig_cutover_unverified_chunks", "gauge", "Chunks a cutover would read whole now (never seen equal).", &one(v.unverified_chunks));
         }
+    }
+    let builds = st.index_builds.iter().map(|b| (format!(",on=\"{}\",index=\"{}\",state=\"{}\"", label(&b.on), label(&b.index), b.state), b.seconds));
+    metric("vmig_index_build_seconds", "gauge", "Seconds each index build took (so far, while it runs).", &builds.collect::<Vec<_>>());
+    // Running workers only: one that finished has stopped beating on purpose.
+    let shared: Vec<_> = workers.iter().filter(|s| s.state == "running").filter_map(|s| s.worker.as_ref()).collect();
+    if !shared.is_empty() {
+        let per = |f: &dyn Fn(&crate::state::claims::WorkerInfo) -> f64| {
+            shared.iter().map(|w| (format!(",worker=\"{}\",host=\"{}\"", label(&w.worker), label(&w.host)), f(w))).collect::<Vec<_>>()
+        };
+        metric("vmig_worker_heartbeat_age_seconds", "gauge", "Seconds since each worker of the shared job last beat.", &per(&|w| w.heartbeat_age_seconds()));
+        metric("vmig_worker_lease_seconds", "gauge", "Each worker's lease: a heartbeat older than this lets others take its claims.", &per(&|w| w.lease_ms as f64 / 1000.0));
     }
     out
 }

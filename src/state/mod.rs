@@ -5,6 +5,8 @@
 
 pub mod claims;
 pub mod files;
+pub mod http;
+pub mod job_status;
 pub mod ledger;
 pub mod locks;
 pub mod manifest;

@@ -72,6 +72,72 @@ pub struct Status {
     /// A worker of a shared job: host, claims, heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<crate::state::claims::WorkerInfo>,
+    /// One character per chunk of the plan, in plan order (see `chunk_state`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chunk_map: String,
+    /// Rows written per second over the last 30 s, and the time left at
+    /// that rate while copying.
+    #[serde(default)]
+    pub rows_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// When the job last moved: rows or changes applied, a chunk committed,
+    /// a phase step, or a follower that found itself caught up.
+    #[serde(default)]
+    pub last_progress_at: String,
+    /// Every index build of the finish, each timed on its own (they overlap).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index_builds: Vec<IndexBuild>,
+}
+
+impl Status {
+    /// A shared job's worker that runs but stopped beating: killed, stopped or cut off.
+    pub fn worker_gone(&self) -> bool {
+        self.state == "running" && self.worker.as_ref().is_some_and(crate::state::claims::WorkerInfo::lease_ran_out)
+    }
+}
+
+/// The characters of `Status::chunk_map`.
+pub mod chunk_state {
+    /// Not copied yet.
+    pub const PENDING: char = '.';
+    /// Being copied now (by this process, or claimed by a worker).
+    pub const RUNNING: char = 'r';
+    /// Committed in this run.
+    pub const COMMITTED: char = 'c';
+    /// Committed in this run, with rows sent to rejects.
+    pub const COMMITTED_WITH_REJECTS: char = 'j';
+    /// Committed by an earlier run (skipped).
+    pub const SKIPPED: char = 's';
+    /// Failed for good.
+    pub const FAILED: char = 'x';
+    /// Another worker's shard.
+    pub const ELSEWHERE: char = 'o';
+
+    /// Which of two reports of one chunk wins when workers' maps are merged.
+    pub fn rank(c: char) -> u8 {
+        match c {
+            COMMITTED | COMMITTED_WITH_REJECTS | SKIPPED => 5,
+            FAILED => 4,
+            RUNNING => 3,
+            PENDING => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One index build: on which table or collection, when it began and ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct IndexBuild {
+    pub on: String,
+    pub index: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// Seconds so far while it runs; its duration once ended.
+    pub seconds: f64,
+    /// building, built, failed
+    pub state: String,
 }
 
 /// Drives the display and the status file while a job runs.
@@ -89,6 +155,14 @@ pub struct Progress {
     /// "loading collection …"), for the report.
     finish_timing: Mutex<Option<PhaseClock>>,
     finish_phases: Mutex<Vec<PhaseTime>>,
+    /// Index builds and when each began (for its seconds while it runs).
+    index_builds: Mutex<Vec<(IndexBuild, Instant)>>,
+    /// Plan position of each chunk id (`Status::chunk_map`).
+    chunk_positions: Mutex<std::collections::HashMap<u32, usize>>,
+    /// (when, rows written) over the last 30 s, for rows/s and the ETA.
+    rate_window: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+    /// What the job had done when last seen moving, and when (ms since the epoch).
+    moved: Mutex<(String, i64)>,
 }
 
 /// The phase being timed and when it began.
@@ -132,7 +206,61 @@ impl Progress {
             owns_status: AtomicBool::new(false),
             finish_timing: Mutex::new(None),
             finish_phases: Mutex::new(Vec::new()),
+            index_builds: Mutex::new(Vec::new()),
+            chunk_positions: Mutex::new(Default::default()),
+            rate_window: Mutex::new(Default::default()),
+            moved: Mutex::new((String::new(), crate::model::now_ms())),
         }
+    }
+
+    /// The chunks of the plan, in order, and which this process copies
+    /// (the others belong to other workers' shards).
+    pub fn set_chunks(&self, ids: &[u32], mine: impl Fn(u32) -> bool) {
+        let mut map = String::with_capacity(ids.len());
+        let mut pos = self.chunk_positions.lock().unwrap();
+        pos.clear();
+        for (i, id) in ids.iter().enumerate() {
+            pos.insert(*id, i);
+            map.push(if mine(*id) { chunk_state::PENDING } else { chunk_state::ELSEWHERE });
+        }
+        self.status.lock().unwrap().chunk_map = map;
+    }
+
+    /// A chunk changed state (a `chunk_state` character).
+    pub fn chunk_state(&self, id: u32, state: char) {
+        let Some(&i) = self.chunk_positions.lock().unwrap().get(&id) else { return };
+        let mut s = self.status.lock().unwrap();
+        let mut chars: Vec<char> = s.chunk_map.chars().collect();
+        if let Some(c) = chars.get_mut(i) {
+            *c = state;
+            s.chunk_map = chars.into_iter().collect();
+        }
+    }
+
+    /// The job is where it should be now (a follower found itself caught up).
+    pub fn touch(&self) {
+        self.moved.lock().unwrap().1 = crate::model::now_ms();
+    }
+
+    /// When the job last moved, in ms since the epoch.
+    pub fn last_progress_ms(&self) -> i64 {
+        self.moved.lock().unwrap().1
+    }
+
+    /// Index builds so far, the running ones with their seconds until now.
+    pub fn index_builds(&self) -> Vec<IndexBuild> {
+        self.index_builds
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, since)| {
+                let mut b = b.clone();
+                if b.ended_at.is_none() {
+                    b.seconds = since.elapsed().as_secs_f64();
+                }
+                b
+            })
+            .collect()
     }
 
     /// From now on this run writes the job's status file.
@@ -240,8 +368,14 @@ impl Progress {
         self.status_doc(None, worker)
     }
 
+    /// The status as it is now (what the live page serves).
+    pub fn snapshot(&self) -> Status {
+        let mut s = self.status.lock().unwrap();
+        self.refresh_status(&mut s);
+        s.clone()
+    }
+
     fn status_doc(&self, state: Option<&str>, worker: Option<crate::state::claims::WorkerInfo>) -> Vec<u8> {
-        let c = &self.counters;
         let mut s = self.status.lock().unwrap();
         if let Some(st) = state {
             s.state = st.to_string();
@@ -249,6 +383,14 @@ impl Progress {
         if worker.is_some() {
             s.worker = worker;
         }
+        self.refresh_status(&mut s);
+        serde_json::to_vec_pretty(&*s).unwrap_or_default()
+    }
+
+    /// Copies the counters into the status, with the rate, the ETA and the
+    /// time the job last moved.
+    fn refresh_status(&self, s: &mut Status) {
+        let c = &self.counters;
         s.updated_at = crate::model::now_rfc3339();
         s.rows_read = c.rows_read.load(Relaxed);
         s.rows_written = c.rows_written.load(Relaxed);
@@ -256,7 +398,34 @@ impl Progress {
         s.bytes_written = c.bytes_written.load(Relaxed);
         s.chunks_committed = c.chunks_committed.load(Relaxed);
         s.chunks_skipped = c.chunks_skipped.load(Relaxed);
-        serde_json::to_vec_pretty(&*s).unwrap_or_default()
+        s.rows_per_second = self.rows_per_second(s.rows_written);
+        let left = s.rows_planned.saturating_sub(s.rows_written + c.rows_skipped.load(Relaxed));
+        s.eta_seconds = (matches!(s.phase.as_str(), "loading" | "snapshot") && s.rows_per_second > 0.0)
+            .then(|| left as f64 / s.rows_per_second);
+        // Anything that moved counts as progress: rows, chunks, changes, the phase text (an index build's percent).
+        let applied = s.online.as_ref().map(|o| o.applied.inserts + o.applied.updates + o.applied.deletes).unwrap_or(0);
+        let seen = format!("{} {} {} {applied} {}", s.rows_read, s.rows_written, s.chunks_committed, s.phase);
+        {
+            let mut moved = self.moved.lock().unwrap();
+            if moved.0 != seen {
+                *moved = (seen, crate::model::now_ms());
+            }
+            s.last_progress_at = crate::model::rfc3339_of_ms(moved.1);
+        }
+        s.index_builds = self.index_builds();
+    }
+
+    /// Rows written per second over the last 30 s.
+    fn rows_per_second(&self, written: u64) -> f64 {
+        let now = Instant::now();
+        let mut w = self.rate_window.lock().unwrap();
+        w.push_back((now, written));
+        while w.len() > 2 && now.duration_since(w[0].0) > Duration::from_secs(30) {
+            w.pop_front();
+        }
+        let (t0, r0) = w[0];
+        let dt = now.duration_since(t0).as_secs_f64();
+        if dt < 1.0 { 0.0 } else { written.saturating_sub(r0) as f64 / dt }
     }
 
     fn plain_line(&self) {
@@ -322,6 +491,28 @@ impl crate::contract::Feedback for Progress {
     fn phase(&self, phase: &str) {
         self.set_phase(phase);
     }
+    fn index_started(&self, on: &str, index: &str) {
+        let build = IndexBuild {
+            on: on.to_string(),
+            index: index.to_string(),
+            started_at: crate::model::now_rfc3339(),
+            ended_at: None,
+            seconds: 0.0,
+            state: "building".into(),
+        };
+        self.index_builds.lock().unwrap().push((build, Instant::now()));
+        self.write_status(None);
+    }
+    fn index_finished(&self, on: &str, index: &str, ok: bool) {
+        let mut builds = self.index_builds.lock().unwrap();
+        if let Some((b, since)) = builds.iter_mut().rev().find(|(b, _)| b.on == on && b.index == index && b.ended_at.is_none()) {
+            b.ended_at = Some(crate::model::now_rfc3339());
+            b.seconds = since.elapsed().as_secs_f64();
+            b.state = if ok { "built" } else { "failed" }.into();
+        }
+        drop(builds);
+        self.write_status(None);
+    }
 }
 
 /// Fault-injection hook for the kill tests: with `VMIG_TEST_PAUSE_AT=TEXT`,
@@ -366,6 +557,9 @@ pub struct Report {
     /// Where the finish's time went: each index build, load, sequence, …
     #[serde(default)]
     pub finish_phases: Vec<PhaseTime>,
+    /// Every index build, each with its own start, end and seconds.
+    #[serde(default)]
+    pub index_builds: Vec<IndexBuild>,
     pub total_seconds: f64,
     pub rows_per_second: f64,
     pub peak_rss_mb: f64,
@@ -398,6 +592,9 @@ impl Report {
                 s += &format!(" ({})", phases.join(" · "));
             }
             s += "\n";
+        }
+        for b in &self.index_builds {
+            s += &format!("index {} on {}: {} in {:.1}s ({} → {})\n", b.index, b.on, b.state, b.seconds, b.started_at, b.ended_at.as_deref().unwrap_or("…"));
         }
         s += &format!(
             "chunks: {} total, {} committed now, {} already committed, {} pending · {:.0} rows/s · peak RSS {:.0} MB · {:.1}s",

@@ -247,8 +247,16 @@ pub(super) fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Re
 pub(super) fn wait_for_indexes(conn: &Milvus, name: &str, fb: &dyn Feedback) -> Result<()> {
     let started = Instant::now();
     fb.phase(&format!("building indexes of {name}"));
+    let mut ended = std::collections::BTreeSet::new();
     loop {
         let ixs = conn.indexes(name)?;
+        // Each index's build is timed on its own: it ends when Milvus says so.
+        for i in &ixs {
+            let finished = i.state == IndexState::Finished as i32;
+            if (finished || i.state == IndexState::Failed as i32) && ended.insert(i.index_name.clone()) {
+                fb.index_finished(name, &i.index_name, finished);
+            }
+        }
         if let Some(f) = ixs.iter().find(|i| i.state == IndexState::Failed as i32) {
             bail!("Milvus failed to build index {} on {name}: {}", f.index_name, f.index_state_fail_reason);
         }

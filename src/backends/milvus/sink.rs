@@ -408,18 +408,21 @@ impl Sink for MilvusSink {
                         kv("params", serde_json::json!({"M": m, "efConstruction": ef}).to_string()),
                     ],
                 )?;
+                fb.index_started(&self.name, "vector_index");
                 has_vector_index = true;
             }
             for (field, name, params) in computed_indexes {
                 fb.phase(&format!("creating index {name}"));
                 let params = params.iter().map(|(k, v)| KeyValuePair { key: k.clone(), value: v.clone() }).collect();
                 create_index(&self.conn, &self.name, field, name, params)?;
+                fb.index_started(&self.name, name);
             }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };
                 fb.phase(&format!("creating index {}_index", info.field));
-                if let Err(e) = create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
-                    fb.say(&format!("warning: no scalar index on {}: {e:#}", info.field));
+                match create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
+                    Ok(()) => fb.index_started(&self.name, &format!("{}_index", info.field)),
+                    Err(e) => fb.say(&format!("warning: no scalar index on {}: {e:#}", info.field)),
                 }
             }
             wait_for_indexes(&self.conn, &self.name, fb)?;

@@ -250,13 +250,16 @@ impl ObSink {
             let build = c.query_drop(sql);
             tokio::pin!(build);
             // Send the statement before announcing the phase (see PgSink).
-            let res = match std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await {
+            fb.index_started(&self.table, &ix.name);
+            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;
+            let res = match polled {
                 std::task::Poll::Ready(r) => r,
                 std::task::Poll::Pending => {
                     fb.phase(&format!("building index {}", ix.name));
                     build.await
                 }
             };
+            fb.index_finished(&self.table, &ix.name, res.is_ok());
             res.ob(&format!("building index {}", ix.name))?;
             fb.say(&format!("index {} built in {:.1}s", ix.name, started.elapsed().as_secs_f64()));
         }

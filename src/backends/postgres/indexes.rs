@@ -113,10 +113,14 @@ impl PgSink {
             for (i, (ix, sql)) in todo.iter().zip(&sqls).enumerate() {
                 let session = if i + 1 == todo.len() { c } else { &sessions[i] };
                 let name = ix.name.clone();
+                let on = self.table.plain();
                 let mut build = Box::pin(async move {
                     let r = session.batch_execute(sql).await;
+                    // Each build ends on its own; the report times each.
+                    fb.index_finished(&on, &name, r.is_ok());
                     (name, r, started.elapsed().as_secs_f64())
                 });
+                fb.index_started(&self.table.plain(), &ix.name);
                 // Send the statement before announcing the phase: from here on the
                 // build runs in the server even if this process dies.
                 let done = std::future::poll_fn(|cx| std::task::Poll::Ready(build.as_mut().poll(cx))).await;

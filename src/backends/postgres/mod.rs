@@ -166,6 +166,13 @@ impl TableName {
             None => ident(&self.name),
         }
     }
+    /// schema.name as the user wrote it (for messages and reports).
+    pub fn plain(&self) -> String {
+        match &self.schema {
+            Some(s) => format!("{s}.{}", self.name),
+            None => self.name.clone(),
+        }
+    }
 }
 
 pub async fn connect(url: &PgUrl) -> Result<Client> {

@@ -148,6 +148,10 @@ fn follow_batches(
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
         }
+        if complete {
+            // Caught up with the source: a quiet source is not a stuck job.
+            progress.touch();
+        }
         f.publish_status(stream, &batch.set, complete)?;
         // What the position cannot see (Milvus deletes): every so often, and
         // once drained before the cutover verifies.

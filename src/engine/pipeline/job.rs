@@ -199,6 +199,8 @@ pub fn plan_and_prepare(
         index_memory: cfg.index_memory,
     };
     progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
+    let ids: Vec<u32> = plan.iter().map(|c| c.id).collect();
+    progress.set_chunks(&ids, |id| cfg.distributed.as_ref().is_none_or(|d| d.in_shard(id)));
 
     progress.set_phase("preparing target");
     let mut targets = Vec::new();

@@ -19,7 +19,7 @@ use crate::model::plan::ChunkRange;
 use crate::model::retry::{Cancelled, with_retries};
 use crate::state::claims::{Claim, Coordinator};
 use crate::state::ledger::JobDir;
-use crate::state::progress::{ChunkFailure, Progress, Report, StageReport, peak_rss_mb};
+use crate::state::progress::{ChunkFailure, Progress, Report, StageReport, chunk_state, peak_rss_mb};
 
 use super::job::{JobConfig, PreparedJob, Target, indexes_not_carried};
 
@@ -89,6 +89,7 @@ pub fn load(
     for c in job.plan.iter().filter(|c| cfg.distributed.as_ref().is_none_or(|d| d.in_shard(c.id))) {
         let done_everywhere = targets.iter().all(|t| t.committed.lock().unwrap().contains_key(&c.id));
         if done_everywhere {
+            progress.chunk_state(c.id, chunk_state::SKIPPED);
             progress.counters.chunks_skipped.fetch_add(1, Relaxed);
             let rows = targets[0].committed.lock().unwrap()[&c.id].rows;
             progress.counters.rows_skipped.fetch_add(rows, Relaxed);
@@ -138,6 +139,7 @@ pub fn load(
                     if cancel.load(Relaxed) || failed.load(Relaxed) {
                         break;
                     }
+                    progress.chunk_state(chunk.id, chunk_state::RUNNING);
                     let res = with_retries(
                         &format!("chunk {}", chunk.id),
                         cfg.retry_for,
@@ -160,9 +162,13 @@ pub fn load(
                         }
                     }
                     match res {
-                        Ok(()) => {}
-                        Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => break,
+                        Ok(()) => progress.chunk_state(chunk.id, chunk_outcome(job, chunk.id)),
+                        Err(e) if e.is::<Cancelled>() || cancel.load(Relaxed) => {
+                            progress.chunk_state(chunk.id, chunk_state::PENDING);
+                            break;
+                        }
                         Err(e) => {
+                            progress.chunk_state(chunk.id, chunk_state::FAILED);
                             let msg = format!("chunk {}: {e:#}", chunk.id);
                             progress.println(&format!("error: {msg}"));
                             let mut st = progress.status.lock().unwrap();
@@ -194,6 +200,13 @@ pub fn load(
         seconds: load_started.elapsed().as_secs_f64(),
         last_error: progress.status.lock().unwrap().last_error.clone(),
     }
+}
+
+/// How a chunk copied without error shows on the chunk map: with rejects
+/// when its commit record holds rejected rows.
+fn chunk_outcome(job: &PreparedJob, id: u32) -> char {
+    let rejected = job.targets.iter().filter_map(|t| t.committed.lock().unwrap().get(&id).map(|r| r.rejected)).max();
+    if rejected.unwrap_or(0) > 0 { chunk_state::COMMITTED_WITH_REJECTS } else { chunk_state::COMMITTED }
 }
 
 /// Final state, status file and report. `error`: why the job did not
@@ -275,6 +288,7 @@ pub fn report(cfg: &JobConfig, job: &PreparedJob, loaded: &Loaded, mut error: Op
         load_seconds: loaded.seconds,
         finish_seconds: c.finish_ns.load(Relaxed) as f64 / 1e9,
         finish_phases: progress.finish_phases(),
+        index_builds: progress.index_builds(),
         total_seconds: progress.elapsed(),
         rows_per_second: written as f64 / loaded.seconds.max(1e-9),
         peak_rss_mb: peak_rss_mb(),

@@ -119,7 +119,7 @@ pub fn with_progress(
         std::thread::spawn(move || p.run_ticker())
     };
     let metrics = match &cfg.metrics {
-        Some(addr) => Some(crate::state::metrics::serve(addr, &cfg.job, progress.clone())?),
+        Some(addr) => Some(crate::state::http::serve(addr, &cfg.job, progress.clone(), cfg.store.clone())?),
         None => None,
     };
     let result = body(&progress);

@@ -246,10 +246,8 @@ impl Exported {
 /// True while a worker of a shared export of this staging area is alive
 /// (running, heartbeat within its lease).
 fn export_alive(store: &crate::state::store::Store) -> bool {
-    let now = crate::state::claims::now_ms();
     crate::state::progress::worker_statuses(store).unwrap_or_default().iter().any(|s| {
-        s.state == "running"
-            && s.worker.as_ref().is_some_and(|w| w.lane == "export" && now - w.heartbeat_ms <= w.lease_ms)
+        s.state == "running" && s.worker.as_ref().is_some_and(|w| w.lane == "export" && !w.lease_ran_out())
     })
 }
 
@@ -310,7 +308,6 @@ pub fn finish_shared(
 /// `vmig status` lines for a shared job: one per worker, then totals.
 pub fn status_lines(workers: &[crate::state::progress::Status]) -> Vec<String> {
     let mut out = Vec::new();
-    let now = crate::state::claims::now_ms();
     let mut lanes: std::collections::BTreeMap<&str, Vec<&crate::state::progress::Status>> = Default::default();
     for s in workers {
         if let Some(w) = &s.worker {
@@ -322,9 +319,8 @@ pub fn status_lines(workers: &[crate::state::progress::Status]) -> Vec<String> {
         let (mut chunks, mut rows, mut takeovers, mut failures) = (0u64, 0u64, 0u64, 0usize);
         for s in &ws {
             let w = s.worker.as_ref().unwrap();
-            let age_s = (now - w.heartbeat_ms).max(0) as f64 / 1000.0;
-            let alive = s.state == "running" && (now - w.heartbeat_ms) <= w.lease_ms;
-            let state = if s.state == "running" && !alive { "silent (lease ran out)".to_string() } else { s.state.clone() };
+            let age_s = w.heartbeat_age_seconds();
+            let state = if s.worker_gone() { "silent (lease ran out)".to_string() } else { s.state.clone() };
             let secs = chrono::DateTime::parse_from_rfc3339(&s.updated_at)
                 .ok()
                 .zip(chrono::DateTime::parse_from_rfc3339(&s.started_at).ok())
