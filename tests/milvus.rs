@@ -190,7 +190,9 @@ fn postgres_to_staging_to_milvus() {
     let st = dir.path().join("st");
     let st = st.to_str().unwrap();
     ok(&["export", "--from", &src, "--staging", st, "--chunk-rows", "500"]);
-    ok(&["import", "--staging", st, "--to", &m]);
+    let report = dir.path().join("report.json");
+    ok(&["import", "--staging", st, "--to", &m, "--report", report.to_str().unwrap()]);
+    assert_index_builds(&report, &["vector_index"]);
     assert_eq!(milvus_rows(&m, "modeldata"), as_mrows(&rows(&src, "modeldata")));
     assert!(std::path::Path::new(st).join("milvus-ledger.jsonl").exists(), "the ledger file sits in the job's state directory");
     ok(&["verify", "--from", st, "--to", &m]);

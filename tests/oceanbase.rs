@@ -21,7 +21,9 @@ fn postgres_to_oceanbase_and_back() {
     let sr = state.path().to_str().unwrap();
 
     // PG → OB: FastGPT's DDL mirrored, vectors bit for bit.
-    ok(&["migrate", "--from", &src, "--to", &ob, "--chunk-rows", "600", "--state-root", sr]);
+    let report = state.path().join("report.json");
+    ok(&["migrate", "--from", &src, "--to", &ob, "--chunk-rows", "600", "--state-root", sr, "--report", report.to_str().unwrap()]);
+    assert_index_builds(&report, &["modeldata_vector_index", "modeldata_team_dataset_collection_index", "modeldata_create_time_index"]);
     let in_ob = ob_rows(&ob, "modeldata");
     assert_rows_equal(&original, &in_ob);
     let ddl = ob_show_create(&ob, "modeldata");

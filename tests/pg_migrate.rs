@@ -38,6 +38,7 @@ fn direct_migration_is_exact_with_indexes_and_sequence() {
     assert_eq!(r["chunks_total"], 4);
     let phases: Vec<&str> = r["finish_phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
     assert!(phases.contains(&"building index modeldata_vector_index"), "{phases:?}");
+    assert_index_builds(&report, &["modeldata_vector_index", "modeldata_team_dataset_collection_index", "modeldata_create_time_index"]);
 
 
     // A second run finds everything committed and writes nothing.

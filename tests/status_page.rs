@@ -417,4 +417,22 @@ fn the_page_of_a_shared_job_shows_every_worker_and_one_that_is_gone() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(committed_chunks(&doc), 20, "{}", doc["chunks"]);
     assert_eq!(doc["workers"].as_array().unwrap().len(), 2);
+    // `--watch` redraws the view until stopped.
+    let mut watch = std::process::Command::new(VMIG)
+        .args(["status", "--staging", st, "--watch", "0.5"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = watch.stdout.take().unwrap();
+    let (mut seen, mut buf) = (String::new(), [0u8; 4096]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.matches("Ctrl-C to stop").count() < 2 {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0 && Instant::now() < deadline, "status --watch stopped drawing: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    assert!(seen.contains("chunks: 20 committed"), "{seen}");
+    assert!(seen.contains("workers of export:"), "{seen}");
 }

@@ -465,3 +465,18 @@ pub fn stage_with_nan_and_inf(src: &str, st: &std::path::Path) -> (i64, i64) {
     let ids = batch.column_by_name("id").unwrap().as_primitive::<Int64Type>().clone();
     (ids.value(5), ids.value(9))
 }
+
+/// The report of a run names each of `indexes` as built on its own: start,
+/// end and seconds that agree with each other.
+pub fn assert_index_builds(report: &std::path::Path, indexes: &[&str]) {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    let builds = r["index_builds"].as_array().unwrap_or_else(|| panic!("no index_builds in the report: {r}"));
+    let ms = |v: &serde_json::Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap().timestamp_millis();
+    for ix in indexes {
+        let b = builds.iter().find(|b| b["index"] == *ix).unwrap_or_else(|| panic!("index {ix} not in the report: {builds:?}"));
+        assert_eq!(b["state"], "built", "{b}");
+        let (start, end) = (ms(&b["started_at"]), ms(&b["ended_at"]));
+        let secs = b["seconds"].as_f64().unwrap();
+        assert!(end >= start && ((end - start) as f64 / 1000.0 - secs).abs() < 0.5, "start, end and seconds disagree: {b}");
+    }
+}
