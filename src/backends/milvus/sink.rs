@@ -385,6 +385,7 @@ impl Sink for MilvusSink {
                 // it again with an index added meanwhile.
                 self.conn.release(&self.name)?;
             }
+            let mut created: Vec<String> = Vec::new();
             if !has_vector_index {
                 let (metric, m, ef) = source
                     .indexes
@@ -409,6 +410,7 @@ impl Sink for MilvusSink {
                     ],
                 )?;
                 fb.index_started(&self.name, "vector_index");
+                created.push("vector_index".to_string());
                 has_vector_index = true;
             }
             for (field, name, params) in computed_indexes {
@@ -416,16 +418,25 @@ impl Sink for MilvusSink {
                 let params = params.iter().map(|(k, v)| KeyValuePair { key: k.clone(), value: v.clone() }).collect();
                 create_index(&self.conn, &self.name, field, name, params)?;
                 fb.index_started(&self.name, name);
+                created.push(name.to_string());
             }
             for column in wanted {
                 let Some(info) = coll.fields.iter().find(|f| f.column == column) else { continue };
                 fb.phase(&format!("creating index {}_index", info.field));
                 match create_index(&self.conn, &self.name, &info.field, &format!("{}_index", info.field), vec![]) {
-                    Ok(()) => fb.index_started(&self.name, &format!("{}_index", info.field)),
+                    Ok(()) => {
+                        fb.index_started(&self.name, &format!("{}_index", info.field));
+                        created.push(format!("{}_index", info.field));
+                    }
                     Err(e) => fb.say(&format!("warning: no scalar index on {}: {e:#}", info.field)),
                 }
             }
             wait_for_indexes(&self.conn, &self.name, fb)?;
+            // Every index is built now, also those a server names otherwise
+            // in its index list (milvus-lite): their builds end here.
+            for ix in &created {
+                fb.index_finished(&self.name, ix, true);
+            }
         }
         // Milvus loads only an indexed collection.
         if has_vector_index {
