@@ -109,7 +109,7 @@ impl Page {
         };
         doc["live_command"] = json!(live.command);
         doc["history"] = json!(self.history.lock().unwrap().iter().collect::<Vec<_>>());
-        serde_json::to_vec_pretty(&doc).unwrap_or_default()
+        serde_json::to_vec(&doc).unwrap_or_default()
     }
 }
 
