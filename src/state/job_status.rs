@@ -84,7 +84,7 @@ impl JobStatus {
             }
         }
         let mut claimed_by = BTreeMap::new();
-        for s in self.workers.iter().filter(|s| s.state == "running" && !s.worker_gone()) {
+        for s in self.workers.iter().filter(|s| s.worker_alive()) {
             let Some(w) = &s.worker else { continue };
             for id in &w.claims {
                 if let Some(&i) = pos.get(id) {

@@ -95,6 +95,11 @@ impl Status {
     pub fn worker_gone(&self) -> bool {
         self.state == "running" && self.worker.as_ref().is_some_and(crate::state::claims::WorkerInfo::lease_ran_out)
     }
+
+    /// A shared job's worker that runs and beats within its lease.
+    pub fn worker_alive(&self) -> bool {
+        self.state == "running" && self.worker.as_ref().is_some_and(|w| !w.lease_ran_out())
+    }
 }
 
 /// The characters of `Status::chunk_map`.
@@ -230,10 +235,9 @@ impl Progress {
     pub fn chunk_state(&self, id: u32, state: char) {
         let Some(&i) = self.chunk_positions.lock().unwrap().get(&id) else { return };
         let mut s = self.status.lock().unwrap();
-        let mut chars: Vec<char> = s.chunk_map.chars().collect();
-        if let Some(c) = chars.get_mut(i) {
-            *c = state;
-            s.chunk_map = chars.into_iter().collect();
+        // Every state is one ASCII character: the map is changed in place.
+        if i < s.chunk_map.len() {
+            s.chunk_map.replace_range(i..=i, state.encode_utf8(&mut [0; 4]));
         }
     }
 

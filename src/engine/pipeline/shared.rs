@@ -247,7 +247,7 @@ impl Exported {
 /// (running, heartbeat within its lease).
 fn export_alive(store: &crate::state::store::Store) -> bool {
     crate::state::progress::worker_statuses(store).unwrap_or_default().iter().any(|s| {
-        s.state == "running" && s.worker.as_ref().is_some_and(|w| w.lane == "export" && !w.lease_ran_out())
+        s.worker_alive() && s.worker.as_ref().is_some_and(|w| w.lane == "export")
     })
 }
 
