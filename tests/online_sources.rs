@@ -9,7 +9,7 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_rows, milvus_writer, seed_fastgpt, NewIds};
-use common::online::{OnlineSource, Reaper, Writer, ob_leftovers, online_args, online_scenario, staging_scenario, wait_following};
+use common::online::{OnlineSource, Reaper, Writer, ob_leftovers, online_args, online_scenario, online_scenario_cut, staging_scenario, wait_following};
 use common::*;
 
 /// A seekdb source of 1,600 FastGPT rows and its writer.
@@ -117,19 +117,22 @@ fn milvus_source(name: &str) -> OnlineSource {
 #[test]
 fn online_from_milvus_into_postgres_survives_kills_and_cuts_over_exactly() {
     let dst = fresh_db(&target_base(), "online_mvpg_dst", true);
-    online_scenario("online_mvpg", &milvus_source("online_mvpg"), &dst, &|src| {
+    let said = online_scenario_cut("online_mvpg", &milvus_source("online_mvpg"), &dst, &[], &|src| {
         let want = milvus_rows(src, "modeldata");
         assert_eq!(as_mrows(&rows(&dst, "modeldata")), want);
         assert!(want.iter().any(|r| r.team_id == "team_w"), "the writer's rows are there");
     });
+    assert!(said.contains("changed keys and") && !said.contains("verified both whole tables"), "checked what changed: {said}");
 }
 
 #[test]
 fn online_from_milvus_into_another_milvus_database_survives_kills_and_cuts_over_exactly() {
     let dst = fresh_milvus_db("online_mvmv_dst");
-    online_scenario("online_mvmv", &milvus_source("online_mvmv"), &dst, &|src| {
+    // `--full-verify`: the whole-table repair at cutover, recopying whatever differs.
+    let said = online_scenario_cut("online_mvmv", &milvus_source("online_mvmv"), &dst, &["--full-verify"], &|src| {
         let want = milvus_rows(src, "modeldata");
         assert_eq!(milvus_count_settled(&dst, "modeldata", want.len() as i64), want.len() as i64, "count(*) equals the source: no duplicates");
         assert_eq!(milvus_rows(&dst, "modeldata"), want);
     });
+    assert!(said.contains("verified both whole tables"), "{said}");
 }

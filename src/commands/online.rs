@@ -125,8 +125,9 @@ fn from_milvus(job: &JobSetup, url: &crate::model::config::MilvusUrl, handle: &H
 /// A database source into a database, a staging area, or both: the
 /// cutover verifies the target against the source as it is then, or (an
 /// export) writes the digests its import verifies against. `repair`: the
-/// source has no change stream that sees everything (Milvus), so the
-/// cutover's check is `vmig repair` (verify, recopy differing chunks, verify).
+/// source has no change stream that sees everything (Milvus), so what the
+/// cutover finds differing is recopied, and `--full-verify` is `vmig repair`
+/// (verify, recopy differing chunks, verify).
 fn from_database(
     job: &JobSetup,
     source: Arc<dyn Source>,
@@ -195,20 +196,31 @@ fn from_database(
             }
         }
     };
-    // A source whose stream sees every change: verified while following, so
-    // the cutover checks only what changed. A Milvus target also counts the
-    // copies of those keys, and a chunk found differing there (Milvus 2.3
-    // can lose a delete it acknowledged) is recopied and compared again.
+    // Verified while following, so the cutover checks only what changed. A
+    // Milvus target also counts the copies of those keys and of each chunk,
+    // and a chunk found differing there (Milvus 2.3 can lose a delete it
+    // acknowledged) is recopied and compared again. From a Milvus source
+    // (watermark and id reconcile) a differing chunk is recopied too: a
+    // write that left the watermark as it was reaches the target no other way.
     let watch_sides = match &job.target_ep {
-        Some(target_ep) if !repair => Some(WatchSides {
+        Some(target_ep) => Some(WatchSides {
             open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
-            mend: matches!(target_ep, Endpoint::Milvus(_)).then(|| -> MendChunks<'_> {
+            mend: (repair || matches!(target_ep, Endpoint::Milvus(_))).then(|| -> MendChunks<'_> {
                 Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
                     let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
                     let say = |m: &str| eprintln!("{m}");
                     crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
                 })
             }),
+            why_mended: if repair {
+                "the source's watermark did not show those writes, or the target lost writes it acknowledged (Milvus 2.3, see docs/limits.md)"
+            } else {
+                "the target had lost writes it acknowledged, a known Milvus 2.3 defect, see docs/limits.md"
+            },
+            unseen: repair.then_some(
+                "a write to the Milvus source that left its watermark field as it was (an upsert in place) shows only to the verifier's \
+                 passes: `cutover --full-verify` compares everything",
+            ),
             rate: job.args.verify_rate.unwrap_or(0),
         }),
         _ => None,

@@ -241,6 +241,11 @@ pub fn kill(mut child: Child) {
 /// Kills the job during the snapshot and again while following, resumes
 /// it, stops the writer, cuts over; returns when the target is checked.
 pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn Fn(&str)) {
+    online_scenario_cut(name, source, dst, &[], check);
+}
+
+/// `online_scenario` with flags for the cutover alone; returns what it said.
+pub fn online_scenario_cut(name: &str, source: &OnlineSource, dst: &str, cutover_flags: &[&str], check: &dyn Fn(&str)) -> String {
     let src = source.url.clone();
     let state = tempdir();
     let mut args = online_args(&src, dst, state.path(), name);
@@ -274,9 +279,10 @@ pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn
 
     let mut cut = args.clone();
     cut[0] = "cutover".into();
+    cut.extend(cutover_flags.iter().map(|f| f.to_string()));
     let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
     let out = ok(&cut);
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("safe to switch"), "{name}: {said}");
     let status = third.wait().unwrap();
     assert!(status.success(), "{name}: the online job did not exit 0 after cutover ({status})");
@@ -284,6 +290,7 @@ pub fn online_scenario(name: &str, source: &OnlineSource, dst: &str, check: &dyn
     check(&src);
     let left = (source.leftovers)();
     assert!(left.is_empty(), "{name}: left on the source after cutover: {left}");
+    said
 }
 
 

@@ -61,7 +61,7 @@ pub(super) fn cutover(
                 "checked {} changed keys and {} unverified chunks ({} rows){counted}",
                 c.changed_keys, c.unverified_chunks, c.rows_compared
             );
-            (changed_only(&c, &w.cmp.vector_comparison), what)
+            (changed_only(&c, &w.cmp.vector_comparison, w.why_mended, w.unseen), what)
         }),
         None => check().map(|r| (r, "verified both whole tables".to_string())),
     };
@@ -101,12 +101,13 @@ pub(super) fn cutover(
 }
 
 /// A watch's check as the cutover reports it.
-fn changed_only(c: &WatchCheck, vectors: &str) -> CutoverCheck {
+fn changed_only(c: &WatchCheck, vectors: &str, why_mended: &str, unseen: Option<&str>) -> CutoverCheck {
+    let unseen = unseen.map(|u| format!("; {u}")).unwrap_or_default();
     let mended = if c.mended.is_empty() {
         String::new()
     } else {
         format!(
-            " (recopied from the source and then equal: {}; the target had lost writes it acknowledged, a known Milvus 2.3 defect, see docs/limits.md)",
+            " (recopied from the source and then equal: {}; {why_mended})",
             c.mended.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; ")
         )
     };
@@ -114,7 +115,7 @@ fn changed_only(c: &WatchCheck, vectors: &str) -> CutoverCheck {
         equal: c.differing.is_empty(),
         summary: format!(
             "the target equals the source (every chunk seen equal while following; the {} keys changed since and {} chunks never seen equal \
-             compared now: ids, every column and, in Milvus, the copies of each id and of each chunk; vectors {vectors}){mended}",
+             compared now: ids, every column and, in Milvus, the copies of each id and of each chunk; vectors {vectors}{unseen}){mended}",
             c.changed_keys, c.unverified_chunks
         ),
         differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),

@@ -420,6 +420,10 @@ pub struct Watching<'a> {
     pub watch: Watch,
     open: OpenSides<'a>,
     mend: Option<MendChunks<'a>>,
+    /// Why a chunk the cutover recopied could have differed (said with it).
+    pub why_mended: &'static str,
+    /// What the source's stream cannot see, said with every cutover.
+    pub unseen: Option<&'static str>,
     pub cmp: Comparison,
     /// Rows per second the verifier reads at most (0: no limit).
     rate: u64,
@@ -431,11 +435,11 @@ pub struct Watching<'a> {
 impl<'a> Watching<'a> {
     /// Opens (or resumes) the job's watch over the sides `open` gives.
     pub fn open(dir: &Path, sides: WatchSides<'a>, chunk_rows: u64) -> Result<Watching<'a>> {
-        let WatchSides { open, mend, rate } = sides;
+        let WatchSides { open, mend, why_mended, unseen, rate } = sides;
         let (from, to) = open()?;
         let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
         let cmp = Comparison::of(from.as_ref(), to.as_ref());
-        Ok(Watching { watch, open, mend, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
+        Ok(Watching { watch, open, mend, why_mended, unseen, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
     }
 
     /// The background verifier: compares the chunks due, one at a time,
@@ -478,7 +482,7 @@ impl<'a> Watching<'a> {
     /// held still from here on (a finished cutover removes the record);
     /// `resume` lets it go on after a cutover that failed.
     ///
-    /// Where the sides can mend (Milvus targets), differing chunks are
+    /// Where the sides can mend (Milvus targets or sources), differing chunks are
     /// recopied from the source and compared whole again; what then is
     /// equal is reported as mended, not as differing.
     pub fn check(&self) -> Result<WatchCheck> {
@@ -535,8 +539,14 @@ impl<'a> Watching<'a> {
 pub struct WatchSides<'a> {
     pub open: OpenSides<'a>,
     /// Recopies chunks from the source to the target (source, target,
-    /// plan, chunks), for targets known to lose acknowledged writes.
+    /// plan, chunks): for targets known to lose acknowledged writes, and
+    /// for sources whose stream cannot see every change (Milvus).
     pub mend: Option<MendChunks<'a>>,
+    /// Why a recopied chunk could have differed, as the cutover says it.
+    pub why_mended: &'static str,
+    /// What the source's stream cannot see (Milvus: a write that leaves the
+    /// watermark field as it was), said with every cutover.
+    pub unseen: Option<&'static str>,
     /// Rows per second at most (0: no limit).
     pub rate: u64,
 }
