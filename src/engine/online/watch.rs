@@ -39,6 +39,8 @@ const CHANGED_FILE: &str = "changed-keys.jsonl";
 const RECHECK_AFTER: Duration = Duration::from_secs(30);
 /// Times a cutover recopies chunks that still differ before it reports them.
 const MEND_ROUNDS: usize = 3;
+/// How long a recopied chunk must stay equal before it counts as mended.
+const MEND_SETTLE: Duration = Duration::from_secs(5);
 
 /// `watch.json`: the verification plan and what each chunk was last seen equal at.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -500,23 +502,35 @@ impl<'a> Watching<'a> {
         let mut left: Vec<usize> = found.iter().filter_map(at_of).collect();
         left.sort_unstable();
         left.dedup();
-        for _round in 0..MEND_ROUNDS {
-            let chunks: Vec<ChunkRange> = left.iter().map(|at| plan[*at].clone()).collect();
-            let (from, to) = (self.open)()?;
-            mend(from.as_ref(), to.as_ref(), &plan, &chunks)?;
+        // A recopied chunk is compared once more after a pause: Milvus 2.3
+        // can bring back a delete's row after the compare that followed the
+        // recopy had found it gone (milvus#32915), so equal right away is
+        // not yet mended.
+        let compare = |left: &[usize], c: &mut WatchCheck, record: bool| -> Result<Vec<usize>> {
             let (from, to) = (self.open)()?;
             let mark = self.watch.applied_mark();
             let mut still = Vec::new();
             c.differing.clear();
-            for at in left {
+            for &at in left {
                 let again = self.cmp.chunk(from.as_ref(), to.as_ref(), &plan[at])?;
                 c.rows_compared += again.source_rows.max(again.target_rows);
-                if again.is_equal() {
-                    self.watch.record_equal(at, mark, again.source_rows)?;
-                } else {
+                if !again.is_equal() {
                     still.push(at);
                     c.differing.push(again);
+                } else if record {
+                    self.watch.record_equal(at, mark, again.source_rows)?;
                 }
+            }
+            Ok(still)
+        };
+        for _round in 0..MEND_ROUNDS {
+            let chunks: Vec<ChunkRange> = left.iter().map(|at| plan[*at].clone()).collect();
+            let (from, to) = (self.open)()?;
+            mend(from.as_ref(), to.as_ref(), &plan, &chunks)?;
+            let mut still = compare(&left, &mut c, false)?;
+            if still.is_empty() {
+                std::thread::sleep(MEND_SETTLE);
+                still = compare(&left, &mut c, true)?;
             }
             left = still;
             if left.is_empty() {
