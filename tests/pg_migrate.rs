@@ -158,3 +158,54 @@ fn indexes_not_carried_are_named_and_partial_unique_is_not_made_whole() {
     });
     assert_eq!(target_indexes, ["docs_email", "docs_pkey"]);
 }
+
+/// How many vector columns of `modeldata` have storage `mode` (pg_attribute.attstorage).
+fn vector_storage_is(url: &str, mode: char) -> bool {
+    query_i64(url, &format!("SELECT count(*) FROM pg_attribute WHERE attrelid = 'modeldata'::regclass AND attname = 'vector' AND attstorage = '{mode}'")) == 1
+}
+
+/// A table vmig creates keeps 1536-d vectors inline (PLAIN: no compression
+/// attempt, no TOAST) and says why; vectors too wide for a page go EXTERNAL;
+/// an existing table keeps its storage (named when it is the slow kind)
+/// unless --vector-storage asks. Rows are equal in every case.
+#[test]
+fn vector_storage_is_chosen_for_a_new_table_and_left_alone_on_an_existing_one() {
+    let (src, dst) = dbs("vstorage");
+    ok(&["generate", "--to", &src, "--rows", "300", "--dim", "1536"]);
+    assert!(vector_storage_is(&src, 'x'), "the source keeps PostgreSQL's default");
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let report = state.path().join("report.json");
+    let out = ok(&["migrate", "--from", &src, "--to", &dst, "--state-root", sr, "--report", report.to_str().unwrap()]);
+    let said = stderr(&out);
+    assert!(said.contains("vector storage: vector PLAIN (inline: a row takes at most 6265 bytes of the 8160 a 8 kB page holds"), "{said}");
+    assert!(vector_storage_is(&dst, 'p'));
+    assert_eq!(query_i64(&dst, "SELECT coalesce(pg_relation_size(reltoastrelid), 0) FROM pg_class WHERE oid = 'modeldata'::regclass"), 0, "no vector went to TOAST");
+    assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 300);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(r["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with("vector storage: vector PLAIN")), "{}", r["notes"]);
+
+    // An existing table with PostgreSQL's default: left as it is, and named.
+    let (_, again) = dbs("vstorage_existing");
+    ok(&["generate", "--to", &again, "--rows", "10", "--dim", "1536", "--seed", "7"]);
+    let out = ok(&["migrate", "--from", &src, "--to", &again, "--state-root", sr, "--job", "existing", "--on-existing", "truncate"]);
+    let said = stderr(&out);
+    assert!(said.contains("note: the existing table modeldata stores vector EXTENDED") && said.contains("--vector-storage plain"), "{said}");
+    assert!(vector_storage_is(&again, 'x'), "an existing table's storage is left alone");
+    assert_eq!(assert_same_rows(&src, "modeldata", &again, "modeldata"), 300);
+    // …unless asked.
+    let out = ok(&[
+        "migrate", "--from", &src, "--to", &again, "--state-root", sr, "--job", "asked", "--on-existing", "truncate", "--vector-storage", "external",
+    ]);
+    assert!(stderr(&out).contains("vector storage: vector EXTERNAL on the existing table modeldata (as --vector-storage asks"), "{}", stderr(&out));
+    assert!(vector_storage_is(&again, 'e'));
+    assert_eq!(assert_same_rows(&src, "modeldata", &again, "modeldata"), 300);
+
+    // Vectors too wide to keep inline: EXTERNAL, no compression attempt.
+    let (wide_src, wide_dst) = dbs("vstorage_wide");
+    ok(&["generate", "--to", &wide_src, "--rows", "60", "--dim", "2100", "--no-vector-index"]);
+    let out = ok(&["migrate", "--from", &wide_src, "--to", &wide_dst, "--state-root", sr, "--job", "wide"]);
+    assert!(stderr(&out).contains("vector storage: vector EXTERNAL (out of line without a compression attempt: a row with its vectors inline would take up to 8521 bytes"), "{}", stderr(&out));
+    assert!(vector_storage_is(&wide_dst, 'e'));
+    assert_eq!(assert_same_rows(&wide_src, "modeldata", &wide_dst, "modeldata"), 60);
+}

@@ -140,6 +140,12 @@ pub struct RunArgs {
     /// read, else 1GB. vmig sizes the build to the graph's estimate within it.
     #[arg(long, value_name = "SIZE", value_parser = crate::model::schema::parse_size)]
     pub index_memory: Option<u64>,
+    /// PostgreSQL targets: how the vector columns are stored. Default for a
+    /// table vmig creates: plain (inline) when a row fits a page, else
+    /// external (out of line, no compression attempt). An existing table's
+    /// storage is changed only when this is given.
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub vector_storage: Option<crate::contract::VectorStorage>,
     /// Write the final report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -123,7 +123,10 @@ pub fn batch(spec: &TableSpec, seed: u64, start: u64, n: u64) -> Result<RecordBa
 
 /// Creates the table in `sink` and fills it with `rows` rows.
 pub fn generate(sink: &dyn Sink, spec: &TableSpec, rows: u64, seed: u64, progress: &dyn Fn(&str)) -> Result<()> {
-    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: true, online: false, shared: false, index_memory: None };
+    // PostgreSQL's default vector storage, as FastGPT's own DDL leaves it:
+    // a generated table stands for the source users have.
+    let vector_storage = Some(crate::contract::VectorStorage::Extended);
+    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: true, online: false, shared: false, index_memory: None, vector_storage };
     let whole = ChunkRange { rows, ..ChunkRange::whole() };
     sink.prepare(spec, std::slice::from_ref(&whole), &opts)?;
     let mut w = sink.begin_chunk("", &whole)?;

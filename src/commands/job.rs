@@ -233,6 +233,7 @@ pub fn setup_job(command: &str, args: RunArgs, handle: &Handle) -> Result<JobSet
         rate_limit: a.rate_limit,
         create_indexes: !a.no_indexes,
         index_memory: a.index_memory,
+        vector_storage: a.vector_storage,
         retry_for: std::time::Duration::from_secs(a.retry_for.unwrap_or(120)),
         quiet: a.quiet,
         vectors_exact,

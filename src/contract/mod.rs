@@ -33,6 +33,42 @@ pub enum OnExisting {
     Truncate,
 }
 
+/// How a PostgreSQL target stores its vector columns (`--vector-storage`):
+/// PostgreSQL's column STORAGE modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VectorStorage {
+    /// Inline in the row: no compression attempt, no TOAST table.
+    Plain,
+    /// Out of line in the TOAST table, without a compression attempt.
+    External,
+    /// PostgreSQL's default for vector: a compression attempt, then TOAST.
+    Extended,
+    /// A compression attempt, inline where it fits.
+    Main,
+}
+
+impl VectorStorage {
+    pub fn sql(self) -> &'static str {
+        match self {
+            VectorStorage::Plain => "PLAIN",
+            VectorStorage::External => "EXTERNAL",
+            VectorStorage::Extended => "EXTENDED",
+            VectorStorage::Main => "MAIN",
+        }
+    }
+
+    /// From `pg_attribute.attstorage`.
+    pub fn from_attstorage(c: &str) -> Option<VectorStorage> {
+        match c {
+            "p" => Some(VectorStorage::Plain),
+            "e" => Some(VectorStorage::External),
+            "x" => Some(VectorStorage::Extended),
+            "m" => Some(VectorStorage::Main),
+            _ => None,
+        }
+    }
+}
+
 pub trait Source: Send + Sync {
     /// Human description without secrets.
     fn describe(&self) -> String;
@@ -147,6 +183,9 @@ pub struct SinkOptions {
     pub shared: bool,
     /// Cap on an index build's memory (`--index-memory`); None: the backend's default.
     pub index_memory: Option<u64>,
+    /// PostgreSQL targets: the vector columns' storage (`--vector-storage`);
+    /// None: the fastest that fits a new table's rows.
+    pub vector_storage: Option<VectorStorage>,
 }
 
 pub trait Sink: Send + Sync {
@@ -160,6 +199,11 @@ pub trait Sink: Send + Sync {
     /// Creates the target (table, ledger) if missing, checks guards, and
     /// returns the target table's spec (what rows must satisfy).
     fn prepare(&self, source: &TableSpec, plan: &[ChunkRange], opts: &SinkOptions) -> Result<TableSpec>;
+    /// What `prepare` chose or found that the user should know (said with
+    /// the plan and kept in the report).
+    fn prepare_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Chunks already committed for this job.
     /// Waits until every chunk whose commit returned is in the ledger
     /// (Milvus records a chunk after its flush, in the background).

@@ -82,7 +82,7 @@ pub fn recopy_chunks(
     chunks: &[ChunkRange],
     say: &dyn Fn(&str),
 ) -> Result<(u64, u64)> {
-    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false, index_memory: None };
+    let opts = SinkOptions { job: String::new(), on_existing: OnExisting::Upsert, create_indexes: false, online: true, shared: false, index_memory: None, vector_storage: None };
     let target_spec = sink.prepare(source.spec(), plan, &opts)?;
     let transformer = Transformer::new(&target_spec);
     let (mut written, mut deleted) = (0, 0);

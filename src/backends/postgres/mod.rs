@@ -30,7 +30,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::runtime::Handle;
 use tokio_postgres::{Client, CopyInSink};
 
-use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, Source, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
+use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, Source, VectorStorage, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
 use crate::contract::commit::{CommitRecord, Ledger};
 use crate::model::now_rfc3339;
 use crate::model::config::PgUrl;
@@ -476,6 +476,46 @@ pub fn create_table_sql(table: &TableName, spec: &TableSpec) -> String {
         })
         .collect();
     format!("CREATE TABLE {} ({})", table.sql(), cols.join(", "))
+}
+
+/// The widest a column can be inline in a heap row: a text or JSON value
+/// can always be moved out to its 18-byte TOAST pointer, a vector cannot
+/// once it is PLAIN (varlena header and dims: 8 bytes, then the elements).
+fn inline_width(ty: &ColumnType) -> u64 {
+    match ty {
+        ColumnType::Vector { dim } => 8 + 4 * *dim as u64,
+        ColumnType::HalfVec { dim } => 8 + 2 * *dim as u64,
+        ColumnType::Int16 => 2,
+        ColumnType::Int32 | ColumnType::Float32 => 4,
+        ColumnType::Int64 | ColumnType::Float64 | ColumnType::Timestamp { .. } => 8,
+        ColumnType::Bool => 1,
+        ColumnType::Uuid => 16,
+        ColumnType::Text { .. } | ColumnType::Json { .. } => 18,
+    }
+}
+
+/// The storage a new table's vector columns load fastest with, and why.
+/// A 1536-d vector (6 kB) is over PostgreSQL's 2 kB TOAST threshold, so by
+/// default each one goes through a compression attempt random floats never
+/// pass, then out to the TOAST table. PLAIN keeps it inline (no attempt, no
+/// TOAST, also read without detoasting) when the widest row still fits a
+/// heap tuple; otherwise EXTERNAL skips the attempt. None: no vector column.
+pub fn choose_vector_storage(spec: &TableSpec, block_size: u64) -> Option<(VectorStorage, String)> {
+    if !spec.columns.iter().any(|c| c.ty.is_vector()) {
+        return None;
+    }
+    // Tuple header and null bitmap, then each column 8-byte aligned at its widest.
+    let widest = 24 + (spec.columns.len() as u64).div_ceil(8) + spec.columns.iter().map(|c| inline_width(&c.ty).next_multiple_of(8)).sum::<u64>();
+    // MaxHeapTupleSize: the page less its header and one line pointer.
+    let fits = block_size - 32;
+    Some(if widest <= fits {
+        (VectorStorage::Plain, format!("inline: a row takes at most {widest} bytes of the {fits} a {} kB page holds, so no compression attempt and no TOAST; toast_tuple_target {fits} keeps its short text inline too", block_size / 1024))
+    } else {
+        (
+            VectorStorage::External,
+            format!("out of line without a compression attempt: a row with its vectors inline would take up to {widest} bytes, more than the {fits} a {} kB page holds", block_size / 1024),
+        )
+    })
 }
 
 pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> String {

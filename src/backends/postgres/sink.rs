@@ -17,9 +17,60 @@ pub struct PgSink {
     subset: std::sync::OnceLock<crate::model::filter::Filter>,
     /// The target held rows outside the subset at prepare: writes refuse their ids.
     foreign_check: Mutex<bool>,
+    /// What prepare chose or found about the vector columns' storage.
+    notes: Mutex<Vec<String>>,
 }
 
 impl PgSink {
+    /// Sets the storage of every vector column; returns their names for a note.
+    /// PLAIN also raises the table's toast_tuple_target to a whole tuple:
+    /// below it, a row over 2 kB would still have its short text values
+    /// (over 24 bytes) moved out to TOAST one by one to shrink it.
+    async fn set_vector_storage(&self, c: &Client, spec: &TableSpec, storage: VectorStorage) -> Result<String> {
+        let cols: Vec<&str> = spec.columns.iter().filter(|c| c.ty.is_vector()).map(|c| c.name.as_str()).collect();
+        let mut alters: Vec<String> = cols.iter().map(|n| format!("ALTER COLUMN {} SET STORAGE {}", ident(n), storage.sql())).collect();
+        if storage == VectorStorage::Plain {
+            let block_size: String = c.query_one("SHOW block_size", &[]).await.pg("reading block_size")?.get(0);
+            alters.push(format!("SET (toast_tuple_target = {})", block_size.parse::<u64>().unwrap_or(8192) - 32));
+        }
+        c.batch_execute(&format!("ALTER TABLE {} {}", self.table.sql(), alters.join(", "))).await.pg("setting the vector columns' storage")?;
+        Ok(cols.join(", "))
+    }
+
+    /// An existing table keeps its vector storage unless `--vector-storage`
+    /// is given; a slow kind (a compression attempt on every vector) is named.
+    async fn existing_vector_storage(&self, c: &Client, spec: &TableSpec, asked: Option<VectorStorage>) -> Result<Vec<String>> {
+        if let Some(s) = asked {
+            if !spec.columns.iter().any(|c| c.ty.is_vector()) {
+                return Ok(Vec::new());
+            }
+            let cols = self.set_vector_storage(c, spec, s).await?;
+            return Ok(vec![format!(
+                "vector storage: {cols} {} on the existing table {} (as --vector-storage asks; rows already there stay as they are stored)",
+                s.sql(),
+                self.table.name
+            )]);
+        }
+        let mut notes = Vec::new();
+        for col in spec.columns.iter().filter(|c| c.ty.is_vector()) {
+            let row = c
+                .query_one("SELECT attstorage::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2", &[&self.table.sql(), &col.name])
+                .await
+                .pg("reading the vector column's storage")?;
+            let storage = VectorStorage::from_attstorage(&row.get::<_, String>(0));
+            if let Some(s @ (VectorStorage::Extended | VectorStorage::Main)) = storage {
+                notes.push(format!(
+                    "note: the existing table {} stores {} {}: each vector goes through a compression attempt that random floats never pass \
+                     (and, for EXTENDED, the TOAST table); vmig leaves it so. `--vector-storage plain` (or external) changes it for the rows written now",
+                    self.table.name,
+                    col.name,
+                    s.sql()
+                ));
+            }
+        }
+        Ok(notes)
+    }
+
     pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
         let client = handle.block_on(connect(&url))?;
         let pool = Arc::new(Pool::new(&url, client));
@@ -33,6 +84,7 @@ impl PgSink {
             ledger: Mutex::new(true),
             subset: Default::default(),
             foreign_check: Mutex::new(false),
+            notes: Mutex::new(Vec::new()),
         })
     }
 
@@ -257,12 +309,23 @@ impl Sink for PgSink {
             let spec = match discover(&c, &self.table, &self.url).await? {
                 Some(d) => {
                     d.spec.same_columns_as(source)?;
+                    let notes = self.existing_vector_storage(&c, &d.spec, opts.vector_storage).await?;
+                    *self.notes.lock().unwrap() = notes;
                     d.spec
                 }
                 None => {
                     let mut spec = source.clone();
                     spec.name = self.table.name.clone();
                     c.batch_execute(&create_table_sql(&self.table, &spec)).await.pg("creating target table")?;
+                    let block_size: String = c.query_one("SHOW block_size", &[]).await.pg("reading block_size")?.get(0);
+                    let chosen = match opts.vector_storage {
+                        Some(s) => spec.columns.iter().any(|c| c.ty.is_vector()).then(|| (s, "as --vector-storage asks".to_string())),
+                        None => choose_vector_storage(&spec, block_size.parse().unwrap_or(8192)),
+                    };
+                    if let Some((storage, why)) = chosen {
+                        let cols = self.set_vector_storage(&c, &spec, storage).await?;
+                        *self.notes.lock().unwrap() = vec![format!("vector storage: {cols} {} ({why})", storage.sql())];
+                    }
                     spec.indexes = source.indexes.clone();
                     spec
                 }
@@ -309,6 +372,10 @@ impl Sink for PgSink {
         })?;
         *self.target.lock().unwrap() = Some(spec.clone());
         Ok(spec)
+    }
+
+    fn prepare_notes(&self) -> Vec<String> {
+        self.notes.lock().unwrap().clone()
     }
 
     fn applied_position(&self, job: &str) -> Result<Option<crate::contract::changes::AppliedPosition>> {

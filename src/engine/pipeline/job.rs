@@ -39,6 +39,8 @@ pub struct JobConfig {
     pub create_indexes: bool,
     /// `--index-memory`: most memory an index build may use.
     pub index_memory: Option<u64>,
+    /// PostgreSQL targets' vector storage (`--vector-storage`).
+    pub vector_storage: Option<crate::contract::VectorStorage>,
     /// How long a chunk or the finish keeps retrying while the servers are
     /// unreachable (a restart), with backoff.
     pub retry_for: Duration,
@@ -197,6 +199,7 @@ pub fn plan_and_prepare(
         online: cfg.online,
         shared: cfg.distributed.is_some(),
         index_memory: cfg.index_memory,
+        vector_storage: cfg.vector_storage,
     };
     progress.set_plan(plan.len() as u64, plan.iter().map(|c| c.rows).sum());
     let ids: Vec<u32> = plan.iter().map(|c| c.id).collect();
@@ -237,6 +240,9 @@ pub fn plan_and_prepare(
     ));
     for note in indexes_not_carried(source.as_ref()) {
         progress.println(&format!("note: {note}"));
+    }
+    for note in targets.iter().flat_map(|t| t.sink.prepare_notes()) {
+        progress.println(&note);
     }
     Ok(PreparedJob { manifest, plan, spec, opts, source, targets })
 }

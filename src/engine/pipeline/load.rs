@@ -214,6 +214,7 @@ fn chunk_outcome(job: &PreparedJob, id: u32) -> char {
 pub fn report(cfg: &JobConfig, job: &PreparedJob, loaded: &Loaded, mut error: Option<String>, progress: &Arc<Progress>) -> Report {
     let targets = &job.targets;
     let mut notes = indexes_not_carried(job.source.as_ref());
+    notes.extend(targets.iter().flat_map(|t| t.sink.prepare_notes()));
     // Totals over the whole job (this run and earlier ones), from the ledgers.
     let rejected_total: u64 = targets
         .iter()
