@@ -71,13 +71,14 @@ fn main() {
 
     // Raw ceiling: COPY OUT (binary) piped into COPY IN (binary), one stream.
     let raw_dst = rt.block_on(fresh_db(&dst_base, "bench_raw"));
+    rt.block_on(postgres::checkpoint(&dst_base));
     let raw_secs = rt.block_on(postgres::raw_copy(&src, &raw_dst, dim, rows));
-
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let state_s = state.to_str().unwrap();
     let mig_dst = rt.block_on(fresh_db(&dst_base, "bench_migrate"));
     let mig_report = tmp.path().join("migrate.json");
+    rt.block_on(postgres::checkpoint(&dst_base));
     let (mig_total, mig_rss) = run_vmig(&["migrate", "--from", &src, "--to", &mig_dst, "--state-root", state_s, "--quiet", "--report", mig_report.to_str().unwrap()]);
     let mig_load = load_seconds(&mig_report);
 
@@ -107,6 +108,7 @@ fn main() {
     line("vmig migrate (whole command)", mig_total, None);
     line("vmig export (to Parquet)", exp_total, Some(exp_rss));
     line("vmig import (from Parquet)", imp_total, Some(imp_rss));
+    vector_storages(&rt, &src, &dst_base, rows, dim, tmp.path());
     println!("staging size: {:.1} MB = {:.2} of raw float32 vector bytes", staged_bytes as f64 / 1e6, staged_bytes as f64 / (rows as f64 * dim as f64 * 4.0));
     let _ = load_seconds(&exp_report) + load_seconds(&imp_report);
 
@@ -118,6 +120,67 @@ fn main() {
         let milvus_base = env_or("VMIG_TEST_MILVUS", "http://127.0.0.1:19530");
         bench_milvus(&rt, &milvus_base, &src, &dst_base, rows, dim, raw_rate, mb, tmp.path());
     }
+}
+
+/// The vector storages of a PostgreSQL target, same rows, same server: the
+/// binary COPY pipe into FastGPT's DDL (EXTENDED), into PLAIN (with and
+/// without toast_tuple_target) and into EXTERNAL, and `vmig migrate` with
+/// its own choice and told to use EXTENDED. Alternated over BENCH_ROUNDS
+/// rounds, each after a CHECKPOINT; the median of each is printed with its
+/// samples, and each pipe's table is then read whole and indexed (HNSW over
+/// its first BENCH_HNSW_ROWS rows).
+fn vector_storages(rt: &tokio::runtime::Runtime, src: &str, dst_base: &str, rows: u64, dim: u32, tmp: &std::path::Path) {
+    let rounds: usize = env_or("BENCH_ROUNDS", "3").parse().unwrap();
+    let hnsw_rows: u64 = env_or("BENCH_HNSW_ROWS", "3000").parse().unwrap();
+    let pipes = [
+        ("pipe: EXTENDED (FastGPT's DDL)", ""),
+        ("pipe: PLAIN, toast_tuple_target 8160", "ALTER TABLE modeldata ALTER COLUMN vector SET STORAGE PLAIN, SET (toast_tuple_target = 8160)"),
+        ("pipe: PLAIN alone", "ALTER TABLE modeldata ALTER COLUMN vector SET STORAGE PLAIN"),
+        ("pipe: EXTERNAL", "ALTER TABLE modeldata ALTER COLUMN vector SET STORAGE EXTERNAL"),
+    ];
+    let vmigs = [("vmig migrate (its choice: PLAIN)", None), ("vmig migrate --vector-storage extended", Some("extended"))];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); pipes.len() + vmigs.len()];
+    let mut reads = vec![0.0; pipes.len()];
+    let mut builds = vec![0.0; pipes.len()];
+    for round in 0..rounds {
+        for (i, (_, setup)) in pipes.iter().enumerate() {
+            let url = rt.block_on(fresh_db(dst_base, &format!("bench_storage_{i}")));
+            rt.block_on(postgres::checkpoint(dst_base));
+            samples[i].push(rt.block_on(postgres::raw_copy_with(src, &url, dim, rows, setup)));
+            if round == 0 {
+                reads[i] = rt.block_on(postgres::read_all(&url));
+                builds[i] = rt.block_on(postgres::hnsw_build(&url, hnsw_rows));
+            }
+        }
+        for (j, (_, storage)) in vmigs.iter().enumerate() {
+            let url = rt.block_on(fresh_db(dst_base, &format!("bench_storage_vmig_{j}")));
+            let state = tmp.join(format!("storage-state-{round}-{j}"));
+            let report = tmp.join(format!("storage-{round}-{j}.json"));
+            let mut args = vec!["migrate", "--from", src, "--to", &url, "--state-root", state.to_str().unwrap(), "--quiet", "--report", report.to_str().unwrap()];
+            if let Some(s) = storage {
+                args.extend(["--vector-storage", s]);
+            }
+            rt.block_on(postgres::checkpoint(dst_base));
+            run_vmig(&args);
+            samples[pipes.len() + j].push(load_seconds(&report));
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let base = median(&samples[0]);
+    println!("\nvector storage of the target table: {rows} rows, median of {rounds} alternated rounds, a CHECKPOINT before each");
+    println!("{:<42} {:>10} {:>11} {:>12} {:>10}  load seconds", "case", "rows/s", "vs FastGPT", "read rows/s", "HNSW s");
+    let names = pipes.iter().map(|p| p.0).chain(vmigs.iter().map(|v| v.0));
+    for (i, name) in names.enumerate() {
+        let m = median(&samples[i]);
+        let (read, build) = if i < pipes.len() { (format!("{:.0}", rows as f64 / reads[i]), format!("{:.1}", builds[i])) } else { ("-".into(), "-".into()) };
+        let all = samples[i].iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(" ");
+        println!("{:<42} {:>10.0} {:>10.2}× {:>12} {:>10}  {all}", name, rows as f64 / m, base / m, read, build);
+    }
+    println!("(HNSW: FastGPT's index, m=32, ef_construction=128, over the first {hnsw_rows} rows copied into a table of the same storage)");
 }
 
 #[allow(clippy::too_many_arguments)]
