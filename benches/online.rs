@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 #[allow(dead_code)]
 #[path = "support/oceanbase.rs"]
 mod oceanbase;
+#[allow(dead_code)]
 #[path = "support/postgres.rs"]
 mod postgres;
 use postgres::{client, env_or, fresh_db as fresh_pg};

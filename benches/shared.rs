@@ -15,6 +15,7 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+#[allow(dead_code)]
 #[path = "support/postgres.rs"]
 mod postgres;
 use postgres::{env_or, fresh_db};

@@ -145,6 +145,9 @@ fn follow_batches(
         };
         let batch = f.read_and_apply(stream, upto)?;
         let complete = batch.drained_to.is_some_and(|p| p >= upto);
+        if let Some(w) = watching {
+            w.set_behind(batch.drained_to.is_none());
+        }
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
         }
@@ -204,6 +207,8 @@ struct Follower<'a> {
     watching: Option<&'a Watching<'a>>,
     /// Changes per batch (whole transactions: a large one exceeds it).
     batch_changes: usize,
+    /// The next batch, read while the one before it was applied.
+    read_ahead: Option<StreamBatch>,
 }
 
 impl<'a> Follower<'a> {
@@ -239,6 +244,7 @@ impl<'a> Follower<'a> {
             drain_started: None,
             watching,
             batch_changes: job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000),
+            read_ahead: None,
         })
     }
 
@@ -272,7 +278,46 @@ impl<'a> Follower<'a> {
 
     /// Reads the changes committed before `upto` (one batch) and applies them
     /// to every target that lacks them, then confirms them to the source.
+    /// While a backlog waits (the batch was full), the next batch is read
+    /// while this one is applied, so the source's decoding and the targets'
+    /// writes overlap; it is applied by the next call.
     fn read_and_apply(&mut self, stream: &mut dyn ChangeStream, upto: u64) -> Result<StreamBatch> {
+        let batch = match self.read_ahead.take() {
+            Some(b) => b,
+            None => self.read(stream, upto)?,
+        };
+        let set = &batch.set;
+        if !(set.has_rows() || set.counts.total() > 0) {
+            return Ok(batch);
+        }
+        let apply_started = Instant::now();
+        let mark = self.mark(set)?;
+        let idempotent = stream.idempotent();
+        let backlog = batch.drained_to.is_none();
+        let this = &*self;
+        let (applied, ahead) = std::thread::scope(|s| {
+            let applying = s.spawn(|| this.apply_set(set, idempotent));
+            let ahead = backlog.then(|| this.read(stream, upto));
+            (applying.join().unwrap_or_else(|_| Err(anyhow::anyhow!("applying changes panicked"))), ahead)
+        });
+        for i in applied? {
+            self.applied[i].position = set.position;
+        }
+        self.read_ahead = ahead.transpose()?;
+        self.applied(mark);
+        stream.confirm(set.position)?;
+        let counters = &self.progress.counters;
+        counters.change_apply_ns.fetch_add(apply_started.elapsed().as_nanos() as u64, Relaxed);
+        self.applied_position = set.position;
+        self.totals.add(&set.counts);
+        if let Some(ts) = set.commit_time_us {
+            self.lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
+        }
+        Ok(batch)
+    }
+
+    /// One batch of the changes committed before `upto`.
+    fn read(&self, stream: &mut dyn ChangeStream, upto: u64) -> Result<StreamBatch> {
         let mut batch = None;
         let read_started = Instant::now();
         self.retry("reading changes", &mut || {
@@ -280,29 +325,23 @@ impl<'a> Follower<'a> {
             Ok(())
         })?;
         let batch = batch.unwrap();
-        let set = &batch.set;
-        if set.has_rows() || set.counts.total() > 0 {
-            let counters = &self.progress.counters;
-            counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
-            let apply_started = Instant::now();
-            let mark = self.mark(set)?;
-            for (i, t) in self.job.targets.iter().enumerate() {
-                if self.applied[i].position >= set.position && !stream.idempotent() {
-                    continue; // this target has it (a resume after a crash between targets)
-                }
-                self.retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(self.cfg, t, set, self.progress))?;
-                self.applied[i].position = set.position;
-            }
-            self.applied(mark);
-            stream.confirm(set.position)?;
-            counters.change_apply_ns.fetch_add(apply_started.elapsed().as_nanos() as u64, Relaxed);
-            self.applied_position = set.position;
-            self.totals.add(&set.counts);
-            if let Some(ts) = set.commit_time_us {
-                self.lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
-            }
+        if batch.set.has_rows() || batch.set.counts.total() > 0 {
+            self.progress.counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
         }
         Ok(batch)
+    }
+
+    /// Applies `set` to every target that lacks it; returns which got it.
+    fn apply_set(&self, set: &ChangeSet, idempotent: bool) -> Result<Vec<usize>> {
+        let mut got = Vec::new();
+        for (i, t) in self.job.targets.iter().enumerate() {
+            if self.applied[i].position >= set.position && !idempotent {
+                continue; // this target has it (a resume after a crash between targets)
+            }
+            self.retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(self.cfg, t, set, self.progress))?;
+            got.push(i);
+        }
+        Ok(got)
     }
 
     /// Lag, phase, and (every second, and when drained for a cutover) the

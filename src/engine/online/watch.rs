@@ -431,6 +431,10 @@ pub struct Watching<'a> {
     rate: u64,
     /// A cutover holds the verifier still while it checks.
     paused: AtomicBool,
+    /// The job is catching up with a backlog: the verifier waits, since
+    /// chunks read now would differ by changes in flight, and the catch-up
+    /// gets the machine.
+    behind: AtomicBool,
     busy: Mutex<()>,
 }
 
@@ -441,7 +445,7 @@ impl<'a> Watching<'a> {
         let (from, to) = open()?;
         let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
         let cmp = Comparison::of(from.as_ref(), to.as_ref());
-        Ok(Watching { watch, open, mend, why_mended, unseen, cmp, rate, paused: AtomicBool::new(false), busy: Mutex::new(()) })
+        Ok(Watching { watch, open, mend, why_mended, unseen, cmp, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
     }
 
     /// The background verifier: compares the chunks due, one at a time,
@@ -449,7 +453,7 @@ impl<'a> Watching<'a> {
     pub fn run_verifier(&self, stop: &AtomicBool, say: &dyn Fn(&str)) {
         let mut last_error: Option<String> = None;
         while !stop.load(Relaxed) {
-            if self.paused.load(Relaxed) {
+            if self.paused.load(Relaxed) || self.behind.load(Relaxed) {
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -540,6 +544,11 @@ impl<'a> Watching<'a> {
         found.retain(|d| at_of(d).is_some_and(|at| !left.contains(&at)));
         c.mended = found;
         Ok(c)
+    }
+
+    /// Whether the job is catching up with a backlog (see `behind`).
+    pub fn set_behind(&self, behind: bool) {
+        self.behind.store(behind, Relaxed);
     }
 
     pub fn resume(&self) {
