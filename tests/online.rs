@@ -250,6 +250,17 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
 }
 
 /// Polls `done` every 50 ms for up to `secs`.
+/// Starts the online job; returns once it follows and its verifier has seen
+/// every chunk (at least three) equal.
+fn start_and_wait_for_a_full_pass(args: &[String], job_dir: &std::path::Path, job: &str) -> (std::process::Child, Reaper) {
+    let mut run = start(args, &Moment::Committed(0));
+    let reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let chunks = || verification(job_dir, "chunks").unwrap_or(0);
+    wait_until("a full pass", 180, &|| chunks() >= 3 && verification(job_dir, "chunks_verified") == Some(chunks()));
+    (run, reap)
+}
+
 fn wait_until(what: &str, secs: u64, done: &dyn Fn() -> bool) {
     let t = std::time::Instant::now();
     while !done() {
@@ -353,11 +364,7 @@ fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
     let job = "online_dup";
     let args = online_args(&src, &m, state.path(), job);
     let job_dir = state.path().join(job);
-    let mut run = start(&args, &Moment::Committed(0));
-    let _reap = Reaper(vec![run.id()]);
-    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
-    let chunks = || verification(&job_dir, "chunks").unwrap_or(0);
-    wait_until("a full pass", 180, &|| chunks() >= 3 && verification(&job_dir, "chunks_verified") == Some(chunks()));
+    let (mut run, _reap) = start_and_wait_for_a_full_pass(&args, &job_dir, job);
     let id = id_in_the_chunk_checked_last(&job_dir, &src);
     let before = applied(&job_dir, "migrate");
     exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
@@ -410,11 +417,7 @@ fn cutover_from_milvus_checks_what_changed_and_recopies_what_the_target_lost() {
     let mut args = online_args(&src, &dst, state.path(), job);
     args.extend(["--reconcile-every", "2", "--watermark-margin", "3"].map(String::from));
     let job_dir = state.path().join(job);
-    let mut run = start(&args, &Moment::Committed(0));
-    let _reap = Reaper(vec![run.id()]);
-    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
-    let chunks = || verification(&job_dir, "chunks").unwrap_or(0);
-    wait_until("a full pass", 180, &|| chunks() >= 3 && verification(&job_dir, "chunks_verified") == Some(chunks()));
+    let (mut run, _reap) = start_and_wait_for_a_full_pass(&args, &job_dir, job);
     let mut row = seeded[7].clone();
     row.id = 4_242_424_242;
     row.create_time_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
