@@ -494,28 +494,29 @@ fn inline_width(ty: &ColumnType) -> u64 {
     }
 }
 
+/// MaxHeapTupleSize: the page less its header and one line pointer.
+pub fn max_tuple_bytes(block_size: u64) -> u64 {
+    block_size - 32
+}
+
 /// The storage a new table's vector columns load fastest with, and why.
 /// A 1536-d vector (6 kB) is over PostgreSQL's 2 kB TOAST threshold, so by
 /// default each one goes through a compression attempt random floats never
 /// pass, then out to the TOAST table. PLAIN keeps it inline (no attempt, no
 /// TOAST, also read without detoasting) when the widest row still fits a
-/// heap tuple; otherwise EXTERNAL skips the attempt. None: no vector column.
-pub fn choose_vector_storage(spec: &TableSpec, block_size: u64) -> Option<(VectorStorage, String)> {
-    if !spec.columns.iter().any(|c| c.ty.is_vector()) {
-        return None;
-    }
+/// heap tuple; otherwise EXTERNAL skips the attempt.
+pub fn choose_vector_storage(spec: &TableSpec, block_size: u64) -> (VectorStorage, String) {
     // Tuple header and null bitmap, then each column 8-byte aligned at its widest.
     let widest = 24 + (spec.columns.len() as u64).div_ceil(8) + spec.columns.iter().map(|c| inline_width(&c.ty).next_multiple_of(8)).sum::<u64>();
-    // MaxHeapTupleSize: the page less its header and one line pointer.
-    let fits = block_size - 32;
-    Some(if widest <= fits {
+    let fits = max_tuple_bytes(block_size);
+    if widest <= fits {
         (VectorStorage::Plain, format!("inline: a row takes at most {widest} bytes of the {fits} a {} kB page holds, so no compression attempt and no TOAST; toast_tuple_target {fits} keeps its short text inline too", block_size / 1024))
     } else {
         (
             VectorStorage::External,
             format!("out of line without a compression attempt: a row with its vectors inline would take up to {widest} bytes, more than the {fits} a {} kB page holds", block_size / 1024),
         )
-    })
+    }
 }
 
 pub fn create_index_sql(table: &TableName, spec: &TableSpec, ix: &IndexSpec) -> String {

@@ -21,54 +21,66 @@ pub struct PgSink {
     notes: Mutex<Vec<String>>,
 }
 
+fn vector_columns(spec: &TableSpec) -> impl Iterator<Item = &str> {
+    spec.columns.iter().filter(|c| c.ty.is_vector()).map(|c| c.name.as_str())
+}
+
+async fn block_size(c: &Client) -> Result<u64> {
+    let text: String = c.query_one("SHOW block_size", &[]).await.pg("reading block_size")?.get(0);
+    Ok(text.parse().unwrap_or(8192))
+}
+
 impl PgSink {
-    /// Sets the storage of every vector column; returns their names for a note.
+    /// Sets the storage of every vector column; returns their names for a
+    /// note, or None when the table has no vector column.
     /// PLAIN also raises the table's toast_tuple_target to a whole tuple:
     /// below it, a row over 2 kB would still have its short text values
     /// (over 24 bytes) moved out to TOAST one by one to shrink it.
-    async fn set_vector_storage(&self, c: &Client, spec: &TableSpec, storage: VectorStorage) -> Result<String> {
-        let cols: Vec<&str> = spec.columns.iter().filter(|c| c.ty.is_vector()).map(|c| c.name.as_str()).collect();
+    async fn set_vector_storage(&self, c: &Client, spec: &TableSpec, storage: VectorStorage, block_size: u64) -> Result<Option<String>> {
+        let cols: Vec<&str> = vector_columns(spec).collect();
+        if cols.is_empty() {
+            return Ok(None);
+        }
         let mut alters: Vec<String> = cols.iter().map(|n| format!("ALTER COLUMN {} SET STORAGE {}", ident(n), storage.sql())).collect();
         if storage == VectorStorage::Plain {
-            let block_size: String = c.query_one("SHOW block_size", &[]).await.pg("reading block_size")?.get(0);
-            alters.push(format!("SET (toast_tuple_target = {})", block_size.parse::<u64>().unwrap_or(8192) - 32));
+            alters.push(format!("SET (toast_tuple_target = {})", max_tuple_bytes(block_size)));
         }
         c.batch_execute(&format!("ALTER TABLE {} {}", self.table.sql(), alters.join(", "))).await.pg("setting the vector columns' storage")?;
-        Ok(cols.join(", "))
+        Ok(Some(cols.join(", ")))
     }
 
     /// An existing table keeps its vector storage unless `--vector-storage`
     /// is given; a slow kind (a compression attempt on every vector) is named.
     async fn existing_vector_storage(&self, c: &Client, spec: &TableSpec, asked: Option<VectorStorage>) -> Result<Vec<String>> {
         if let Some(s) = asked {
-            if !spec.columns.iter().any(|c| c.ty.is_vector()) {
-                return Ok(Vec::new());
-            }
-            let cols = self.set_vector_storage(c, spec, s).await?;
+            let Some(cols) = self.set_vector_storage(c, spec, s, block_size(c).await?).await? else { return Ok(Vec::new()) };
             return Ok(vec![format!(
                 "vector storage: {cols} {} on the existing table {} (as --vector-storage asks; rows already there stay as they are stored)",
                 s.sql(),
                 self.table.name
             )]);
         }
-        let mut notes = Vec::new();
-        for col in spec.columns.iter().filter(|c| c.ty.is_vector()) {
-            let row = c
-                .query_one("SELECT attstorage::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2", &[&self.table.sql(), &col.name])
-                .await
-                .pg("reading the vector column's storage")?;
-            let storage = VectorStorage::from_attstorage(&row.get::<_, String>(0));
-            if let Some(s @ (VectorStorage::Extended | VectorStorage::Main)) = storage {
-                notes.push(format!(
-                    "note: the existing table {} stores {} {}: each vector goes through a compression attempt that random floats never pass \
+        let names: Vec<&str> = vector_columns(spec).collect();
+        let rows = c
+            .query(
+                "SELECT attname::text, attstorage::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = ANY($2) ORDER BY attnum",
+                &[&self.table.sql(), &names],
+            )
+            .await
+            .pg("reading the vector columns' storage")?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let (col, storage): (String, String) = (row.get(0), row.get(1));
+                let s @ (VectorStorage::Extended | VectorStorage::Main) = VectorStorage::from_attstorage(&storage)? else { return None };
+                Some(format!(
+                    "note: the existing table {} stores {col} {}: each vector goes through a compression attempt that random floats never pass \
                      (and, for EXTENDED, the TOAST table); vmig leaves it so. `--vector-storage plain` (or external) changes it for the rows written now",
                     self.table.name,
-                    col.name,
                     s.sql()
-                ));
-            }
-        }
-        Ok(notes)
+                ))
+            })
+            .collect())
     }
 
     pub fn open(url: PgUrl, table: &str, handle: Handle) -> Result<Self> {
@@ -317,13 +329,12 @@ impl Sink for PgSink {
                     let mut spec = source.clone();
                     spec.name = self.table.name.clone();
                     c.batch_execute(&create_table_sql(&self.table, &spec)).await.pg("creating target table")?;
-                    let block_size: String = c.query_one("SHOW block_size", &[]).await.pg("reading block_size")?.get(0);
-                    let chosen = match opts.vector_storage {
-                        Some(s) => spec.columns.iter().any(|c| c.ty.is_vector()).then(|| (s, "as --vector-storage asks".to_string())),
-                        None => choose_vector_storage(&spec, block_size.parse().unwrap_or(8192)),
+                    let block_size = block_size(&c).await?;
+                    let (storage, why) = match opts.vector_storage {
+                        Some(s) => (s, "as --vector-storage asks".to_string()),
+                        None => choose_vector_storage(&spec, block_size),
                     };
-                    if let Some((storage, why)) = chosen {
-                        let cols = self.set_vector_storage(&c, &spec, storage).await?;
+                    if let Some(cols) = self.set_vector_storage(&c, &spec, storage, block_size).await? {
                         *self.notes.lock().unwrap() = vec![format!("vector storage: {cols} {} ({why})", storage.sql())];
                     }
                     spec.indexes = source.indexes.clone();
