@@ -20,7 +20,7 @@ use crate::backends::staging::StagingSource;
 use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
 use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
-use crate::engine::online::watch::{MendChunks, WatchSides};
+use crate::engine::online::watch::{MayDiffer, Mend, WatchSides};
 use crate::model::plan::ChunkRange;
 use crate::engine::online::{CutoverCheck, run_online};
 use crate::engine::online::follow::OpenStream;
@@ -124,19 +124,20 @@ fn from_milvus(job: &JobSetup, url: &crate::model::config::MilvusUrl, handle: &H
 
 /// A database source into a database, a staging area, or both: the
 /// cutover verifies the target against the source as it is then, or (an
-/// export) writes the digests its import verifies against. `repair`: the
-/// source has no change stream that sees everything (Milvus), so what the
-/// cutover finds differing is recopied, and `--full-verify` is `vmig repair`
-/// (verify, recopy differing chunks, verify).
+/// export) writes the digests its import verifies against. `blind_source`:
+/// the source has no change stream that sees everything (Milvus), so what
+/// the cutover finds differing is recopied, and `--full-verify` is `vmig
+/// repair` (verify, recopy differing chunks, verify); so into Milvus too.
 fn from_database(
     job: &JobSetup,
     source: Arc<dyn Source>,
     open_stream: OpenStream<'_>,
-    repair: bool,
+    blind_source: bool,
     handle: &Handle,
     cancel: Arc<AtomicBool>,
 ) -> Result<Report> {
     let cfg = &job.cfg;
+    let may_differ = |target_ep: &Endpoint| MayDiffer::of(blind_source, matches!(target_ep, Endpoint::Milvus(_)));
     let check = || -> Result<CutoverCheck> {
         // The source as it is now (not the snapshot the copy read).
         let now = open_source(&job.source_ep, &job.table, handle)?;
@@ -144,14 +145,23 @@ fn from_database(
             // Milvus targets too: Milvus 2.3 can lose a delete it acknowledged
             // (the delete of an upsert as well, leaving an old copy), so a
             // difference there is recopied and verified again.
-            Some(target_ep) if repair || matches!(target_ep, Endpoint::Milvus(_)) => {
+            Some(target_ep) if may_differ(target_ep).is_some() => {
                 let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
                 let open_target = || open_source(target_ep, &job.target_table, handle);
                 let say = |m: &str| eprintln!("{m}");
                 let mut found = Vec::new();
                 let mut check = None;
                 for _round in 0..REPAIR_ROUNDS {
-                    let r = crate::engine::repair::repair(now.as_ref(), &open_target, None, sink.as_ref(), cfg.chunk_rows, cfg.workers, &say)?;
+                    let r = crate::engine::repair::repair(
+                        now.as_ref(),
+                        &open_target,
+                        None,
+                        sink.as_ref(),
+                        cfg.chunk_rows,
+                        cfg.workers,
+                        crate::engine::repair::RECOPY_SETTLE,
+                        &say,
+                    )?;
                     if let Some(before) = r.before.as_ref().filter(|b| !b.equal) {
                         found.push(format!("{} differing chunks ({})", before.differing_chunks.len(), first_differences(before)));
                     }
@@ -164,9 +174,9 @@ fn from_database(
                 }
                 // The last round's verify is the answer: no second read of both sides.
                 let mut check = check.expect("at least one repair round");
-                if check.equal && !found.is_empty() {
-                    let why = if repair { "" } else { "; Milvus had lost writes it acknowledged, a known Milvus 2.3 defect (see the README)" };
-                    check.summary = format!("{} (repair recopied, in {} rounds: {}{why})", check.summary, found.len(), found.join("; then "));
+                if let Some(why) = may_differ(target_ep).filter(|_| check.equal && !found.is_empty()) {
+                    check.summary =
+                        format!("{} (repair recopied, in {} rounds: {}; {})", check.summary, found.len(), found.join("; then "), why.why_mended());
                 }
                 Ok(check)
             }
@@ -202,29 +212,18 @@ fn from_database(
     // acknowledged) is recopied and compared again. From a Milvus source
     // (watermark and id reconcile) a differing chunk is recopied too: a
     // write that left the watermark as it was reaches the target no other way.
-    let watch_sides = match &job.target_ep {
-        Some(target_ep) => Some(WatchSides {
-            open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
-            mend: (repair || matches!(target_ep, Endpoint::Milvus(_))).then(|| -> MendChunks<'_> {
-                Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
-                    let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
-                    let say = |m: &str| eprintln!("{m}");
-                    crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
-                })
+    let watch_sides = job.target_ep.as_ref().map(|target_ep| WatchSides {
+        open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
+        mend: may_differ(target_ep).map(|why| Mend {
+            why,
+            recopy: Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
+                let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
+                let say = |m: &str| eprintln!("{m}");
+                crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
             }),
-            why_mended: if repair {
-                "the source's watermark did not show those writes, or the target lost writes it acknowledged (Milvus 2.3, see docs/limits.md)"
-            } else {
-                "the target had lost writes it acknowledged, a known Milvus 2.3 defect, see docs/limits.md"
-            },
-            unseen: repair.then_some(
-                "a write to the Milvus source that left its watermark field as it was (an upsert in place) shows only to the verifier's \
-                 passes: `cutover --full-verify` compares everything",
-            ),
-            rate: job.args.verify_rate.unwrap_or(0),
         }),
-        _ => None,
-    };
+        rate: job.args.verify_rate.unwrap_or(0),
+    });
     run_online(cfg, source, job.sinks.clone(), open_stream, &check, watch_sides, cancel)
 }
 

@@ -6,6 +6,7 @@
 //! table is verified again.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use arrow::record_batch::RecordBatch;
@@ -31,6 +32,11 @@ pub struct RepairReport {
     pub after: Option<VerifyReport>,
 }
 
+/// How long recopied chunks must stay equal before they count as mended:
+/// Milvus 2.3 can resurface deletes it lost (milvus#32915) after a recopy
+/// first compares equal.
+pub const RECOPY_SETTLE: Duration = Duration::from_secs(5);
+
 /// Rows per change batch written to the target.
 const BATCH_ROWS: usize = 2_000;
 
@@ -45,6 +51,7 @@ pub fn repair(
     sink: &dyn Sink,
     chunk_rows: u64,
     workers: usize,
+    settle: Duration,
     say: &dyn Fn(&str),
 ) -> Result<RepairReport> {
     let plan = source.plan(chunk_rows)?;
@@ -61,7 +68,15 @@ pub fn repair(
     let (written, deleted) = recopy_chunks(source, open_target()?.as_ref(), whole_target, sink, &plan, &differing, say)?;
     report.rows_written += written;
     report.rows_deleted += deleted;
-    let after = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    let mut after = verify(source, open_target()?.as_ref(), &plan, workers)?;
+    if after.equal && !settle.is_zero() {
+        std::thread::sleep(settle);
+        let again = verify(source, open_target()?.as_ref(), &differing, workers)?;
+        if !again.equal {
+            say(&format!("{} recopied chunks differ again {} s after they compared equal", again.differing_chunks.len(), settle.as_secs()));
+            after = again;
+        }
+    }
     report.before = Some(before);
     report.equal = after.equal;
     report.after = Some(after);

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 
 use crate::contract::changes::ChangeStream;
 use crate::engine::online::CutoverCheck;
-use crate::engine::online::watch::{WatchCheck, Watching};
+use crate::engine::online::watch::{MayDiffer, WatchCheck, Watching};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets};
 use crate::model::now_rfc3339;
 use crate::state::online::{CutoverRequest, OnlineState};
@@ -61,7 +61,7 @@ pub(super) fn cutover(
                 "checked {} changed keys and {} unverified chunks ({} rows){counted}",
                 c.changed_keys, c.unverified_chunks, c.rows_compared
             );
-            (changed_only(&c, &w.cmp.vector_comparison, w.why_mended, w.unseen), what)
+            (changed_only(&c, &w.cmp.vector_comparison, w.may_differ()), what)
         }),
         None => check().map(|r| (r, "verified both whole tables".to_string())),
     };
@@ -101,15 +101,15 @@ pub(super) fn cutover(
 }
 
 /// A watch's check as the cutover reports it.
-fn changed_only(c: &WatchCheck, vectors: &str, why_mended: &str, unseen: Option<&str>) -> CutoverCheck {
-    let unseen = unseen.map(|u| format!("; {u}")).unwrap_or_default();
-    let mended = if c.mended.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " (recopied from the source and then equal: {}; {why_mended})",
-            c.mended.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; ")
-        )
+fn changed_only(c: &WatchCheck, vectors: &str, may_differ: Option<MayDiffer>) -> CutoverCheck {
+    let unseen = may_differ.and_then(MayDiffer::unseen).map(|u| format!("; {u}")).unwrap_or_default();
+    let mended = match may_differ.filter(|_| !c.mended.is_empty()) {
+        None => String::new(),
+        Some(why) => format!(
+            " (recopied from the source and then equal: {}; {})",
+            c.mended.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
+            why.why_mended()
+        ),
     };
     CutoverCheck {
         equal: c.differing.is_empty(),

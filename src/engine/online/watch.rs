@@ -39,8 +39,6 @@ const CHANGED_FILE: &str = "changed-keys.jsonl";
 const RECHECK_AFTER: Duration = Duration::from_secs(30);
 /// Times a cutover recopies chunks that still differ before it reports them.
 const MEND_ROUNDS: usize = 3;
-/// How long a recopied chunk must stay equal before it counts as mended.
-const MEND_SETTLE: Duration = Duration::from_secs(5);
 
 /// `watch.json`: the verification plan and what each chunk was last seen equal at.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -421,11 +419,7 @@ pub type MendChunks<'a> = Box<dyn Fn(&dyn Source, &dyn Source, &[ChunkRange], &[
 pub struct Watching<'a> {
     pub watch: Watch,
     open: OpenSides<'a>,
-    mend: Option<MendChunks<'a>>,
-    /// Why a chunk the cutover recopied could have differed (said with it).
-    pub why_mended: &'static str,
-    /// What the source's stream cannot see, said with every cutover.
-    pub unseen: Option<&'static str>,
+    mend: Option<Mend<'a>>,
     pub cmp: Comparison,
     /// Rows per second the verifier reads at most (0: no limit).
     rate: u64,
@@ -441,11 +435,11 @@ pub struct Watching<'a> {
 impl<'a> Watching<'a> {
     /// Opens (or resumes) the job's watch over the sides `open` gives.
     pub fn open(dir: &Path, sides: WatchSides<'a>, chunk_rows: u64) -> Result<Watching<'a>> {
-        let WatchSides { open, mend, why_mended, unseen, rate } = sides;
+        let WatchSides { open, mend, rate } = sides;
         let (from, to) = open()?;
         let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
         let cmp = Comparison::of(from.as_ref(), to.as_ref());
-        Ok(Watching { watch, open, mend, why_mended, unseen, cmp, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
+        Ok(Watching { watch, open, mend, cmp, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
     }
 
     /// The background verifier: compares the chunks due, one at a time,
@@ -530,10 +524,10 @@ impl<'a> Watching<'a> {
         for _round in 0..MEND_ROUNDS {
             let chunks: Vec<ChunkRange> = left.iter().map(|at| plan[*at].clone()).collect();
             let (from, to) = (self.open)()?;
-            mend(from.as_ref(), to.as_ref(), &plan, &chunks)?;
+            (mend.recopy)(from.as_ref(), to.as_ref(), &plan, &chunks)?;
             let mut still = compare(&left, &mut c, false)?;
             if still.is_empty() {
-                std::thread::sleep(MEND_SETTLE);
+                std::thread::sleep(crate::engine::repair::RECOPY_SETTLE);
                 still = compare(&left, &mut c, true)?;
             }
             left = still;
@@ -544,6 +538,11 @@ impl<'a> Watching<'a> {
         found.retain(|d| at_of(d).is_some_and(|at| !left.contains(&at)));
         c.mended = found;
         Ok(c)
+    }
+
+    /// Why a chunk could differ with every change applied, if it can.
+    pub fn may_differ(&self) -> Option<MayDiffer> {
+        self.mend.as_ref().map(|m| m.why)
     }
 
     /// Whether the job is catching up with a backlog (see `behind`).
@@ -561,15 +560,57 @@ impl<'a> Watching<'a> {
 /// exists by then), and the verifier's pace.
 pub struct WatchSides<'a> {
     pub open: OpenSides<'a>,
-    /// Recopies chunks from the source to the target (source, target,
-    /// plan, chunks): for targets known to lose acknowledged writes, and
-    /// for sources whose stream cannot see every change (Milvus).
-    pub mend: Option<MendChunks<'a>>,
-    /// Why a recopied chunk could have differed, as the cutover says it.
-    pub why_mended: &'static str,
-    /// What the source's stream cannot see (Milvus: a write that leaves the
-    /// watermark field as it was), said with every cutover.
-    pub unseen: Option<&'static str>,
+    /// Recopies chunks that differ although every change was applied.
+    pub mend: Option<Mend<'a>>,
     /// Rows per second at most (0: no limit).
     pub rate: u64,
+}
+
+/// How a chunk found differing is made equal, and why it could differ.
+pub struct Mend<'a> {
+    pub why: MayDiffer,
+    pub recopy: MendChunks<'a>,
+}
+
+/// Why a chunk can differ although every change the stream carried was
+/// applied, so that the cutover recopies it rather than reporting it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MayDiffer {
+    /// The target (Milvus 2.3) can lose writes it acknowledged.
+    LossyTarget,
+    /// The source's stream (Milvus: watermark and id reconcile) cannot see
+    /// every write; the target may be lossy too.
+    BlindSource,
+}
+
+impl MayDiffer {
+    /// Of a job: `blind_source` (a Milvus source), `lossy_target` (a Milvus target).
+    pub fn of(blind_source: bool, lossy_target: bool) -> Option<MayDiffer> {
+        if blind_source {
+            Some(MayDiffer::BlindSource)
+        } else {
+            lossy_target.then_some(MayDiffer::LossyTarget)
+        }
+    }
+
+    /// Why a recopied chunk could have differed, as the cutover says it.
+    pub fn why_mended(self) -> &'static str {
+        match self {
+            MayDiffer::LossyTarget => "the target had lost writes it acknowledged, a known Milvus 2.3 defect, see docs/limits.md",
+            MayDiffer::BlindSource => {
+                "the source's watermark did not show those writes, or the target lost writes it acknowledged (Milvus 2.3, see docs/limits.md)"
+            }
+        }
+    }
+
+    /// What the source's stream cannot see, said with every cutover.
+    pub fn unseen(self) -> Option<&'static str> {
+        match self {
+            MayDiffer::LossyTarget => None,
+            MayDiffer::BlindSource => Some(
+                "a write to the Milvus source that left its watermark field as it was (an upsert in place) shows only to the verifier's \
+                 passes: `cutover --full-verify` compares everything",
+            ),
+        }
+    }
 }
