@@ -1,7 +1,7 @@
 //! OceanBase / seekdb as source and target, against a real seekdb server:
 //! PG → OB → PG, OB → staging → PG with OB stopped, PG → staging → OB,
 //! OB → OB, kill -9 during an OB import, rows OB refuses, connection errors.
-//! (NaN/Inf rejects are covered in bad_input.rs: PostgreSQL cannot hold them.)
+//! NaN and infinity that seekdb stored are refused (bad_input.rs covers the other sources).
 mod common;
 use common::*;
 use std::process::Command;
@@ -216,4 +216,48 @@ fn oceanbase_connection_errors_are_one_line_without_secrets() {
     assert!(stderr(&out).contains("table no_such_table does not exist"), "{}", stderr(&out));
     let out = vmig(&["migrate", "--from", "mysql://root@127.0.0.1:1/test", "--to", &target_base()]);
     assert!(stderr(&out).contains("cannot connect to mysql://root@127.0.0.1:1/test"), "{}", stderr(&out));
+}
+
+/// seekdb stores NaN and infinity in a VECTOR (against its documentation)
+/// and prints them as 0 in every text form; vmig reads the stored bits, so
+/// such rows are refused with the reason, not copied as zeros.
+#[test]
+fn nan_and_infinity_stored_in_oceanbase_are_rejected_not_read_as_zero() {
+    let ob = fresh_ob_db("obnan");
+    let dst = fresh_db(&target_base(), "obnan_dst", true);
+    ob_exec(&ob, "CREATE TABLE modeldata (id BIGINT PRIMARY KEY, vector VECTOR(3), team_id VARCHAR(50) NOT NULL)");
+    let values: Vec<String> = (1..=60)
+        .map(|i| {
+            let v = match i {
+                7 => "[nan,1,2]".to_string(),
+                9 => "[1,-inf,2]".to_string(),
+                _ => format!("[{i}.5,-0.0,1e-40]"),
+            };
+            format!("({i}, '{v}', 'team{i}')")
+        })
+        .collect();
+    ob_exec(&ob, &format!("INSERT INTO modeldata VALUES {}", values.join(",")));
+    let state = tempdir();
+    let sr = state.path().to_str().unwrap();
+    let out = vmig(&["migrate", "--from", &ob, "--to", &dst, "--chunk-rows", "25", "--state-root", sr, "--job", "nan"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("2 rows rejected"), "{}", stderr(&out));
+    let r = rejects(&state.path().join("nan"));
+    assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![7, 9], "{r:?}");
+    assert!(r[0].1.contains("NaN at position 0"), "{r:?}");
+    assert!(r[1].1.contains("-inf at position 1"), "{r:?}");
+    // The rest arrived bit for bit: -0.0 keeps its sign, a subnormal its value.
+    let got: Vec<(i64, Vec<u32>)> = rt().block_on(async {
+        client(&dst)
+            .await
+            .query("SELECT id, vector::real[] FROM modeldata ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Vec<f32>>(1).iter().map(|x| x.to_bits()).collect()))
+            .collect()
+    });
+    let want: Vec<(i64, Vec<u32>)> =
+        (1..=60).filter(|i| ![7, 9].contains(i)).map(|i| (i, vec![(i as f32 + 0.5).to_bits(), (-0.0f32).to_bits(), 1e-40f32.to_bits()])).collect();
+    assert_eq!(got, want);
 }

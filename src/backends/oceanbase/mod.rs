@@ -20,10 +20,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::record_batch::RecordBatch;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, OptsBuilder, Row, SslOpts, Value};
+use mysql_async::{Conn, OptsBuilder, Params, Row, SslOpts, Value};
 use tokio::runtime::Handle;
 
-use sql::{TextRowDecoder, ident, push_str_literal};
+use sql::{RowDecoder, ident, push_str_literal, value_width, vector_select};
 use crate::contract::Source;
 use crate::model::config::{ObUrl, TlsMode};
 use crate::model::plan::{ChunkRange, Key, ranges_from_keys};
@@ -233,9 +233,27 @@ impl KeySql {
         text.parse().map(Key::Int).map_err(|_| anyhow!("primary key value {text:?} is not an integer"))
     }
 
+    /// A key as the binary protocol returns it.
+    pub fn parse_value(&self, v: &Value) -> Result<Key> {
+        match v {
+            Value::Int(i) if !self.text => Ok(Key::Int(*i)),
+            Value::UInt(u) if !self.text => i64::try_from(*u).map(Key::Int).map_err(|_| anyhow!("primary key value {u} does not fit a 64-bit integer")),
+            Value::Bytes(b) => self.parse(std::str::from_utf8(b).map_err(|_| anyhow!("primary key value {:?} is not UTF-8", String::from_utf8_lossy(b)))?),
+            other => bail!("primary key value {other:?} is neither an integer nor text"),
+        }
+    }
+
     /// A chunk's range as a condition (TRUE for every key).
     pub fn range(&self, chunk: &ChunkRange) -> String {
         chunk.condition(&self.pk, &key_literal).unwrap_or_else(|| "TRUE".into())
+    }
+}
+
+/// A key as a statement's parameter.
+pub fn key_value(k: &Key) -> Value {
+    match k {
+        Key::Int(i) => Value::Int(*i),
+        Key::Str(s) => Value::Bytes(s.as_bytes().to_vec()),
     }
 }
 

@@ -11,6 +11,8 @@ use arrow::array::{Array, ArrayRef, AsArray, StringArray, TimestampMicrosecondAr
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 
+use mysql_async::Value;
+
 use crate::contract::columns::{BatchBuilder, ColBuilder};
 use crate::model::schema::ColumnType;
 use crate::model::vector::vector_values;
@@ -138,32 +140,42 @@ pub fn encode_value(col: &ArrayRef, ty: &ColumnType, row: usize, lit: VectorLite
     Ok(())
 }
 
-/// Collects text-protocol rows into record batches.
-pub struct TextRowDecoder {
+/// Collects binary-protocol rows (prepared statements) into record batches.
+/// Each vector column arrives as its elements, one FLOAT column each
+/// (`element_at`): the one form in which seekdb hands out a stored float32
+/// as its bits (a VECTOR or an array is always printed as text).
+pub struct RowDecoder {
     out: BatchBuilder,
+    /// Values per column: a vector's dimensions, 1 for the others.
+    widths: Vec<usize>,
 }
 
-impl TextRowDecoder {
+impl RowDecoder {
     pub fn new(schema: SchemaRef, types: Vec<ColumnType>) -> Self {
+        let widths = types.iter().map(value_width).collect();
         let fixed = vec![true; types.len()];
-        TextRowDecoder { out: BatchBuilder::new(schema, types, fixed) }
+        RowDecoder { out: BatchBuilder::new(schema, types, fixed), widths }
     }
 
     pub fn rows(&self) -> usize {
         self.out.rows
     }
 
-    /// Appends one row; `fields[i]` is column i's text, `None` for NULL.
-    pub fn push_row(&mut self, fields: &[Option<&[u8]>]) -> Result<()> {
-        if fields.len() != self.out.cols.len() {
-            bail!("row has {} fields, expected {}", fields.len(), self.out.cols.len());
+    /// Appends one row of `values` (a vector column's elements in a row).
+    pub fn push_row(&mut self, values: &[Value]) -> Result<()> {
+        let expected: usize = self.widths.iter().sum();
+        if values.len() != expected {
+            bail!("row has {} values, expected {expected}", values.len());
         }
         // Parse everything first so a bad value never leaves half a row behind.
-        let mut parsed: Vec<Parsed> = Vec::with_capacity(fields.len());
-        for (col, f) in self.out.cols.iter().zip(fields) {
-            parsed.push(match f {
-                None => Parsed::Null,
-                Some(b) => parse_field(col, b)?,
+        let mut parsed: Vec<Parsed> = Vec::with_capacity(self.widths.len());
+        let mut at = 0;
+        for (col, width) in self.out.cols.iter().zip(&self.widths) {
+            let v = &values[at..at + width];
+            at += width;
+            parsed.push(match col {
+                ColBuilder::Vector { .. } => parse_elements(v)?,
+                _ => parse_value(col, &v[0])?,
             });
         }
         for (col, p) in self.out.cols.iter_mut().zip(parsed) {
@@ -192,7 +204,7 @@ impl TextRowDecoder {
                     valid.push(false);
                 }
                 (c @ ColBuilder::Vector { .. }, Parsed::Null) => c.push_vector(None),
-                _ => unreachable!("parse_field returns the builder's kind"),
+                _ => unreachable!("parse_value returns the builder's kind"),
             }
         }
         self.out.rows += 1;
@@ -201,6 +213,30 @@ impl TextRowDecoder {
 
     pub fn take_batch(&mut self) -> Result<RecordBatch> {
         self.out.take_batch()
+    }
+}
+
+/// Values a column takes in a row as `vector_select` selects it.
+pub fn value_width(ty: &ColumnType) -> usize {
+    match ty {
+        ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => *dim as usize,
+        _ => 1,
+    }
+}
+
+/// A column as the reads select it: a vector as `element_at` of each of its
+/// dimensions (short aliases: every execute sends each column's definition).
+/// `n`: the running alias number.
+pub fn vector_select(name: &str, ty: &ColumnType, n: &mut usize) -> String {
+    match ty {
+        ColumnType::Vector { dim } | ColumnType::HalfVec { dim } => (1..=*dim)
+            .map(|i| {
+                *n += 1;
+                format!("element_at({}, {i}) AS e{n}", ident(name))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => ident(name),
     }
 }
 
@@ -214,6 +250,51 @@ enum Parsed {
 
 fn utf8(b: &[u8]) -> Result<&str> {
     std::str::from_utf8(b).map_err(|_| anyhow!("value is not UTF-8"))
+}
+
+/// One vector's elements: all NULL is a NULL vector.
+fn parse_elements(values: &[Value]) -> Result<Parsed> {
+    if !values.is_empty() && values.iter().all(|v| matches!(v, Value::NULL)) {
+        return Ok(Parsed::Null);
+    }
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        out.push(match v {
+            Value::Float(x) => *x,
+            Value::Double(x) => *x as f32,
+            other => bail!("vector element {} came back as {other:?}, not a float", i + 1),
+        });
+    }
+    Ok(Parsed::Vector(out))
+}
+
+fn parse_value(col: &ColBuilder, v: &Value) -> Result<Parsed> {
+    let int = |x: i64| -> Result<Parsed> {
+        match col {
+            ColBuilder::I16(_) | ColBuilder::I32(_) | ColBuilder::I64(_) | ColBuilder::Bool(_) => Ok(Parsed::Int(x)),
+            ColBuilder::F32(_) | ColBuilder::F64(_) => Ok(Parsed::Float(x as f64)),
+            _ => Ok(Parsed::Text(x.to_string())),
+        }
+    };
+    Ok(match v {
+        Value::NULL => Parsed::Null,
+        Value::Bytes(b) => parse_field(col, b)?,
+        Value::Int(x) => int(*x)?,
+        Value::UInt(x) => int(i64::try_from(*x).map_err(|_| anyhow!("{x} does not fit a 64-bit integer"))?)?,
+        Value::Float(x) => Parsed::Float(*x as f64),
+        Value::Double(x) => Parsed::Float(*x),
+        Value::Date(y, mo, d, h, mi, sec, us) => match col {
+            ColBuilder::Ts(_, _) => Parsed::Int(
+                chrono::NaiveDate::from_ymd_opt(i32::from(*y), u32::from(*mo), u32::from(*d))
+                    .and_then(|day| day.and_hms_micro_opt(u32::from(*h), u32::from(*mi), u32::from(*sec), *us))
+                    .ok_or_else(|| anyhow!("{v:?} is not a timestamp"))?
+                    .and_utc()
+                    .timestamp_micros(),
+            ),
+            _ => bail!("a timestamp {v:?} where the column wants another type"),
+        },
+        Value::Time(..) => bail!("a time of day {v:?}: vmig copies no TIME columns"),
+    })
 }
 
 fn parse_field(col: &ColBuilder, b: &[u8]) -> Result<Parsed> {
