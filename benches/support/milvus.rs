@@ -78,8 +78,10 @@ fn columns(s: &CollectionSchema, start: u64, n: u64, dim: u32) -> Vec<FieldColum
 }
 
 /// Rows/s of a plain SDK upsert loop of the `rows` generated rows over
-/// STREAMS connections, in requests of REQUEST_BYTES, then one flush (not
-/// waited for). The rows are made in memory before each request's clock starts.
+/// STREAMS connections, in requests of REQUEST_BYTES, then one flush, waited
+/// for until the collection's statistics count every row as flushed (the
+/// end state vmig's load reaches: it waits for each chunk's flush). The rows
+/// are made in memory before each request's clock starts.
 pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
     let (base, db) = split(url);
     let s = schema(dim);
@@ -108,7 +110,17 @@ pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
         slowest = slowest.max(t.await.unwrap());
     }
     let t = Instant::now();
-    client(base, Some(db)).await.flush("modeldata").await.unwrap();
+    let c = client(base, Some(db)).await;
+    c.flush("modeldata").await.unwrap();
+    loop {
+        let stats = c.get_collection_stats("modeldata").await.unwrap();
+        let flushed: u64 = stats.get("row_count").and_then(|n| n.parse().ok()).unwrap_or(0);
+        if flushed >= rows {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(600), "Milvus flushed {flushed} of {rows} rows in 10 minutes");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     rows as f64 / (slowest + t.elapsed()).as_secs_f64()
 }
 

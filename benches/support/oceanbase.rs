@@ -102,8 +102,26 @@ pub async fn raw_insert(url: &str, rows: u64, dim: u32, text: bool) -> f64 {
 /// vmig reads them, arrays of doubles seekdb prints in full (the fastest
 /// exact form found); else seekdb's default VECTOR text (6 significant
 /// digits, lossy), for reference.
-pub async fn raw_keyset_read(url: &str, page: usize, dim: u32, exact: bool) -> f64 {
-    let vector = if exact { format!("array_slice(array_append(vector, 0e0), 1, {dim})") } else { "vector".to_string() };
+/// How a raw read selects the vectors.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ReadForm {
+    /// `element_at` of each dimension in a prepared statement: each float32
+    /// as its 4 bytes (exact; what vmig reads).
+    Elements,
+    /// An array of doubles, printed in full (exact, text protocol).
+    DoubleArray,
+    /// seekdb's default text, 6 significant digits (lossy).
+    Lossy,
+}
+
+/// Rows per second of a keyset read of the whole table over `CONNECTIONS`
+/// id ranges, each a statement prepared once (`?` for the bounds).
+pub async fn raw_keyset_read(url: &str, page: usize, dim: u32, form: ReadForm) -> f64 {
+    let vector = match form {
+        ReadForm::Elements => (1..=dim).map(|i| format!("element_at(vector, {i}) AS e{i}")).collect::<Vec<_>>().join(", "),
+        ReadForm::DoubleArray => format!("array_slice(array_append(vector, 0e0), 1, {dim})"),
+        ReadForm::Lossy => "vector".to_string(),
+    };
     let mut c = conn(url).await;
     let (lo, hi): (i64, i64) = c.query_first("SELECT min(id), max(id) FROM modeldata").await.unwrap().unwrap();
     let total: i64 = c.query_first("SELECT count(*) FROM modeldata").await.unwrap().unwrap();
@@ -115,16 +133,18 @@ pub async fn raw_keyset_read(url: &str, page: usize, dim: u32, exact: bool) -> f
             let vector = vector.clone();
             tokio::spawn(async move {
                 let mut c = conn(&url).await;
+                let sql = format!(
+                    "SELECT id, {vector}, team_id, dataset_id, collection_id, createtime FROM modeldata \
+                     WHERE id > ? AND id <= ? ORDER BY id LIMIT {page}"
+                );
                 let (mut last, end) = (lo + w * step - 1, (lo + (w + 1) * step - 1).min(hi));
                 let mut n = 0u64;
                 loop {
-                    let rows: Vec<mysql_async::Row> = c
-                        .query(format!(
-                            "SELECT id, {vector}, team_id, dataset_id, collection_id, createtime FROM modeldata \
-                             WHERE id > {last} AND id <= {end} ORDER BY id LIMIT {page}"
-                        ))
-                        .await
-                        .unwrap();
+                    let rows: Vec<mysql_async::Row> = if form == ReadForm::Elements {
+                        c.exec(sql.as_str(), (last, end)).await.unwrap()
+                    } else {
+                        c.query(sql.replacen('?', &last.to_string(), 1).replacen('?', &end.to_string(), 1)).await.unwrap()
+                    };
                     let Some(r) = rows.last() else { break };
                     last = r.get::<i64, _>(0).unwrap();
                     n += rows.len() as u64;

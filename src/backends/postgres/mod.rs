@@ -7,6 +7,7 @@
 mod apply;
 mod connect;
 mod indexes;
+pub use indexes::hnsw_graph_bytes;
 pub mod changes;
 pub mod copy;
 pub mod pgoutput;
