@@ -49,7 +49,7 @@ fn online_into_postgres_survives_kills_and_cuts_over_exactly() {
 }
 
 #[test]
-fn online_into_oceanbase_survives_kills_and_cuts_over_within_its_tolerance() {
+fn online_into_oceanbase_survives_kills_and_cuts_over_exactly() {
     let ob = fresh_ob_db("online_ob");
     online_scenario("online_ob", &pg_source("online_ob"), &ob, &|src| {
         let want = rows(src, "modeldata");
