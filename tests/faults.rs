@@ -103,6 +103,7 @@ fn pg_scenario(command: &str) {
     let phases = pg_index_phases();
     let moments = database_moments(CHUNKS, &phases.iter().map(|p| p.as_str()).collect::<Vec<_>>());
     let n = Scenario { name: &name, args, job_dir, rate_limit: 800, reset: &reset, check: &check }.run(&moments);
+    assert_eq!(n, moments.len(), "every moment saw a live run killed");
     assert!(n >= 8);
 }
 
@@ -144,6 +145,7 @@ fn export_into_staging_killed_at_every_moment_resumes() {
         phase("done"),
     ];
     let n = Scenario { name, args, job_dir: st.clone(), rate_limit: 800, reset: &reset, check: &check }.run(&moments);
+    assert_eq!(n, moments.len(), "every moment saw a live run killed");
     assert!(n >= 8);
 }
 
@@ -177,6 +179,7 @@ fn ob_scenario(command: &str) {
     phases.push("fixing AUTO_INCREMENT".into());
     let moments = database_moments(CHUNKS, &phases.iter().map(|p| p.as_str()).collect::<Vec<_>>());
     let n = Scenario { name: &name, args, job_dir, rate_limit: 800, reset: &reset, check: &check }.run(&moments);
+    assert_eq!(n, moments.len(), "every moment saw a live run killed");
     assert!(n >= 8);
 }
 
@@ -234,6 +237,7 @@ fn milvus_scenario(command: &str) {
         ],
     };
     let n = Scenario { name: &name, args, job_dir, rate_limit: 400, reset: &reset, check: &check }.run(&moments);
+    assert_eq!(n, moments.len(), "every moment saw a live run killed");
     assert!(n >= 8);
 }
 

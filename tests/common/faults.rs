@@ -47,24 +47,33 @@ impl Scenario<'_> {
     }
 
     /// Starts the run, waits until `moment` is observed, kills it (SIGKILL).
-    fn kill_at(&self, moment: &Moment) {
+    /// Runs the job and kills it at `moment`; true when the kill ended a
+    /// live run (it was still running, and SIGKILL is what ended it).
+    fn kill_at(&self, moment: &Moment) -> bool {
         let _ = std::fs::remove_file(self.job_dir.join(format!("status-{}.json", self.command())));
         let mut args = self.args.clone();
         args.extend(["--rate-limit".to_string(), self.rate_limit.to_string(), "--quiet".to_string()]);
         let mut child = start(&args, moment);
         wait_for(&mut child, &self.job_dir, self.command(), moment, self.name);
+        let alive = child.try_wait().unwrap().is_none();
         child.kill().unwrap();
-        child.wait().unwrap();
+        let ended = child.wait().unwrap();
+        alive && std::os::unix::process::ExitStatusExt::signal(&ended) == Some(9)
     }
 
     /// For every moment: reset, run and kill there, run again to the end
-    /// (it must exit 0), check. Returns how many kills were made.
+    /// (it must exit 0), check. Returns how many kills ended a live run.
     pub fn run(&self, moments: &[Moment]) -> usize {
+        let mut kills = 0;
         for m in moments {
             let t = Instant::now();
             (self.reset)();
             let reset = t.elapsed().as_secs_f64();
-            self.kill_at(m);
+            if self.kill_at(m) {
+                kills += 1;
+            } else {
+                eprintln!("{}: the run had already ended when it was to be killed at {m:?}", self.name);
+            }
             let killed = t.elapsed().as_secs_f64();
             let args: Vec<&str> = self.args.iter().map(|s| s.as_str()).collect();
             ok(&args);
@@ -76,7 +85,7 @@ impl Scenario<'_> {
                 t.elapsed().as_secs_f64()
             );
         }
-        moments.len()
+        kills
     }
 }
 
