@@ -307,13 +307,8 @@ fn parse_field(col: &ColBuilder, b: &[u8]) -> Result<Parsed> {
         }
         ColBuilder::Text { .. } | ColBuilder::Uuid(_) => Parsed::Text(utf8(b)?.to_string()),
         ColBuilder::Ts(_, _) => Parsed::Int(parse_timestamp(utf8(b)?)?),
-        ColBuilder::Vector { dim, .. } => {
-            let v = parse_vector_text(b)?;
-            if v.len() != *dim {
-                bail!("vector has {} dimensions, column declares {dim}", v.len());
-            }
-            Parsed::Vector(v)
-        }
+        // Vectors are read element by element (`vector_select`), never as one value.
+        ColBuilder::Vector { .. } => bail!("a vector column came back as one value, not as its elements"),
     })
 }
 
@@ -324,49 +319,18 @@ pub fn parse_timestamp(s: &str) -> Result<i64> {
     Ok(t.and_utc().timestamp_micros())
 }
 
-/// Parses OceanBase's vector text `[0.1,0.333333,…]`.
-pub fn parse_vector_text(b: &[u8]) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
-    parse_vector_into(b, &mut out)?;
-    Ok(out)
-}
-
-/// Appends the floats of `[a,b,…]` to `out` (one pass, no intermediate splits).
-pub fn parse_vector_into(b: &[u8], out: &mut Vec<f32>) -> Result<()> {
-    let bad = || anyhow!("vector text does not look like [..]: {:?}", String::from_utf8_lossy(&b[..b.len().min(40)]));
-    let inner = b.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")).ok_or_else(bad)?;
-    let mut rest = inner.trim_ascii_start();
-    while !rest.is_empty() {
-        let (x, used) = fast_float2::parse_partial::<f32, _>(rest).map_err(|_| bad())?;
-        out.push(x);
-        rest = rest[used..].trim_ascii_start();
-        match rest.first() {
-            Some(b',') => rest = rest[1..].trim_ascii_start(),
-            None => {}
-            Some(_) => return Err(bad()),
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::vector::round_like_oceanbase;
 
     #[test]
-    fn text_vectors_and_rounding() {
-        let v = parse_vector_text(b"[0.1,0.333333,-0.000000025,12345.7]").unwrap();
-        assert_eq!(v, vec![0.1f32, 0.333333, -2.5e-8, 12345.7]);
+    fn rounding_like_oceanbase_is_idempotent() {
         assert_eq!(round_like_oceanbase(1.0 / 3.0), 0.333333);
         assert_eq!(round_like_oceanbase(12345.678), 12345.7);
-        for x in v {
+        for x in [0.1f32, 0.333333, -2.5e-8, 12345.7] {
             assert_eq!(round_like_oceanbase(x), x, "rounding must be idempotent");
         }
-        assert!(parse_vector_text(b"0.1,0.2").is_err());
-        assert!(parse_vector_text(b"[0.1;0.2]").is_err());
-        assert_eq!(parse_vector_text(b"[]").unwrap(), Vec::<f32>::new());
-        assert_eq!(parse_vector_text(b"[1e-3, -2]").unwrap(), vec![0.001, -2.0]);
     }
 
     #[test]
