@@ -578,3 +578,72 @@ pub fn verify_sample(from: &dyn Source, to: &dyn Source, n: usize, seed: u64) ->
         not_compared: computed_notes(from.spec(), to.spec()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk() -> ChunkRange {
+        ChunkRange { id: 3, lo: 1, hi: 100, rows: 0, text: None }
+    }
+
+    fn side(rows: &[(i64, u64)]) -> HashMap<Key, u64> {
+        rows.iter().map(|(k, h)| (Key::Int(*k), *h)).collect()
+    }
+
+    #[test]
+    fn equal_sides_are_equal() {
+        let a = side(&[(1, 10), (2, 20)]);
+        let d = diff_of(&chunk(), &a, &a.clone(), 2);
+        assert!(d.is_equal(), "{}", d.describe());
+        assert_eq!(d.all_differing_ids(), Some(vec![]));
+    }
+
+    #[test]
+    fn missing_extra_and_different_ids_are_named() {
+        let a = side(&[(1, 10), (2, 20), (3, 30)]);
+        let b = side(&[(1, 10), (2, 21), (4, 40)]);
+        let d = diff_of(&chunk(), &a, &b, 3);
+        assert!(!d.is_equal());
+        assert_eq!((d.missing.clone(), d.extra.clone(), d.different.clone()), (vec![Key::Int(3)], vec![Key::Int(4)], vec![Key::Int(2)]));
+        let said = d.describe();
+        assert!(said.starts_with("chunk 000003") && said.contains("missing ids [3]") && said.contains("extra ids [4]") && said.contains("different ids [2]"), "{said}");
+    }
+
+    #[test]
+    fn a_second_copy_fails_though_every_row_compares_equal() {
+        let a = side(&[(1, 10), (2, 20)]);
+        let d = diff_of(&chunk(), &a, &a.clone(), 3);
+        assert!(!d.is_equal(), "count(*) 3 for 2 ids");
+        assert_eq!(d.duplicates, 1);
+        assert_eq!(d.all_differing_ids(), None, "a copy counted but not named is not a list of ids");
+        assert!(d.describe().contains("1 duplicate copies"), "{}", d.describe());
+    }
+
+    #[test]
+    fn beyond_twenty_ids_of_a_kind_are_counted_not_listed() {
+        let a = side(&(0..30).map(|k| (k, 1)).collect::<Vec<_>>());
+        let d = diff_of(&chunk(), &a, &HashMap::new(), 0);
+        assert_eq!((d.missing.len(), d.unlisted), (20, 10));
+        assert_eq!(d.missing, (0..20).map(Key::Int).collect::<Vec<_>>(), "the lowest ids first");
+        assert_eq!(d.all_differing_ids(), None);
+    }
+
+    #[test]
+    fn rounding_and_milliseconds_apply_only_where_asked() {
+        use arrow::array::TimestampMicrosecondArray;
+        use arrow::datatypes::{Field, Schema};
+        let item = Arc::new(arrow::datatypes::Field::new("item", DataType::Float32, false));
+        let v = FixedSizeListArray::try_new(item.clone(), 2, Arc::new(Float32Array::from(vec![1.0f32 / 3.0, 0.1234567])), None).unwrap();
+        let t = TimestampMicrosecondArray::from(vec![1_700_000_000_123_456]);
+        let schema = Schema::new(vec![Field::new("v", DataType::FixedSizeList(item, 2), false), Field::new("t", t.data_type().clone(), false)]);
+        let b = RecordBatch::try_new(Arc::new(schema), vec![Arc::new(v), Arc::new(t)]).unwrap();
+        let exact = normalise(&b, Normalise::default()).unwrap();
+        assert_eq!(row_hashes(&exact), row_hashes(&b), "the exact mode changes nothing");
+        let both = normalise(&b, Normalise { round_vectors: true, timestamps_ms: true }).unwrap();
+        let floats = both.column(0).as_fixed_size_list().values().as_primitive::<Float32Type>().values().to_vec();
+        assert_eq!(floats, vec![0.333333f32, 0.123457]);
+        assert_eq!(both.column(1).as_primitive::<TimestampMicrosecondType>().value(0), 1_700_000_000_123_000);
+        assert_ne!(row_hashes(&both), row_hashes(&b));
+    }
+}
