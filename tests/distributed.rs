@@ -284,7 +284,6 @@ fn s3_staging_with_three_workers_per_side_survives_a_killed_worker() {
             "ob" => {
                 let want = rows(&src, "modeldata");
                 assert_rows_equal(&want, &ob_rows(dst, "modeldata"));
-                assert_eq!(ob_query_i64(dst, "SELECT count(DISTINCT id) FROM modeldata"), want.len() as i64);
                 assert_eq!(ob_query_i64(dst, "SELECT count(*) FROM vmig_ledger"), chunks as i64, "each chunk once in OceanBase's ledger");
             }
             _ => {

@@ -63,7 +63,6 @@ fn pg_index_phases() -> Vec<String> {
 /// unique, FastGPT's indexes once each and valid, the sequence past max(id).
 fn check_pg(src: &str, dst: &str) {
     assert_eq!(assert_same_rows(src, "modeldata", dst, "modeldata"), ROWS);
-    assert_eq!(query_i64(dst, "SELECT count(DISTINCT id) FROM modeldata"), ROWS as i64);
     let names = rt().block_on(async {
         client(dst)
             .await
@@ -167,7 +166,6 @@ fn ob_scenario(command: &str) {
     let source_rows = rows(&src, "modeldata");
     let check = || {
         assert_rows_equal(&source_rows, &ob_rows(&ob, "modeldata"));
-        assert_eq!(ob_query_i64(&ob, "SELECT count(DISTINCT id) FROM modeldata"), ROWS as i64);
         let ddl = ob_query_string(&ob, "SHOW CREATE TABLE modeldata");
         for ix in PG_INDEXES {
             assert_eq!(ddl.matches(&format!("KEY `{ix}`")).count(), 1, "index {ix} once: {ddl}");

@@ -54,7 +54,6 @@ fn online_into_oceanbase_survives_kills_and_cuts_over_exactly() {
     online_scenario("online_ob", &pg_source("online_ob"), &ob, &|src| {
         let want = rows(src, "modeldata");
         assert_rows_equal(&want, &ob_rows(&ob, "modeldata"));
-        assert_eq!(ob_query_i64(&ob, "SELECT count(DISTINCT id) FROM modeldata"), want.len() as i64);
         let ddl = ob_query_string(&ob, "SHOW CREATE TABLE modeldata");
         let auto: i64 = ddl.split("AUTO_INCREMENT = ").nth(1).and_then(|t| t.split_whitespace().next()).unwrap().parse().unwrap();
         assert!(auto > want.last().unwrap().id, "AUTO_INCREMENT {auto} past max(id)");

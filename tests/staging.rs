@@ -97,7 +97,6 @@ fn import_killed_at_several_points_resumes_exactly() {
     let out = ok(&["import", "--staging", st, "--to", &dst]);
     assert!(committed_before == 0 || stderr(&out).contains("already committed"));
     assert_eq!(assert_same_rows(&src, "modeldata", &dst, "modeldata"), 4000);
-    assert_eq!(query_i64(&dst, "SELECT count(DISTINCT id) FROM modeldata"), 4000);
     ok(&["verify", "--from", &src, "--to", &dst]);
 }
 
