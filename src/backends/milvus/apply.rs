@@ -16,7 +16,7 @@ use milvus::proto::milvus::DeleteRequest;
 
 use crate::backends::milvus::{base, in_expr};
 use crate::backends::milvus::ddl::{request_flush, wait_flushed};
-use crate::backends::milvus::encode::start_upsert;
+use crate::backends::milvus::encode::{UPSERTS_IN_FLIGHT, start_upsert};
 use crate::backends::milvus::mapping::Collection;
 use crate::backends::milvus::sink::{MilvusSink, OnlineFlush, persist};
 use crate::backends::milvus::source::query_rows;
@@ -43,22 +43,27 @@ impl MilvusSink {
                 self.delete_keys(&coll, &keys_of(b, &coll.spec.primary_key)?)?;
             }
         }
-        // Requests of about request_bytes, one in flight while the next is encoded.
+        // Requests of about request_bytes, UPSERTS_IN_FLIGHT at once. A change
+        // set holds each key once, so its requests touch disjoint rows and
+        // may land in any order; the next set starts after they all have.
         let per_request = (self.request_bytes / crate::model::schema::estimate_row_bytes(&coll.spec).max(1)).max(1);
-        let mut in_flight = None;
+        let mut in_flight = std::collections::VecDeque::new();
+        let wait = |h: tokio::task::JoinHandle<Result<()>>| -> Result<()> {
+            self.conn.block_on(h).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))?
+        };
         for b in &images {
             let mut start = 0;
             while start < b.num_rows() {
                 let n = per_request.min(b.num_rows() - start);
-                let h = start_upsert(&self.conn, &coll, &b.slice(start, n))?;
-                if let Some(prev) = in_flight.replace(h) {
-                    self.conn.block_on(prev).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
+                if in_flight.len() == UPSERTS_IN_FLIGHT {
+                    wait(in_flight.pop_front().expect("a request in flight"))?;
                 }
+                in_flight.push_back(start_upsert(&self.conn, &coll, &b.slice(start, n))?);
                 start += n;
             }
         }
-        if let Some(last) = in_flight {
-            self.conn.block_on(last).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))??;
+        for h in in_flight {
+            wait(h)?;
         }
         self.delete_keys(&coll, &set.deletes)?;
         // A repair applies rows without a stream position, flushed before it verifies.

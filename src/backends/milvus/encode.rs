@@ -151,6 +151,12 @@ fn is_partition_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Upsert requests one writer keeps in flight. Two keep Milvus' proxy and
+/// data node busy while the next request is encoded and sent, where one left
+/// the server idle between requests. Callers send only rows of disjoint keys
+/// at once (a chunk's, a collapsed change set's), so their order is free.
+pub(super) const UPSERTS_IN_FLIGHT: usize = 2;
+
 /// Starts an upsert of `batch` and returns at once; the handle says how it
 /// ended. Rows that carry their partition go into it (one request per
 /// partition, created first when missing).

@@ -17,7 +17,7 @@ use tokio::runtime::Handle;
 
 use crate::backends::milvus::{Milvus, base};
 use crate::backends::milvus::ddl::{align_partitions, create_collection, create_index, delete_where, drop_collection, field_schema, recreate_empty, request_flush, row_count, wait_flushed, wait_for_indexes, with_computed_fields};
-use crate::backends::milvus::encode::{refused_rows, start_upsert};
+use crate::backends::milvus::encode::{UPSERTS_IN_FLIGHT, refused_rows, start_upsert};
 use crate::backends::milvus::mapping::{Collection, FieldKind, PARTITION_COLUMN, discover, metric_to_milvus};
 use crate::contract::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
 use crate::contract::commit::{CommitRecord, Ledger};
@@ -346,7 +346,7 @@ impl Sink for MilvusSink {
             request_bytes: self.request_bytes,
             bytes: 0,
             flushes: self.flushes.clone(),
-            in_flight: None,
+            in_flight: Default::default(),
             foreign_check: self.foreign_check.lock().unwrap().clone().zip(self.subset.get().cloned()),
         }))
     }
@@ -513,15 +513,16 @@ struct MilvusChunkWriter {
     row_bytes: usize,
     bytes: u64,
     flushes: Arc<Flushes>,
-    in_flight: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// Upserts sent and not yet answered, oldest first (at most UPSERTS_IN_FLIGHT).
+    in_flight: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
     /// A subset job whose target holds other rows: the filter's expression, and the filter.
     foreign_check: Option<(String, crate::model::filter::Filter)>,
 }
 
 impl MilvusChunkWriter {
-    /// Sends the pending rows as one upsert. One upsert stays in flight
-    /// while the next request fills (waiting for each in turn cost ~7%: the
-    /// server sat idle while the next 8 MiB arrived).
+    /// Sends the pending rows as one upsert, with up to UPSERTS_IN_FLIGHT
+    /// unanswered (waiting for each in turn cost ~7%: the server sat idle
+    /// while the next 8 MiB arrived).
     fn send(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -530,16 +531,25 @@ impl MilvusChunkWriter {
         self.pending.clear();
         self.bytes += self.pending_bytes as u64;
         self.pending_bytes = 0;
-        self.wait_in_flight()?;
-        self.in_flight = Some(start_upsert(&self.conn, &self.coll, &batch)?);
+        if self.in_flight.len() >= UPSERTS_IN_FLIGHT {
+            self.wait_oldest()?;
+        }
+        self.in_flight.push_back(start_upsert(&self.conn, &self.coll, &batch)?);
         Ok(())
     }
 
-    fn wait_in_flight(&mut self) -> Result<()> {
-        match self.in_flight.take() {
+    fn wait_oldest(&mut self) -> Result<()> {
+        match self.in_flight.pop_front() {
             Some(h) => self.conn.block_on(h).map_err(|e| anyhow!("upsert task ended abnormally: {e}"))?,
             None => Ok(()),
         }
+    }
+
+    fn wait_in_flight(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(())
     }
 }
 
