@@ -222,12 +222,13 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     wait_until("a full pass", 120, &|| chunks().is_some() && verification(&job_dir, "chunks_verified") == chunks());
     assert!(chunks().unwrap() >= 3);
     let id = id_in_the_chunk_checked_last(&job_dir, &src);
+    // Behind vmig's back: the changed row goes from the target as it arrives.
+    behind_vmigs_back(&dst, id, "AFTER", "DELETE FROM modeldata WHERE id = NEW.id; RETURN NULL;");
     let before = applied(&job_dir, "migrate");
     exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
     wait_following(&mut run, &job_dir, "migrate", before, job);
-    wait_until("the change in the target", 120, &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id} AND team_id = 'moved'")) == 1);
-    // Behind vmig's back: the changed row goes from the target.
-    exec(&dst, &format!("DELETE FROM modeldata WHERE id = {id}"));
+    wait_until("the change applied (and the row gone)", 120, &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id}")) == 0);
+    stop_behind_vmigs_back(&dst);
     let mut cut = args.clone();
     cut[0] = "cutover".into();
     let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
@@ -266,6 +267,27 @@ fn wait_until(what: &str, secs: u64, done: &dyn Fn() -> bool) {
         assert!(t.elapsed() < std::time::Duration::from_secs(secs), "{what} not reached in {secs} s");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// Stands for whatever writes the target behind vmig's back, from the
+/// instant a change of row `id` is applied (a trigger running `body`), so the
+/// row differs before the background verifier can have seen it equal. A
+/// write made after the apply would race the verifier's next look at the
+/// chunk, and on a loaded machine it can come first: the damage then
+/// rightly lies outside what the cutover checks.
+fn behind_vmigs_back(url: &str, id: i64, when: &str, body: &str) {
+    exec(
+        url,
+        &format!(
+            "CREATE FUNCTION behind_vmigs_back() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$;
+             CREATE TRIGGER behind_vmigs_back {when} INSERT OR UPDATE ON modeldata FOR EACH ROW
+             WHEN (NEW.id = {id}) EXECUTE FUNCTION behind_vmigs_back();"
+        ),
+    );
+}
+
+fn stop_behind_vmigs_back(url: &str) {
+    exec(url, "DROP TRIGGER behind_vmigs_back ON modeldata; DROP FUNCTION behind_vmigs_back();");
 }
 
 /// A field of the verification while following, from the job's status.
@@ -400,8 +422,8 @@ fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
 
 /// From a Milvus source (watermark and id reconcile), the cutover checks
 /// only what changed too: after a full pass, a row inserted into the source
-/// reaches the target and is then altered in the target behind vmig's back
-/// (the reconcile compares ids only, so it cannot see this). The cutover
+/// reaches the target altered behind vmig's back (the reconcile compares ids
+/// only, so it cannot see this). The cutover
 /// reads the changed keys by id, finds the row, recopies its chunk and says
 /// so, without reading the whole table; the target then equals the source
 /// read with the Milvus SDK.
@@ -420,10 +442,11 @@ fn cutover_from_milvus_checks_what_changed_and_recopies_what_the_target_lost() {
     let mut row = seeded[7].clone();
     row.id = 4_242_424_242;
     row.create_time_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    behind_vmigs_back(&dst, row.id, "BEFORE", "NEW.team_id := 'damaged'; RETURN NEW;");
     milvus_upsert(&src, "modeldata", &row);
-    let arrived = format!("SELECT count(*) FROM modeldata WHERE id = {}", row.id);
-    wait_until("the new row in the target", 120, &|| query_i64(&dst, &arrived) == 1);
-    exec(&dst, &format!("UPDATE modeldata SET team_id = 'damaged' WHERE id = {}", row.id));
+    let arrived = format!("SELECT count(*) FROM modeldata WHERE id = {} AND team_id = 'damaged'", row.id);
+    wait_until("the new row in the target (altered)", 120, &|| query_i64(&dst, &arrived) == 1);
+    stop_behind_vmigs_back(&dst);
     let mut cut = args.clone();
     cut[0] = "cutover".into();
     let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();

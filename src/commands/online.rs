@@ -141,11 +141,11 @@ fn from_database(
     let check = || -> Result<CutoverCheck> {
         // The source as it is now (not the snapshot the copy read).
         let now = open_source(&job.source_ep, &job.table, handle)?;
-        match &job.target_ep {
+        match (&job.target_ep, job.target_ep.as_ref().and_then(may_differ)) {
             // Milvus targets too: Milvus 2.3 can lose a delete it acknowledged
             // (the delete of an upsert as well, leaving an old copy), so a
             // difference there is recopied and verified again.
-            Some(target_ep) if may_differ(target_ep).is_some() => {
+            (Some(target_ep), Some(why)) => {
                 let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
                 let open_target = || open_source(target_ep, &job.target_table, handle);
                 let say = |m: &str| eprintln!("{m}");
@@ -174,19 +174,19 @@ fn from_database(
                 }
                 // The last round's verify is the answer: no second read of both sides.
                 let mut check = check.expect("at least one repair round");
-                if let Some(why) = may_differ(target_ep).filter(|_| check.equal && !found.is_empty()) {
+                if check.equal && !found.is_empty() {
                     check.summary =
                         format!("{} (repair recopied, in {} rounds: {}; {})", check.summary, found.len(), found.join("; then "), why.why_mended());
                 }
                 Ok(check)
             }
-            Some(target_ep) => {
+            (Some(target_ep), None) => {
                 let plan = now.plan(cfg.chunk_rows)?;
                 let target = open_source(target_ep, &job.target_table, handle)?;
                 Ok(crate::engine::verify::verify(now.as_ref(), target.as_ref(), &plan, cfg.workers)?.into())
             }
             // Export: the import side verifies against these digests.
-            None => {
+            (None, _) => {
                 let plan = now.plan(cfg.chunk_rows)?;
                 let digests = crate::engine::verify::digests_all_modes(now.as_ref(), &plan)?;
                 let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
