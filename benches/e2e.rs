@@ -202,8 +202,7 @@ fn bench_milvus(
     let raw_db = rt.block_on(milvus_bench::fresh_db(base, "bench_raw"));
     let raw_upsert = rt.block_on(milvus_bench::raw_upsert(&raw_db, rows, dim));
     rt.block_on(milvus_bench::load_for_reading(&raw_db));
-    // What the SDK's default 4 MiB response limit allows.
-    let page = ((4usize << 20) * 3 / 4 / (dim as usize * 4 + 100)).clamp(64, 16_384);
+    let page = milvus_bench::read_page(dim);
     eprintln!("Milvus: raw keyset read ({page} rows per page) …");
     let raw_read = rt.block_on(milvus_bench::raw_keyset_read(&raw_db, rows, page));
 

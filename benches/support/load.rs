@@ -28,6 +28,14 @@ impl Load {
         }
     }
 
+    /// The id the next Milvus row gets (ids are consecutive within one load).
+    pub fn next_milvus_id(&self) -> Option<i64> {
+        match self {
+            Load::Milvus { next_id, .. } => Some(*next_id),
+            _ => None,
+        }
+    }
+
     /// Inserts `n` rows in one transaction (one request for Milvus), tagged `team`.
     pub async fn insert(&mut self, n: u64, team: &str) {
         match self {
