@@ -7,7 +7,10 @@ mod common;
 
 use common::faults::{Moment, start, wait_for};
 use common::milvus_db::{as_mrows, fastgpt_rows, fresh_milvus_db, milvus_count_settled, milvus_count_where, milvus_insert_copy, milvus_rows, milvus_upsert, seed_fastgpt};
-use common::online::{OnlineSource, Reaper, Writer, applied, online_args, online_scenario, source_artifacts, staging_scenario, wait_following};
+use common::online::{
+    OnlineSource, Reaper, Writer, applied, assert_read_changed_keys_only, online_args, online_scenario, source_artifacts, staging_scenario,
+    wait_following, wait_for_a_digested_pass,
+};
 use common::*;
 
 fn http_get(addr: &str) -> String {
@@ -100,6 +103,53 @@ fn online_through_staging_with_separate_export_and_import_survives_kills() {
     let out = std::process::Command::new(py).args(["-c", &script]).output().unwrap();
     assert!(out.status.success(), "pyarrow/duckdb: {}", String::from_utf8_lossy(&out.stderr));
     eprintln!("change files: {}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Through staging, each side digests its chunks while following and the
+/// import's cutover reads only the keys changed since: a target row of such
+/// a key altered behind vmig's back (as it arrives) is still found, and the
+/// cutover fails naming its chunk.
+#[test]
+fn through_staging_the_import_cutover_finds_a_changed_row_altered_in_the_target() {
+    let src = fresh_db(&source_base(), "online_stdmg_src", true);
+    ok(&["generate", "--to", &src, "--rows", "1200", "--dim", "16"]);
+    let dst = fresh_db(&target_base(), "online_stdmg_dst", true);
+    let dir = tempdir();
+    let st = dir.path().join("st");
+    let st_s = st.to_str().unwrap();
+    let job = "online_stdmg";
+    let export: Vec<String> =
+        ["export", "--online", "--from", &src, "--staging", st_s, "--job", job, "--chunk-rows", "400", "--workers", "1", "--quiet"].map(String::from).to_vec();
+    let import: Vec<String> = ["import", "--online", "--staging", st_s, "--to", &dst, "--quiet"].map(String::from).to_vec();
+    let mut exp = start(&export, &Moment::Committed(0));
+    let _reap_export = Reaper(vec![exp.id()]);
+    wait_for(&mut exp, &st, "export", &Moment::Phase("following".into()), job);
+    let mut imp = start(&import, &Moment::Committed(0));
+    let _reap_import = Reaper(vec![imp.id()]);
+    wait_for(&mut imp, &st, "import", &Moment::Phase("following".into()), job);
+    wait_for_a_digested_pass(&st, "export");
+    wait_for_a_digested_pass(&st, "import");
+    let id = query_i64(&src, "SELECT id FROM modeldata ORDER BY id OFFSET 500 LIMIT 1");
+    behind_vmigs_back(&dst, id, "BEFORE", "NEW.team_id := 'damaged'; RETURN NEW;");
+    exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));
+    wait_until("the change in the target (altered)", 120, &|| {
+        query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id} AND team_id = 'damaged'")) == 1
+    });
+    stop_behind_vmigs_back(&dst);
+    let cut = |args: &[String]| -> Vec<String> { std::iter::once("cutover".to_string()).chain(args[1..].iter().cloned()).collect() };
+    let said = String::from_utf8_lossy(&ok(&cut(&export).iter().map(|s| s.as_str()).collect::<Vec<_>>()).stdout).into_owned();
+    assert!(said.contains("the export is complete"), "{said}");
+    assert_read_changed_keys_only(&said, 1200);
+    assert!(exp.wait().unwrap().success());
+    let out = vmig(&cut(&import).iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!out.status.success(), "an import cutover over a target with an altered row must fail: {said}");
+    let named = said.split("chunk ").skip(1).find_map(|c| {
+        let (lo, hi) = c.split_once(" [")?.1.split_once(']')?.0.split_once(", ")?;
+        Some((lo.parse::<i64>().ok()?, hi.parse::<i64>().ok()?))
+    });
+    assert!(named.is_some_and(|(lo, hi)| lo <= id && id <= hi) && said.contains("values differ"), "the cutover names the chunk of {id}: {said}");
+    assert!(said.contains("digested: read ") && said.contains(" 0 chunks never digested"), "only changed keys were read: {said}");
 }
 
 #[test]

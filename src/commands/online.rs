@@ -20,7 +20,9 @@ use crate::backends::staging::StagingSource;
 use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
 use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
-use crate::engine::online::watch::{MayDiffer, Mend, WatchSides};
+use crate::engine::online::watch::{DigestSide, Digests, Judge, MayDiffer, Mend, WatchSides};
+use crate::engine::verify::Normalise;
+use crate::model::hash::ChunkDigest;
 use crate::model::plan::ChunkRange;
 use crate::engine::online::{CutoverCheck, run_online};
 use crate::engine::online::follow::OpenStream;
@@ -189,20 +191,7 @@ fn from_database(
             (None, _) => {
                 let plan = now.plan(cfg.chunk_rows)?;
                 let digests = crate::engine::verify::digests_all_modes(now.as_ref(), &plan)?;
-                let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
-                let last_file = read_change_markers(&cfg.job_dir)?.keys().next_back().copied().unwrap_or(0);
-                write_end(
-                    &cfg.job_dir,
-                    &EndMarker { last_file, source_rows, plan, digests, written_at: now_rfc3339() },
-                )?;
-                Ok(CutoverCheck {
-                    equal: true,
-                    summary: format!(
-                        "the export is complete ({source_rows} source rows, {last_file} change files; digests in changes/end.json). \
-                         The target is ready once `vmig import --online` on this staging area prints its own \"safe to switch\""
-                    ),
-                    differences: String::new(),
-                })
+                end_of_export(&cfg.job_dir, plan, digests)
             }
         }
     };
@@ -212,19 +201,44 @@ fn from_database(
     // acknowledged) is recopied and compared again. From a Milvus source
     // (watermark and id reconcile) a differing chunk is recopied too: a
     // write that left the watermark as it was reaches the target no other way.
-    let watch_sides = job.target_ep.as_ref().map(|target_ep| WatchSides {
-        open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
-        mend: may_differ(target_ep).map(|why| Mend {
-            why,
-            recopy: Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
-                let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
-                let say = |m: &str| eprintln!("{m}");
-                crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
+    let judge = match &job.target_ep {
+        Some(target_ep) => Judge::Compare {
+            open: Box::new(move || Ok((open_source(&job.source_ep, &job.table, handle)?, open_source(target_ep, &job.target_table, handle)?))),
+            mend: may_differ(target_ep).map(|why| Mend {
+                why,
+                recopy: Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
+                    let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
+                    let say = |m: &str| eprintln!("{m}");
+                    crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
+                }),
             }),
+        },
+        // An export: the source's digests in every mode an import may compare in.
+        None => Judge::Digest(DigestSide {
+            open: Box::new(move || open_source(&job.source_ep, &job.table, handle)),
+            columns: source.spec().columns.iter().map(|c| c.name.clone()).collect(),
+            modes: Box::new(|_| Normalise::ALL.to_vec()),
+            finish: Box::new(move |plan, digests| end_of_export(&cfg.job_dir, plan.to_vec(), digests.clone())),
         }),
-        rate: job.args.verify_rate.unwrap_or(0),
-    });
+    };
+    let watch_sides = Some(WatchSides { judge, rate: job.args.verify_rate.unwrap_or(0) });
     run_online(cfg, source, job.sinks.clone(), open_stream, &check, watch_sides, cancel)
+}
+
+/// The end of an online export: its source's digests (as the source is with
+/// the writes stopped) in `changes/end.json`, for the import to compare.
+fn end_of_export(dir: &std::path::Path, plan: Vec<ChunkRange>, digests: Digests) -> Result<CutoverCheck> {
+    let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
+    let last_file = read_change_markers(dir)?.keys().next_back().copied().unwrap_or(0);
+    write_end(dir, &EndMarker { last_file, source_rows, plan, digests, written_at: now_rfc3339() })?;
+    Ok(CutoverCheck {
+        equal: true,
+        summary: format!(
+            "the export is complete ({source_rows} source rows, {last_file} change files; digests in changes/end.json). \
+             The target is ready once `vmig import --online` on this staging area prints its own \"safe to switch\""
+        ),
+        differences: String::new(),
+    })
 }
 
 /// Repairs a cutover's check may run before it reports a difference.
@@ -249,23 +263,43 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
         Ok(Box::new(StagingChangeStream::open(dir.to_path_buf(), spec.clone())) as Box<dyn crate::contract::changes::ChangeStream>)
     });
     let target_ep = job.target_ep.clone().ok_or_else(|| anyhow!("import needs --to"))?;
+    let columns: Vec<String> = source.spec().columns.iter().map(|c| c.name.clone()).collect();
+    let end_of_export = || read_end(dir)?.ok_or_else(|| anyhow!("the export has not cut over (no changes/end.json)"));
     let check = || -> Result<CutoverCheck> {
-        let end = read_end(dir)?.ok_or_else(|| anyhow!("the export has not cut over (no changes/end.json)"))?;
+        let end = end_of_export()?;
         let target = open_source(&target_ep, &job.target_table, handle)?;
-        let columns: Vec<String> = source.spec().columns.iter().map(|c| c.name.clone()).collect();
         let (mode, got) = crate::engine::verify::digests_for(target.as_ref(), &end.plan, &columns, exact, false)?;
-        let want = end.digests.get(&mode).ok_or_else(|| anyhow!("changes/end.json has no digests for comparison mode {mode}"))?;
-        let diffs = compare_digests(want, &got);
-        let rows: u64 = got.iter().map(|d| d.rows).sum();
-        Ok(CutoverCheck {
-            equal: diffs.is_empty(),
-            summary: format!(
-                "the target equals the export's source at its cutover ({rows} rows; per-chunk digests of ids and every column, {mode})"
-            ),
-            differences: diffs.into_iter().take(5).collect::<Vec<_>>().join("; "),
-        })
+        against_export(&end, &mode, &got)
     };
-    run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, None, cancel)
+    // The target's digests while following, in the mode it is compared in;
+    // at cutover, with the export's (same plan: the snapshot's), or read
+    // whole if the export planned otherwise.
+    let judge = Judge::Digest(DigestSide {
+        open: Box::new(|| open_source(&target_ep, &job.target_table, handle)),
+        columns: columns.clone(),
+        modes: Box::new(move |target| vec![Normalise::for_side(target, exact, false)]),
+        finish: Box::new(|plan, digests| {
+            let end = end_of_export()?;
+            match digests.iter().next() {
+                Some((mode, got)) if end.plan == plan => against_export(&end, mode, got),
+                _ => check(),
+            }
+        }),
+    });
+    let watch_sides = WatchSides { judge, rate: job.args.verify_rate.unwrap_or(0) };
+    run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, Some(watch_sides), cancel)
+}
+
+/// An import's digests (`mode`) compared with those its export wrote at cutover.
+fn against_export(end: &EndMarker, mode: &str, got: &[ChunkDigest]) -> Result<CutoverCheck> {
+    let want = end.digests.get(mode).ok_or_else(|| anyhow!("changes/end.json has no digests for comparison mode {mode}"))?;
+    let diffs = compare_digests(want, got);
+    let rows: u64 = got.iter().map(|d| d.rows).sum();
+    Ok(CutoverCheck {
+        equal: diffs.is_empty(),
+        summary: format!("the target equals the export's source at its cutover ({rows} rows; per-chunk digests of ids and every column, {mode})"),
+        differences: diffs.into_iter().take(5).collect::<Vec<_>>().join("; "),
+    })
 }
 
 /// An online import starts once the export's snapshot is complete.

@@ -63,10 +63,16 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     for command in ["export", "import", "migrate"] {
         files.extend([jd.status(command), crate::state::online::CutoverRequest::path(&dir, command)]);
     }
-    files.extend(crate::engine::online::watch::watch_files(&dir));
     for p in files {
         if p.exists() {
             std::fs::remove_file(&p)?;
+        }
+    }
+    for command in ["export", "import", "migrate"] {
+        let watch = crate::engine::online::watch::watch_dir(&dir, command);
+        crate::engine::online::watch::discard(&watch)?;
+        if watch != dir {
+            let _ = std::fs::remove_dir(&watch); // only if now empty
         }
     }
     let _ = std::fs::remove_dir(&dir); // only if now empty

@@ -126,8 +126,8 @@ pub fn computed_notes(from: &crate::model::schema::TableSpec, to: &crate::model:
 }
 
 /// How values are made comparable when one side cannot hold them exactly.
-#[derive(Clone, Copy, Debug, Default)]
-struct Normalise {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Normalise {
     /// Vectors as OceanBase prints them (see `round_like_oceanbase`).
     round_vectors: bool,
     /// Timestamps floored to milliseconds (Milvus keeps epoch milliseconds).
@@ -163,6 +163,11 @@ fn normalise(b: &RecordBatch, n: Normalise) -> Result<RecordBatch> {
 }
 
 impl Normalise {
+    /// The mode `side` is compared in with a source of these properties.
+    pub fn for_side(side: &dyn Source, source_exact: bool, source_ms: bool) -> Normalise {
+        Normalise { round_vectors: !source_exact || !side.vectors_exact(), timestamps_ms: source_ms || side.timestamps_ms() }
+    }
+
     /// The name of a comparison mode (keys of an export's source digests).
     pub fn key(&self) -> &'static str {
         match (self.round_vectors, self.timestamps_ms) {
@@ -172,7 +177,7 @@ impl Normalise {
             (true, true) => "rounded+ms",
         }
     }
-    const ALL: [Normalise; 4] = [
+    pub const ALL: [Normalise; 4] = [
         Normalise { round_vectors: false, timestamps_ms: false },
         Normalise { round_vectors: true, timestamps_ms: false },
         Normalise { round_vectors: false, timestamps_ms: true },
@@ -186,7 +191,7 @@ fn read_side(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norm: No
 }
 
 /// `read_side` under several comparison modes, reading the chunk once.
-fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
+pub fn read_side_modes(side: &dyn Source, chunk: &ChunkRange, columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
     let mut out = vec![HashMap::new(); norms.len()];
     side.read_chunk(chunk, 2048, &mut |raw: RecordBatch| {
         for (rows, norm) in out.iter_mut().zip(norms) {
@@ -216,15 +221,26 @@ fn hash_rows(side: &dyn Source, raw: &RecordBatch, columns: &[String], norm: Nor
 
 /// id -> row hash of the rows of `ids` one side holds (ids it lacks are absent).
 fn read_ids_side(side: &dyn Source, ids: &[Key], columns: &[String], norm: Normalise) -> Result<HashMap<Key, u64>> {
-    let mut rows = HashMap::new();
-    side.read_rows_by_id(ids, &mut |raw| {
-        rows.extend(hash_rows(side, &raw, columns, norm)?);
-        Ok(())
-    })?;
-    Ok(rows)
+    Ok(read_ids_side_modes(side, ids, columns, &[norm])?.pop().unwrap())
 }
 
-fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
+/// `read_ids_side` under several comparison modes, reading the rows once;
+/// only the ids asked for (a side may also answer with rows its collation
+/// calls equal).
+pub fn read_ids_side_modes(side: &dyn Source, ids: &[Key], columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
+    let mut out = vec![HashMap::new(); norms.len()];
+    side.read_rows_by_id(ids, &mut |raw| {
+        for (rows, norm) in out.iter_mut().zip(norms) {
+            rows.extend(hash_rows(side, &raw, columns, *norm)?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The digest of a chunk from its rows' hashes (a sum: any order, and one
+/// row's hash can be taken out and put back).
+pub fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
     let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
     ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows: rows.len() as u64, digest: format!("{sum:016x}") }
 }
@@ -245,7 +261,7 @@ pub fn digests_all_modes(side: &dyn Source, plan: &[ChunkRange]) -> Result<std::
 /// Digests of `side` in the mode a comparison with a source of these
 /// properties needs; returns (mode, digests). `columns`: the source's.
 pub fn digests_for(side: &dyn Source, plan: &[ChunkRange], columns: &[String], source_exact: bool, source_ms: bool) -> Result<(String, Vec<ChunkDigest>)> {
-    let norm = Normalise { round_vectors: !source_exact || !side.vectors_exact(), timestamps_ms: source_ms || side.timestamps_ms() };
+    let norm = Normalise::for_side(side, source_exact, source_ms);
     let mut out = Vec::new();
     for chunk in plan {
         out.push(digest_of(chunk, &read_side(side, chunk, columns, norm)?));

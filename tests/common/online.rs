@@ -333,20 +333,54 @@ pub fn staging_scenario(name: &str, source: &OnlineSource, dst: &str) -> tempfil
     let mut imp = start(&import, &Moment::Committed(0));
     let _reap = Reaper(vec![exp.id(), imp.id()]);
     wait_following(&mut imp, &st, "import", 0, name);
+    // Each side digests its chunks while following (the export the source,
+    // the import the target), so that neither cutover reads a whole table.
+    for command in ["export", "import"] {
+        wait_for_a_digested_pass(&st, command);
+    }
     writer.stop();
 
     let mut cut = export.clone();
     cut[0] = "cutover".into();
-    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("the export is complete"), "export cutover");
+    let said = String::from_utf8_lossy(&ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>()).stdout).into_owned();
+    assert!(said.contains("the export is complete"), "export cutover: {said}");
+    // The bound for what a cutover may read: the table's rows, as the export counted them.
+    let rows: u64 = said.split("the export is complete (").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).expect(&said);
+    assert_read_changed_keys_only(&said, rows);
     assert!(exp.wait().unwrap().success(), "the export did not exit 0 after cutover");
     // The import cuts over by itself once it has applied the export's last file.
     let mut cut = import.clone();
     cut[0] = "cutover".into();
-    let out = ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("safe to switch"), "import cutover");
+    let said = String::from_utf8_lossy(&ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>()).stdout).into_owned();
+    assert!(said.contains("safe to switch"), "import cutover: {said}");
+    assert_read_changed_keys_only(&said, rows);
     assert!(imp.wait().unwrap().success(), "the import did not exit 0 after cutover");
     let left = (source.leftovers)();
     assert!(left.is_empty(), "{name}: left on the source after cutover: {left}");
     dir
+}
+
+/// Waits until an export or import through staging at `st` has digested
+/// every chunk of its side once.
+pub fn wait_for_a_digested_pass(st: &Path, command: &str) {
+    let full_pass = || {
+        let v = status_of(st, command).map(|s| s["online"]["verification"].clone()).unwrap_or_default();
+        v["chunks"].as_u64().is_some_and(|n| n > 0 && v["chunks_verified"].as_u64() == Some(n))
+    };
+    let t = Instant::now();
+    while !full_pass() {
+        assert!(t.elapsed() < Duration::from_secs(180), "the {command} in {} digested no full pass in 180 s", st.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A cutover through staging read only keys changed since each chunk was
+/// digested (no chunk whole): fewer rows than the table holds.
+pub fn assert_read_changed_keys_only(said: &str, table_rows: u64) {
+    let window = said.split("digested: read ").nth(1).unwrap_or_else(|| panic!("no digest line: {said}"));
+    let number_before = |word: &str| -> u64 { window.split(word).next().unwrap().rsplit(' ').next().and_then(|n| n.parse().ok()).expect(said) };
+    assert!(window.starts_with(|c: char| c.is_ascii_digit()), "{said}");
+    assert_eq!(number_before(" chunks never digested"), 0, "every chunk was digested while following: {said}");
+    let read: u64 = window.split('(').nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).expect(said);
+    assert!(read < table_rows, "the cutover read {read} rows of {table_rows}: {said}");
 }

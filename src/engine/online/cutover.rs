@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 
 use crate::contract::changes::ChangeStream;
 use crate::engine::online::CutoverCheck;
-use crate::engine::online::watch::{MayDiffer, WatchCheck, Watching};
+use crate::engine::online::watch::{Checked, MayDiffer, WatchCheck, Watching};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets};
 use crate::model::now_rfc3339;
 use crate::state::online::{CutoverRequest, OnlineState};
@@ -55,13 +55,22 @@ pub(super) fn cutover(
     let full = CutoverRequest::load(&dir, &cfg.command)?.is_some_and(|r| r.full_verify);
     let check_started = Instant::now();
     let checked = match watching.filter(|_| !full) {
-        Some(w) => w.check().map(|c| {
-            let counted = if c.copies_counted > 0 { format!(", counted the copies in {} chunks", c.copies_counted) } else { String::new() };
-            let what = format!(
-                "checked {} changed keys and {} unverified chunks ({} rows){counted}",
-                c.changed_keys, c.unverified_chunks, c.rows_compared
-            );
-            (changed_only(&c, &w.cmp.vector_comparison, w.may_differ()), what)
+        Some(w) => w.check().map(|checked| match checked {
+            Checked::Compared(c) => {
+                let counted = if c.copies_counted > 0 { format!(", counted the copies in {} chunks", c.copies_counted) } else { String::new() };
+                let what = format!(
+                    "checked {} changed keys and {} unverified chunks ({} rows){counted}",
+                    c.changed_keys, c.unverified_chunks, c.rows_compared
+                );
+                (changed_only(&c, w.vector_comparison(), w.may_differ()), what)
+            }
+            Checked::Digested(d) => {
+                let what = format!(
+                    "digested: read {} changed keys again and {} chunks never digested ({} rows)",
+                    d.changed_keys, d.undigested_chunks, d.rows_read
+                );
+                (d.check, what)
+            }
         }),
         None => check().map(|r| (r, "verified both whole tables".to_string())),
     };
@@ -79,7 +88,7 @@ pub(super) fn cutover(
     progress.println(&window);
     if !r.equal {
         return fail(format!(
-            "cutover: the target differs from the source after draining ({}); were writes to the source stopped? \
+            "cutover: the target differs from the source after draining ({}; {window}); were writes to the source stopped? \
              The job keeps following; stop the writes and request the cutover again",
             r.differences
         ));
@@ -87,7 +96,7 @@ pub(super) fn cutover(
     let artifacts = stream.artifacts();
     stream.drop_artifacts()?;
     let _ = std::fs::remove_file(OnlineState::path(&dir));
-    crate::engine::online::watch::discard(&dir)?;
+    crate::engine::online::watch::discard(&crate::engine::online::watch::watch_dir(&dir, &cfg.command))?;
     let removed = if stream.removes_artifacts() { format!("; {artifacts} removed") } else { String::new() };
     let msg = format!("safe to switch: {}{removed} ({window})", r.summary);
     if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {

@@ -51,7 +51,7 @@ pub fn run_online(
         }
         if !committed {
             // A job starting over: no check of an earlier copy counts.
-            watch::discard(&cfg.job_dir)?;
+            watch::discard(&watch::watch_dir(&cfg.job_dir, &cfg.command))?;
         }
         let mut stream = open_stream(progress, committed)?;
         progress.println(&format!("change capture: {}", stream.artifacts()));
@@ -66,7 +66,7 @@ pub fn run_online(
         let mut watching = None;
         if error.is_none() {
             if let Some(w) = watch_sides {
-                match Watching::open(&cfg.job_dir, w, cfg.chunk_rows) {
+                match Watching::open(&watch::watch_dir(&cfg.job_dir, &cfg.command), w, &job.plan) {
                     Ok(w) => watching = Some(w),
                     Err(e) => error = Some(format!("setting up verification while following: {e:#}")),
                 }

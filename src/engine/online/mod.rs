@@ -10,10 +10,8 @@ pub mod watch;
 
 pub use follow::run_online;
 
-
-
-
 /// What a cutover's check found (verify, or digests across a staging area).
+#[derive(Default)]
 pub struct CutoverCheck {
     pub equal: bool,
     /// Completes "safe to switch: …" when equal.

@@ -1,7 +1,8 @@
 //! Verification while following, so that a cutover checks only what can
-//! still differ. A background verifier walks the chunks of a plan made when
-//! following starts, compares each on both sides with verify's rules and
-//! records, per chunk, the change mark it was last seen equal at. Every
+//! still differ. A background verifier walks the job's chunks, compares
+//! each on both sides with verify's rules (or, across a staging area,
+//! digests its one side: see `digest`) and records, per chunk, the change
+//! mark it was last seen equal at. Every
 //! change is marked (its key, a sequence number) before it is applied, so a
 //! key changed after its chunk's check stays "changed" until the next check.
 //! At cutover only changed keys (read by id on both sides) and chunks never
@@ -30,6 +31,9 @@ use crate::model::now_rfc3339;
 use crate::model::plan::{Bounds, ChunkRange, Key};
 use crate::state::files::{load_json, write_atomic};
 use crate::state::progress::VerifyProgress;
+
+mod digest;
+pub use digest::{DigestCheck, DigestSide, Digests};
 
 const WATCH_FILE: &str = "watch.json";
 const CHANGED_FILE: &str = "changed-keys.jsonl";
@@ -60,6 +64,10 @@ struct ChunkCheck {
     mark: u64,
     at: String,
     rows: u64,
+    /// One side's digest by comparison mode, where the other side is a
+    /// staging area (see `digest`): its rows' hashes are in `watch-hashes/`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    digests: BTreeMap<String, String>,
 }
 
 /// One line of `changed-keys.jsonl`.
@@ -108,31 +116,36 @@ pub struct Watch {
     state: Mutex<State>,
 }
 
-/// The files of a job's watch (`reset` and a fresh start remove them).
-pub fn watch_files(dir: &Path) -> [PathBuf; 2] {
-    [dir.join(WATCH_FILE), dir.join(CHANGED_FILE)]
+/// Where a command keeps its watch: a migrate in its job directory; an
+/// export and an import share theirs (the staging area), so each in its own.
+pub fn watch_dir(job_dir: &Path, command: &str) -> PathBuf {
+    match command {
+        "export" | "import" => job_dir.join(format!("watch-{command}")),
+        _ => job_dir.to_path_buf(),
+    }
 }
 
 /// Forgets a job's watch: a job that starts over (or has cut over) must not
 /// trust checks made of another copy.
 pub fn discard(dir: &Path) -> Result<()> {
-    for p in watch_files(dir) {
+    for p in [dir.join(WATCH_FILE), dir.join(CHANGED_FILE)] {
         match std::fs::remove_file(&p) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", p.display())),
             _ => {}
         }
     }
-    Ok(())
+    digest::discard(dir)
 }
 
 impl Watch {
-    /// The job's watch: loaded as a killed run left it, or planned from
-    /// `source` (chunks of about `chunk_rows`, covering every possible key).
-    pub fn open(dir: &Path, source: &dyn Source, chunk_rows: u64) -> Result<Watch> {
+    /// The job's watch: loaded as a killed run left it, or over `plan`
+    /// (the job's chunks, which cover every possible key).
+    pub fn open(dir: &Path, plan: &[ChunkRange]) -> Result<Watch> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let file = match load_json::<WatchFile>(&dir.join(WATCH_FILE))? {
             Some(f) => f,
             None => {
-                let f = WatchFile { plan: source.plan(chunk_rows)?, ..Default::default() };
+                let f = WatchFile { plan: plan.to_vec(), ..Default::default() };
                 write_atomic(&dir.join(WATCH_FILE), &serde_json::to_vec_pretty(&f)?)?;
                 f
             }
@@ -195,22 +208,7 @@ impl Watch {
     /// rows compared, None when no chunk is due. A chunk that differs while
     /// changes are in flight is simply due again on a later walk.
     pub fn verify_next(&self, cmp: &Comparison, from: &dyn Source, to: &dyn Source) -> Result<Option<u64>> {
-        let (at, chunk, mark) = {
-            let mut st = self.state.lock().unwrap();
-            let n = st.file.plan.len();
-            let Some(offset) = (0..n).find(|i| st.due((st.cursor + i) % n)) else {
-                st.finish_walk();
-                return Ok(None);
-            };
-            let at = (st.cursor + offset) % n;
-            if at < st.cursor {
-                st.finish_walk();
-            }
-            st.cursor = at + 1;
-            st.walked += 1;
-            st.compared[at] = Some(Instant::now());
-            (at, st.file.plan[at].clone(), st.applied)
-        };
+        let Some((at, chunk, mark)) = self.next_due() else { return Ok(None) };
         let diff = cmp.chunk(from, to, &chunk)?;
         let rows = diff.source_rows.max(diff.target_rows);
         // Under steady writes a chunk rarely reads equal: a few keys are in
@@ -225,11 +223,34 @@ impl Watch {
         Ok(Some(rows))
     }
 
+    /// The next chunk due (position, range, the applied mark it is read
+    /// at), or None once a walk found none.
+    fn next_due(&self) -> Option<(usize, ChunkRange, u64)> {
+        let mut st = self.state.lock().unwrap();
+        let n = st.file.plan.len();
+        let Some(offset) = (0..n).find(|i| st.due((st.cursor + i) % n)) else {
+            st.finish_walk();
+            return None;
+        };
+        let at = (st.cursor + offset) % n;
+        if at < st.cursor {
+            st.finish_walk();
+        }
+        st.cursor = at + 1;
+        st.walked += 1;
+        st.compared[at] = Some(Instant::now());
+        Some((at, st.file.plan[at].clone(), st.applied))
+    }
+
     /// Chunk `at` was seen equal with every change up to `mark` applied.
     fn record_equal(&self, at: usize, mark: u64, rows: u64) -> Result<()> {
+        self.record(at, ChunkCheck { mark, at: now_rfc3339(), rows, digests: BTreeMap::new() })
+    }
+
+    fn record(&self, at: usize, check: ChunkCheck) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         let id = st.file.plan[at].id;
-        st.file.checked.insert(id, ChunkCheck { mark, at: now_rfc3339(), rows });
+        st.file.checked.insert(id, check);
         if st.file.first_full_pass.is_none() && st.file.checked.len() == st.file.plan.len() {
             st.file.first_full_pass = Some(now_rfc3339());
         }
@@ -414,13 +435,11 @@ pub type OpenSides<'a> = Box<dyn Fn() -> Result<(Arc<dyn Source>, Arc<dyn Source
 /// Recopies `chunks` (of `plan`) from the source to the target: (source, target, plan, chunks).
 pub type MendChunks<'a> = Box<dyn Fn(&dyn Source, &dyn Source, &[ChunkRange], &[ChunkRange]) -> Result<()> + Send + Sync + 'a>;
 
-/// A job's verification while following: its record, how to open the two
-/// sides, and the background verifier's pace.
+/// A job's verification while following: its record, how the chunks are
+/// judged, and the background verifier's pace.
 pub struct Watching<'a> {
     pub watch: Watch,
-    open: OpenSides<'a>,
-    mend: Option<Mend<'a>>,
-    pub cmp: Comparison,
+    judge: Judging<'a>,
     /// Rows per second the verifier reads at most (0: no limit).
     rate: u64,
     /// A cutover holds the verifier still while it checks.
@@ -432,14 +451,52 @@ pub struct Watching<'a> {
     busy: Mutex<()>,
 }
 
+enum Judging<'a> {
+    Compare { open: OpenSides<'a>, mend: Option<Mend<'a>>, cmp: Comparison },
+    Digest(DigestSide<'a>),
+}
+
+/// What a cutover's check compared and found.
+pub enum Checked {
+    /// Both sides compared (changed keys by id, chunks never seen equal whole).
+    Compared(WatchCheck),
+    /// One side digested (the other is a staging area).
+    Digested(DigestCheck),
+}
+
 impl<'a> Watching<'a> {
-    /// Opens (or resumes) the job's watch over the sides `open` gives.
-    pub fn open(dir: &Path, sides: WatchSides<'a>, chunk_rows: u64) -> Result<Watching<'a>> {
-        let WatchSides { open, mend, rate } = sides;
-        let (from, to) = open()?;
-        let watch = Watch::open(dir, from.as_ref(), chunk_rows)?;
-        let cmp = Comparison::of(from.as_ref(), to.as_ref());
-        Ok(Watching { watch, open, mend, cmp, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
+    /// Opens (or resumes) the job's watch over `plan`, judged as `sides` says.
+    pub fn open(dir: &Path, sides: WatchSides<'a>, plan: &[ChunkRange]) -> Result<Watching<'a>> {
+        let WatchSides { judge, rate } = sides;
+        let judge = match judge {
+            Judge::Compare { open, mend } => {
+                let (from, to) = open()?;
+                let cmp = Comparison::of(from.as_ref(), to.as_ref());
+                Judging::Compare { open, mend, cmp }
+            }
+            Judge::Digest(side) => Judging::Digest(side),
+        };
+        let watch = Watch::open(dir, plan)?;
+        Ok(Watching { watch, judge, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
+    }
+
+    /// How vectors are compared, as a report says it.
+    pub fn vector_comparison(&self) -> &str {
+        match &self.judge {
+            Judging::Compare { cmp, .. } => &cmp.vector_comparison,
+            Judging::Digest(_) => "as verify compares them",
+        }
+    }
+
+    /// Judges the next chunk due; the rows read, None when none is due.
+    fn step(&self) -> Result<Option<u64>> {
+        match &self.judge {
+            Judging::Compare { open, cmp, .. } => {
+                let (from, to) = open()?;
+                self.watch.verify_next(cmp, from.as_ref(), to.as_ref())
+            }
+            Judging::Digest(side) => digest::digest_next(&self.watch, side),
+        }
     }
 
     /// The background verifier: compares the chunks due, one at a time,
@@ -454,7 +511,7 @@ impl<'a> Watching<'a> {
             let started = Instant::now();
             let done = {
                 let _busy = self.busy.lock().unwrap();
-                (self.open)().and_then(|(from, to)| self.watch.verify_next(&self.cmp, from.as_ref(), to.as_ref()))
+                self.step()
             };
             let idle = match done {
                 Ok(Some(rows)) => {
@@ -485,12 +542,19 @@ impl<'a> Watching<'a> {
     /// Where the sides can mend (Milvus targets or sources), differing chunks are
     /// recopied from the source and compared whole again; what then is
     /// equal is reported as mended, not as differing.
-    pub fn check(&self) -> Result<WatchCheck> {
+    pub fn check(&self) -> Result<Checked> {
         self.paused.store(true, Relaxed);
         let _busy = self.busy.lock().unwrap();
-        let (from, to) = (self.open)()?;
-        let mut c = self.watch.check(&self.cmp, from.as_ref(), to.as_ref())?;
-        let Some(mend) = self.mend.as_ref().filter(|_| !c.differing.is_empty()) else { return Ok(c) };
+        match &self.judge {
+            Judging::Compare { open, mend, cmp } => self.compare_and_mend(open, mend.as_ref(), cmp).map(Checked::Compared),
+            Judging::Digest(side) => digest::check(&self.watch, side).map(Checked::Digested),
+        }
+    }
+
+    fn compare_and_mend(&self, open: &OpenSides<'a>, mend: Option<&Mend<'a>>, cmp: &Comparison) -> Result<WatchCheck> {
+        let (from, to) = open()?;
+        let mut c = self.watch.check(cmp, from.as_ref(), to.as_ref())?;
+        let Some(mend) = mend.filter(|_| !c.differing.is_empty()) else { return Ok(c) };
         let plan = self.watch.plan();
         let at_of = |d: &ChunkDiff| plan.iter().position(|p| p.id == d.chunk);
         // What was found first is what the cutover names; later rounds
@@ -505,12 +569,12 @@ impl<'a> Watching<'a> {
         // recopy had found it gone (milvus#32915), so equal right away is
         // not yet mended.
         let compare = |left: &[usize], c: &mut WatchCheck, record: bool| -> Result<Vec<usize>> {
-            let (from, to) = (self.open)()?;
+            let (from, to) = open()?;
             let mark = self.watch.applied_mark();
             let mut still = Vec::new();
             c.differing.clear();
             for &at in left {
-                let again = self.cmp.chunk(from.as_ref(), to.as_ref(), &plan[at])?;
+                let again = cmp.chunk(from.as_ref(), to.as_ref(), &plan[at])?;
                 c.rows_compared += again.source_rows.max(again.target_rows);
                 if !again.is_equal() {
                     still.push(at);
@@ -523,7 +587,7 @@ impl<'a> Watching<'a> {
         };
         for _round in 0..MEND_ROUNDS {
             let chunks: Vec<ChunkRange> = left.iter().map(|at| plan[*at].clone()).collect();
-            let (from, to) = (self.open)()?;
+            let (from, to) = open()?;
             (mend.recopy)(from.as_ref(), to.as_ref(), &plan, &chunks)?;
             let mut still = compare(&left, &mut c, false)?;
             if still.is_empty() {
@@ -542,7 +606,10 @@ impl<'a> Watching<'a> {
 
     /// Why a chunk could differ with every change applied, if it can.
     pub fn may_differ(&self) -> Option<MayDiffer> {
-        self.mend.as_ref().map(|m| m.why)
+        match &self.judge {
+            Judging::Compare { mend, .. } => mend.as_ref().map(|m| m.why),
+            Judging::Digest(_) => None,
+        }
     }
 
     /// Whether the job is catching up with a backlog (see `behind`).
@@ -555,15 +622,26 @@ impl<'a> Watching<'a> {
     }
 }
 
-/// The sides an online job verifies while it follows (the source, the
-/// target read back), opened once the snapshot is loaded (the target
-/// exists by then), and the verifier's pace.
+/// How an online job verifies while it follows, set up once the snapshot
+/// is loaded (the target exists by then), and the verifier's pace.
 pub struct WatchSides<'a> {
-    pub open: OpenSides<'a>,
-    /// Recopies chunks that differ although every change was applied.
-    pub mend: Option<Mend<'a>>,
+    pub judge: Judge<'a>,
     /// Rows per second at most (0: no limit).
     pub rate: u64,
+}
+
+/// What the background verifier does with each chunk.
+pub enum Judge<'a> {
+    /// Both sides are databases (the source, the target read back): compare
+    /// them with verify's rules.
+    Compare {
+        open: OpenSides<'a>,
+        /// Recopies chunks that differ although every change was applied.
+        mend: Option<Mend<'a>>,
+    },
+    /// The other side is a staging area (an export, an import): record this
+    /// side's digests for a comparison at the end.
+    Digest(DigestSide<'a>),
 }
 
 /// How a chunk found differing is made equal, and why it could differ.
