@@ -1,7 +1,7 @@
 //! Online benchmark against the real local databases (scripts/dbs.sh start):
 //!
 //!     cargo bench --bench online        (BENCH_CHANGES, BENCH_RATE, BENCH_STEADY_SECS, BENCH_SOURCE_ROWS,
-//!                                        BENCH_CASES=pg>pg,pg>ob,pg>milvus,ob>pg,milvus>pg)
+//!                                        BENCH_CASES=pg>pg,pg>ob,pg>milvus,ob>pg,milvus>pg,pg>staging>pg)
 //!
 //! For each source > target case, in the same run:
 //! - the raw bulk-write ceiling of BENCH_CHANGES rows (binary COPY; multi-row
@@ -23,7 +23,10 @@
 //!   same backlog, beside vmig's snapshot and catch-up;
 //! - OceanBase sources: the source's single-row insert rate without and with
 //!   vmig's triggers (the capture's cost to the application);
-//! - Milvus sources: the id-set reconcile the cutover runs, per million ids.
+//! - Milvus sources: the id-set reconcile the cutover runs, per million ids;
+//! - pg>staging>pg (not in the default cases): export and import joined by
+//!   a staging directory follow a steady load and cut over; each window
+//!   beside a full verify.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -249,6 +252,86 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
     Figures { case: case.into(), raw, source_read, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile, snapshot, verify_pass, window, full_verify }
 }
 
+/// Online through staging (export and import as separate processes joined
+/// by a directory): both follow a FastGPT-like insert load, digest their
+/// side while following, and cut over. Returns a note with each cutover's
+/// window beside a full `vmig verify` of the same tables.
+fn bench_staging(rt: &tokio::runtime::Runtime, dst_base: &str) -> String {
+    let case = "pg>staging>pg";
+    let src = prepare_source(rt, "pg", case);
+    let dst = rt.block_on(fresh_pg(dst_base, "bench_online_dst_staging"));
+    let dir = std::env::temp_dir().join("vmig-bench-online-staging");
+    let _ = std::fs::remove_dir_all(&dir);
+    let st = dir.to_str().unwrap().to_string();
+    let export = ["export", "--online", "--from", &src, "--staging", &st, "--job", "bench_staging", "--quiet"];
+    let import = ["import", "--online", "--staging", &st, "--to", &dst, "--quiet"];
+    let logs = std::env::temp_dir().join("vmig-bench-online-staging-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let spawn = |args: &[&str]| {
+        let log = std::fs::File::create(logs.join(format!("{}.log", args[0]))).unwrap();
+        Command::new(VMIG).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    };
+    let side = |command: &str| -> serde_json::Value {
+        std::fs::read(dir.join(format!("status-{command}.json"))).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    };
+    let following = |command: &str| side(command)["phase"].as_str() == Some("following");
+    let t = Instant::now();
+    let mut exp = spawn(&export);
+    wait("export following", || following("export"));
+    // The import reads the manifest the export has written.
+    let mut imp = spawn(&import);
+    wait("import following", || following("import"));
+    let snapshot = t.elapsed().as_secs_f64();
+    // As a job that has followed for a while: each side has digested every chunk once.
+    let t = Instant::now();
+    for command in ["export", "import"] {
+        wait("a digested pass", || {
+            let v = &side(command)["online"]["verification"];
+            v["chunks"].as_u64().is_some_and(|n| n > 0 && v["chunks_verified"].as_u64() == Some(n))
+        });
+    }
+    let passes = t.elapsed().as_secs_f64();
+    // Then the application writes until the moment of switching.
+    let steady: u64 = env_or("BENCH_STEADY_SECS", "30").parse().unwrap();
+    let rate: u64 = env_or("BENCH_RATE", "200").parse().unwrap();
+    eprintln!("{case}: steady load of {rate} rows/s for {steady} s …");
+    rt.block_on(async {
+        let mut load = Load::connect("pg", &src, 1536).await;
+        let t = Instant::now();
+        let period = Duration::from_secs_f64(10.0 / rate as f64);
+        let mut next = Instant::now();
+        while t.elapsed() < Duration::from_secs(steady) {
+            load.insert(10, "bench").await;
+            next += period;
+            if let Some(d) = next.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(d).await;
+            }
+        }
+    });
+
+    let cut = |args: &[&str]| -> String {
+        let mut a = args.to_vec();
+        a[0] = "cutover";
+        let out = Command::new(VMIG).args(&a).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "cutover failed: {said}{}", String::from_utf8_lossy(&out.stderr));
+        said.lines().find_map(|l| l.split_once("cutover window").map(|(_, w)| format!("window{}", w.trim_end_matches(')')))).unwrap_or_default()
+    };
+    let export_window = cut(&export);
+    assert!(exp.wait().unwrap().success());
+    let import_window = cut(&import);
+    assert!(imp.wait().unwrap().success());
+    let t = Instant::now();
+    vmig(&["verify", "--from", &src, "--to", &dst]);
+    let full_verify = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = env_or("BENCH_SOURCE_ROWS", "2000");
+    format!(
+        "{case}: {rows} rows, export and import to following {snapshot:.1} s; both sides' first digested pass {passes:.1} s later; then {steady} s of {rate} rows/s and, with the writes stopped, \
+         export cutover {export_window}; import cutover {import_window}; full vmig verify of the same tables {full_verify:.1} s"
+    )
+}
+
 /// PostgreSQL's own logical replication as the peer of a pg>pg case, on a
 /// second copy of the source: the initial sync (CREATE SUBSCRIPTION with
 /// `binary = true` until every table is ready), then the catch-up of a
@@ -359,6 +442,12 @@ fn main() {
     // The target's raw ingest ceiling, measured once per target kind in this run.
     let mut raw_of: std::collections::HashMap<String, f64> = Default::default();
     for case in cases.split(',') {
+        if case == "pg>staging>pg" {
+            let note = bench_staging(&rt, &dst_base);
+            eprintln!("{note}");
+            notes.push(note);
+            continue;
+        }
         let (source_kind, t) = case.split_once('>').unwrap_or_else(|| panic!("BENCH_CASES: {case} is not source>target"));
         let src = prepare_source(&rt, source_kind, case);
         let rows = changes.to_string();
