@@ -272,6 +272,9 @@ pub fn partitions_to_read(conn: &Milvus, coll: &Collection) -> Result<Vec<Option
     Ok(conn.partitions(&coll.spec.name)?.into_iter().map(Some).collect())
 }
 
+/// Queries by id in flight at once (`read_rows_by_id`).
+const READS_IN_FLIGHT: usize = 2;
+
 /// The rows matching `expr` (at most `limit` per partition), one batch per
 /// partition that has any: a partitioned collection is asked partition by
 /// partition, so each row comes with its partition.
@@ -600,10 +603,25 @@ impl Source for MilvusSource {
     }
 
     fn read_rows_by_id(&self, ids: &[Key], out: &mut dyn FnMut(RecordBatch) -> Result<()>) -> Result<()> {
-        for part in ids.chunks(self.page_rows.max(1)) {
+        let read = |part: &[Key]| {
             let expr = self.and_subset(&in_expr(&self.coll.pk_field, part));
-            for batch in query_rows(&self.conn, &self.coll, &expr, &self.output, part.len(), self.read_ts())? {
-                out(batch)?;
+            query_rows(&self.conn, &self.coll, &expr, &self.output, part.len(), self.read_ts())
+        };
+        let pages: Vec<&[Key]> = ids.chunks(self.page_rows.max(1)).collect();
+        // Most of a page's time is the server's: with a second query in
+        // flight (one thread each) the pages arrive nearly twice as fast.
+        for group in pages.chunks(READS_IN_FLIGHT) {
+            let results: Vec<Result<Vec<RecordBatch>>> = match group {
+                [one] => vec![read(one)],
+                _ => std::thread::scope(|s| {
+                    let running: Vec<_> = group.iter().map(|part| s.spawn(move || read(part))).collect();
+                    running.into_iter().map(|r| r.join().unwrap_or_else(|_| Err(anyhow!("reading rows by id panicked")))).collect()
+                }),
+            };
+            for batches in results {
+                for batch in batches? {
+                    out(batch)?;
+                }
             }
         }
         Ok(())
