@@ -62,17 +62,15 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     let mut files = vec![jd.manifest()];
     for command in ["export", "import", "migrate"] {
         files.extend([jd.status(command), crate::state::online::CutoverRequest::path(&dir, command)]);
-    }
-    for p in files {
-        if p.exists() {
-            std::fs::remove_file(&p)?;
-        }
-    }
-    for command in ["export", "import", "migrate"] {
         let watch = crate::engine::online::watch::watch_dir(&dir, command);
         crate::engine::online::watch::discard(&watch)?;
         if watch != dir {
             let _ = std::fs::remove_dir(&watch); // only if now empty
+        }
+    }
+    for p in files {
+        if p.exists() {
+            std::fs::remove_file(&p)?;
         }
     }
     let _ = std::fs::remove_dir(&dir); // only if now empty

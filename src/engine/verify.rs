@@ -225,13 +225,14 @@ fn read_ids_side(side: &dyn Source, ids: &[Key], columns: &[String], norm: Norma
 }
 
 /// `read_ids_side` under several comparison modes, reading the rows once;
-/// only the ids asked for (a side may also answer with rows its collation
-/// calls equal).
+/// only the ids asked for, byte for byte (a side may also answer with rows
+/// its collation calls equal).
 pub fn read_ids_side_modes(side: &dyn Source, ids: &[Key], columns: &[String], norms: &[Normalise]) -> Result<Vec<HashMap<Key, u64>>> {
+    let wanted: std::collections::HashSet<&Key> = ids.iter().collect();
     let mut out = vec![HashMap::new(); norms.len()];
     side.read_rows_by_id(ids, &mut |raw| {
         for (rows, norm) in out.iter_mut().zip(norms) {
-            rows.extend(hash_rows(side, &raw, columns, *norm)?);
+            rows.extend(hash_rows(side, &raw, columns, *norm)?.into_iter().filter(|(k, _)| wanted.contains(k)));
         }
         Ok(())
     })?;
@@ -242,7 +243,12 @@ pub fn read_ids_side_modes(side: &dyn Source, ids: &[Key], columns: &[String], n
 /// row's hash can be taken out and put back).
 pub fn digest_of(chunk: &ChunkRange, rows: &HashMap<Key, u64>) -> ChunkDigest {
     let sum = rows.values().fold(0u64, |a, h| a.wrapping_add(*h));
-    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows: rows.len() as u64, digest: format!("{sum:016x}") }
+    chunk_digest(chunk, rows.len() as u64, format!("{sum:016x}"))
+}
+
+/// A chunk's digest record: its bounds, `rows` and the digest.
+pub fn chunk_digest(chunk: &ChunkRange, rows: u64, digest: String) -> ChunkDigest {
+    ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows, digest }
 }
 
 /// Digests of every chunk of `side` under every comparison mode, by mode.
@@ -337,13 +343,11 @@ impl Comparison {
     /// The rows of `keys` read by id on both sides and compared: a chunk's
     /// diff over those keys only (a key neither side holds is equal).
     pub fn keys(&self, from: &dyn Source, to: &dyn Source, chunk: &ChunkRange, keys: &[Key]) -> Result<ChunkDiff> {
-        // Only the keys asked for, byte for byte: a side may also answer with
-        // rows its collation calls equal (OceanBase's PAD SPACE: 'a ' = 'a').
-        let wanted: std::collections::HashSet<&Key> = keys.iter().collect();
-        let mut a = read_ids_side(from, keys, &self.columns, self.norm)?;
-        let mut b = read_ids_side(to, keys, &self.columns, self.norm)?;
-        a.retain(|k, _| wanted.contains(k));
-        b.retain(|k, _| wanted.contains(k));
+        // Only the keys asked for, byte for byte (`read_ids_side`): a side may
+        // also answer with rows its collation calls equal (OceanBase's PAD
+        // SPACE: 'a ' = 'a').
+        let a = read_ids_side(from, keys, &self.columns, self.norm)?;
+        let b = read_ids_side(to, keys, &self.columns, self.norm)?;
         // Milvus: copies of these keys beyond one each, which its queries hide.
         let Some(copies) = to.stored_copies_of(keys)? else { return Ok(diff_of(chunk, &a, &b, b.len() as u64)) };
         let mut d = diff_of(chunk, &a, &b, copies);

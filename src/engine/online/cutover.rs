@@ -62,7 +62,7 @@ pub(super) fn cutover(
                     "checked {} changed keys and {} unverified chunks ({} rows){counted}",
                     c.changed_keys, c.unverified_chunks, c.rows_compared
                 );
-                (changed_only(&c, w.vector_comparison(), w.may_differ()), what)
+                (changed_only(&c, w.may_differ()), what)
             }
             Checked::Digested(d) => {
                 let what = format!(
@@ -110,7 +110,7 @@ pub(super) fn cutover(
 }
 
 /// A watch's check as the cutover reports it.
-fn changed_only(c: &WatchCheck, vectors: &str, may_differ: Option<MayDiffer>) -> CutoverCheck {
+fn changed_only(c: &WatchCheck, may_differ: Option<MayDiffer>) -> CutoverCheck {
     let unseen = may_differ.and_then(MayDiffer::unseen).map(|u| format!("; {u}")).unwrap_or_default();
     let mended = match may_differ.filter(|_| !c.mended.is_empty()) {
         None => String::new(),
@@ -124,8 +124,8 @@ fn changed_only(c: &WatchCheck, vectors: &str, may_differ: Option<MayDiffer>) ->
         equal: c.differing.is_empty(),
         summary: format!(
             "the target equals the source (every chunk seen equal while following; the {} keys changed since and {} chunks never seen equal \
-             compared now: ids, every column and, in Milvus, the copies of each id and of each chunk; vectors {vectors}{unseen}){mended}",
-            c.changed_keys, c.unverified_chunks
+             compared now: ids, every column and, in Milvus, the copies of each id and of each chunk; vectors {}{unseen}){mended}",
+            c.changed_keys, c.unverified_chunks, c.vectors
         ),
         differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
     }

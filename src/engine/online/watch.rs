@@ -100,6 +100,8 @@ struct State {
 
 /// What a cutover compared and found.
 pub struct WatchCheck {
+    /// How vectors were compared, as a report says it.
+    pub vectors: String,
     pub changed_keys: usize,
     pub unverified_chunks: usize,
     pub rows_compared: u64,
@@ -290,6 +292,7 @@ impl Watch {
             (st.file.plan.clone(), keys, chunks)
         };
         let mut out = WatchCheck {
+            vectors: cmp.vector_comparison.clone(),
             changed_keys: keys.iter().map(|(_, k)| k.len()).sum(),
             unverified_chunks: chunks.len(),
             rows_compared: 0,
@@ -478,14 +481,6 @@ impl<'a> Watching<'a> {
         };
         let watch = Watch::open(dir, plan)?;
         Ok(Watching { watch, judge, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
-    }
-
-    /// How vectors are compared, as a report says it.
-    pub fn vector_comparison(&self) -> &str {
-        match &self.judge {
-            Judging::Compare { cmp, .. } => &cmp.vector_comparison,
-            Judging::Digest(_) => "as verify compares them",
-        }
     }
 
     /// Judges the next chunk due; the rows read, None when none is due.

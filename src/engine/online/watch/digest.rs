@@ -12,7 +12,7 @@
 //! hashes under an older check, whose changed keys (a superset) are then
 //! read again: still exact.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use super::{ChunkCheck, Watch};
 use crate::contract::Source;
 use crate::engine::online::CutoverCheck;
-use crate::engine::verify::{Normalise, digest_of, read_ids_side_modes, read_side_modes};
+use crate::engine::verify::{Normalise, chunk_digest, digest_of, read_ids_side_modes, read_side_modes};
 use crate::model::hash::ChunkDigest;
 use crate::model::now_rfc3339;
 use crate::model::plan::{ChunkRange, Key};
@@ -112,14 +112,13 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
             let mut rows = decode(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?, modes.len())
                 .with_context(|| format!("{} is damaged", path.display()))?;
             for part in ks.chunks(1_000) {
-                let wanted: HashSet<&Key> = part.iter().collect();
                 let now = read_ids_side_modes(read.as_ref(), part, &side.columns, &modes)?;
                 out.rows_read += now.first().map_or(0, |r| r.len() as u64);
                 for (held, fresh) in rows.iter_mut().zip(now) {
                     for k in part {
                         held.remove(k);
                     }
-                    held.extend(fresh.into_iter().filter(|(k, _)| wanted.contains(k)));
+                    held.extend(fresh);
                 }
             }
             rows.iter().map(|r| digest_of(chunk, r)).collect()
@@ -129,7 +128,7 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
                 .iter()
                 .map(|n| {
                     let digest = c.digests.get(n.key()).cloned().ok_or_else(|| anyhow!("chunk {}'s check has no {} digest", chunk.id, n.key()))?;
-                    Ok(ChunkDigest { chunk: chunk.id, lo: chunk.lo, hi: chunk.hi, text: chunk.text.clone(), rows: c.rows, digest })
+                    Ok(chunk_digest(chunk, c.rows, digest))
                 })
                 .collect::<Result<_>>()?
         };
