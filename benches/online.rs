@@ -140,26 +140,18 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
     let mut lags = Vec::new();
     let before = applied(&dir);
     let t = Instant::now();
-    let mut steady_rows = 0u64;
-    rt.block_on(async {
+    let mut last_sample = Instant::now();
+    let steady_rows = rt.block_on(async {
         let mut load = Load::connect(source_kind, src, 1536).await;
-        let period = Duration::from_secs_f64(10.0 / rate as f64);
-        let mut next = Instant::now();
-        let mut last_sample = Instant::now();
-        while t.elapsed() < Duration::from_secs(steady) {
-            load.insert(10, "bench").await;
-            steady_rows += 10;
+        load.steady(rate, steady, || {
             if last_sample.elapsed() >= Duration::from_millis(100) {
                 if let Some(l) = status(&dir)["online"]["lag_seconds"].as_f64() {
                     lags.push(l);
                 }
                 last_sample = Instant::now();
             }
-            next += period;
-            if let Some(d) = next.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(d).await;
-            }
-        }
+        })
+        .await
     });
     // The rate the load reached (the source may not keep up with the one asked).
     let steady_rate = steady_rows as f64 / t.elapsed().as_secs_f64();
@@ -295,19 +287,7 @@ fn bench_staging(rt: &tokio::runtime::Runtime, dst_base: &str) -> String {
     let steady: u64 = env_or("BENCH_STEADY_SECS", "30").parse().unwrap();
     let rate: u64 = env_or("BENCH_RATE", "200").parse().unwrap();
     eprintln!("{case}: steady load of {rate} rows/s for {steady} s …");
-    rt.block_on(async {
-        let mut load = Load::connect("pg", &src, 1536).await;
-        let t = Instant::now();
-        let period = Duration::from_secs_f64(10.0 / rate as f64);
-        let mut next = Instant::now();
-        while t.elapsed() < Duration::from_secs(steady) {
-            load.insert(10, "bench").await;
-            next += period;
-            if let Some(d) = next.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(d).await;
-            }
-        }
-    });
+    rt.block_on(async { Load::connect("pg", &src, 1536).await.steady(rate, steady, || {}).await });
 
     let cut = |args: &[&str]| -> String {
         let mut a = args.to_vec();

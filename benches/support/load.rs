@@ -77,6 +77,25 @@ impl Load {
     }
 
     /// Single-row inserts per second over `n` of them (the source's own write rate).
+    /// A FastGPT-like insert load: `rate` rows/s in transactions of 10 rows
+    /// for `secs`, calling `tick` after each; returns the rows inserted.
+    pub async fn steady(&mut self, rate: u64, secs: u64, mut tick: impl FnMut()) -> u64 {
+        let t = std::time::Instant::now();
+        let period = std::time::Duration::from_secs_f64(10.0 / rate as f64);
+        let mut next = std::time::Instant::now();
+        let mut rows = 0u64;
+        while t.elapsed() < std::time::Duration::from_secs(secs) {
+            self.insert(10, "bench").await;
+            rows += 10;
+            tick();
+            next += period;
+            if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {
+                tokio::time::sleep(d).await;
+            }
+        }
+        rows
+    }
+
     pub async fn single_row_rate(&mut self, n: u64) -> f64 {
         let t = std::time::Instant::now();
         for _ in 0..n {
