@@ -315,7 +315,9 @@ mod tests {
     fn claims_are_exclusive_until_they_expire_and_then_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().to_str().unwrap()).unwrap();
-        let cfg = Distributed { shard: None, lease: Duration::from_millis(300) };
+        // A lease no test machine can outlive by accident; its running out is
+        // then written into the record, as a holder that stopped renewing leaves it.
+        let cfg = Distributed { shard: None, lease: Duration::from_secs(600) };
         let a = Coordinator::new(store.clone(), cfg.clone());
         let b = Coordinator::new(store.clone(), cfg);
         let claim = a.try_claim("000001").unwrap().expect("free claim");
@@ -323,7 +325,10 @@ mod tests {
         // Another worker (same process here: pretend another id).
         let b = Arc::new(Coordinator { me: "other-host-1".into(), host: "other-host".into(), ..Arc::try_unwrap(b).ok().unwrap() });
         assert!(b.try_claim("000001").unwrap().is_none(), "a live lease keeps it");
-        std::thread::sleep(Duration::from_millis(400));
+        let key = Coordinator::claim_key("000001");
+        let mut held: ClaimRecord = serde_json::from_slice(&store.get(&key).unwrap().unwrap().bytes).unwrap();
+        held.expires_ms = now_ms() - 1;
+        store.put(&key, &serde_json::to_vec(&held).unwrap()).unwrap();
         let taken = b.try_claim("000001").unwrap().expect("expired lease taken over");
         assert_eq!(taken.taken_over_from.as_deref(), Some(a.me.as_str()));
         assert_eq!(b.takeovers.load(Relaxed), 1);
