@@ -210,6 +210,13 @@ pub trait Sink: Send + Sync {
     fn settle(&self) -> Result<()> {
         Ok(())
     }
+    /// Rewrites what the target stores so that reads from now on see what
+    /// it keeps (Milvus: a compaction, see `ddl::compact_and_serve`); a
+    /// recopy does this before its chunks are compared again. Whether
+    /// there was anything to do.
+    fn compact(&self) -> Result<bool> {
+        Ok(false)
+    }
     fn committed(&self, job: &str) -> Result<Ledger>;
     /// Starts writing one chunk; nothing is visible until `commit`.
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;

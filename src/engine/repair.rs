@@ -85,7 +85,8 @@ pub fn repair(
 
 /// Makes each of `chunks` on the target equal to the source's: the target's
 /// ids the source lacks are deleted and the source's rows replace the
-/// target's (upserts, which also remove any extra copies Milvus holds).
+/// target's (upserts, which also remove any extra copies Milvus holds);
+/// then the target compacts what it stores (`Sink::compact`).
 /// `plan`: the plan the chunks belong to (the sink prepares for it).
 /// Returns the rows written and deleted.
 pub fn recopy_chunks(
@@ -160,6 +161,10 @@ pub fn recopy_chunks(
             chunk.describe_bounds(),
             extra.len()
         ));
+    }
+    let started = std::time::Instant::now();
+    if !chunks.is_empty() && sink.compact()? {
+        say(&format!("compacted the target in {:.1} s, so what it keeps is compared", started.elapsed().as_secs_f64()));
     }
     Ok((written, deleted))
 }

@@ -2,18 +2,20 @@
 //! computed (function output) fields, partitions, indexes, and the waits
 //! Milvus needs before a collection can be counted or searched.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use milvus::proto::common::{ConsistencyLevel, IndexState, KeyValuePair, MsgType};
+use milvus::proto::common::{CompactionState, ConsistencyLevel, IndexState, KeyValuePair, MsgType, SegmentState};
 use milvus::proto::milvus::{
-    CreateCollectionRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest,
-    GetCollectionStatisticsRequest, GetFlushStateRequest,
+    CreateCollectionRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest, GetCollectionStatisticsRequest,
+    GetCompactionStateRequest, GetFlushStateRequest, GetPersistentSegmentInfoRequest, GetQuerySegmentInfoRequest,
+    ManualCompactionRequest,
 };
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, FunctionSchema, FunctionType};
 use prost::Message;
 
-use crate::backends::milvus::{Milvus, base};
+use crate::backends::milvus::{Milvus, base, check_status};
 use crate::backends::milvus::mapping::{Collection, PARTITION_COLUMN, field_of};
 use crate::contract::Feedback;
 use crate::model::config::FieldMap;
@@ -239,6 +241,67 @@ pub(super) fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Re
             asked = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Rewrites the collection's flushed segments with their deletes applied
+/// (a manual compaction) and waits until queries are served from what the
+/// compaction wrote. Milvus 2.3 can lose an acknowledged delete from what
+/// it persists while queries still honour it from memory (milvus#32915);
+/// the old copy then comes back when the segment is next loaded or
+/// compacted, long after a comparison found it gone. After this, a
+/// comparison sees what Milvus will keep.
+pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
+    const LIMIT: Duration = Duration::from_secs(1800);
+    let started = Instant::now();
+    let collection_id = conn.collection_id(name)?;
+    let req = ManualCompactionRequest { collection_id, collection_name: name.into(), db_name: conn.url.database.clone(), ..Default::default() };
+    let compaction_id = conn.call(&format!("compacting {name}"), |mut c| async move { c.manual_compaction(req).await })?.compaction_id;
+    loop {
+        let req = GetCompactionStateRequest { compaction_id };
+        let r = conn.call("waiting for the compaction", |mut c| async move { c.get_compaction_state(req).await })?;
+        if r.failed_plan_no + r.timeout_plan_no > 0 {
+            bail!("Milvus failed {} of its plans compacting {name}", r.failed_plan_no + r.timeout_plan_no);
+        }
+        if r.state == CompactionState::Completed as i32 && r.executing_plan_no == 0 {
+            break;
+        }
+        if started.elapsed() > LIMIT {
+            bail!("Milvus did not finish compacting {name} within {} minutes", LIMIT.as_secs() / 60);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Queries are served from the segments Milvus keeps once every
+    // flushed segment with rows is loaded and nothing else is.
+    loop {
+        let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+        let kept: HashSet<i64> = conn
+            .call("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })?
+            .infos
+            .iter()
+            .filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0)
+            .map(|s| s.segment_id)
+            .collect();
+        let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+        let served = match conn.block_on(conn.grpc.clone().get_query_segment_info(req)) {
+            // milvus-lite keeps one copy per id and does not say what it serves.
+            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(()),
+            r => r.map_err(|e| conn.failure("listing served segments", e))?.into_inner(),
+        };
+        check_status(served.status.as_ref(), "listing served segments")?;
+        let served: HashSet<i64> = served
+            .infos
+            .iter()
+            .filter(|s| s.num_rows > 0)
+            .map(|s| s.segment_id)
+            .collect();
+        if kept == served {
+            return Ok(());
+        }
+        if started.elapsed() > LIMIT {
+            bail!("Milvus did not serve {name}'s compacted segments within {} minutes", LIMIT.as_secs() / 60);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

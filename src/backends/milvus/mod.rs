@@ -140,7 +140,11 @@ replies!(
     milvus::proto::milvus::GetCollectionStatisticsResponse,
     milvus::proto::milvus::AllocTimestampResponse,
     milvus::proto::milvus::ShowPartitionsResponse,
-    milvus::proto::milvus::SearchResults
+    milvus::proto::milvus::SearchResults,
+    milvus::proto::milvus::ManualCompactionResponse,
+    milvus::proto::milvus::GetCompactionStateResponse,
+    milvus::proto::milvus::GetQuerySegmentInfoResponse,
+    milvus::proto::milvus::GetPersistentSegmentInfoResponse
 );
 
 /// Longest any single RPC may take (they are all quick: loads, flushes and
@@ -256,6 +260,15 @@ impl Milvus {
 
     /// The collection's schema and its number of partitions.
     pub fn describe(&self, name: &str) -> Result<(CollectionSchema, i64)> {
+        let r = self.describe_collection(name)?;
+        Ok((r.schema.ok_or_else(|| anyhow!("Milvus returned no schema for collection {name}"))?, r.num_partitions))
+    }
+
+    pub fn collection_id(&self, name: &str) -> Result<i64> {
+        Ok(self.describe_collection(name)?.collection_id)
+    }
+
+    fn describe_collection(&self, name: &str) -> Result<milvus::proto::milvus::DescribeCollectionResponse> {
         let req = DescribeCollectionRequest {
             base: base(MsgType::DescribeCollection),
             db_name: self.url.database.clone(),
@@ -263,8 +276,7 @@ impl Milvus {
             ..Default::default()
         };
         let what = format!("describing collection {name} in {}", self.url.redacted());
-        let r = self.call(&what, |mut c| async move { c.describe_collection(req).await })?;
-        Ok((r.schema.ok_or_else(|| anyhow!("Milvus returned no schema for collection {name}"))?, r.num_partitions))
+        self.call(&what, |mut c| async move { c.describe_collection(req).await })
     }
 
     /// The collection's partitions, `_default` included.
