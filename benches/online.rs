@@ -328,6 +328,11 @@ fn native_replication(rt: &tokio::runtime::Runtime, dst_base: &str, changes: u64
         )
         .await
         .unwrap();
+        // The same secondary indexes as the source (and so vmig's target):
+        // the peer maintains what vmig maintains.
+        for r in s.query("SELECT indexdef FROM pg_indexes WHERE tablename = 'modeldata' AND indexname <> 'modeldata_pkey'", &[]).await.unwrap() {
+            d.batch_execute(r.get::<_, &str>(0)).await.unwrap();
+        }
         s.batch_execute("CREATE PUBLICATION bench_native FOR TABLE modeldata").await.unwrap();
         let count = async |c: &tokio_postgres::Client| -> i64 { c.query_one("SELECT count(*) FROM modeldata", &[]).await.unwrap().get(0) };
         let t = Instant::now();

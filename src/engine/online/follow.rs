@@ -146,7 +146,9 @@ fn follow_batches(
         let batch = f.read_and_apply(stream, upto)?;
         let complete = batch.drained_to.is_some_and(|p| p >= upto);
         if let Some(w) = watching {
-            w.set_behind(batch.drained_to.is_none());
+            // The verifier rests while a backlog is applied: its reads would
+            // compete with the catch-up for both servers.
+            w.set_behind(batch.drained_to.is_none() || f.catching_up(&batch.set, complete));
         }
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
@@ -200,6 +202,8 @@ struct Follower<'a> {
     /// Behind the source with nothing arriving since then.
     behind_since: Option<Instant>,
     last_stats: Option<Instant>,
+    /// The last batch reached the source's position of its read.
+    was_complete: bool,
     /// Where a requested cutover drains to, and since when (the writes are stopped).
     drain_to: Option<u64>,
     drain_started: Option<Instant>,
@@ -240,6 +244,7 @@ impl<'a> Follower<'a> {
             lag_seconds: 0.0,
             behind_since: None,
             last_stats: None,
+            was_complete: false,
             drain_to: None,
             drain_started: None,
             watching,
@@ -357,7 +362,7 @@ impl<'a> Follower<'a> {
         }
         let phase = if self.drain_to.is_some() {
             "cutting over"
-        } else if set.counts.total() >= self.batch_changes as u64 || (!complete && self.lag_seconds > 5.0) {
+        } else if self.catching_up(set, complete) {
             "catching up"
         } else {
             "following"
@@ -365,7 +370,10 @@ impl<'a> Follower<'a> {
         if self.progress.status.lock().unwrap().phase != phase {
             self.progress.set_phase(phase);
         }
-        if self.last_stats.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) && !(complete && self.drain_to.is_some()) {
+        // Caught up: said at once (a cutover waits for it, and so may a user).
+        let caught_up = complete && (self.drain_to.is_some() || !self.was_complete);
+        self.was_complete = complete;
+        if self.last_stats.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) && !caught_up {
             return Ok(());
         }
         let stats = stream.stats()?;
@@ -394,6 +402,12 @@ impl<'a> Follower<'a> {
         self.progress.write_status(None);
         self.last_stats = Some(Instant::now());
         Ok(())
+    }
+
+    /// A full batch, or changes committed long ago and more to come: a
+    /// backlog, not a steady trickle.
+    fn catching_up(&self, set: &ChangeSet, complete: bool) -> bool {
+        set.counts.total() >= self.batch_changes as u64 || (!complete && self.lag_seconds > 5.0)
     }
 
     /// Marks every key a change set touches as changed, before any target
