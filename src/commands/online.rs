@@ -219,6 +219,7 @@ fn from_database(
             columns: source.spec().columns.iter().map(|c| c.name.clone()).collect(),
             modes: Box::new(|_| Normalise::ALL.to_vec()),
             finish: Box::new(move |plan, digests| end_of_export(&cfg.job_dir, plan.to_vec(), digests.clone())),
+            count_copies: false,
         }),
     };
     let watch_sides = Some(WatchSides { judge, rate: job.args.verify_rate.unwrap_or(0) });
@@ -285,6 +286,7 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
                 _ => check(),
             }
         }),
+        count_copies: true,
     });
     let watch_sides = WatchSides { judge, rate: job.args.verify_rate.unwrap_or(0) };
     run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, Some(watch_sides), cancel)

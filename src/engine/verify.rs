@@ -362,7 +362,7 @@ impl Comparison {
 /// The keys among `held` (each held at least once) that `side` holds more
 /// than once, found by halving the list while its copies exceed its keys
 /// (a few counts per duplicate, not one per key); the first 20.
-fn duplicated_keys(side: &dyn Source, held: &[Key], copies: u64) -> Result<Vec<Key>> {
+pub fn duplicated_keys(side: &dyn Source, held: &[Key], copies: u64) -> Result<Vec<Key>> {
     let mut found = Vec::new();
     let mut todo = vec![(held.to_vec(), copies)];
     while let Some((keys, copies)) = todo.pop() {
