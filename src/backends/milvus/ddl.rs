@@ -275,8 +275,13 @@ pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
     // flushed segment with rows is loaded and nothing else is.
     loop {
         let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-        let kept: HashSet<i64> = conn
-            .call("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })?
+        let kept = match conn.block_on(conn.grpc.clone().get_persistent_segment_info(req)) {
+            // milvus-lite keeps one copy per id and does not list segments.
+            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(()),
+            r => r.map_err(|e| conn.failure("listing persisted segments", e))?.into_inner(),
+        };
+        check_status(kept.status.as_ref(), "listing persisted segments")?;
+        let kept: HashSet<i64> = kept
             .infos
             .iter()
             .filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0)
@@ -284,7 +289,6 @@ pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
             .collect();
         let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
         let served = match conn.block_on(conn.grpc.clone().get_query_segment_info(req)) {
-            // milvus-lite keeps one copy per id and does not say what it serves.
             Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(()),
             r => r.map_err(|e| conn.failure("listing served segments", e))?.into_inner(),
         };

@@ -142,9 +142,7 @@ replies!(
     milvus::proto::milvus::ShowPartitionsResponse,
     milvus::proto::milvus::SearchResults,
     milvus::proto::milvus::ManualCompactionResponse,
-    milvus::proto::milvus::GetCompactionStateResponse,
-    milvus::proto::milvus::GetQuerySegmentInfoResponse,
-    milvus::proto::milvus::GetPersistentSegmentInfoResponse
+    milvus::proto::milvus::GetCompactionStateResponse
 );
 
 /// Longest any single RPC may take (they are all quick: loads, flushes and
