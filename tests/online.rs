@@ -130,7 +130,8 @@ fn through_staging_the_import_cutover_finds_a_changed_row_altered_in_the_target(
         let (lo, hi) = c.split_once(" [")?.1.split_once(']')?.0.split_once(", ")?;
         Some((lo.parse::<i64>().ok()?, hi.parse::<i64>().ok()?))
     });
-    assert!(named.is_some_and(|(lo, hi)| lo <= id && id <= hi) && said.contains("values differ"), "the cutover names the chunk of {id}: {said}");
+    assert!(named.is_some_and(|(lo, hi)| lo <= id && id <= hi), "the cutover names the chunk of {id}: {said}");
+    assert!(said.contains(&format!("different ids [{id}]")), "the cutover names the id that differs: {said}");
     assert!(said.contains("digested: read ") && said.contains(" 0 chunks never digested"), "only changed keys were read: {said}");
 }
 

@@ -17,10 +17,10 @@ use crate::backends::oceanbase::changes::{ObChangeStream, drop_recorded};
 use crate::backends::postgres::PgSource;
 use crate::backends::postgres::changes::{PgChangeStream, drop_artifacts};
 use crate::backends::staging::StagingSource;
-use crate::backends::staging::changes::{EndMarker, StagingChangeStream, compare_digests, read_change_markers, read_end, write_end};
+use crate::backends::staging::changes::{EndMarker, StagingChangeStream, changes_dir, compare_digests, read_change_markers, read_end, write_end};
 use crate::commands::job::JobSetup;
 use crate::contract::{Feedback, Source};
-use crate::engine::online::watch::{DigestSide, Digests, Judge, MayDiffer, Mend, WatchSides};
+use crate::engine::online::watch::{DigestSide, Digests, Judge, MayDiffer, Mend, WatchSides, hashes_dir, keep_hashes, row_hashes, watch_dir};
 use crate::engine::verify::Normalise;
 use crate::model::hash::ChunkDigest;
 use crate::model::plan::ChunkRange;
@@ -231,6 +231,8 @@ fn from_database(
 fn end_of_export(dir: &std::path::Path, plan: Vec<ChunkRange>, digests: Digests) -> Result<CutoverCheck> {
     let source_rows = digests.values().next().map(|d| d.iter().map(|c| c.rows).sum()).unwrap_or(0);
     let last_file = read_change_markers(dir)?.keys().next_back().copied().unwrap_or(0);
+    // Each row's hash, so that an import whose chunk differs can name the ids.
+    keep_hashes(&watch_dir(dir, "export"), &end_hashes(dir))?;
     write_end(dir, &EndMarker { last_file, source_rows, plan, digests, written_at: now_rfc3339() })?;
     Ok(CutoverCheck {
         equal: true,
@@ -270,8 +272,9 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
         let end = end_of_export()?;
         let target = open_source(&target_ep, &job.target_table, handle)?;
         let (mode, got) = crate::engine::verify::digests_for(target.as_ref(), &end.plan, &columns, exact, false)?;
-        against_export(&end, &mode, &got)
+        against_export(&end, &mode, &got, &|_| None)
     };
+    let import_watch = watch_dir(&cfg.job_dir, "import");
     // The target's digests while following, in the mode it is compared in;
     // at cutover, with the export's (same plan: the snapshot's), or read
     // whole if the export planned otherwise.
@@ -282,7 +285,9 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
         finish: Box::new(|plan, digests| {
             let end = end_of_export()?;
             match digests.iter().next() {
-                Some((mode, got)) if end.plan == plan => against_export(&end, mode, got),
+                Some((mode, got)) if end.plan == plan => {
+                    against_export(&end, mode, got, &|w| differing_ids(dir, &import_watch, &end, mode, w))
+                }
                 _ => check(),
             }
         }),
@@ -292,16 +297,32 @@ fn from_staging(job: &JobSetup, dir: &std::path::Path, handle: &Handle, cancel: 
     run_online(cfg, source.clone(), job.sinks.clone(), open_stream, &check, Some(watch_sides), cancel)
 }
 
-/// An import's digests (`mode`) compared with those its export wrote at cutover.
-fn against_export(end: &EndMarker, mode: &str, got: &[ChunkDigest]) -> Result<CutoverCheck> {
+/// An import's digests (`mode`) compared with those its export wrote at
+/// cutover; `ids` names what differs in a chunk, where it can.
+fn against_export(end: &EndMarker, mode: &str, got: &[ChunkDigest], ids: &dyn Fn(&ChunkDigest) -> Option<String>) -> Result<CutoverCheck> {
     let want = end.digests.get(mode).ok_or_else(|| anyhow!("changes/end.json has no digests for comparison mode {mode}"))?;
     let diffs = compare_digests(want, got);
     let rows: u64 = got.iter().map(|d| d.rows).sum();
     Ok(CutoverCheck {
         equal: diffs.is_empty(),
         summary: format!("the target equals the export's source at its cutover ({rows} rows; per-chunk digests of ids and every column, {mode})"),
-        differences: diffs.into_iter().take(5).collect::<Vec<_>>().join("; "),
+        differences: diffs.into_iter().take(5).map(|(w, said)| ids(w).unwrap_or(said)).collect::<Vec<_>>().join("; "),
     })
+}
+
+/// Where an export's cutover leaves its source's row hashes (every mode).
+fn end_hashes(dir: &std::path::Path) -> std::path::PathBuf {
+    changes_dir(dir).join("end-hashes")
+}
+
+/// A differing chunk's missing, extra and different ids: the export's row
+/// hashes against the import's (both as they were at their cutovers).
+fn differing_ids(dir: &std::path::Path, import_watch: &std::path::Path, end: &EndMarker, mode: &str, w: &ChunkDigest) -> Option<String> {
+    let chunk = end.plan.iter().find(|c| c.id == w.chunk)?;
+    let ours = Normalise::ALL.into_iter().find(|n| n.key() == mode)?;
+    let source = row_hashes(&end_hashes(dir), w.chunk, &Normalise::ALL, mode).ok()??;
+    let target = row_hashes(&hashes_dir(import_watch), w.chunk, &[ours], mode).ok()??;
+    Some(crate::engine::verify::diff_of(chunk, &source, &target, target.len() as u64).describe())
 }
 
 /// An online import starts once the export's snapshot is complete.

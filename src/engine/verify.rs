@@ -388,7 +388,7 @@ fn sorted(mut keys: Vec<Key>) -> Vec<Key> {
     keys
 }
 
-fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, copies: u64) -> ChunkDiff {
+pub fn diff_of(chunk: &ChunkRange, a: &HashMap<Key, u64>, b: &HashMap<Key, u64>, copies: u64) -> ChunkDiff {
     let missing: Vec<Key> = a.keys().filter(|k| !b.contains_key(k)).cloned().collect();
     let extra: Vec<Key> = b.keys().filter(|k| !a.contains_key(k)).cloned().collect();
     let different: Vec<Key> = a.iter().filter(|(k, h)| b.get(k).is_some_and(|x| x != *h)).map(|(k, _)| k.clone()).collect();

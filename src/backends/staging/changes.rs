@@ -301,14 +301,14 @@ impl ChangeStream for StagingChangeStream {
 
 /// Per chunk (rows, digest) of the export's source against the import's
 /// target: the chunks that differ.
-pub fn compare_digests(want: &[ChunkDigest], got: &[ChunkDigest]) -> Vec<String> {
+pub fn compare_digests<'w>(want: &'w [ChunkDigest], got: &[ChunkDigest]) -> Vec<(&'w ChunkDigest, String)> {
     let got: HashMap<u32, &ChunkDigest> = got.iter().map(|d| (d.chunk, d)).collect();
     want.iter()
         .filter_map(|w| match got.get(&w.chunk) {
             Some(g) if g.rows == w.rows && g.digest == w.digest => None,
-            Some(g) => Some(format!("chunk {} {}: source {} rows, target {} rows{}", w.chunk, crate::model::plan::describe_bounds(w.lo, w.hi, w.text.as_ref()), w.rows, g.rows,
-                if g.rows == w.rows { ", values differ" } else { "" })),
-            None => Some(format!("chunk {}: not read on the target", w.chunk)),
+            Some(g) => Some((w, format!("chunk {} {}: source {} rows, target {} rows{}", w.chunk, crate::model::plan::describe_bounds(w.lo, w.hi, w.text.as_ref()), w.rows, g.rows,
+                if g.rows == w.rows { ", values differ" } else { "" }))),
+            None => Some((w, format!("chunk {}: not read on the target", w.chunk))),
         })
         .collect()
 }

@@ -33,7 +33,7 @@ use crate::state::files::{load_json, write_atomic};
 use crate::state::progress::VerifyProgress;
 
 mod digest;
-pub use digest::{DigestCheck, DigestSide, Digests};
+pub use digest::{DigestCheck, DigestSide, Digests, hashes_dir, keep_hashes, row_hashes};
 
 const WATCH_FILE: &str = "watch.json";
 const CHANGED_FILE: &str = "changed-keys.jsonl";

@@ -68,7 +68,57 @@ pub(super) fn discard(dir: &Path) -> Result<()> {
 }
 
 fn hashes_path(dir: &Path, chunk: u32) -> PathBuf {
-    dir.join(HASHES_DIR).join(format!("{chunk}"))
+    hashes_dir(dir).join(format!("{chunk}"))
+}
+
+/// Where a watch keeps its chunks' row hashes.
+pub fn hashes_dir(watch_dir: &Path) -> PathBuf {
+    watch_dir.join(HASHES_DIR)
+}
+
+/// A chunk's row hashes (one map per mode). Written by a digest pass, and
+/// again by a cutover with the rows as they are then: a hash file newer
+/// than its check stays exact, since the keys changed since that check are
+/// corrected again from the side itself.
+fn write_hashes(dir: &Path, chunk: u32, rows: &[HashMap<Key, u64>]) -> Result<()> {
+    let path = hashes_path(dir, chunk);
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    write_atomic(&path, &encode(rows))
+}
+
+/// A chunk's row hashes in the mode `mode` of `modes` (the modes the file
+/// was written with), from the hash files in `files` (a watch's
+/// `hashes_dir`, or what an export left its import); None when there are none.
+pub fn row_hashes(files: &Path, chunk: u32, modes: &[Normalise], mode: &str) -> Result<Option<HashMap<Key, u64>>> {
+    let Some(at) = modes.iter().position(|n| n.key() == mode) else { return Ok(None) };
+    let path = files.join(format!("{chunk}"));
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(Some(decode(&bytes, modes.len()).with_context(|| format!("{} is damaged", path.display()))?.swap_remove(at)))
+}
+
+/// Leaves the row hashes of a cutover's check (every chunk's, current after
+/// `check`) in `to`, which outlives the watch: hard links where the file
+/// system allows, copies where not.
+pub fn keep_hashes(watch_dir: &Path, to: &Path) -> Result<()> {
+    let from = hashes_dir(watch_dir);
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let entries = match std::fs::read_dir(&from) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()), // a plan without chunks
+        r => r.with_context(|| format!("reading {}", from.display()))?,
+    };
+    for entry in entries {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(entry.path(), &target).is_err() {
+            std::fs::copy(entry.path(), &target).with_context(|| format!("copying {} to {}", entry.path().display(), target.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Records the next chunk due: its digests and its rows' hashes; returns
@@ -78,9 +128,7 @@ pub(super) fn digest_next(watch: &Watch, side: &DigestSide) -> Result<Option<u64
     let read = (side.open)()?;
     let modes = (side.modes)(read.as_ref());
     let rows = read_side_modes(read.as_ref(), &chunk, &side.columns, &modes)?;
-    let path = hashes_path(&watch.dir, chunk.id);
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    write_atomic(&path, &encode(&rows))?;
+    write_hashes(&watch.dir, chunk.id, &rows)?;
     let digests = modes.iter().zip(&rows).map(|(n, r)| (n.key().to_string(), digest_of(&chunk, r).digest)).collect();
     let n = rows.first().map_or(0, |r| r.len() as u64);
     watch.record(at, ChunkCheck { mark, at: now_rfc3339(), rows: n, digests })?;
@@ -114,6 +162,7 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
             let rows = read_side_modes(read.as_ref(), chunk, &side.columns, &modes)?;
             out.rows_read += rows.first().map_or(0, |r| r.len() as u64);
             held = rows.first().map(|r| r.keys().cloned().collect());
+            write_hashes(&watch.dir, chunk.id, &rows)?;
             rows.iter().map(|r| digest_of(chunk, r)).collect()
         } else if let Some(ks) = keyed.get(&at) {
             let path = hashes_path(&watch.dir, chunk.id);
@@ -130,6 +179,7 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
                 }
             }
             held = rows.first().map(|r| r.keys().cloned().collect());
+            write_hashes(&watch.dir, chunk.id, &rows)?;
             rows.iter().map(|r| digest_of(chunk, r)).collect()
         } else {
             let c = checks.get(&chunk.id).ok_or_else(|| anyhow!("chunk {} has no check", chunk.id))?;
