@@ -15,7 +15,7 @@ use milvus::proto::milvus::{
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, FunctionSchema, FunctionType};
 use prost::Message;
 
-use crate::backends::milvus::{Milvus, base, check_status};
+use crate::backends::milvus::{Milvus, base};
 use crate::backends::milvus::mapping::{Collection, PARTITION_COLUMN, field_of};
 use crate::contract::Feedback;
 use crate::model::config::FieldMap;
@@ -272,33 +272,20 @@ pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Queries are served from the segments Milvus keeps once every
-    // flushed segment with rows is loaded and nothing else is.
+    // flushed segment with rows is loaded and nothing else is. milvus-lite
+    // keeps one copy per id and lists no segments: nothing to wait for.
     loop {
         let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-        let kept = match conn.block_on(conn.grpc.clone().get_persistent_segment_info(req)) {
-            // milvus-lite keeps one copy per id and does not list segments.
-            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(()),
-            r => r.map_err(|e| conn.failure("listing persisted segments", e))?.into_inner(),
+        let Some(kept) = conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })? else {
+            return Ok(());
         };
-        check_status(kept.status.as_ref(), "listing persisted segments")?;
-        let kept: HashSet<i64> = kept
-            .infos
-            .iter()
-            .filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0)
-            .map(|s| s.segment_id)
-            .collect();
+        let kept: HashSet<i64> =
+            kept.infos.iter().filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0).map(|s| s.segment_id).collect();
         let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-        let served = match conn.block_on(conn.grpc.clone().get_query_segment_info(req)) {
-            Err(e) if e.code() == tonic::Code::Unimplemented => return Ok(()),
-            r => r.map_err(|e| conn.failure("listing served segments", e))?.into_inner(),
+        let Some(served) = conn.call_if_served("listing served segments", |mut c| async move { c.get_query_segment_info(req).await })? else {
+            return Ok(());
         };
-        check_status(served.status.as_ref(), "listing served segments")?;
-        let served: HashSet<i64> = served
-            .infos
-            .iter()
-            .filter(|s| s.num_rows > 0)
-            .map(|s| s.segment_id)
-            .collect();
+        let served: HashSet<i64> = served.infos.iter().filter(|s| s.num_rows > 0).map(|s| s.segment_id).collect();
         if kept == served {
             return Ok(());
         }

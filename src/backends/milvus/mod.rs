@@ -142,7 +142,9 @@ replies!(
     milvus::proto::milvus::ShowPartitionsResponse,
     milvus::proto::milvus::SearchResults,
     milvus::proto::milvus::ManualCompactionResponse,
-    milvus::proto::milvus::GetCompactionStateResponse
+    milvus::proto::milvus::GetCompactionStateResponse,
+    milvus::proto::milvus::GetPersistentSegmentInfoResponse,
+    milvus::proto::milvus::GetQuerySegmentInfoResponse
 );
 
 /// Longest any single RPC may take (they are all quick: loads, flushes and
@@ -238,6 +240,25 @@ impl Milvus {
         Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
     {
         self.block_on(self.request(what, rpc))
+    }
+
+    /// Like `call`, for an RPC some servers do not implement (milvus-lite):
+    /// None from those.
+    pub fn call_if_served<T, F, Fut>(&self, what: &str, rpc: F) -> Result<Option<T>>
+    where
+        T: Reply,
+        F: FnOnce(Grpc) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match self.block_on(rpc(self.grpc.clone())) {
+            Err(e) if e.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(e) => Err(self.failure(what, e)),
+            Ok(r) => {
+                let r = r.into_inner();
+                check_status(r.reply_status(), what)?;
+                Ok(Some(r))
+            }
+        }
     }
 
     pub fn database_exists(&self) -> Result<bool> {

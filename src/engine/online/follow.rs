@@ -150,7 +150,7 @@ fn follow_batches(
             // compete with the catch-up for both servers): batches come full.
             // Not on lag alone: an import's lag includes the export's file
             // period, and the verifier must still walk at a steady trickle.
-            w.set_behind(batch.drained_to.is_none() || batch.set.counts.total() >= f.batch_changes as u64);
+            w.set_behind(batch.drained_to.is_none() || f.full(&batch.set));
         }
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;
@@ -409,7 +409,12 @@ impl<'a> Follower<'a> {
     /// A full batch, or changes committed long ago and more to come: a
     /// backlog, not a steady trickle.
     fn catching_up(&self, set: &ChangeSet, complete: bool) -> bool {
-        set.counts.total() >= self.batch_changes as u64 || (!complete && self.lag_seconds > 5.0)
+        self.full(set) || (!complete && self.lag_seconds > 5.0)
+    }
+
+    /// A batch as large as asked for: more was waiting.
+    fn full(&self, set: &ChangeSet) -> bool {
+        set.counts.total() >= self.batch_changes as u64
     }
 
     /// Marks every key a change set touches as changed, before any target

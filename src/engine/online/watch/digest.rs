@@ -196,7 +196,7 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
             let stored = read.stored_copies(chunk)?;
             counted |= stored.is_some();
             if let Some(n) = stored.filter(|n| *n > rows) {
-                copies.push(extra_copies(read.as_ref(), watch, chunk, held, modes.len(), rows, n)?);
+                copies.push(extra_copies(read.as_ref(), watch, chunk, held, &modes, rows, n)?);
             }
         }
         for (n, d) in modes.iter().zip(per_mode) {
@@ -224,17 +224,16 @@ fn extra_copies(
     watch: &Watch,
     chunk: &ChunkRange,
     held: Option<Vec<Key>>,
-    modes: usize,
+    modes: &[Normalise],
     rows: u64,
     copies: u64,
 ) -> Result<String> {
     let mut keys = match held {
         Some(k) => k,
-        None => {
-            let path = hashes_path(&watch.dir, chunk.id);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            decode(&bytes, modes).with_context(|| format!("{} is damaged", path.display()))?.swap_remove(0).into_keys().collect()
-        }
+        None => row_hashes(&hashes_dir(&watch.dir), chunk.id, modes, modes[0].key())?
+            .ok_or_else(|| anyhow!("chunk {} has a check but no row hashes", chunk.id))?
+            .into_keys()
+            .collect(),
     };
     keys.sort();
     let ids = duplicated_keys(read, &keys, copies)?;
