@@ -81,15 +81,8 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
             eprintln!("stopped waiting; the online job goes on with the cutover (see vmig status)");
             return Ok(EXIT_CANCELLED as u8);
         }
-        if let Some(r) = CutoverRequest::load(&dir, command)? {
-            match r.state.as_str() {
-                "done" => {
-                    println!("{}", r.message.unwrap_or_default());
-                    return Ok(0);
-                }
-                "failed" => bail!("{}", r.message.unwrap_or_else(|| "cutover failed".into())),
-                _ => {}
-            }
+        if let Some(code) = answered(&dir, command)? {
+            return Ok(code);
         }
         match read_status(&dir, command) {
             Some(s) if s.state == "running" && process_alive(s.pid) => {
@@ -98,9 +91,27 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
                     last_phase = s.phase;
                 }
             }
-            _ => bail!("the online job ended before the cutover finished; run `vmig cutover` again to finish it here"),
+            // The job answers, then ends: its answer may have come since the look above.
+            _ => match answered(&dir, command)? {
+                Some(code) => return Ok(code),
+                None => bail!("the online job ended before the cutover finished; run `vmig cutover` again to finish it here"),
+            },
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The online job's answer to the cutover request, said: exit code 0 when
+/// done, an error when it failed, None while it works on it.
+fn answered(dir: &std::path::Path, command: &str) -> Result<Option<u8>> {
+    let Some(r) = CutoverRequest::load(dir, command)? else { return Ok(None) };
+    match r.state.as_str() {
+        "done" => {
+            println!("{}", r.message.unwrap_or_default());
+            Ok(Some(0))
+        }
+        "failed" => bail!("{}", r.message.unwrap_or_else(|| "cutover failed".into())),
+        _ => Ok(None),
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::runtime::Handle;
 use super::sql::{VectorLiteral, ident};
 use super::*;
 use super::writer::{ObChunkWriter, unorderable_keys};
-use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action};
+use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action, final_count_due};
 use crate::contract::commit::{CommitRecord, Ledger};
 use crate::model::config::ObUrl;
 use crate::model::plan::ChunkRange;
@@ -483,7 +483,7 @@ impl Sink for ObSink {
                         .ob("setting AUTO_INCREMENT")?;
                 }
             }
-            if !opts.job.is_empty() {
+            if final_count_due(opts) {
                 let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();
                 let target_rows =
                     query_i64(&mut c, &format!("SELECT count(*) FROM {t}{inside}"), "counting target").await?.unwrap_or(0);

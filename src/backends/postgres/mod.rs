@@ -31,7 +31,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::runtime::Handle;
 use tokio_postgres::{Client, CopyInSink};
 
-use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, Source, VectorStorage, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
+use crate::contract::{ChunkWriter, Feedback, OnExisting, RowReject, Sink, SinkOptions, Source, VectorStorage, check_final_count, final_count_due, existing_rows_action, refuse_foreign_ids, without_rows};
 use crate::contract::commit::{CommitRecord, Ledger};
 use crate::model::now_rfc3339;
 use crate::model::config::PgUrl;

@@ -549,9 +549,22 @@ impl Sink for PgSink {
                 .await
                 .pg("setting id sequence")?;
             }
-            fb.phase("analyzing");
-            c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
-            if !opts.job.is_empty() {
+            // An online job resumed after its snapshot finds the table
+            // analyzed (autovacuum keeps it so as changes arrive): a large
+            // table's ANALYZE would only delay the catch-up.
+            let analyzed: bool = opts.online
+                && c.query_opt(
+                    "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
+                    &[&t],
+                )
+                .await
+                .pg("reading the table's statistics")?
+                .is_some_and(|r| r.get(0));
+            if !analyzed {
+                fb.phase("analyzing");
+                c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
+            }
+            if final_count_due(opts) {
                 let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();
                 let target_rows: i64 =
                     c.query_one(&format!("SELECT count(*) FROM {t}{inside}"), &[]).await.pg("counting target")?.get(0);

@@ -99,12 +99,21 @@ pub(super) fn cutover(
     crate::engine::online::watch::discard(&crate::engine::online::watch::watch_dir(&dir, &cfg.command))?;
     let removed = if stream.removes_artifacts() { format!("; {artifacts} removed") } else { String::new() };
     let msg = format!("safe to switch: {}{removed} ({window})", r.summary);
-    if let Some(mut req) = CutoverRequest::load(&dir, &cfg.command)? {
-        req.state = "done".into();
-        req.message = Some(msg.clone());
-        req.finished_at = Some(now_rfc3339());
-        req.save(&dir, &cfg.command)?;
-    }
+    // Also a cutover nobody asked for (an import whose export cut over):
+    // a later `vmig cutover` prints this result instead of starting over.
+    let mut req = CutoverRequest::load(&dir, &cfg.command)?.unwrap_or_else(|| CutoverRequest {
+        requested_at: now_rfc3339(),
+        state: String::new(),
+        position: None,
+        message: None,
+        finished_at: None,
+        standalone: false,
+        full_verify: false,
+    });
+    req.state = "done".into();
+    req.message = Some(msg.clone());
+    req.finished_at = Some(now_rfc3339());
+    req.save(&dir, &cfg.command)?;
     progress.println(&msg);
     Ok(())
 }

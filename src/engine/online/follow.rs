@@ -147,10 +147,17 @@ fn follow_batches(
         let complete = batch.drained_to.is_some_and(|p| p >= upto);
         if let Some(w) = watching {
             // The verifier rests while a backlog is applied (its reads would
-            // compete with the catch-up for both servers): batches come full.
-            // Not on lag alone: an import's lag includes the export's file
-            // period, and the verifier must still walk at a steady trickle.
-            w.set_behind(batch.drained_to.is_none() || f.full(&batch.set));
+            // compete with the catch-up for both servers, and chunks read then
+            // differ by changes in flight): while batches come full, and from
+            // a job's start until a batch says otherwise. Empty reads short of
+            // the source's position change nothing (a source still decoding
+            // its backlog). Not on lag: an import's lag includes the export's
+            // file period, and its verifier must still walk at a steady trickle.
+            if complete {
+                w.set_behind(false);
+            } else if batch.set.has_rows() {
+                w.set_behind(batch.drained_to.is_none() || f.full(&batch.set));
+            }
         }
         if let Some(p) = batch.drained_to {
             stream.confirm(p)?;

@@ -449,7 +449,8 @@ pub struct Watching<'a> {
     paused: AtomicBool,
     /// The job is catching up with a backlog: the verifier waits, since
     /// chunks read now would differ by changes in flight, and the catch-up
-    /// gets the machine.
+    /// gets the machine. Set until the job's first batch says otherwise: a
+    /// resumed job may start with a backlog.
     behind: AtomicBool,
     busy: Mutex<()>,
 }
@@ -480,7 +481,7 @@ impl<'a> Watching<'a> {
             Judge::Digest(side) => Judging::Digest(side),
         };
         let watch = Watch::open(dir, plan)?;
-        Ok(Watching { watch, judge, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(false), busy: Mutex::new(()) })
+        Ok(Watching { watch, judge, rate, paused: AtomicBool::new(false), behind: AtomicBool::new(true), busy: Mutex::new(()) })
     }
 
     /// Judges the next chunk due; the rows read, None when none is due.
