@@ -45,6 +45,16 @@ pub async fn fresh_db(base: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
+/// Drops a database made by `fresh_db` (a loaded collection holds memory and
+/// CPU the next measurement would share).
+pub async fn drop_db(base: &str, name: &str) {
+    let d = client(base, Some(name)).await;
+    for coll in d.list_collections().await.unwrap() {
+        d.drop_collection(coll).await.unwrap();
+    }
+    client(base, None).await.drop_database(name).await.unwrap();
+}
+
 fn schema(dim: u32) -> CollectionSchema {
     CollectionSchemaBuilder::new("modeldata", "FastGPT modeldata")
         .add_field(FieldSchema::new_primary_int64("id", "", false))
@@ -86,6 +96,29 @@ pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
     let (base, db) = split(url);
     let s = schema(dim);
     client(base, Some(db)).await.create_collection(s.clone(), None).await.unwrap();
+    rows as f64 / upsert_loop(base, db, &s, 0, rows, dim).await.as_secs_f64()
+}
+
+/// Rows/s of the same loop into the state an online target follows in: a
+/// collection already holding `held` rows, with FastGPT's HNSW index (vmig's
+/// default: IP, M=32, efConstruction=128) built and loaded, so Milvus also
+/// serves the new rows to queries and indexes each segment they seal.
+pub async fn raw_upsert_loaded(url: &str, held: u64, rows: u64, dim: u32) -> f64 {
+    let (base, db) = split(url);
+    let s = schema(dim);
+    let c = client(base, Some(db)).await;
+    c.create_collection(s.clone(), None).await.unwrap();
+    upsert_loop(base, db, &s, 0, held, dim).await;
+    // The SDK waits for the build to finish, as vmig does before it loads.
+    let params = HashMap::from([("M".to_string(), "32".to_string()), ("efConstruction".to_string(), "128".to_string())]);
+    c.create_index("modeldata", "vector", IndexParams::new("vector_index".into(), IndexType::HNSW, MetricType::IP, params)).await.unwrap();
+    c.load_collection("modeldata", None).await.unwrap();
+    rows as f64 / upsert_loop(base, db, &s, held, rows, dim).await.as_secs_f64()
+}
+
+/// Upserts generated rows `first..first+rows` as above; the time until they
+/// are all flushed.
+async fn upsert_loop(base: &str, db: &str, s: &CollectionSchema, first: u64, rows: u64, dim: u32) -> std::time::Duration {
     let per_request = (REQUEST_BYTES / (dim as usize * 4 + 64)).max(1);
     let tasks: Vec<_> = (0..STREAMS as u64)
         .map(|w| {
@@ -95,7 +128,7 @@ pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
                 let mut spent = std::time::Duration::ZERO;
                 let mut start = w * per_request as u64;
                 while start < rows {
-                    let cols = columns(&s, start, per_request.min((rows - start) as usize) as u64, dim);
+                    let cols = columns(&s, first + start, per_request.min((rows - start) as usize) as u64, dim);
                     let t = Instant::now();
                     c.upsert("modeldata", cols, None::<InsertOptions>).await.unwrap();
                     spent += t.elapsed();
@@ -115,13 +148,13 @@ pub async fn raw_upsert(url: &str, rows: u64, dim: u32) -> f64 {
     loop {
         let stats = c.get_collection_stats("modeldata").await.unwrap();
         let flushed: u64 = stats.get("row_count").and_then(|n| n.parse().ok()).unwrap_or(0);
-        if flushed >= rows {
+        if flushed >= first + rows {
             break;
         }
-        assert!(t.elapsed() < std::time::Duration::from_secs(600), "Milvus flushed {flushed} of {rows} rows in 10 minutes");
+        assert!(t.elapsed() < std::time::Duration::from_secs(600), "Milvus flushed {flushed} of {} rows in 10 minutes", first + rows);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    rows as f64 / (slowest + t.elapsed()).as_secs_f64()
+    slowest + t.elapsed()
 }
 
 /// Makes the raw collection readable: a FLAT index (nothing to build) and a load.
