@@ -91,6 +91,8 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
                     last_phase = s.phase;
                 }
             }
+            // Unreadable for a moment while the job is alive: look again.
+            None if process_alive(run.pid) => {}
             // The job answers, then ends: its answer may have come since the look above.
             _ => match answered(&dir, command)? {
                 Some(code) => return Ok(code),

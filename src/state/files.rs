@@ -3,14 +3,21 @@
 use std::fs;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync dir.
+/// The temp file is the writer's own (process and call): two threads saving
+/// the same file (a job's status) must not write into one temp file, where
+/// the longer document's tail would outlive the shorter one's end.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+        "{}.{}-{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or(""),
+        std::process::id(),
+        WRITES.fetch_add(1, Relaxed)
     ));
     {
         let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -35,3 +42,36 @@ pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two threads saving one file (a job's status: its reporter and its
+    /// follow loop) leave one whole document, never one's tail after the other.
+    #[test]
+    fn concurrent_atomic_writes_leave_one_whole_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let (short, long) = (b"{\"a\":1}".to_vec(), format!("{{\"a\":\"{}\"}}", "x".repeat(4000)).into_bytes());
+        std::thread::scope(|s| {
+            for doc in [&short, &long] {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(path, doc).unwrap();
+                    }
+                });
+            }
+            s.spawn(|| {
+                for _ in 0..400 {
+                    if let Ok(got) = fs::read(&path) {
+                        assert!(got == short || got == long, "a torn document: {} bytes", got.len());
+                    }
+                }
+            });
+        });
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1, "temp files left: {left:?}");
+    }
+}

@@ -11,6 +11,10 @@ use crate::contract::changes::{ChangeStream, StreamBatch, StreamStats};
 use crate::model::now_rfc3339;
 use crate::state::online::OnlineState;
 
+/// Age past which changes not yet drained to the server's position are a
+/// backlog (a steady load is applied within a fraction of a second).
+const BACKLOG_AGE_US: i64 = 1_000_000;
+
 /// The slot's and publication's name: `vmig_<job>`, lower-case letters,
 /// digits and `_` only, at most 63 bytes.
 pub fn artifact_name(job: &str) -> String {
@@ -274,17 +278,30 @@ impl ChangeStream for PgChangeStream {
         self.confirm(position)
     }
 
-    fn next_batch(&mut self, max_changes: usize, _upto: u64) -> Result<StreamBatch> {
+    fn next_batch(&mut self, max_changes: usize, upto: u64) -> Result<StreamBatch> {
         if self.reader.is_none() {
             let decoder = Decoder::new(self.table.clone(), self.spec.clone(), self.fixed_dims.clone());
             self.reader = Some(Reader::start(&self.url, &self.app_name, &self.slot, &self.publication, self.confirmed, decoder, max_changes)?);
         }
         let r = self.reader.as_ref().unwrap().next(Duration::from_millis(200));
-        if r.is_err() {
-            // Started again from the applied position by the next read.
-            self.reader = None;
+        match r {
+            Ok(mut batch) => {
+                // The reader hands over part batches whenever the applier waits
+                // (a slow target takes them as they come), so a backlog seldom
+                // comes in full ones: changes committed a while ago, short of
+                // where the server was, are a backlog too.
+                let old = batch.set.commit_time_us.is_some_and(|ts| chrono::Utc::now().timestamp_micros() - ts > BACKLOG_AGE_US);
+                if old && batch.drained_to.is_some_and(|d| d < upto) {
+                    batch.drained_to = None;
+                }
+                Ok(batch)
+            }
+            Err(e) => {
+                // Started again from the applied position by the next read.
+                self.reader = None;
+                Err(e)
+            }
         }
-        r
     }
 
     fn confirm(&mut self, position: u64) -> Result<()> {
