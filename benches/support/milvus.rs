@@ -35,11 +35,7 @@ fn split(url: &str) -> (&str, &str) {
 pub async fn fresh_db(base: &str, name: &str) -> String {
     let c = client(base, None).await;
     if c.list_databases().await.unwrap().iter().any(|d| d == name) {
-        let d = client(base, Some(name)).await;
-        for coll in d.list_collections().await.unwrap() {
-            d.drop_collection(coll).await.unwrap();
-        }
-        c.drop_database(name).await.unwrap();
+        drop_db(base, name).await;
     }
     c.create_database(name, None).await.unwrap();
     format!("{base}/{name}")

@@ -13,7 +13,6 @@ use crate::backends::staging::changes::read_end;
 use crate::commands::cli::RunArgs;
 use crate::commands::job::{EXIT_CANCELLED, setup_job};
 use crate::commands::migrate::run_job;
-use crate::model::now_rfc3339;
 use crate::state::ledger::JobDir;
 use crate::state::locks::process_alive;
 use crate::state::online::{CutoverRequest, OnlineState};
@@ -51,16 +50,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         bail!("no online job in {} (start one with {command} --online, with the same flags)", dir.display());
     }
     let running = read_status(&dir, command).filter(|s| s.state == "running" && process_alive(s.pid));
-    CutoverRequest {
-        requested_at: now_rfc3339(),
-        state: "requested".into(),
-        position: None,
-        message: None,
-        finished_at: None,
-        standalone: running.is_none(),
-        full_verify: args.full_verify,
-    }
-    .save(&dir, command)?;
+    CutoverRequest { standalone: running.is_none(), full_verify: args.full_verify, ..CutoverRequest::new("requested") }.save(&dir, command)?;
     let Some(run) = running else {
         eprintln!("no online run of this job is alive; cutting over here");
         let report = run_job(command, args, handle, cancel.clone())?;

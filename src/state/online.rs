@@ -80,6 +80,18 @@ pub struct CutoverRequest {
 }
 
 impl CutoverRequest {
+    /// A request made now, in `state`.
+    pub fn new(state: &str) -> CutoverRequest {
+        CutoverRequest {
+            requested_at: crate::model::now_rfc3339(),
+            state: state.into(),
+            position: None,
+            message: None,
+            finished_at: None,
+            standalone: false,
+            full_verify: false,
+        }
+    }
     pub fn path(job_dir: &Path, command: &str) -> PathBuf {
         job_dir.join(format!("cutover-{command}.json"))
     }

@@ -464,7 +464,9 @@ impl Sink for MilvusSink {
         Ok(())
     }
 
-    /// Every batch waits for a flush (1–3 s here): fewer, larger batches.
+    /// Batches do not wait for their flush (see `apply`), but each still
+    /// costs Milvus its own rounds of upserts and deletes: a backlog moves
+    /// in fewer, larger batches than into a transactional target.
     fn change_batch_rows(&self) -> usize {
         20_000
     }

@@ -101,15 +101,7 @@ pub(super) fn cutover(
     let msg = format!("safe to switch: {}{removed} ({window})", r.summary);
     // Also a cutover nobody asked for (an import whose export cut over):
     // a later `vmig cutover` prints this result instead of starting over.
-    let mut req = CutoverRequest::load(&dir, &cfg.command)?.unwrap_or_else(|| CutoverRequest {
-        requested_at: now_rfc3339(),
-        state: String::new(),
-        position: None,
-        message: None,
-        finished_at: None,
-        standalone: false,
-        full_verify: false,
-    });
+    let mut req = CutoverRequest::load(&dir, &cfg.command)?.unwrap_or_else(|| CutoverRequest::new(""));
     req.state = "done".into();
     req.message = Some(msg.clone());
     req.finished_at = Some(now_rfc3339());

@@ -319,10 +319,22 @@ impl Watch {
         // A store that can hold several copies of a key (Milvus) can also
         // show one that no change marked: a delete it acknowledged and lost
         // (milvus#32915) resurfaces later. So every other chunk's copies are
-        // counted against the source's ids (one count, ids only), and a
-        // chunk where they differ is compared whole.
+        // counted against the source's ids.
+        let seen: Vec<u32> = out.differing.iter().map(|d| d.chunk).collect();
+        let found = self.count_copies(cmp, from, to, &|at| chunks.contains(&at) || seen.contains(&plan[at].id), &mut out)?;
+        out.differing.extend(found);
+        Ok(out)
+    }
+
+    /// Counts each chunk's stored copies (one count, ids only) against the
+    /// source's ids, except where `skip` says; a chunk where they differ is
+    /// compared whole. The chunks then found differing; None of a store
+    /// that keeps one copy per key.
+    fn count_copies(&self, cmp: &Comparison, from: &dyn Source, to: &dyn Source, skip: &dyn Fn(usize) -> bool, out: &mut WatchCheck) -> Result<Vec<ChunkDiff>> {
+        let plan = self.plan();
+        let mut differing = Vec::new();
         for (at, chunk) in plan.iter().enumerate() {
-            if chunks.contains(&at) || out.differing.iter().any(|d| d.chunk == chunk.id) {
+            if skip(at) {
                 continue;
             }
             let Some(copies) = to.stored_copies(chunk)? else { break };
@@ -336,11 +348,11 @@ impl Watch {
                 let d = cmp.chunk(from, to, chunk)?;
                 out.rows_compared += d.source_rows.max(d.target_rows);
                 if !d.is_equal() {
-                    out.differing.push(d);
+                    differing.push(d);
                 }
             }
         }
-        Ok(out)
+        Ok(differing)
     }
 }
 
@@ -589,6 +601,20 @@ impl<'a> Watching<'a> {
             if still.is_empty() {
                 std::thread::sleep(crate::engine::repair::RECOPY_SETTLE);
                 still = compare(&left, &mut c, true)?;
+            }
+            if still.is_empty() {
+                // The recopy compacted the collection, and a compaction can
+                // bring back a delete Milvus lost in any chunk: every
+                // chunk's copies are counted again.
+                let (from, to) = open()?;
+                let again = self.watch.count_copies(cmp, from.as_ref(), to.as_ref(), &|_| false, &mut c)?;
+                still = again.iter().filter_map(at_of).collect();
+                for d in &again {
+                    if !found.iter().any(|f| f.chunk == d.chunk) {
+                        found.push(d.clone());
+                    }
+                }
+                c.differing = again;
             }
             left = still;
             if left.is_empty() {
