@@ -79,6 +79,9 @@ impl ColBuilder {
     }
 }
 
+/// Rows a batch builder makes room for at most in advance.
+const MAX_EXPECTED_ROWS: usize = 10_000;
+
 /// Rows being collected into one record batch of the spec's schema.
 pub struct BatchBuilder {
     schema: SchemaRef,
@@ -86,14 +89,32 @@ pub struct BatchBuilder {
     fixed_dims: Vec<bool>,
     pub cols: Vec<ColBuilder>,
     pub rows: usize,
+    /// Rows a batch is expected to reach: its vectors' room is taken at
+    /// once, not grown by doubling (every regrowth faulted in fresh zeroed
+    /// pages and copied what it had, a large share of a change batch's cost).
+    expected_rows: usize,
 }
 
 impl BatchBuilder {
     /// `fixed_dims[i]` tells whether vector column i has a declared dimension.
     pub fn new(schema: SchemaRef, types: Vec<ColumnType>, fixed_dims: Vec<bool>) -> Self {
-        let mut b = BatchBuilder { schema, types, fixed_dims, cols: Vec::new(), rows: 0 };
+        let mut b = BatchBuilder { schema, types, fixed_dims, cols: Vec::new(), rows: 0, expected_rows: 0 };
         b.reset();
         b
+    }
+
+    /// Makes room for `rows` rows in this batch and every later one (at
+    /// most `MAX_EXPECTED_ROWS`: a reader that names no batch size).
+    pub fn expect_rows(&mut self, rows: usize) {
+        self.expected_rows = rows.min(MAX_EXPECTED_ROWS);
+        let more = self.expected_rows.saturating_sub(self.rows);
+        for c in &mut self.cols {
+            if let ColBuilder::Vector { dim, values, offsets, valid, .. } = c {
+                values.reserve(more * *dim);
+                offsets.reserve(more);
+                valid.reserve(more);
+            }
+        }
     }
 
     fn reset(&mut self) {
@@ -117,9 +138,13 @@ impl BatchBuilder {
                     dim: *dim as usize,
                     fixed,
                     half: matches!(t, ColumnType::HalfVec { .. }),
-                    values: Vec::new(),
-                    offsets: vec![0],
-                    valid: Vec::new(),
+                    values: Vec::with_capacity(self.expected_rows * *dim as usize),
+                    offsets: {
+                        let mut o = Vec::with_capacity(self.expected_rows + 1);
+                        o.push(0);
+                        o
+                    },
+                    valid: Vec::with_capacity(self.expected_rows),
                 },
             })
             .collect();

@@ -58,6 +58,26 @@ impl CopyDecoder {
         self.out.rows
     }
 
+    /// Makes room for batches of `rows` rows.
+    pub fn expect_rows(&mut self, rows: usize) {
+        self.out.expect_rows(rows);
+    }
+
+    /// Appends one row of values in the send format of the builder's
+    /// columns (None: NULL), as a COPY row's fields would be.
+    pub fn append_row<'a>(&mut self, fields: impl Iterator<Item = Option<&'a [u8]>>) -> Result<()> {
+        let mut n = 0;
+        for (col, field) in self.out.cols.iter_mut().zip(fields) {
+            append_field(col, field)?;
+            n += 1;
+        }
+        if n != self.out.cols.len() {
+            bail!("row has {n} fields, expected {}", self.out.cols.len());
+        }
+        self.out.rows += 1;
+        Ok(())
+    }
+
     /// Feeds bytes; decodes every complete row, calling `emit` whenever
     /// `batch_rows` rows are ready.
     pub fn feed(

@@ -72,6 +72,7 @@ impl PgSource {
             spec.columns.iter().map(|c| c.ty.clone()).collect(),
             self.discovered.fixed_dims.clone(),
         );
+        decoder.expect_rows(batch_rows);
         self.handle.block_on(async {
             let c = self.pool.get().await?;
             self.begin_in_snapshot(&c).await?;

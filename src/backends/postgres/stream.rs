@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded};
 
-use super::copy::{CopyDecoder, copy_header};
+use super::copy::CopyDecoder;
 use super::pgoutput::{self, Message};
 use super::replication::{LogicalStream, StatusSender, WalEvent, start_streaming};
 use super::*;
@@ -157,20 +157,15 @@ impl Decoder {
             sub.columns.iter().map(|c| c.ty.clone()).collect(),
             cols.iter().map(|&i| self.fixed_dims[i]).collect(),
         );
-        let mut buf = copy_header();
+        decoder.expect_rows(rows.len());
         for (_, fields) in rows {
-            buf.extend_from_slice(&(cols.len() as i16).to_be_bytes());
-            for &i in cols {
-                match &fields[i] {
-                    Field::Value(b) => {
-                        buf.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                        buf.extend_from_slice(b);
-                    }
-                    _ => buf.extend_from_slice(&(-1i32).to_be_bytes()),
-                }
-            }
+            decoder
+                .append_row(cols.iter().map(|&i| match &fields[i] {
+                    Field::Value(b) => Some(&b[..]),
+                    _ => None,
+                }))
+                .context("decoding changed rows")?;
         }
-        decoder.feed(&buf, usize::MAX, &mut |_| Ok(())).context("decoding changed rows")?;
         decoder.take_batch()
     }
 }
