@@ -560,7 +560,22 @@ impl Sink for PgSink {
                 .await
                 .pg("reading the table's statistics")?
                 .is_some_and(|r| r.get(0));
-            if !analyzed {
+            if !analyzed && opts.online {
+                // A following job applies changes by key (the primary key's
+                // index serves them without statistics), and PostgreSQL's own
+                // initial sync does not wait for an ANALYZE either: the new
+                // table is analyzed beside the catch-up, on a session of its
+                // own. A run that ends first leaves it to the next run or to
+                // autovacuum.
+                let (pool, sql) = (self.pool.clone(), format!("ANALYZE {t}"));
+                tokio::spawn(async move {
+                    if let Ok(c) = pool.get().await
+                        && c.batch_execute(&sql).await.is_ok()
+                    {
+                        pool.put(c);
+                    }
+                });
+            } else if !analyzed {
                 fb.phase("analyzing");
                 c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
             }
