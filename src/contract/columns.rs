@@ -58,23 +58,27 @@ pub enum ColBuilder {
 }
 
 impl ColBuilder {
-    /// Appends one vector (`None` = NULL); the caller checks the dimension.
-    pub fn push_vector(&mut self, v: Option<&mut dyn Iterator<Item = f32>>) {
-        let ColBuilder::Vector { dim, fixed, values, offsets, valid, .. } = self else {
+    /// Appends one vector; the caller checks the dimension. Generic, so
+    /// that the copy of a row's floats compiles to one loop per source form
+    /// (a dynamic iterator cost a call per float).
+    pub fn push_vector(&mut self, v: impl IntoIterator<Item = f32>) {
+        let ColBuilder::Vector { values, offsets, valid, .. } = self else {
             unreachable!("push_vector on a non-vector column")
         };
-        match v {
-            Some(it) => {
-                values.extend(it);
-                valid.push(true);
-            }
-            None => {
-                if *fixed {
-                    values.extend(std::iter::repeat_n(0.0, *dim));
-                }
-                valid.push(false);
-            }
+        values.extend(v);
+        valid.push(true);
+        offsets.push(values.len() as i32);
+    }
+
+    /// Appends a NULL vector (zeros where the column has a fixed dimension).
+    pub fn push_null_vector(&mut self) {
+        let ColBuilder::Vector { dim, fixed, values, offsets, valid, .. } = self else {
+            unreachable!("push_null_vector on a non-vector column")
+        };
+        if *fixed {
+            values.extend(std::iter::repeat_n(0.0, *dim));
         }
+        valid.push(false);
         offsets.push(values.len() as i32);
     }
 }

@@ -191,7 +191,7 @@ impl RowDecoder {
                     v.push(us);
                     valid.push(true);
                 }
-                (c @ ColBuilder::Vector { .. }, Parsed::Vector(v)) => c.push_vector(Some(&mut v.into_iter())),
+                (c @ ColBuilder::Vector { .. }, Parsed::Vector(v)) => c.push_vector(v),
                 (ColBuilder::I16(x), Parsed::Null) => x.append_null(),
                 (ColBuilder::I32(x), Parsed::Null) => x.append_null(),
                 (ColBuilder::I64(x), Parsed::Null) => x.append_null(),
@@ -203,7 +203,7 @@ impl RowDecoder {
                     v.push(0);
                     valid.push(false);
                 }
-                (c @ ColBuilder::Vector { .. }, Parsed::Null) => c.push_vector(None),
+                (c @ ColBuilder::Vector { .. }, Parsed::Null) => c.push_null_vector(),
                 _ => unreachable!("parse_value returns the builder's kind"),
             }
         }

@@ -194,7 +194,7 @@ fn append_field(col: &mut ColBuilder, field: Option<&[u8]>) -> Result<()> {
         ColBuilder::Vector { dim, fixed, half, .. } => {
             let (dim, fixed, half) = (*dim, *fixed, *half);
             match field {
-                None => col.push_vector(None),
+                None => col.push_null_vector(),
                 Some(f) => {
                     let n = u16::from_be_bytes([f[0], f[1]]) as usize;
                     if fixed && n != dim {
@@ -202,9 +202,9 @@ fn append_field(col: &mut ColBuilder, field: Option<&[u8]>) -> Result<()> {
                     }
                     let body = &f[4..];
                     if half {
-                        col.push_vector(Some(&mut body.chunks_exact(2).map(|c| f16::from_be_bytes([c[0], c[1]]).to_f32())));
+                        col.push_vector(body.chunks_exact(2).map(|c| f16::from_be_bytes([c[0], c[1]]).to_f32()));
                     } else {
-                        col.push_vector(Some(&mut body.chunks_exact(4).map(be_f32)));
+                        col.push_vector(body.chunks_exact(4).map(be_f32));
                     }
                 }
             }
