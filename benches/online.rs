@@ -197,6 +197,17 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
         t.elapsed().as_secs_f64(),
         phases.iter().map(|(at, p)| format!("{at:.1} s {p}")).collect::<Vec<_>>().join(", ")
     );
+    // What the job said so far (retries, a restarted stream): a catch-up
+    // far off its usual rate is read with it.
+    let said: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("warning: a password is on the command line"))
+        .map(str::to_string)
+        .collect();
+    for l in said.iter().rev().take(10).rev() {
+        eprintln!("{name}: the job said: {l}");
+    }
 
     // A job that follows for hours has verified every chunk by the time it
     // is cut over: wait for the verifier's pass over what the backlog changed.
