@@ -111,12 +111,16 @@ impl BatchBuilder {
     /// most `MAX_EXPECTED_ROWS`: a reader that names no batch size).
     pub fn expect_rows(&mut self, rows: usize) {
         self.expected_rows = rows.min(MAX_EXPECTED_ROWS);
-        let more = self.expected_rows.saturating_sub(self.rows);
+        self.reserve_vectors(self.expected_rows.saturating_sub(self.rows));
+    }
+
+    /// Room for `rows` more rows in the vector columns.
+    fn reserve_vectors(&mut self, rows: usize) {
         for c in &mut self.cols {
             if let ColBuilder::Vector { dim, values, offsets, valid, .. } = c {
-                values.reserve(more * *dim);
-                offsets.reserve(more);
-                valid.reserve(more);
+                values.reserve(rows * *dim);
+                offsets.reserve(rows);
+                valid.reserve(rows);
             }
         }
     }
@@ -142,16 +146,13 @@ impl BatchBuilder {
                     dim: *dim as usize,
                     fixed,
                     half: matches!(t, ColumnType::HalfVec { .. }),
-                    values: Vec::with_capacity(self.expected_rows * *dim as usize),
-                    offsets: {
-                        let mut o = Vec::with_capacity(self.expected_rows + 1);
-                        o.push(0);
-                        o
-                    },
-                    valid: Vec::with_capacity(self.expected_rows),
+                    values: Vec::new(),
+                    offsets: vec![0],
+                    valid: Vec::new(),
                 },
             })
             .collect();
+        self.reserve_vectors(self.expected_rows);
     }
 
     /// Builds a batch from the rows collected so far (possibly none) and starts anew.

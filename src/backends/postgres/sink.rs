@@ -551,7 +551,7 @@ impl Sink for PgSink {
             }
             // An online job resumed after its snapshot finds the table
             // analyzed (autovacuum keeps it so as changes arrive): a large
-            // table's ANALYZE would only delay the catch-up.
+            // table's ANALYZE would only compete with the catch-up.
             let analyzed: bool = opts.online
                 && c.query_opt(
                     "SELECT last_analyze IS NOT NULL OR last_autoanalyze IS NOT NULL FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
@@ -560,24 +560,27 @@ impl Sink for PgSink {
                 .await
                 .pg("reading the table's statistics")?
                 .is_some_and(|r| r.get(0));
-            if !analyzed && opts.online {
-                // A following job applies changes by key (the primary key's
-                // index serves them without statistics), and PostgreSQL's own
-                // initial sync does not wait for an ANALYZE either: the new
-                // table is analyzed beside the catch-up, on a session of its
-                // own. A run that ends first leaves it to the next run or to
-                // autovacuum.
-                let (pool, sql) = (self.pool.clone(), format!("ANALYZE {t}"));
-                tokio::spawn(async move {
-                    if let Ok(c) = pool.get().await
-                        && c.batch_execute(&sql).await.is_ok()
-                    {
-                        pool.put(c);
-                    }
-                });
-            } else if !analyzed {
-                fb.phase("analyzing");
-                c.batch_execute(&format!("ANALYZE {t}")).await.pg("analyze")?;
+            if !analyzed {
+                let analyze = format!("ANALYZE {t}");
+                if opts.online {
+                    // A following job applies changes by key (the primary
+                    // key's index serves them without statistics), and
+                    // PostgreSQL's own initial sync does not wait for an
+                    // ANALYZE either: the new table is analyzed beside the
+                    // catch-up, on a session of its own. A run that ends
+                    // first leaves it to the next run or to autovacuum.
+                    let pool = self.pool.clone();
+                    tokio::spawn(async move {
+                        if let Ok(c) = pool.get().await
+                            && c.batch_execute(&analyze).await.is_ok()
+                        {
+                            pool.put(c);
+                        }
+                    });
+                } else {
+                    fb.phase("analyzing");
+                    c.batch_execute(&analyze).await.pg("analyze")?;
+                }
             }
             if final_count_due(opts) {
                 let inside = self.subset.get().map(|f| format!(" WHERE {}", filter_sql(f, None))).unwrap_or_default();

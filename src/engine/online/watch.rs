@@ -328,8 +328,8 @@ impl Watch {
 
     /// Counts each chunk's stored copies (one count, ids only) against the
     /// source's ids, except where `skip` says; a chunk where they differ is
-    /// compared whole. The chunks then found differing; None of a store
-    /// that keeps one copy per key.
+    /// compared whole. Returns the chunks then found differing (none of a
+    /// store that keeps one copy per key).
     fn count_copies(&self, cmp: &Comparison, from: &dyn Source, to: &dyn Source, skip: &dyn Fn(usize) -> bool, out: &mut WatchCheck) -> Result<Vec<ChunkDiff>> {
         let plan = self.plan();
         let mut differing = Vec::new();
@@ -604,10 +604,10 @@ impl<'a> Watching<'a> {
             }
             if still.is_empty() {
                 // The recopy compacted the collection, and a compaction can
-                // bring back a delete Milvus lost in any chunk: every
-                // chunk's copies are counted again.
+                // bring back a delete Milvus lost in any chunk: the copies of
+                // every chunk not just compared whole are counted again.
                 let (from, to) = open()?;
-                let again = self.watch.count_copies(cmp, from.as_ref(), to.as_ref(), &|_| false, &mut c)?;
+                let again = self.watch.count_copies(cmp, from.as_ref(), to.as_ref(), &|at| left.contains(&at), &mut c)?;
                 still = again.iter().filter_map(at_of).collect();
                 for d in &again {
                     if !found.iter().any(|f| f.chunk == d.chunk) {
