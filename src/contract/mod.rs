@@ -217,6 +217,13 @@ pub trait Sink: Send + Sync {
     fn compact(&self) -> Result<bool> {
         Ok(false)
     }
+    /// Waits until reads are served from what the target persisted and
+    /// nothing else (Milvus: every flushed segment handed over to the query
+    /// node, see `ddl::wait_served`), so that a check then sees what later
+    /// reads will. Whether there was anything to wait for.
+    fn serve_persisted(&self) -> Result<bool> {
+        Ok(false)
+    }
     fn committed(&self, job: &str) -> Result<Ledger>;
     /// Starts writing one chunk; nothing is visible until `commit`.
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;

@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use milvus::proto::common::{CompactionState, ConsistencyLevel, IndexState, KeyValuePair, MsgType, SegmentState};
+use milvus::proto::common::{CompactionState, ConsistencyLevel, IndexState, KeyValuePair, LoadState, MsgType, SegmentState};
 use milvus::proto::milvus::{
     CreateCollectionRequest, CreateIndexRequest, DropCollectionRequest, FlushRequest, GetCollectionStatisticsRequest,
-    GetCompactionStateRequest, GetFlushStateRequest, GetPersistentSegmentInfoRequest, GetQuerySegmentInfoRequest,
+    GetCompactionStateRequest, GetFlushStateRequest, GetLoadStateRequest, GetPersistentSegmentInfoRequest, GetQuerySegmentInfoRequest, LoadCollectionRequest,
     ManualCompactionRequest,
 };
 use milvus::proto::schema::{CollectionSchema, DataType, FieldSchema, FunctionSchema, FunctionType};
@@ -250,13 +250,17 @@ pub(super) fn wait_flushed(conn: &Milvus, name: &str, ticket: FlushTicket) -> Re
 /// it persists while queries still honour it from memory (milvus#32915);
 /// the old copy then comes back when the segment is next loaded or
 /// compacted, long after a comparison found it gone. After this, a
-/// comparison sees what Milvus will keep.
-pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
+/// comparison sees what Milvus will keep. False from a server without
+/// compactions (milvus-lite keeps one copy per id).
+pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<bool> {
     const LIMIT: Duration = Duration::from_secs(1800);
     let started = Instant::now();
     let collection_id = conn.collection_id(name)?;
     let req = ManualCompactionRequest { collection_id, collection_name: name.into(), db_name: conn.url.database.clone(), ..Default::default() };
-    let compaction_id = conn.call(&format!("compacting {name}"), |mut c| async move { c.manual_compaction(req).await })?.compaction_id;
+    let Some(compaction) = conn.call_if_served(&format!("compacting {name}"), |mut c| async move { c.manual_compaction(req).await })? else {
+        return Ok(false);
+    };
+    let compaction_id = compaction.compaction_id;
     loop {
         let req = GetCompactionStateRequest { compaction_id };
         let r = conn.call("waiting for the compaction", |mut c| async move { c.get_compaction_state(req).await })?;
@@ -271,26 +275,46 @@ pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Queries are served from the segments Milvus keeps once every
-    // flushed segment with rows is loaded and nothing else is. milvus-lite
-    // keeps one copy per id and lists no segments: nothing to wait for.
+    wait_served(conn, name)?;
+    Ok(true)
+}
+
+/// Waits until queries are served from the collection's flushed segments
+/// and nothing else: Milvus 2.3 can drop deletes while it hands a segment
+/// over to its query node (milvus#32915), so the copies a check counts
+/// before then are not what queries show after. True when the server
+/// lists its segments (milvus-lite does not: nothing to wait for).
+pub(super) fn wait_served(conn: &Milvus, name: &str) -> Result<bool> {
+    const LIMIT: Duration = Duration::from_secs(1800);
+    let started = Instant::now();
+    // Nothing is served from a collection not loaded (--no-indexes).
+    let req = GetLoadStateRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+    match conn.call_if_served("reading the load state", |mut c| async move { c.get_load_state(req).await })? {
+        Some(r) if r.state == LoadState::Loaded as i32 => {}
+        _ => return Ok(false),
+    }
+    // The query coordinator takes up newly flushed segments on its own
+    // schedule; a refreshing load asks it now and returns once it has
+    // (servers without refresh loads are waited for below).
+    let req = LoadCollectionRequest { db_name: conn.url.database.clone(), collection_name: name.into(), refresh: true, ..Default::default() };
+    let _ = conn.call_if_served("refreshing the load", |mut c| async move { c.load_collection(req).await });
     loop {
         let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
         let Some(kept) = conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })? else {
-            return Ok(());
+            return Ok(false);
         };
         let kept: HashSet<i64> =
             kept.infos.iter().filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0).map(|s| s.segment_id).collect();
         let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
         let Some(served) = conn.call_if_served("listing served segments", |mut c| async move { c.get_query_segment_info(req).await })? else {
-            return Ok(());
+            return Ok(false);
         };
         let served: HashSet<i64> = served.infos.iter().filter(|s| s.num_rows > 0).map(|s| s.segment_id).collect();
         if kept == served {
-            return Ok(());
+            return Ok(true);
         }
         if started.elapsed() > LIMIT {
-            bail!("Milvus did not serve {name}'s compacted segments within {} minutes", LIMIT.as_secs() / 60);
+            bail!("Milvus did not serve {name}'s flushed segments within {} minutes", LIMIT.as_secs() / 60);
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -144,7 +144,8 @@ replies!(
     milvus::proto::milvus::ManualCompactionResponse,
     milvus::proto::milvus::GetCompactionStateResponse,
     milvus::proto::milvus::GetPersistentSegmentInfoResponse,
-    milvus::proto::milvus::GetQuerySegmentInfoResponse
+    milvus::proto::milvus::GetQuerySegmentInfoResponse,
+    milvus::proto::milvus::GetLoadStateResponse
 );
 
 /// Longest any single RPC may take (they are all quick: loads, flushes and

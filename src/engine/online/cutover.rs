@@ -12,6 +12,7 @@ use crate::engine::online::CutoverCheck;
 use crate::engine::online::watch::{Checked, MayDiffer, WatchCheck, Watching};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets};
 use crate::model::now_rfc3339;
+use crate::model::retry::with_retries;
 use crate::state::online::{CutoverRequest, OnlineState};
 use crate::state::progress::Progress;
 
@@ -52,6 +53,20 @@ pub(super) fn cutover(
     }
     let finished = finish_started.elapsed();
     progress.set_phase("verifying");
+    // Milvus 2.3 can drop acknowledged deletes while it hands freshly
+    // flushed segments over to its query node (milvus#32915): copies
+    // counted before that are not what queries show after. The check
+    // starts once reads come from what every target persisted.
+    let serve_started = Instant::now();
+    let mut waited = false;
+    for t in &job.targets {
+        let what = format!("waiting until {} serves what it persisted", t.sink.describe());
+        match with_retries(&what, cfg.retry_for, 0, cancel, &|m| progress.println(m), || t.sink.serve_persisted()) {
+            Ok(w) => waited |= w,
+            Err(e) => return fail(format!("cutover: {what} failed: {e:#}")),
+        }
+    }
+    let served = if waited { format!(", segments served {:.1} s", serve_started.elapsed().as_secs_f64()) } else { String::new() };
     let full = CutoverRequest::load(&dir, &cfg.command)?.is_some_and(|r| r.full_verify);
     let check_started = Instant::now();
     let checked = match watching.filter(|_| !full) {
@@ -79,7 +94,7 @@ pub(super) fn cutover(
         Err(e) => return fail(format!("cutover: verify failed to run: {e:#}")),
     };
     let window = format!(
-        "cutover window {:.1} s: drain {:.1} s, finish {:.1} s, {what} in {:.1} s",
+        "cutover window {:.1} s: drain {:.1} s, finish {:.1} s{served}, {what} in {:.1} s",
         drain_started.elapsed().as_secs_f64(),
         drained.as_secs_f64(),
         finished.as_secs_f64(),
