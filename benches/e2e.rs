@@ -18,6 +18,8 @@ mod oceanbase;
 #[path = "support/postgres.rs"]
 mod postgres;
 use postgres::{env_or, fresh_db};
+// The online benchmark's helpers go unused here.
+#[allow(dead_code)]
 #[path = "support/milvus.rs"]
 mod milvus_bench;
 

@@ -477,6 +477,8 @@ fn through_staging_the_import_cutover_into_milvus_counts_each_chunks_copies() {
     let (out, said) = pair.cut_import();
     assert!(!out.status.success(), "an import cutover over a target holding a second copy must fail: {said}");
     assert!(said.contains(&format!("duplicate copies of ids [{id}]")), "the cutover names the id held twice: {said}");
+    // The writes were stopped: the advice is about the copies, not the writes.
+    assert!(said.contains("copies of rows it had acknowledged deleting") && !said.contains("were writes to the source stopped"), "{said}");
 }
 
 #[test]

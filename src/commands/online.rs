@@ -241,6 +241,7 @@ fn end_of_export(dir: &std::path::Path, plan: Vec<ChunkRange>, digests: Digests)
              The target is ready once `vmig import --online` on this staging area prints its own \"safe to switch\""
         ),
         differences: String::new(),
+        only_extra_copies: false,
     })
 }
 
@@ -307,6 +308,7 @@ fn against_export(end: &EndMarker, mode: &str, got: &[ChunkDigest], ids: &dyn Fn
         equal: diffs.is_empty(),
         summary: format!("the target equals the export's source at its cutover ({rows} rows; per-chunk digests of ids and every column, {mode})"),
         differences: diffs.into_iter().take(5).map(|(w, said)| ids(w).unwrap_or(said)).collect::<Vec<_>>().join("; "),
+        only_extra_copies: false,
     })
 }
 

@@ -421,6 +421,12 @@ impl ChunkDiff {
     pub fn is_equal(&self) -> bool {
         self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty() && self.duplicates == 0
     }
+
+    /// Every row equal and only copies too many: what a target that lost
+    /// deletes it acknowledged (Milvus 2.3) shows, whatever the source did.
+    pub fn only_extra_copies(&self) -> bool {
+        self.duplicates > 0 && self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+    }
 }
 
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {

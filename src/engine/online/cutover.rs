@@ -102,11 +102,13 @@ pub(super) fn cutover(
     );
     progress.println(&window);
     if !r.equal {
-        return fail(format!(
-            "cutover: the target differs from the source after draining ({}; {window}); were writes to the source stopped? \
-             The job keeps following; stop the writes and request the cutover again",
-            r.differences
-        ));
+        let advice = if r.only_extra_copies {
+            "the target kept copies of rows it had acknowledged deleting (a Milvus 2.3 defect, see docs/limits.md), whatever the \
+             source did. The job keeps following; request the cutover again, or stop the job and run `vmig repair` from the source"
+        } else {
+            "were writes to the source stopped? The job keeps following; stop the writes and request the cutover again"
+        };
+        return fail(format!("cutover: the target differs from the source after draining ({}; {window}); {advice}", r.differences));
     }
     let artifacts = stream.artifacts();
     stream.drop_artifacts()?;
@@ -144,5 +146,6 @@ fn changed_only(c: &WatchCheck, may_differ: Option<MayDiffer>) -> CutoverCheck {
             c.changed_keys, c.unverified_chunks, c.vectors
         ),
         differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
+        only_extra_copies: !c.differing.is_empty() && c.differing.iter().all(|d| d.only_extra_copies()),
     }
 }

@@ -18,6 +18,9 @@ pub struct CutoverCheck {
     pub summary: String,
     /// What differs, when not equal.
     pub differences: String,
+    /// What differs is only copies the target kept of rows it acknowledged
+    /// deleting (Milvus 2.3): stopping the writes does not help, a repair does.
+    pub only_extra_copies: bool,
 }
 
 impl From<crate::engine::verify::VerifyReport> for CutoverCheck {
@@ -35,6 +38,7 @@ impl From<crate::engine::verify::VerifyReport> for CutoverCheck {
                 r.target_rows, r.vector_comparison
             ),
             differences: format!("source {} rows, target {} rows; {}", r.source_rows, r.target_rows, diffs.join("; ")),
+            only_extra_copies: !r.differing_chunks.is_empty() && r.differing_chunks.iter().all(|d| d.only_extra_copies()),
         }
     }
 }

@@ -208,6 +208,7 @@ pub(super) fn check(watch: &Watch, side: &DigestSide) -> Result<DigestCheck> {
         out.check.summary.push_str(", and each chunk's stored copies counted: one per id");
     }
     if !copies.is_empty() {
+        out.check.only_extra_copies = out.check.equal;
         out.check.equal = false;
         let found = copies.into_iter().take(5).collect::<Vec<_>>().join("; ");
         out.check.differences = if out.check.differences.is_empty() { found } else { format!("{}; {found}", out.check.differences) };
