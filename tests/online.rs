@@ -491,6 +491,10 @@ fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
     let args = online_args(&src, &m, state.path(), job);
     let job_dir = state.path().join(job);
     let (mut run, _reap) = start_and_wait_for_a_full_pass(&args, &job_dir, job);
+    // While following, the status counts the segments Milvus has not yet
+    // handed over to its query node: what a cutover would wait for.
+    let counted = || common::faults::status_of(&job_dir, "migrate").is_some_and(|s| s["online"]["unserved_segments"].is_u64());
+    wait_until("the status counts the target's segments not yet served", 60, &counted);
     let id = id_in_the_chunk_checked_last(&job_dir, &src);
     let before = applied(&job_dir, "migrate");
     exec(&src, &format!("UPDATE modeldata SET team_id = 'moved' WHERE id = {id}"));

@@ -224,6 +224,12 @@ pub trait Sink: Send + Sync {
     fn serve_persisted(&self) -> Result<bool> {
         Ok(false)
     }
+    /// How many stored parts the target has not yet handed over to what
+    /// serves its reads (Milvus: flushed segments), i.e. what
+    /// `serve_persisted` would wait for now; None where nothing is handed over.
+    fn unserved(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     fn committed(&self, job: &str) -> Result<Ledger>;
     /// Starts writing one chunk; nothing is visible until `commit`.
     fn begin_chunk(&self, job: &str, chunk: &ChunkRange) -> Result<Box<dyn ChunkWriter>>;

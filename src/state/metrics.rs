@@ -66,6 +66,9 @@ pub fn render(job: &str, p: &Progress, workers: &[Status]) -> String {
             }
             crate::contract::changes::PositionUnit::Watermark => {}
         }
+        if let Some(n) = o.unserved_segments {
+            metric("vmig_target_unserved_segments", "gauge", "Flushed target segments not yet served to reads (Milvus); a cutover waits for them.", &one(n));
+        }
         if let Some(v) = &o.verification {
             metric("vmig_verify_chunks", "gauge", "Chunks of the verification plan of an online job.", &one(v.chunks));
             metric("vmig_verify_chunks_verified", "gauge", "Chunks seen equal on both sides while following.", &one(v.chunks_verified));

@@ -648,6 +648,11 @@ pub struct OnlineStatus {
     /// Verification while following (targets checked at cutover by what changed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verification: Option<VerifyProgress>,
+    /// Stored parts the targets have not yet handed over to what serves
+    /// their reads (Milvus: flushed segments awaiting their index and the
+    /// query node); a cutover waits for them before its check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unserved_segments: Option<u64>,
 }
 
 /// Verification while following: chunks seen equal, and what a cutover
@@ -692,8 +697,12 @@ impl OnlineStatus {
             PositionUnit::Changes => format!(" · {} changes waiting in the source's changelog", self.retained_bytes),
             PositionUnit::Watermark => String::new(),
         };
+        let unserved = match self.unserved_segments {
+            Some(n) if n > 0 => format!(" · target segments not yet served: {n} (a cutover now waits for them)"),
+            _ => String::new(),
+        };
         format!(
-            "applied {} inserts, {} updates, {} deletes · {:.0} changes/s · lag {:.1} s{behind}",
+            "applied {} inserts, {} updates, {} deletes · {:.0} changes/s · lag {:.1} s{behind}{unserved}",
             self.applied.inserts, self.applied.updates, self.applied.deletes, self.changes_per_second, self.lag_seconds,
         )
     }

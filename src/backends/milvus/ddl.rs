@@ -287,11 +287,8 @@ pub(super) fn compact_and_serve(conn: &Milvus, name: &str) -> Result<bool> {
 pub(super) fn wait_served(conn: &Milvus, name: &str) -> Result<bool> {
     const LIMIT: Duration = Duration::from_secs(1800);
     let started = Instant::now();
-    // Nothing is served from a collection not loaded (--no-indexes).
-    let req = GetLoadStateRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-    match conn.call_if_served("reading the load state", |mut c| async move { c.get_load_state(req).await })? {
-        Some(r) if r.state == LoadState::Loaded as i32 => {}
-        _ => return Ok(false),
+    if !is_loaded(conn, name)? {
+        return Ok(false);
     }
     // The query coordinator takes up newly flushed segments on its own
     // schedule; a refreshing load asks it now and returns once it has
@@ -299,18 +296,8 @@ pub(super) fn wait_served(conn: &Milvus, name: &str) -> Result<bool> {
     let req = LoadCollectionRequest { db_name: conn.url.database.clone(), collection_name: name.into(), refresh: true, ..Default::default() };
     let _ = conn.call_if_served("refreshing the load", |mut c| async move { c.load_collection(req).await });
     loop {
-        let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-        let Some(kept) = conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })? else {
-            return Ok(false);
-        };
-        let kept: HashSet<i64> =
-            kept.infos.iter().filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0).map(|s| s.segment_id).collect();
-        let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-        let Some(served) = conn.call_if_served("listing served segments", |mut c| async move { c.get_query_segment_info(req).await })? else {
-            return Ok(false);
-        };
-        let served: HashSet<i64> = served.infos.iter().filter(|s| s.num_rows > 0).map(|s| s.segment_id).collect();
-        if kept == served {
+        let Some(unserved) = unserved_segments(conn, name)? else { return Ok(false) };
+        if unserved == 0 {
             return Ok(true);
         }
         if started.elapsed() > LIMIT {
@@ -318,6 +305,30 @@ pub(super) fn wait_served(conn: &Milvus, name: &str) -> Result<bool> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Nothing is served from a collection not loaded (--no-indexes).
+pub(super) fn is_loaded(conn: &Milvus, name: &str) -> Result<bool> {
+    let req = GetLoadStateRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+    let state = conn.call_if_served("reading the load state", |mut c| async move { c.get_load_state(req).await })?;
+    Ok(state.is_some_and(|r| r.state == LoadState::Loaded as i32))
+}
+
+/// Segments with rows that Milvus keeps flushed but its query node does
+/// not serve yet, or serves but no longer keeps (a handover under way);
+/// None from a server that lists no segments (milvus-lite).
+pub(super) fn unserved_segments(conn: &Milvus, name: &str) -> Result<Option<u64>> {
+    let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+    let Some(kept) = conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })? else {
+        return Ok(None);
+    };
+    let kept: HashSet<i64> = kept.infos.iter().filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0).map(|s| s.segment_id).collect();
+    let req = GetQuerySegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+    let Some(served) = conn.call_if_served("listing served segments", |mut c| async move { c.get_query_segment_info(req).await })? else {
+        return Ok(None);
+    };
+    let served: HashSet<i64> = served.infos.iter().filter(|s| s.num_rows > 0).map(|s| s.segment_id).collect();
+    Ok(Some(kept.symmetric_difference(&served).count() as u64))
 }
 
 /// Waits until every index of the collection is built, showing indexed

@@ -16,7 +16,7 @@ use milvus::proto::schema::CollectionSchema;
 use tokio::runtime::Handle;
 
 use crate::backends::milvus::{Milvus, base};
-use crate::backends::milvus::ddl::{align_partitions, compact_and_serve, create_collection, create_index, delete_where, drop_collection, field_schema, recreate_empty, request_flush, row_count, wait_flushed, wait_for_indexes, wait_served, with_computed_fields};
+use crate::backends::milvus::ddl::{align_partitions, compact_and_serve, create_collection, create_index, delete_where, drop_collection, field_schema, recreate_empty, request_flush, row_count, wait_flushed, wait_for_indexes, wait_served, is_loaded, unserved_segments, with_computed_fields};
 use crate::backends::milvus::encode::{UPSERTS_IN_FLIGHT, refused_rows, start_upsert};
 use crate::backends::milvus::mapping::{Collection, FieldKind, PARTITION_COLUMN, discover, metric_to_milvus};
 use crate::contract::{ChunkWriter, Feedback, RowReject, Sink, SinkOptions, check_final_count, existing_rows_action, refuse_foreign_ids, without_rows};
@@ -332,6 +332,13 @@ impl Sink for MilvusSink {
 
     fn serve_persisted(&self) -> Result<bool> {
         wait_served(&self.conn, &self.name)
+    }
+
+    fn unserved(&self) -> Result<Option<u64>> {
+        if !is_loaded(&self.conn, &self.name)? {
+            return Ok(None);
+        }
+        unserved_segments(&self.conn, &self.name)
     }
 
     fn committed(&self, job: &str) -> Result<Ledger> {

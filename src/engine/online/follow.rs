@@ -25,6 +25,8 @@ use crate::state::progress::{OnlineStatus, Progress, RETAINED_WARN_BYTES, Report
 
 /// Wait between two polls of a source with nothing new.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How often the status counts the targets' segments not yet served.
+const UNSERVED_EVERY: Duration = Duration::from_secs(10);
 
 /// Sets up (or, on resume, reopens) a source's change capture; `committed`:
 /// a target already holds part of this job, so a lost capture cannot be
@@ -222,6 +224,9 @@ struct Follower<'a> {
     batch_changes: usize,
     /// The next batch, read while the one before it was applied.
     read_ahead: Option<StreamBatch>,
+    /// The targets' segments not yet served, and when they were counted.
+    unserved: Option<u64>,
+    unserved_at: Option<Instant>,
 }
 
 impl<'a> Follower<'a> {
@@ -259,6 +264,8 @@ impl<'a> Follower<'a> {
             watching,
             batch_changes: job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000),
             read_ahead: None,
+            unserved: None,
+            unserved_at: None,
         })
     }
 
@@ -406,11 +413,26 @@ impl<'a> Follower<'a> {
             note: stats.note.clone(),
             warning,
             verification: self.watching.map(|w| w.watch.progress()),
+            unserved_segments: self.unserved_segments(),
         };
         self.progress.status.lock().unwrap().online = Some(online);
         self.progress.write_status(None);
         self.last_stats = Some(Instant::now());
         Ok(())
+    }
+
+    /// The targets' segments not yet served, counted again every
+    /// `UNSERVED_EVERY` (two listings of a Milvus collection); a count that
+    /// fails keeps the last one (the status is not worth a retry).
+    fn unserved_segments(&mut self) -> Option<u64> {
+        if self.unserved_at.is_none_or(|t| t.elapsed() >= UNSERVED_EVERY) {
+            self.unserved_at = Some(Instant::now());
+            let counts: Vec<Option<u64>> = self.job.targets.iter().filter_map(|t| t.sink.unserved().ok()).collect();
+            if counts.len() == self.job.targets.len() {
+                self.unserved = counts.into_iter().flatten().reduce(|a, b| a + b);
+            }
+        }
+        self.unserved
     }
 
     /// A full batch, or changes committed long ago and more to come: a
