@@ -37,6 +37,7 @@ const DOCUMENTED: &[&str] = &[
     "vmig_verify_chunks_verified",
     "vmig_cutover_changed_keys",
     "vmig_cutover_unverified_chunks",
+    "vmig_target_unserved_segments",
     "vmig_worker_heartbeat_age_seconds",
     "vmig_worker_lease_seconds",
 ];
