@@ -419,14 +419,24 @@ impl ChunkDiff {
     }
 
     pub fn is_equal(&self) -> bool {
-        self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty() && self.duplicates == 0
+        self.rows_equal() && self.duplicates == 0
     }
 
     /// Every row equal and only copies too many: what a target that lost
     /// deletes it acknowledged (Milvus 2.3) shows, whatever the source did.
     pub fn only_extra_copies(&self) -> bool {
-        self.duplicates > 0 && self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+        self.rows_equal() && self.duplicates > 0
     }
+
+    /// The same ids with the same values on both sides (copies aside).
+    fn rows_equal(&self) -> bool {
+        self.source_rows == self.target_rows && self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
+    }
+}
+
+/// Chunks found differing, all of them only by extra copies.
+pub fn all_extra_copies(diffs: &[ChunkDiff]) -> bool {
+    !diffs.is_empty() && diffs.iter().all(ChunkDiff::only_extra_copies)
 }
 
 pub fn verify(from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], workers: usize) -> Result<VerifyReport> {

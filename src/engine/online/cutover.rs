@@ -146,6 +146,6 @@ fn changed_only(c: &WatchCheck, may_differ: Option<MayDiffer>) -> CutoverCheck {
             c.changed_keys, c.unverified_chunks, c.vectors
         ),
         differences: c.differing.iter().take(3).map(|d| d.describe()).collect::<Vec<_>>().join("; "),
-        only_extra_copies: !c.differing.is_empty() && c.differing.iter().all(|d| d.only_extra_copies()),
+        only_extra_copies: crate::engine::verify::all_extra_copies(&c.differing),
     }
 }

@@ -38,7 +38,7 @@ impl From<crate::engine::verify::VerifyReport> for CutoverCheck {
                 r.target_rows, r.vector_comparison
             ),
             differences: format!("source {} rows, target {} rows; {}", r.source_rows, r.target_rows, diffs.join("; ")),
-            only_extra_copies: !r.differing_chunks.is_empty() && r.differing_chunks.iter().all(|d| d.only_extra_copies()),
+            only_extra_copies: crate::engine::verify::all_extra_copies(&r.differing_chunks),
         }
     }
 }
