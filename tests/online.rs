@@ -282,6 +282,36 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     assert!(!job_dir.join("watch.json").exists(), "a finished cutover removes its verification record");
 }
 
+#[test]
+fn a_caught_up_job_shows_no_lag_once_nothing_is_left_to_apply() {
+    let (src, dst) = dbs("online_idle_lag");
+    ok(&["generate", "--to", &src, "--rows", "200", "--dim", "16"]);
+    let state = tempdir();
+    let job = "online_idle_lag";
+    let args = online_args(&src, &dst, state.path(), job);
+    let job_dir = state.path().join(job);
+    let mut run = start(&args, &Moment::Committed(0));
+    let mut reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let before = applied(&job_dir, "migrate");
+    exec(&src, "UPDATE modeldata SET team_id = 'late' WHERE id = (SELECT min(id) FROM modeldata)");
+    // The change is two seconds old when the restarted job applies it.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut run = start(&args, &Moment::Committed(0));
+    reap.0.push(run.id());
+    wait_following(&mut run, &job_dir, "migrate", before, job);
+    // Nothing is left to apply: the lag is none, not that change's age.
+    let lag = || common::faults::status_of(&job_dir, "migrate").and_then(|s| s["online"]["lag_seconds"].as_f64());
+    wait_until("no lag shown once caught up", 30, &|| lag().is_some_and(|l| l < 1.0));
+    let mut cut = args.clone();
+    cut[0] = "cutover".into();
+    ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(run.wait().unwrap().success());
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+}
+
 /// Polls `done` every 50 ms for up to `secs`.
 /// Starts the online job; returns once it follows and its verifier has seen
 /// every chunk (at least three) equal.

@@ -115,16 +115,37 @@ fn follow(
     watching: Option<&Watching<'_>>,
 ) -> Result<bool> {
     let stop = AtomicBool::new(false);
+    let unserved = Mutex::new(None);
     std::thread::scope(|s| {
         if let Some(w) = watching {
             s.spawn(|| w.run_verifier(&stop, &|m| progress.println(m)));
         }
-        let followed = follow_batches(cfg, job, stream, cancel, progress, check, watching);
+        s.spawn(|| count_unserved(job, &stop, &unserved));
+        let followed = follow_batches(cfg, job, stream, cancel, progress, check, watching, &unserved);
         stop.store(true, Relaxed);
         followed
     })
 }
 
+/// Counts the targets' segments not yet served every `UNSERVED_EVERY`,
+/// beside the apply loop: listing a busy Milvus collection's segments can
+/// take seconds, which the lag would otherwise show. A count that fails
+/// keeps the last one (the status is not worth a retry).
+fn count_unserved(job: &PreparedJob, stop: &AtomicBool, into: &Mutex<Option<u64>>) {
+    let mut counted: Option<Instant> = None;
+    while !stop.load(Relaxed) {
+        if counted.is_none_or(|t| t.elapsed() >= UNSERVED_EVERY) {
+            counted = Some(Instant::now());
+            let counts: Vec<Option<u64>> = job.targets.iter().filter_map(|t| t.sink.unserved().ok()).collect();
+            if counts.len() == job.targets.len() {
+                *into.lock().unwrap() = counts.into_iter().flatten().reduce(|a, b| a + b);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn follow_batches(
     cfg: &JobConfig,
     job: &PreparedJob,
@@ -133,8 +154,9 @@ fn follow_batches(
     progress: &Arc<Progress>,
     check: &dyn Fn() -> Result<CutoverCheck>,
     watching: Option<&Watching<'_>>,
+    unserved: &Mutex<Option<u64>>,
 ) -> Result<bool> {
-    let mut f = Follower::new(cfg, job, stream, cancel, progress, watching)?;
+    let mut f = Follower::new(cfg, job, stream, cancel, progress, watching, unserved)?;
     progress.set_phase("catching up");
     loop {
         if cancel.load(Relaxed) {
@@ -224,9 +246,8 @@ struct Follower<'a> {
     batch_changes: usize,
     /// The next batch, read while the one before it was applied.
     read_ahead: Option<StreamBatch>,
-    /// The targets' segments not yet served, and when they were counted.
-    unserved: Option<u64>,
-    unserved_at: Option<Instant>,
+    /// The targets' segments not yet served, as last counted (`count_unserved`).
+    unserved: &'a Mutex<Option<u64>>,
 }
 
 impl<'a> Follower<'a> {
@@ -238,6 +259,7 @@ impl<'a> Follower<'a> {
         cancel: &'a Arc<AtomicBool>,
         progress: &'a Arc<Progress>,
         watching: Option<&'a Watching<'a>>,
+        unserved: &'a Mutex<Option<u64>>,
     ) -> Result<Self> {
         let mut applied: Vec<AppliedPosition> = Vec::new();
         for t in &job.targets {
@@ -264,8 +286,7 @@ impl<'a> Follower<'a> {
             watching,
             batch_changes: job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000),
             read_ahead: None,
-            unserved: None,
-            unserved_at: None,
+            unserved,
         })
     }
 
@@ -369,8 +390,13 @@ impl<'a> Follower<'a> {
     /// online status `vmig status` and the metrics show.
     fn publish_status(&mut self, stream: &mut dyn ChangeStream, set: &ChangeSet, complete: bool) -> Result<()> {
         // Behind the source with nothing arriving: the delay grows from the
-        // first empty read.
-        if complete || set.has_rows() {
+        // first empty read. Caught up with nothing new: no delay, whatever
+        // the last change applied had (a job idle after a backlog would
+        // otherwise show the backlog's lag until the next change).
+        if complete && !set.has_rows() {
+            self.behind_since = None;
+            self.lag_seconds = 0.0;
+        } else if complete || set.has_rows() {
             self.behind_since = None;
         } else {
             let since = *self.behind_since.get_or_insert_with(Instant::now);
@@ -413,26 +439,12 @@ impl<'a> Follower<'a> {
             note: stats.note.clone(),
             warning,
             verification: self.watching.map(|w| w.watch.progress()),
-            unserved_segments: self.unserved_segments(),
+            unserved_segments: *self.unserved.lock().unwrap(),
         };
         self.progress.status.lock().unwrap().online = Some(online);
         self.progress.write_status(None);
         self.last_stats = Some(Instant::now());
         Ok(())
-    }
-
-    /// The targets' segments not yet served, counted again every
-    /// `UNSERVED_EVERY` (two listings of a Milvus collection); a count that
-    /// fails keeps the last one (the status is not worth a retry).
-    fn unserved_segments(&mut self) -> Option<u64> {
-        if self.unserved_at.is_none_or(|t| t.elapsed() >= UNSERVED_EVERY) {
-            self.unserved_at = Some(Instant::now());
-            let counts: Vec<Option<u64>> = self.job.targets.iter().filter_map(|t| t.sink.unserved().ok()).collect();
-            if counts.len() == self.job.targets.len() {
-                self.unserved = counts.into_iter().flatten().reduce(|a, b| a + b);
-            }
-        }
-        self.unserved
     }
 
     /// A full batch, or changes committed long ago and more to come: a
