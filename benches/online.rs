@@ -6,17 +6,20 @@
 //! For each source > target case, in the same run:
 //! - the raw bulk-write ceiling of BENCH_CHANGES rows (binary COPY; multi-row
 //!   INSERT with `X'…'` literals; SDK upserts), as in the e2e benchmark;
-//! - steady lag: an online job follows a FastGPT-like insert load of
+//! - catch-up: once the job follows, it is stopped, BENCH_CHANGES inserts
+//!   (1,000 per transaction) pile up on the source, the job is restarted,
+//!   and the time until all are applied gives changes/s, beside the raw
+//!   ceiling;
+//! - the verifier's full pass after the catch-up (verification while
+//!   following) and, into Milvus, the wait until the status shows every
+//!   flushed segment served (when users are told to cut over);
+//! - steady lag: the job then follows a FastGPT-like insert load of
 //!   BENCH_RATE rows/s (10 rows per transaction) for BENCH_STEADY_SECS; the
 //!   job's reported commit-to-apply lag is sampled every 100 ms (p50/p99);
-//! - catch-up: the job is stopped, BENCH_CHANGES inserts (1,000 per
-//!   transaction) pile up on the source, the job is restarted, and the time
-//!   until all are applied gives changes/s, beside the raw ceiling;
-//! - the verifier's full pass after the catch-up (verification while
-//!   following), then cutover: its duration and the window it reports (drain,
-//!   finish, check of the changed keys), and a full `vmig verify` of the same
-//!   tables beside it (what a cutover without verification while following
-//!   would read);
+//! - the writes stop and the cutover runs: its duration and the window it
+//!   reports (drain, finish, segments served, check of the changed keys),
+//!   and a full `vmig verify` of the same tables beside it (what a cutover
+//!   without verification while following would read);
 //! - pg>pg: PostgreSQL's own logical replication (publication, subscription
 //!   with `binary = true`) on a second copy of the source, into another
 //!   database of the target server: its initial sync and its catch-up of the
@@ -94,6 +97,8 @@ struct Figures {
     snapshot: f64,
     /// From the catch-up's end to the verifier's next full pass, seconds.
     verify_pass: Option<f64>,
+    /// Milvus target: from that pass until every flushed segment is served, seconds.
+    served_wait: Option<f64>,
     /// The cutover's own "cutover window …" line.
     window: String,
     /// A full `vmig verify` of the same tables after the cutover, seconds.
@@ -134,29 +139,6 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
         trigger_rates = Some((without, with));
         wait("single-row inserts applied", || applied(&dir) >= 300);
     }
-
-    // Steady lag under a FastGPT-like insert load.
-    eprintln!("{name}: steady load of {rate} rows/s for {steady} s …");
-    let mut lags = Vec::new();
-    let before = applied(&dir);
-    let t = Instant::now();
-    let mut last_sample = Instant::now();
-    let steady_rows = rt.block_on(async {
-        let mut load = Load::connect(source_kind, src, 1536).await;
-        load.steady(rate, steady, || {
-            if last_sample.elapsed() >= Duration::from_millis(100) {
-                if let Some(l) = status(&dir)["online"]["lag_seconds"].as_f64() {
-                    lags.push(l);
-                }
-                last_sample = Instant::now();
-            }
-        })
-        .await
-    });
-    // The rate the load reached (the source may not keep up with the one asked).
-    let steady_rate = steady_rows as f64 / t.elapsed().as_secs_f64();
-    wait("steady load applied", || applied(&dir) >= before + steady_rows);
-    let (lag_p50, lag_p99) = (percentile(&mut lags, 0.5), percentile(&mut lags, 0.99));
 
     // Catch-up of a backlog.
     unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
@@ -220,6 +202,40 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
         t.elapsed().as_secs_f64()
     });
 
+    // And, into Milvus, until the status says every flushed segment is
+    // served, which is when the docs tell users to cut over.
+    let t = Instant::now();
+    let unserved = || status(&dir)["online"]["unserved_segments"].as_u64();
+    let served_wait = unserved().map(|_| {
+        wait("every flushed segment served", || unserved() == Some(0));
+        t.elapsed().as_secs_f64()
+    });
+
+    // Then the application writes at a FastGPT-like pace until the moment of
+    // switching, when its writes stop.
+    // Steady lag under a FastGPT-like insert load.
+    eprintln!("{name}: steady load of {rate} rows/s for {steady} s …");
+    let mut lags = Vec::new();
+    let before = applied(&dir);
+    let t = Instant::now();
+    let mut last_sample = Instant::now();
+    let steady_rows = rt.block_on(async {
+        let mut load = Load::connect(source_kind, src, 1536).await;
+        load.steady(rate, steady, || {
+            if last_sample.elapsed() >= Duration::from_millis(100) {
+                if let Some(l) = status(&dir)["online"]["lag_seconds"].as_f64() {
+                    lags.push(l);
+                }
+                last_sample = Instant::now();
+            }
+        })
+        .await
+    });
+    // The rate the load reached (the source may not keep up with the one asked).
+    let steady_rate = steady_rows as f64 / t.elapsed().as_secs_f64();
+    wait("steady load applied", || applied(&dir) >= before + steady_rows);
+    let (lag_p50, lag_p99) = (percentile(&mut lags, 0.5), percentile(&mut lags, 0.99));
+
     let t = Instant::now();
     let mut cut = args.clone();
     cut[0] = "cutover".into();
@@ -252,7 +268,7 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
         _ => None,
     };
     let reconcile = text.lines().filter(|l| l.starts_with("reconcile at")).last().map(|l| l.split_once(": ").map_or(l, |x| x.1).to_string());
-    Figures { case: case.into(), raw, source_read, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile, snapshot, verify_pass, window, full_verify }
+    Figures { case: case.into(), raw, source_read, lag_p50, lag_p99, steady_rate, catch_up, cutover, trigger_rates, reconcile, snapshot, verify_pass, served_wait, window, full_verify }
 }
 
 /// Online through staging (export and import as separate processes joined
@@ -486,10 +502,11 @@ fn main() {
             ));
         }
         notes.push(format!(
-            "{case}: snapshot of {source_rows} rows to following {:.1} s; verifier's pass after the catch-up {}; cutover {:.1} s, {}; \
-             full vmig verify of the same tables {:.1} s",
+            "{case}: snapshot of {source_rows} rows to following {:.1} s; verifier's pass after the catch-up {}{}; then the steady load, stopped, and \
+             cutover {:.1} s, {}; full vmig verify of the same tables {:.1} s",
             f.snapshot,
             f.verify_pass.map_or("none (no verification while following)".into(), |s| format!("{s:.1} s")),
+            f.served_wait.map_or(String::new(), |s| format!(", every flushed segment served {s:.1} s later")),
             f.cutover,
             f.window,
             f.full_verify
