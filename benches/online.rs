@@ -212,8 +212,7 @@ fn bench_case(rt: &tokio::runtime::Runtime, case: &str, source_kind: &str, src: 
     });
 
     // Then the application writes at a FastGPT-like pace until the moment of
-    // switching, when its writes stop.
-    // Steady lag under a FastGPT-like insert load.
+    // switching, when its writes stop; the lag is sampled meanwhile.
     eprintln!("{name}: steady load of {rate} rows/s for {steady} s …");
     let mut lags = Vec::new();
     let before = applied(&dir);

@@ -247,9 +247,7 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     let job = "online_watch";
     let args = online_args(&src, &dst, state.path(), job);
     let job_dir = state.path().join(job);
-    let mut run = start(&args, &Moment::Committed(0));
-    let _reap = Reaper(vec![run.id()]);
-    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let (mut run, _reap) = start_following(&args, &job_dir, job);
     // Every chunk seen equal (1200 rows in chunks of 400: 3 chunks, or more).
     let chunks = || verification(&job_dir, "chunks");
     wait_until("a full pass", 120, &|| chunks().is_some() && verification(&job_dir, "chunks_verified") == chunks());
@@ -262,9 +260,7 @@ fn cutover_checks_what_changed_since_each_chunk_was_seen_equal() {
     wait_following(&mut run, &job_dir, "migrate", before, job);
     wait_until("the change applied (and the row gone)", 120, &|| query_i64(&dst, &format!("SELECT count(*) FROM modeldata WHERE id = {id}")) == 0);
     stop_behind_vmigs_back(&dst);
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let cut = cutover_args(&args);
     let out = vmig(&cut);
     assert!(!out.status.success(), "a cutover over a target missing a changed row must fail");
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
@@ -290,9 +286,7 @@ fn a_caught_up_job_shows_no_lag_once_nothing_is_left_to_apply() {
     let job = "online_idle_lag";
     let args = online_args(&src, &dst, state.path(), job);
     let job_dir = state.path().join(job);
-    let mut run = start(&args, &Moment::Committed(0));
-    let mut reap = Reaper(vec![run.id()]);
-    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let (mut run, mut reap) = start_following(&args, &job_dir, job);
     run.kill().unwrap();
     run.wait().unwrap();
     let before = applied(&job_dir, "migrate");
@@ -305,16 +299,11 @@ fn a_caught_up_job_shows_no_lag_once_nothing_is_left_to_apply() {
     // Nothing is left to apply: the lag is none, not that change's age.
     let lag = || common::faults::status_of(&job_dir, "migrate").and_then(|s| s["online"]["lag_seconds"].as_f64());
     wait_until("no lag shown once caught up", 30, &|| lag().is_some_and(|l| l < 1.0));
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    ok(&cut.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    ok(&cutover_args(&args));
     assert!(run.wait().unwrap().success());
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
 }
 
-/// Polls `done` every 50 ms for up to `secs`.
-/// Starts the online job; returns once it follows and its verifier has seen
-/// every chunk (at least three) equal.
 /// An online export from `src` and its import into `dst` through a fresh
 /// staging area, both following, each with a digested pass behind it.
 struct StagingPair {
@@ -346,13 +335,9 @@ impl StagingPair {
         StagingPair { _dir: dir, export, import, exp, _imp: imp, _reap: reap }
     }
 
-    fn cutover_args(args: &[String]) -> Vec<&str> {
-        std::iter::once("cutover").chain(args[1..].iter().map(|s| s.as_str())).collect()
-    }
-
     /// The export's cutover, which must succeed; what it said.
     fn cut_export(&mut self) -> String {
-        let said = String::from_utf8_lossy(&ok(&Self::cutover_args(&self.export)).stdout).into_owned();
+        let said = String::from_utf8_lossy(&ok(&cutover_args(&self.export)).stdout).into_owned();
         assert!(said.contains("the export is complete"), "{said}");
         assert!(self.exp.wait().unwrap().success());
         said
@@ -360,21 +345,35 @@ impl StagingPair {
 
     /// The import's cutover, and all it said.
     fn cut_import(&self) -> (std::process::Output, String) {
-        let out = vmig(&Self::cutover_args(&self.import));
+        let out = vmig(&cutover_args(&self.import));
         let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
         (out, said)
     }
 }
 
-fn start_and_wait_for_a_full_pass(args: &[String], job_dir: &std::path::Path, job: &str) -> (std::process::Child, Reaper) {
+/// The same job's `vmig cutover` arguments.
+fn cutover_args(args: &[String]) -> Vec<&str> {
+    std::iter::once("cutover").chain(args[1..].iter().map(|s| s.as_str())).collect()
+}
+
+/// Starts the online job; returns once it follows.
+fn start_following(args: &[String], job_dir: &std::path::Path, job: &str) -> (std::process::Child, Reaper) {
     let mut run = start(args, &Moment::Committed(0));
     let reap = Reaper(vec![run.id()]);
     wait_for(&mut run, job_dir, "migrate", &Moment::Phase("following".into()), job);
+    (run, reap)
+}
+
+/// Starts the online job; returns once it follows and its verifier has seen
+/// every chunk (at least three) equal.
+fn start_and_wait_for_a_full_pass(args: &[String], job_dir: &std::path::Path, job: &str) -> (std::process::Child, Reaper) {
+    let (run, reap) = start_following(args, job_dir, job);
     let chunks = || verification(job_dir, "chunks").unwrap_or(0);
     wait_until("a full pass", 180, &|| chunks() >= 3 && verification(job_dir, "chunks_verified") == Some(chunks()));
     (run, reap)
 }
 
+/// Polls `done` every 50 ms for up to `secs`.
 fn wait_until(what: &str, secs: u64, done: &dyn Fn() -> bool) {
     let t = std::time::Instant::now();
     while !done() {
@@ -473,9 +472,7 @@ fn a_job_killed_during_a_verification_pass_resumes_the_pass() {
     assert!(resumed_at >= seen as u64, "the resumed job counts {resumed_at} chunks verified, the killed run had {seen}");
     wait_until("a full pass", 180, &|| chunks() > 0 && verification(&job_dir, "chunks_verified") == Some(chunks()));
     writer.stop();
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let cut = cutover_args(&args);
     let said = String::from_utf8_lossy(&ok(&cut).stdout).into_owned();
     assert!(said.contains("safe to switch") && said.contains(" 0 unverified chunks"), "{said}");
     assert!(run.wait().unwrap().success());
@@ -539,9 +536,7 @@ fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
     let other = if id - lo < hi - id { hi } else { lo };
     milvus_insert_copy(&m, "modeldata", source_rows.iter().find(|r| r.id == other).unwrap());
     assert_eq!(milvus_count_where(&m, "modeldata", &format!("id == {other}")), 2);
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let cut = cutover_args(&args);
     let said = String::from_utf8_lossy(&ok(&cut).stdout).into_owned();
     // Both copies are found and their chunks recopied: the changed key's
     // by its id (named) while it is still marked, which it is unless the
@@ -586,9 +581,7 @@ fn cutover_from_milvus_checks_what_changed_and_recopies_what_the_target_lost() {
     let arrived = format!("SELECT count(*) FROM modeldata WHERE id = {} AND team_id = 'damaged'", row.id);
     wait_until("the new row in the target (altered)", 120, &|| query_i64(&dst, &arrived) == 1);
     stop_behind_vmigs_back(&dst);
-    let mut cut = args.clone();
-    cut[0] = "cutover".into();
-    let cut: Vec<&str> = cut.iter().map(|s| s.as_str()).collect();
+    let cut = cutover_args(&args);
     let said = String::from_utf8_lossy(&ok(&cut).stdout).into_owned();
     assert!(said.contains("safe to switch") && said.contains(" 0 unverified chunks"), "{said}");
     assert!(said.contains("recopied from the source and then equal") && said.contains(&format!("different ids [{}]", row.id)), "{said}");

@@ -390,14 +390,15 @@ impl<'a> Follower<'a> {
     /// online status `vmig status` and the metrics show.
     fn publish_status(&mut self, stream: &mut dyn ChangeStream, set: &ChangeSet, complete: bool) -> Result<()> {
         // Behind the source with nothing arriving: the delay grows from the
-        // first empty read. Caught up with nothing new: no delay, whatever
-        // the last change applied had (a job idle after a backlog would
-        // otherwise show the backlog's lag until the next change).
-        if complete && !set.has_rows() {
+        // first empty read.
+        if complete || set.has_rows() {
             self.behind_since = None;
-            self.lag_seconds = 0.0;
-        } else if complete || set.has_rows() {
-            self.behind_since = None;
+            // Caught up with nothing new: no delay, whatever the last change
+            // applied had (a job idle after a backlog would otherwise show
+            // the backlog's lag until the next change).
+            if !set.has_rows() {
+                self.lag_seconds = 0.0;
+            }
         } else {
             let since = *self.behind_since.get_or_insert_with(Instant::now);
             self.lag_seconds = self.lag_seconds.max(since.elapsed().as_secs_f64());
