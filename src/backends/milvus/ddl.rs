@@ -318,8 +318,7 @@ pub(super) fn is_loaded(conn: &Milvus, name: &str) -> Result<bool> {
 /// not serve yet, or serves but no longer keeps (a handover under way);
 /// None from a server that lists no segments (milvus-lite).
 pub(super) fn unserved_segments(conn: &Milvus, name: &str) -> Result<Option<u64>> {
-    let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
-    let Some(kept) = conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await })? else {
+    let Some(kept) = persisted_segments(conn, name)? else {
         return Ok(None);
     };
     let kept: HashSet<i64> = kept.infos.iter().filter(|s| s.state == SegmentState::Flushed as i32 && s.num_rows > 0).map(|s| s.segment_id).collect();
@@ -329,6 +328,24 @@ pub(super) fn unserved_segments(conn: &Milvus, name: &str) -> Result<Option<u64>
     };
     let served: HashSet<i64> = served.infos.iter().filter(|s| s.num_rows > 0).map(|s| s.segment_id).collect();
     Ok(Some(kept.symmetric_difference(&served).count() as u64))
+}
+
+/// The collection's persisted segments. Milvus lists their ids, then reads
+/// each one's info: a compaction that drops a segment in between fails the
+/// listing with "segment not found", and the next listing no longer names
+/// it, so the listing is asked again (for a few seconds at most).
+fn persisted_segments(conn: &Milvus, name: &str) -> Result<Option<milvus::proto::milvus::GetPersistentSegmentInfoResponse>> {
+    let mut tries = 0;
+    loop {
+        let req = GetPersistentSegmentInfoRequest { db_name: conn.url.database.clone(), collection_name: name.into(), ..Default::default() };
+        match conn.call_if_served("listing persisted segments", |mut c| async move { c.get_persistent_segment_info(req).await }) {
+            Err(e) if tries < 20 && format!("{e:#}").contains("segment not found") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            listed => return listed,
+        }
+    }
 }
 
 /// Waits until every index of the collection is built, showing indexed
