@@ -16,6 +16,7 @@
 //!    verify, repair, recall.
 //! 6. [`commands`]: the command line and one module per subcommand.
 
+#[macro_use]
 pub mod model;
 pub mod contract;
 pub mod state;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     if std::env::args().skip(1).any(|a| holds_url_password(&a)) {
-        eprintln!(
+        vmig::say!(
             "warning: a password is on the command line, where ps shows it to every user of this host and shell history keeps it; \
              pass env:NAME (or FastGPT's PG_URL, OCEANBASE_URL, MILVUS_ADDRESS), PGPASSWORD or ~/.pgpass instead"
         );
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            vmig::say!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -35,14 +35,14 @@ fn main() -> ExitCode {
             if cancel.swap(true, Ordering::SeqCst) {
                 std::process::exit(EXIT_CANCELLED);
             }
-            eprintln!("\nstopping: in-flight chunks roll back, committed chunks stay (Ctrl+C again to quit now)");
+            vmig::say!("\nstopping: in-flight chunks roll back, committed chunks stay (Ctrl+C again to quit now)");
         });
     }
     match run(cli, runtime.handle(), cancel.clone()) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line, no stack, no secrets.
-            eprintln!("error: {}", redact_free_text(&format!("{e:#}")).replace('\n', " "));
+            vmig::say!("error: {}", redact_free_text(&format!("{e:#}")).replace('\n', " "));
             ExitCode::from(1)
         }
     }

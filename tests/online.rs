@@ -304,6 +304,30 @@ fn a_caught_up_job_shows_no_lag_once_nothing_is_left_to_apply() {
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
 }
 
+/// A job whose stderr went away (a `| tee` that exited, a closed terminal)
+/// follows and cuts over: what it says is lost, not the job.
+#[test]
+fn a_job_whose_stderr_is_gone_still_follows_and_cuts_over() {
+    let (src, dst) = dbs("online_no_stderr");
+    ok(&["generate", "--to", &src, "--rows", "200", "--dim", "16"]);
+    let state = tempdir();
+    let job = "online_no_stderr";
+    let args = online_args(&src, &dst, state.path(), job);
+    let job_dir = state.path().join(job);
+    // A pipe whose reader is gone before the job starts: every line it says fails.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut run = std::process::Command::new(VMIG).args(&args).stdout(std::process::Stdio::null()).stderr(writer).spawn().unwrap();
+    let _reap = Reaper(vec![run.id()]);
+    wait_for(&mut run, &job_dir, "migrate", &Moment::Phase("following".into()), job);
+    let before = applied(&job_dir, "migrate");
+    exec(&src, "UPDATE modeldata SET team_id = 'said to no one' WHERE id = (SELECT min(id) FROM modeldata)");
+    wait_following(&mut run, &job_dir, "migrate", before, job);
+    ok(&cutover_args(&args));
+    assert!(run.wait().unwrap().success());
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+}
+
 /// An online export from `src` and its import into `dst` through a fresh
 /// staging area, both following, each with a digested pass behind it.
 struct StagingPair {

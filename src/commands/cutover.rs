@@ -35,7 +35,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
     drop(job);
     if let Some(r) = CutoverRequest::load(&dir, command)?.filter(|r| r.state == "done") {
         println!("{}", r.message.unwrap_or_default());
-        eprintln!("the {command} job in {} was already cut over at {}", dir.display(), r.finished_at.unwrap_or_default());
+        say!("the {command} job in {} was already cut over at {}", dir.display(), r.finished_at.unwrap_or_default());
         return Ok(0);
     }
     if command == "import" {
@@ -52,7 +52,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
     let running = read_status(&dir, command).filter(|s| s.state == "running" && process_alive(s.pid));
     CutoverRequest { standalone: running.is_none(), full_verify: args.full_verify, ..CutoverRequest::new("requested") }.save(&dir, command)?;
     let Some(run) = running else {
-        eprintln!("no online run of this job is alive; cutting over here");
+        say!("no online run of this job is alive; cutting over here");
         let report = run_job(command, args, handle, cancel.clone())?;
         if cancel.load(Relaxed) {
             return Ok(EXIT_CANCELLED as u8);
@@ -64,11 +64,11 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         println!("{}", r.message.unwrap_or_default());
         return Ok(0);
     };
-    eprintln!("cutover requested from the online job (pid {}); waiting for it to drain, finish and verify", run.pid);
+    say!("cutover requested from the online job (pid {}); waiting for it to drain, finish and verify", run.pid);
     let mut last_phase = String::new();
     loop {
         if cancel.load(Relaxed) {
-            eprintln!("stopped waiting; the online job goes on with the cutover (see vmig status)");
+            say!("stopped waiting; the online job goes on with the cutover (see vmig status)");
             return Ok(EXIT_CANCELLED as u8);
         }
         if let Some(code) = answered(&dir, command)? {
@@ -77,7 +77,7 @@ pub fn cutover(mut args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> R
         match read_status(&dir, command) {
             Some(s) if s.state == "running" && process_alive(s.pid) => {
                 if s.phase != last_phase {
-                    eprintln!("online job: {}", s.phase);
+                    say!("online job: {}", s.phase);
                     last_phase = s.phase;
                 }
             }

@@ -166,8 +166,8 @@ pub fn run(a: GenerateArgs, handle: &Handle) -> Result<u8> {
         bail!("table {} already exists in {}; use --replace to recreate it", a.table, ep.describe());
     }
     let started = std::time::Instant::now();
-    generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| eprintln!("{m}"))?;
-    eprintln!(
+    generate(sink.as_ref(), &spec, a.rows, a.seed, &|m| say!("{m}"))?;
+    say!(
         "generated {} rows ({}-d {}) in {} table {} in {:.1}s",
         a.rows,
         a.dim,

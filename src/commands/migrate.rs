@@ -16,9 +16,9 @@ use crate::state::progress::Report;
 pub fn run_job(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<AtomicBool>) -> Result<Report> {
     let job = setup_job(command, args, handle)?;
     let report = run_setup(command, &job, handle, cancel)?;
-    eprintln!("{}", report.table());
+    say!("{}", report.table());
     for n in &report.notes {
-        eprintln!("note: {n}");
+        say!("note: {n}");
     }
     if let Some(path) = &job.args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

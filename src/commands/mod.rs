@@ -43,7 +43,7 @@ fn job_command(command: &str, a: RunArgs, handle: &Handle, cancel: Arc<AtomicBoo
     if job::resolve_run_args(a.clone())?.tables.is_some() {
         let report = tables::run_tables(command, a, handle, cancel.clone())?;
         if cancel.load(Ordering::SeqCst) {
-            eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed());
+            say!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed());
             return Ok(job::EXIT_CANCELLED as u8);
         }
         return match report.error() {
@@ -53,7 +53,7 @@ fn job_command(command: &str, a: RunArgs, handle: &Handle, cancel: Arc<AtomicBoo
     }
     let report = migrate::run_job(command, a, handle, cancel.clone())?;
     if cancel.load(Ordering::SeqCst) {
-        eprintln!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed);
+        say!("cancelled: {} chunks committed in this run; run the same command again to resume", report.chunks_committed);
         return Ok(job::EXIT_CANCELLED as u8);
     }
     match &report.error {

@@ -150,7 +150,7 @@ fn from_database(
             (Some(target_ep), Some(why)) => {
                 let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
                 let open_target = || open_source(target_ep, &job.target_table, handle);
-                let say = |m: &str| eprintln!("{m}");
+                let say = |m: &str| say!("{m}");
                 let mut found = Vec::new();
                 let mut check = None;
                 for _round in 0..REPAIR_ROUNDS {
@@ -208,7 +208,7 @@ fn from_database(
                 why,
                 recopy: Box::new(move |from: &dyn Source, to: &dyn Source, plan: &[ChunkRange], chunks: &[ChunkRange]| {
                     let sink = crate::backends::open_sink(target_ep, &job.target_table, handle, None)?;
-                    let say = |m: &str| eprintln!("{m}");
+                    let say = |m: &str| say!("{m}");
                     crate::engine::repair::recopy_chunks(from, to, None, sink.as_ref(), plan, chunks, &say).map(|_| ())
                 }),
             }),
@@ -340,7 +340,7 @@ fn wait_for_snapshot(staging: &StagingSource, cancel: &AtomicBool) -> Result<()>
             bail!("cancelled while waiting for the export's snapshot ({ready} of {total} chunks)");
         }
         if ready != said {
-            eprintln!("waiting for the export's snapshot: {ready} of {total} chunks exported");
+            say!("waiting for the export's snapshot: {ready} of {total} chunks exported");
             said = ready;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -369,9 +369,9 @@ pub fn reset_artifacts(dir: &std::path::Path, from: Option<&str>, handle: &Handl
         _ => bail!("--from must be the job's source ({})", state.source),
     };
     if dropped.is_empty() {
-        eprintln!("nothing of {} was left on {source}", state.describe());
+        say!("nothing of {} was left on {source}", state.describe());
     } else {
-        eprintln!("dropped {} on {source}", dropped.join(" and "));
+        say!("dropped {} on {source}", dropped.join(" and "));
     }
     std::fs::remove_file(OnlineState::path(dir))?;
     Ok(())

@@ -35,7 +35,7 @@ pub fn run(a: RepairArgs, handle: &Handle) -> Result<u8> {
         a.chunk_rows.unwrap_or(20_000),
         a.workers.unwrap_or(2),
         if matches!(to, Endpoint::Milvus(_)) { crate::engine::repair::RECOPY_SETTLE } else { std::time::Duration::ZERO },
-        &|m| eprintln!("{m}"),
+        &|m| say!("{m}"),
     )?;
     let after = r.after.as_ref().unwrap();
     if r.equal {

@@ -23,12 +23,12 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     let dir = store.local_dir().map(Path::to_path_buf).unwrap_or_else(|| state_root(&a.state_root).join(&job));
     let target = a.to.as_deref().map(Endpoint::parse).transpose()?;
     if !a.yes {
-        eprintln!("This forgets job {job}: removes {} (manifest, chunks, change files, claims, status, rejects)", store.describe());
+        say!("This forgets job {job}: removes {} (manifest, chunks, change files, claims, status, rejects)", store.describe());
         if let Some(t) = &target {
-            eprintln!("and its ledger rows in {} (rows already copied stay).", t.describe());
+            say!("and its ledger rows in {} (rows already copied stay).", t.describe());
         }
         if let Some(st) = crate::state::online::OnlineState::load(&dir)? {
-            eprintln!("It drops replication slot {} and publication {} on {}.", st.slot, st.publication, st.source);
+            say!("It drops replication slot {} and publication {} on {}.", st.slot, st.publication, st.source);
         }
         eprint!("Proceed? [y/N] ");
         std::io::stderr().flush()?;
@@ -42,7 +42,7 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
     if let Some(t) = &target {
         // The ledger is per database, not per table.
         let n = open_sink(t, DEFAULT_TABLE, handle, Some(&store))?.forget_job(&job)?;
-        eprintln!("deleted {n} ledger rows of job {job}");
+        say!("deleted {n} ledger rows of job {job}");
     }
     // A shared job's claims and worker status, and a remote store's objects.
     for prefix in ["work", "ledger", "chunks", "rejects"] {
@@ -74,6 +74,6 @@ pub fn reset(a: ResetArgs, handle: &Handle) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir(&dir); // only if now empty
-    eprintln!("job {job} reset");
+    say!("job {job} reset");
     Ok(())
 }

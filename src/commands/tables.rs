@@ -96,7 +96,7 @@ pub fn run_tables(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Ato
         job.cfg.permits = Some(permits.clone());
         jobs.push((e.clone(), job));
     }
-    eprintln!(
+    say!(
         "vmig {command}: {} tables in one job, {} chunks in flight at most: {}",
         jobs.len(),
         a.workers.unwrap_or(2),
@@ -120,10 +120,10 @@ pub fn run_tables(command: &str, args: RunArgs, handle: &Handle, cancel: Arc<Ato
     let report = TablesReport { ok: tables.iter().all(|t| t.report.error.is_none()), tables };
     for t in &report.tables {
         let subset = t.filter.as_ref().map(|f| format!(" where {f}")).unwrap_or_default();
-        eprintln!("── table {} → {}{subset} (job {})", t.table, t.target_table, t.job);
-        eprintln!("{}", t.report.table());
+        say!("── table {} → {}{subset} (job {})", t.table, t.target_table, t.job);
+        say!("{}", t.report.table());
         for n in &t.report.notes {
-            eprintln!("note: {n}");
+            say!("note: {n}");
         }
     }
     if let Some(path) = &a.report {

@@ -59,7 +59,7 @@ pub fn run(a: &VerifyArgs, handle: &Handle) -> Result<u8> {
     let target_table = a.target_table.clone().unwrap_or_else(|| from_src.spec().name.clone());
     let to_src = open_subset(&to, &target_table, handle, filter.as_ref())?;
     if let Some(f) = &filter {
-        eprintln!("verify: the subset {}", f.describe());
+        say!("verify: the subset {}", f.describe());
     }
     let seed = seed_or_clock(a.seed);
 

@@ -161,11 +161,11 @@ pub struct PrintFeedback;
 
 impl Feedback for PrintFeedback {
     fn say(&self, msg: &str) {
-        eprintln!("{msg}");
+        say!("{msg}");
     }
     fn phase(&self, phase: &str) {
         if !phase.contains(" (") {
-            eprintln!("{phase} …");
+            say!("{phase} …");
         }
     }
 }

@@ -3,6 +3,18 @@
 //! file and URLs, retry and cancellation, vector values. Imports nothing
 //! from the crate's other floors.
 
+/// `eprintln!` that cannot fail: a job whose stderr went away (a pipe whose
+/// reader exited, a closed terminal) goes on with its work instead of
+/// panicking on the next line it says. In scope for every floor above
+/// (`#[macro_use]` in lib.rs), and as `vmig::say!` in the binary.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod config;
 pub mod filter;
 pub mod hash;

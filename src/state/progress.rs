@@ -342,7 +342,7 @@ impl Progress {
             Some((mp, ..)) => {
                 let _ = mp.println(msg);
             }
-            None => eprintln!("{msg}"),
+            None => say!("{msg}"),
         }
     }
 
@@ -439,20 +439,20 @@ impl Progress {
         };
         if let (Some(o), "following" | "catching up" | "cutting over") = (&online, phase.as_str()) {
             match &o.verification {
-                Some(v) => eprintln!("progress: {phase} · {} · {}", o.summary(), v.summary()),
-                None => eprintln!("progress: {phase} · {}", o.summary()),
+                Some(v) => say!("progress: {phase} · {} · {}", o.summary(), v.summary()),
+                None => say!("progress: {phase} · {}", o.summary()),
             }
             return;
         }
         if !phase.is_empty() && phase != "loading" && phase != "snapshot" {
-            eprintln!("progress: {phase} · {:.0}s", self.elapsed());
+            say!("progress: {phase} · {:.0}s", self.elapsed());
             return;
         }
         let c = &self.counters;
         let secs = self.elapsed().max(1e-9);
         let written = c.rows_written.load(Relaxed);
         let planned = self.status.lock().unwrap().rows_planned;
-        eprintln!(
+        say!(
             "progress: read {} · written {} (+{} already committed) of {planned} rows · {} rejected · {:.0} rows/s · {:.1} MB written",
             c.rows_read.load(Relaxed),
             written,

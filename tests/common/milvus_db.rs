@@ -62,7 +62,9 @@ pub fn fresh_milvus_db_on(base: &str, name: &str) -> String {
     let (plain, _, auth) = split(base);
     rt().block_on(async {
         let c = connect(&plain, &auth).await;
-        if c.list_databases().await.unwrap().iter().any(|d| d == name) {
+        // Right after a restart Milvus can refuse database calls for a few
+        // seconds (its coordinators still starting): each is asked again.
+        if settled("listing databases", || c.list_databases()).await.iter().any(|d| d == name) {
             let mut d = connect(&plain, &auth).await;
             d.using_database(name).await.unwrap();
             for coll in d.list_collections().await.unwrap() {
@@ -75,11 +77,26 @@ pub fn fresh_milvus_db_on(base: &str, name: &str) -> String {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 }
             }
-            c.drop_database(name).await.unwrap();
+            settled("dropping the database", || c.drop_database(name)).await;
         }
-        c.create_database(name, None).await.unwrap();
+        settled("creating the database", || c.create_database(name, None)).await;
     });
     format!("{base}/{name}")
+}
+
+/// `call`'s value once it succeeds, asked again every 2 s for up to a minute.
+async fn settled<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(what: &str, mut call: impl FnMut() -> F) -> T {
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) => {
+                attempt += 1;
+                assert!(attempt < 30, "{what} on Milvus: {e}");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        }
+    }
 }
 
 pub fn fresh_milvus_db(name: &str) -> String {

@@ -187,7 +187,7 @@ impl ChangeStream for MilvusChangeStream {
         let set = changes_for(self.source.as_ref(), &diff)?;
         let summary = format!("reconcile at {}: {}", now_rfc3339(), diff.summary());
         if set.has_rows() || now {
-            eprintln!("{summary}");
+            say!("{summary}");
         }
         self.last_reconcile_summary = Some(summary);
         Ok(Some(ChangeSet { position: self.watermark.max(0) as u64, ..set }))

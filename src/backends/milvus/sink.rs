@@ -84,7 +84,7 @@ pub(super) struct OnlineFlush {
 /// Milvus' log), so the flush is requested again until it holds.
 pub(super) fn persist(conn: &Milvus, name: &str, ticket: super::ddl::FlushTicket, what: &str) -> Result<()> {
     let mut ticket = Some(ticket);
-    crate::model::retry::with_retries(what, FLUSH_RETRY_FOR, 0, &std::sync::atomic::AtomicBool::new(false), &|m| eprintln!("{m}"), || {
+    crate::model::retry::with_retries(what, FLUSH_RETRY_FOR, 0, &std::sync::atomic::AtomicBool::new(false), &|m| say!("{m}"), || {
         let t = match ticket.take() {
             Some(t) => t,
             None => request_flush(conn, name)?,

@@ -352,7 +352,7 @@ impl ChangeStream for ObChangeStream {
         self.confirmed = self.confirmed.max(position);
         // Not fatal: rows left in the changelog are applied again (it converges).
         if let Err(e) = self.purge() {
-            eprintln!("warning: purging applied changes from {} failed ({e:#}); retrying later", self.capture.changelog);
+            say!("warning: purging applied changes from {} failed ({e:#}); retrying later", self.capture.changelog);
         }
         Ok(())
     }

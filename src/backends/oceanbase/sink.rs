@@ -295,12 +295,12 @@ impl Sink for ObSink {
         let t = ident(&self.table);
         let spec = self.handle.block_on(async {
             let mut c = self.pool.get().await?;
-            self.fit_packet_size(&mut c, &|m| eprintln!("{m}")).await?;
+            self.fit_packet_size(&mut c, &|m| say!("{m}")).await?;
             let spec = match discover(&mut c, &self.table).await? {
                 Some(d) => {
                     d.spec.same_columns_as(source)?;
                     for (col, p) in &d.coarse_timestamps {
-                        eprintln!(
+                        say!(
                             "warning: target column {col} keeps {p} fractional digits of seconds; \
                              finer source timestamps are rounded by OceanBase (verify will show them)"
                         );

@@ -341,7 +341,7 @@ pub async fn discover(client: &Client, table: &TableName, url: &PgUrl) -> Result
         let default: String = client.query_one("SELECT coalesce(datcollate, '') FROM pg_database WHERE datname = current_database()", &[]).await.pg("reading the database's collation")?.get(0);
         let effective = if collation == "default" { default } else { collation };
         if !matches!(effective.as_str(), "C" | "POSIX" | "ucs_basic" | "C.UTF-8" | "C.utf8" | "pg_c_utf8") {
-            eprintln!(
+            say!(
                 "note: table {} orders its key {pk_name} by collation {effective}; vmig reads string keys in byte order \
                  (COLLATE \"C\"), which the primary key's index cannot serve, so each chunk read scans the table. \
                  An index on ({pk_name} COLLATE \"C\") lets chunk reads use it",

@@ -111,7 +111,7 @@ impl PgSink {
         let db = self.url.redacted();
         match c.batch_execute("CREATE EXTENSION IF NOT EXISTS vector").await {
             Ok(()) => {
-                eprintln!("created extension vector (pgvector) in {db}: the target database did not have it");
+                say!("created extension vector (pgvector) in {db}: the target database did not have it");
                 Ok(())
             }
             Err(e) => {
@@ -218,7 +218,7 @@ impl PgJobLock {
                     match c.query_one("SELECT pg_try_advisory_lock($1)", &[&key]).await {
                         Ok(r) if r.get::<_, bool>(0) => break c,
                         Ok(_) => {
-                            eprintln!("warning: after a server restart, another run took this job's lock; stop one of them");
+                            say!("warning: after a server restart, another run took this job's lock; stop one of them");
                             return;
                         }
                         Err(_) => continue,

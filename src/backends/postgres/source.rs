@@ -103,7 +103,7 @@ impl PgSource {
                 Some((c, id)) if !c.is_closed() => return Ok(id.clone()),
                 // The source restarted: later chunks read a new snapshot.
                 Some(_) => {
-                    eprintln!(
+                    say!(
                         "note: the source's snapshot was lost (its server restarted); chunks read from now on see a newer \
                          snapshot, so rows written to the source meanwhile may show up (offline mode expects no writes)"
                     );
