@@ -562,6 +562,14 @@ fn main() {
         for n in notes.iter().filter(|n| n.starts_with(case)) {
             eprintln!("{n}");
         }
+        // Milvus keeps every database on disk, and a large one slows the
+        // next run's index builds: the case's own go once it is measured.
+        let src_db = format!("bench_online_src_{}", case.replace('>', "_"));
+        for (kind, db) in [(t, dst_db.as_str()), (t, "bench_online_mv_raw"), (source_kind, src_db.as_str())] {
+            if kind == "milvus" {
+                rt.block_on(milvus_bench::drop_db(&milvus_base, db));
+            }
+        }
     }
     println!("\nvmig online benchmark: 1536-d rows, backlog of {changes} inserts; raw = the target's bulk-write ceiling");
     println!("{header}");

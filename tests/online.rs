@@ -581,7 +581,10 @@ fn cutover_into_milvus_finds_a_second_copy_of_a_changed_key() {
 /// From a Milvus source (watermark and id reconcile), the cutover checks
 /// only what changed too: after a full pass, a row inserted into the source
 /// reaches the target altered behind vmig's back (the reconcile compares ids
-/// only, so it cannot see this). The cutover
+/// only, so it cannot see this). Its createTime is older than the watermark,
+/// so only the reconcile copies it, once: a row the polls can also see may
+/// be applied by both, and the second, clean copy would undo the damage
+/// before the cutover looks. The cutover
 /// reads the changed keys by id, finds the row, recopies its chunk and says
 /// so, without reading the whole table; the target then equals the source
 /// read with the Milvus SDK.
@@ -599,7 +602,7 @@ fn cutover_from_milvus_checks_what_changed_and_recopies_what_the_target_lost() {
     let (mut run, _reap) = start_and_wait_for_a_full_pass(&args, &job_dir, job);
     let mut row = seeded[7].clone();
     row.id = 4_242_424_242;
-    row.create_time_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    row.create_time_ms = 1_700_000_000_000;
     behind_vmigs_back(&dst, row.id, "BEFORE", "NEW.team_id := 'damaged'; RETURN NEW;");
     milvus_upsert(&src, "modeldata", &row);
     let arrived = format!("SELECT count(*) FROM modeldata WHERE id = {} AND team_id = 'damaged'", row.id);

@@ -41,9 +41,12 @@ pub async fn fresh_db(base: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// Drops a database made by `fresh_db` (a loaded collection holds memory and
-/// CPU the next measurement would share).
+/// Drops a database made by `fresh_db`, if it is there (a loaded collection
+/// holds memory and CPU the next measurement would share).
 pub async fn drop_db(base: &str, name: &str) {
+    if !client(base, None).await.list_databases().await.unwrap().iter().any(|d| d == name) {
+        return;
+    }
     let d = client(base, Some(name)).await;
     for coll in d.list_collections().await.unwrap() {
         d.drop_collection(coll).await.unwrap();
