@@ -69,13 +69,8 @@ pub fn fresh_milvus_db_on(base: &str, name: &str) -> String {
             d.using_database(name).await.unwrap();
             for coll in d.list_collections().await.unwrap() {
                 // Just after a restart Milvus reloads what was loaded, and a
-                // drop can time out meanwhile: give it a minute.
-                let mut attempt = 0;
-                while let Err(e) = d.drop_collection(coll.clone()).await {
-                    attempt += 1;
-                    assert!(attempt < 12, "dropping leftover collection {name}.{coll}: {e}");
-                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                }
+                // drop can time out meanwhile.
+                settled(&format!("dropping leftover collection {name}.{coll}"), || d.drop_collection(coll.clone())).await;
             }
             settled("dropping the database", || c.drop_database(name)).await;
         }
