@@ -14,6 +14,10 @@ use crate::state::online::OnlineState;
 /// Age past which changes not yet drained to the server's position are a
 /// backlog (a steady load is applied within a fraction of a second).
 const BACKLOG_AGE_US: i64 = 1_000_000;
+/// WAL still to decode past which a part batch is a backlog however young
+/// its changes (a backlog written just before the job started): a steady
+/// FastGPT load writes about 1 MB of WAL a second.
+const BACKLOG_WAL_BYTES: u64 = 16 << 20;
 
 /// The slot's and publication's name: `vmig_<job>`, lower-case letters,
 /// digits and `_` only, at most 63 bytes.
@@ -289,9 +293,10 @@ impl ChangeStream for PgChangeStream {
                 // The reader hands over part batches whenever the applier waits
                 // (a slow target takes them as they come), so a backlog seldom
                 // comes in full ones: changes committed a while ago, short of
-                // where the server was, are a backlog too.
+                // where the server was, are a backlog too, and so is a part batch
+                // far short of it.
                 let old = batch.set.commit_time_us.is_some_and(|ts| chrono::Utc::now().timestamp_micros() - ts > BACKLOG_AGE_US);
-                if old && batch.drained_to.is_some_and(|d| d < upto) {
+                if batch.drained_to.is_some_and(|d| d < upto && (old || upto - d > BACKLOG_WAL_BYTES)) {
                     batch.drained_to = None;
                 }
                 Ok(batch)

@@ -239,7 +239,13 @@ impl ReplicationSession {
 
     fn fill(&mut self) -> Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.wire.read(&mut chunk)?;
+        // A signal (a debugger attaching, a profiler) interrupts a read; it is no error.
+        let n = loop {
+            match self.wire.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         if n == 0 {
             bail!("the server closed the replication connection");
         }

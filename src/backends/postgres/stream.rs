@@ -3,7 +3,8 @@
 //! transactions into batches of about `max_changes` changes, decodes them to
 //! Arrow and hands them over through a bounded channel, so reading the next
 //! batch overlaps applying the current one. What is applied is reported back
-//! to the server separately (`Reader::confirm`); until then it keeps the WAL.
+//! to the server (`Reader::confirm`) by the streaming thread, which alone
+//! uses the connection; until then the server keeps the WAL.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -175,7 +176,6 @@ pub(super) struct Reader {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     rx: Receiver<Result<ChangeSet>>,
-    status: StatusSender,
     /// Every commit before this position has been handed to the channel.
     drained: Arc<AtomicU64>,
     /// Applied everywhere: reported to the server in status updates.
@@ -204,10 +204,22 @@ struct Streamer {
     stop: Arc<AtomicBool>,
     drained: Arc<AtomicU64>,
     confirmed: Arc<AtomicU64>,
+    /// The applied position last reported to the server, and when.
+    reported: u64,
+    reported_at: Instant,
     status: StatusSender,
 }
 
 impl Streamer {
+    /// Tells the server the applied position (`reply`: and asks where it is).
+    fn report(&mut self, reply: bool) -> Result<()> {
+        let confirmed = self.confirmed.load(Relaxed);
+        self.status.send(confirmed, reply)?;
+        self.reported = confirmed;
+        self.reported_at = Instant::now();
+        Ok(())
+    }
+
     fn run(mut self) {
         while !self.stop.load(Relaxed) {
             match self.step() {
@@ -224,6 +236,12 @@ impl Streamer {
 
     /// One event; false when the run stops.
     fn step(&mut self) -> Result<bool> {
+        // What the applier confirmed since, reported between two reads: the
+        // connection is this thread's alone (another thread writing would wait
+        // for the lock a read holds, as long as the stream keeps it busy).
+        if self.confirmed.load(Relaxed) > self.reported {
+            self.report(false)?;
+        }
         match self.stream.next()? {
             Some(WalEvent::Data(data)) => match pgoutput::parse(&data)? {
                 Message::Begin => self.in_txn = true,
@@ -233,8 +251,7 @@ impl Streamer {
                     // Full; or old enough while the applier waits (a steady
                     // trickle must not wait for a full batch, a backlog
                     // should still come in large ones).
-                    let waited = self.batch_started.is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE);
-                    if self.pending >= self.max_changes || (waited && self.tx.is_empty()) {
+                    if self.pending >= self.max_changes || self.due() {
                         return self.flush();
                     }
                 }
@@ -251,7 +268,14 @@ impl Streamer {
                     self.drained.fetch_max(wal_end, Relaxed);
                 }
                 if reply {
-                    self.status.send(self.confirmed.load(Relaxed), false)?;
+                    self.report(false)?;
+                }
+                // The server pings as it decodes WAL none of it ours (other
+                // tables and databases, hint-bit page images a read causes):
+                // the stream is then never quiet, and what is complete must
+                // not wait for it to be.
+                if !self.in_txn && self.due() {
+                    return self.flush();
                 }
             }
             None if !self.in_txn => {
@@ -261,13 +285,19 @@ impl Streamer {
                     return Ok(false);
                 }
                 if self.last_ask.elapsed() >= Duration::from_millis(100) {
-                    self.status.send(self.confirmed.load(Relaxed), true)?;
+                    self.report(true)?;
                     self.last_ask = Instant::now();
                 }
             }
             None => {}
         }
         Ok(true)
+    }
+
+    /// The whole transactions collected are old enough to hand over, and the
+    /// applier waits for them.
+    fn due(&self) -> bool {
+        self.last_commit.is_some() && self.batch_started.is_some_and(|t| t.elapsed() >= MAX_BATCH_AGE) && self.tx.is_empty()
     }
 
     /// Hands the whole transactions collected so far over; false when the run stops.
@@ -277,14 +307,17 @@ impl Streamer {
         self.batch_started = None;
         let mut set = Ok(self.decoder.finish(std::mem::take(&mut self.batch), end, Some(ts))?);
         loop {
-            match self.tx.send_timeout(set, Duration::from_secs(5)) {
+            match self.tx.send_timeout(set, Duration::from_millis(100)) {
                 Ok(()) => break,
-                // The applier is busy: keep the connection alive meanwhile.
+                // The applier is busy: report what it confirms meanwhile, and
+                // keep the connection alive.
                 Err(SendTimeoutError::Timeout(back)) => {
                     if self.stop.load(Relaxed) {
                         return Ok(false);
                     }
-                    self.status.send(self.confirmed.load(Relaxed), false)?;
+                    if self.confirmed.load(Relaxed) > self.reported || self.reported_at.elapsed() >= Duration::from_secs(5) {
+                        self.report(false)?;
+                    }
                     set = back;
                 }
                 Err(SendTimeoutError::Disconnected(_)) => return Ok(false),
@@ -317,10 +350,12 @@ impl Reader {
             stop: stop.clone(),
             drained: drained.clone(),
             confirmed: confirmed.clone(),
-            status: status.clone(),
+            reported: from,
+            reported_at: Instant::now(),
+            status,
         };
         let thread = std::thread::spawn(move || streamer.run());
-        Ok(Reader { stop, thread: Some(thread), rx, status, drained, confirmed })
+        Ok(Reader { stop, thread: Some(thread), rx, drained, confirmed })
     }
 
     /// The next batch, or an empty one after `wait` with nothing new.
@@ -342,11 +377,10 @@ impl Reader {
         }
     }
 
-    /// Reports `position` as applied; the server frees the WAL before it.
+    /// Records `position` as applied; the streaming thread reports it within
+    /// a read (100 ms), and the server frees the WAL before it.
     pub fn confirm(&self, position: u64) -> Result<()> {
-        if self.confirmed.fetch_max(position, Relaxed) < position {
-            self.status.send(position, false)?;
-        }
+        self.confirmed.fetch_max(position, Relaxed);
         Ok(())
     }
 }
