@@ -304,6 +304,75 @@ fn a_caught_up_job_shows_no_lag_once_nothing_is_left_to_apply() {
     assert_same_rows(&src, "modeldata", &dst, "modeldata");
 }
 
+/// A backlog of many full batches: rows updated again and again (batches
+/// sharing keys, applied one after the other), then new rows (batches with
+/// disjoint keys, each written while the one before goes in), then deletes.
+/// The job is killed while catching up and resumed. The target must equal
+/// the source, and every change be counted once: a batch committed out of
+/// order, or applied twice, would show in the rows or in the counts.
+#[test]
+fn a_backlog_in_overlapping_batches_survives_a_kill_and_counts_each_change_once() {
+    let (src, dst) = dbs("online_overlap");
+    ok(&["generate", "--to", &src, "--rows", "8000", "--dim", "16"]);
+    let state = tempdir();
+    let job = "online_overlap";
+    let args = online_args(&src, &dst, state.path(), job);
+    let job_dir = state.path().join(job);
+    let (run, mut reap) = start_following(&args, &job_dir, job);
+    common::online::kill(run);
+    let before = applied(&job_dir, "migrate");
+    // The backlog, while the job is stopped: 3 x 6,000 updates of the same
+    // rows (one transaction each, a batch of its own), 24 x 1,000 inserts,
+    // then the deletes of every tenth row.
+    let updated = query_i64(&src, "SELECT count(*) FROM modeldata WHERE id % 4 <> 0");
+    for round in 0..3 {
+        exec(&src, &format!("UPDATE modeldata SET team_id = team_id || '+{round}' WHERE id % 4 <> 0"));
+    }
+    for t in 0..24 {
+        exec(
+            &src,
+            &format!(
+                "INSERT INTO modeldata (vector, team_id, dataset_id, collection_id) \
+                 SELECT (SELECT array_agg(random()::real) FROM generate_series(1, 16)), 'team_b' || g, 'ds_b', 'col_b{t}' \
+                 FROM generate_series(1, 1000) g"
+            ),
+        );
+    }
+    let deleted = query_i64(&src, "SELECT count(*) FROM modeldata WHERE id % 10 = 0");
+    exec(&src, "DELETE FROM modeldata WHERE id % 10 = 0");
+    let backlog = (3 * updated + 24_000 + deleted) as u64;
+
+    // Killed while catching up (once some of the backlog is in, not all).
+    let report = state.path().join("report.json");
+    let mut resumed = args.clone();
+    resumed.extend(["--report".into(), report.to_str().unwrap().into()]);
+    let mut run = start(&args, &Moment::Committed(0));
+    reap.0.push(run.id());
+    wait_until("part of the backlog applied", 120, &|| applied(&job_dir, "migrate") > before);
+    let at_kill = applied(&job_dir, "migrate");
+    assert!(at_kill < before + backlog, "the whole backlog was in before the kill ({at_kill} applied): nothing was interrupted");
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    let mut run = start(&resumed, &Moment::Committed(0));
+    reap.0.push(run.id());
+    wait_following(&mut run, &job_dir, "migrate", before + backlog - 1, job);
+    ok(&cutover_args(&args));
+    assert!(run.wait().unwrap().success());
+    assert_same_rows(&src, "modeldata", &dst, "modeldata");
+    let counts = &common::faults::status_of(&job_dir, "migrate").unwrap()["online"]["applied"];
+    assert_eq!(
+        (counts["inserts"].as_i64().unwrap(), counts["updates"].as_i64().unwrap(), counts["deletes"].as_i64().unwrap()),
+        (24_000, 3 * updated, deleted),
+        "each change counted once (inserts, updates, deletes)"
+    );
+    // The resumed run wrote some batches beside the one before (the inserts').
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let note = report["notes"].as_array().unwrap().iter().filter_map(|n| n.as_str()).find(|n| n.starts_with("changes applied")).unwrap().to_string();
+    let overlapped: u64 = note.split("; ").nth(1).and_then(|p| p.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{note}"));
+    assert!(overlapped > 0, "no batch overlapped another: {note}");
+}
+
 /// A job whose stderr went away (a `| tee` that exited, a closed terminal)
 /// follows and cuts over: what it says is lost, not the job.
 #[test]

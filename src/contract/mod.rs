@@ -261,6 +261,25 @@ pub trait Sink: Send + Sync {
     fn apply_changes(&self, _job: &str, _set: &crate::contract::changes::ChangeSet) -> Result<()> {
         bail!("{} cannot apply online changes yet", self.describe())
     }
+    /// Whether a batch may be applied while the batch before it is still
+    /// being applied, on a session of its own (their keys are disjoint):
+    /// `apply_changes_in_order` then writes it at once and holds its
+    /// position and commit until `before_commit` says the one before is in.
+    fn overlaps_changes(&self) -> bool {
+        false
+    }
+    /// `apply_changes`, with the position recorded and the batch committed
+    /// only once `before_commit` returns Ok; its error rolls the batch back.
+    /// Without overlap, it waits first, then applies.
+    fn apply_changes_in_order(
+        &self,
+        job: &str,
+        set: &crate::contract::changes::ChangeSet,
+        before_commit: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        before_commit()?;
+        self.apply_changes(job, set)
+    }
     /// Rows of a batch of changed rows (full images, in the target's schema)
     /// this target would refuse, with why: the checks its chunk writer makes,
     /// so that a changed row goes to rejects as a snapshot row does instead

@@ -32,6 +32,10 @@ pub struct Counters {
     /// Online: time spent reading changes from the source and applying them.
     pub change_read_ns: AtomicU64,
     pub change_apply_ns: AtomicU64,
+    /// Online: change batches applied, and how many of them were written
+    /// while the batch before was still going in.
+    pub change_batches: AtomicU64,
+    pub change_batches_overlapped: AtomicU64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2,6 +2,8 @@
 //! the bulk delete, the binary COPY of the final images, the column-wise
 //! updates of partial images, and the job's position row, so a kill at any
 //! moment leaves either the whole batch with its position or neither.
+//! Batches with disjoint keys may be written at once on two sessions; each
+//! records its position and commits only after the one before it.
 
 use super::copy::{copy_header, copy_trailer, encode_rows};
 use super::*;
@@ -33,18 +35,53 @@ impl PgSink {
         Ok(out)
     }
 
-    pub(super) async fn apply(&self, job: &str, set: &ChangeSet) -> Result<()> {
+    /// Whether two change batches may be written at once: a unique index
+    /// besides the primary key could make the later one wait on a row the
+    /// earlier one holds, while the earlier one waits for nothing but the
+    /// later's commit would follow it: no overlap then. Asked once.
+    pub(super) async fn may_overlap(&self) -> bool {
+        if let Some(v) = self.overlaps.get() {
+            return *v;
+        }
+        let found = async {
+            let c = self.pool.get().await?;
+            let only_pk: bool = c
+                .query_one(
+                    "SELECT NOT EXISTS (SELECT 1 FROM pg_index WHERE indrelid = to_regclass($1) AND indisunique AND NOT indisprimary)",
+                    &[&self.table.sql()],
+                )
+                .await
+                .pg("reading the target's unique indexes")?
+                .get(0);
+            self.pool.put(c);
+            Ok::<_, anyhow::Error>(only_pk)
+        }
+        .await;
+        // Not knowing is no reason to fail a job: it applies one batch at a time.
+        *self.overlaps.get_or_init(|| found.unwrap_or(false))
+    }
+
+    /// Applies a batch in one transaction; with `before_commit`, its position
+    /// is recorded and committed only once that returns Ok, and rolled back
+    /// if it fails.
+    pub(super) async fn apply(&self, job: &str, set: &ChangeSet, before_commit: Option<&dyn Fn() -> Result<()>>) -> Result<()> {
         let spec = self.target_spec();
         let t = self.table.sql();
         let pk = ident(&spec.primary_key);
         let c = self.pool.get().await?;
-        c.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (job TEXT PRIMARY KEY, position BIGINT NOT NULL, \
-             inserts BIGINT NOT NULL, updates BIGINT NOT NULL, deletes BIGINT NOT NULL, \
-             source_commit_time TIMESTAMPTZ, applied_at TIMESTAMPTZ NOT NULL DEFAULT now()); BEGIN"
-        ))
-        .await
-        .pg("starting a change batch")?;
+        // Once per sink: two sessions creating it at once collide in the catalog.
+        self.positions_table
+            .get_or_try_init(|| async {
+                c.batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} (job TEXT PRIMARY KEY, position BIGINT NOT NULL, \
+                     inserts BIGINT NOT NULL, updates BIGINT NOT NULL, deletes BIGINT NOT NULL, \
+                     source_commit_time TIMESTAMPTZ, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ))
+                .await
+                .pg("creating the positions table")
+            })
+            .await?;
+        c.batch_execute("BEGIN").await.pg("starting a change batch")?;
         // Replaced rows go first, then the final images are written as new rows.
         let mut ids = set.deletes.clone();
         for b in &set.images {
@@ -86,6 +123,14 @@ impl PgSink {
                     .pg("applying updates")?;
             }
             c.batch_execute("DROP TABLE vmig_partial").await.pg("applying updates")?;
+        }
+        if let Some(wait) = before_commit {
+            // Blocks this thread only: the session's I/O runs on the runtime's workers.
+            if let Err(e) = wait() {
+                c.batch_execute("ROLLBACK").await.pg("rolling back a change batch")?;
+                self.pool.put(c);
+                return Err(e);
+            }
         }
         // A repair applies rows without a stream position.
         if !job.is_empty() {

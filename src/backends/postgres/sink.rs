@@ -19,6 +19,11 @@ pub struct PgSink {
     foreign_check: Mutex<bool>,
     /// What prepare chose or found about the vector columns' storage.
     notes: Mutex<Vec<String>>,
+    /// Change batches may overlap (no unique index but the primary key:
+    /// two sessions writing disjoint keys cannot then wait on each other).
+    pub(super) overlaps: std::sync::OnceLock<bool>,
+    /// `vmig_positions` exists (made by the first change batch).
+    pub(super) positions_table: tokio::sync::OnceCell<()>,
 }
 
 fn vector_columns(spec: &TableSpec) -> impl Iterator<Item = &str> {
@@ -97,6 +102,8 @@ impl PgSink {
             subset: Default::default(),
             foreign_check: Mutex::new(false),
             notes: Mutex::new(Vec::new()),
+            overlaps: Default::default(),
+            positions_table: Default::default(),
         })
     }
 
@@ -394,7 +401,20 @@ impl Sink for PgSink {
     }
 
     fn apply_changes(&self, job: &str, set: &crate::contract::changes::ChangeSet) -> Result<()> {
-        self.handle.block_on(self.apply(job, set))
+        self.handle.block_on(self.apply(job, set, None))
+    }
+
+    fn overlaps_changes(&self) -> bool {
+        self.handle.block_on(self.may_overlap())
+    }
+
+    fn apply_changes_in_order(
+        &self,
+        job: &str,
+        set: &crate::contract::changes::ChangeSet,
+        before_commit: &dyn Fn() -> Result<()>,
+    ) -> Result<()> {
+        self.handle.block_on(self.apply(job, set, Some(before_commit)))
     }
 
     fn committed(&self, job: &str) -> Result<Ledger> {

@@ -1,7 +1,9 @@
 //! Applying a change set to one target: changed rows checked and converted
-//! as snapshot rows are, those a target would refuse sent to rejects.
+//! as snapshot rows are, those a target would refuse sent to rejects; and
+//! the gate that keeps overlapping batches committing in order.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Condvar, Mutex};
 
 use anyhow::Result;
 use arrow::record_batch::RecordBatch;
@@ -15,8 +17,15 @@ use crate::state::ledger::JobDir;
 use crate::state::progress::Progress;
 
 /// Transforms a change set for one target (bad rows, and rows the target
-/// would refuse, to rejects) and applies it.
-pub(super) fn apply_to_target(cfg: &JobConfig, t: &Target, set: &ChangeSet, progress: &Progress) -> Result<()> {
+/// would refuse, to rejects) and applies it, committing once `before_commit`
+/// allows (see `Sink::apply_changes_in_order`).
+pub(super) fn apply_to_target(
+    cfg: &JobConfig,
+    t: &Target,
+    set: &ChangeSet,
+    progress: &Progress,
+    before_commit: &dyn Fn() -> Result<()>,
+) -> Result<()> {
     let mut rejects: Vec<RecordBatch> = Vec::new();
     // In the target's columns, as a chunk's "-refused" rejects are.
     let mut refused_rows: Vec<RecordBatch> = Vec::new();
@@ -52,7 +61,36 @@ pub(super) fn apply_to_target(cfg: &JobConfig, t: &Target, set: &ChangeSet, prog
             t.name
         ));
     }
-    t.sink.apply_changes(&cfg.job, &out)
+    t.sink.apply_changes_in_order(&cfg.job, &out, before_commit)
+}
+
+/// Opens once a batch is applied to every target, or has failed: the batch
+/// after it, applied at the same time, commits only through an open gate,
+/// and rolls back if the batch before it failed.
+#[derive(Default)]
+pub(super) struct Gate {
+    done: Mutex<Option<bool>>,
+    opened: Condvar,
+}
+
+impl Gate {
+    pub(super) fn open(&self, applied: bool) {
+        *self.done.lock().unwrap() = Some(applied);
+        self.opened.notify_all();
+    }
+
+    /// Waits for the batch before; Err if it was not applied.
+    pub(super) fn wait(&self) -> Result<()> {
+        let mut done = self.done.lock().unwrap();
+        loop {
+            match *done {
+                Some(true) => return Ok(()),
+                // Not an error of its own (the batch before reports why): no retry.
+                Some(false) => return Err(crate::model::retry::Cancelled.into()),
+                None => done = self.opened.wait(done).unwrap(),
+            }
+        }
+    }
 }
 
 /// The target spec narrowed to the columns a partial batch carries.

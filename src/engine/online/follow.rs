@@ -5,7 +5,9 @@
 //! drains, finishes, verifies and removes the source's artefacts.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -15,10 +17,11 @@ use crate::contract::changes::{AppliedPosition, ChangeCounts, ChangeSet, ChangeS
 use crate::contract::changes::keys_of;
 use crate::engine::online::CutoverCheck;
 use crate::engine::online::watch::{self, WatchSides, Watching};
-use crate::engine::online::apply::apply_to_target;
+use crate::engine::online::apply::{Gate, apply_to_target};
 use crate::engine::online::cutover::{cutover, standalone_cutover};
 use crate::engine::pipeline::{JobConfig, PreparedJob, finish_targets, load, lock_targets, plan_and_prepare, report, with_progress};
 use crate::model::human_bytes;
+use crate::model::plan::Key;
 use crate::model::retry::with_retries;
 use crate::state::online::CutoverRequest;
 use crate::state::progress::{OnlineStatus, Progress, RETAINED_WARN_BYTES, Report};
@@ -88,12 +91,15 @@ pub fn run_online(
         if let Some(o) = &progress.status.lock().unwrap().online {
             let c = &progress.counters;
             r.notes.push(format!(
-                "changes applied: {} inserts, {} updates, {} deletes (this run: {:.1} s reading them from the source, {:.1} s applying)",
+                "changes applied: {} inserts, {} updates, {} deletes (this run: {:.1} s reading them from the source, {:.1} s applying; \
+                 {} of {} batches written while the one before was going in)",
                 o.applied.inserts,
                 o.applied.updates,
                 o.applied.deletes,
                 c.change_read_ns.load(Relaxed) as f64 / 1e9,
-                c.change_apply_ns.load(Relaxed) as f64 / 1e9
+                c.change_apply_ns.load(Relaxed) as f64 / 1e9,
+                c.change_batches_overlapped.load(Relaxed),
+                c.change_batches.load(Relaxed),
             ));
         }
         drop(locks);
@@ -121,7 +127,7 @@ fn follow(
             s.spawn(|| w.run_verifier(&stop, &|m| progress.println(m)));
         }
         s.spawn(|| count_unserved(job, &stop, &unserved));
-        let followed = follow_batches(cfg, job, stream, cancel, progress, check, watching, &unserved);
+        let followed = follow_batches(cfg, job, stream, cancel, progress, check, watching, &unserved, s);
         stop.store(true, Relaxed);
         followed
     })
@@ -146,17 +152,18 @@ fn count_unserved(job: &PreparedJob, stop: &AtomicBool, into: &Mutex<Option<u64>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn follow_batches(
-    cfg: &JobConfig,
-    job: &PreparedJob,
+fn follow_batches<'a, 's>(
+    cfg: &'a JobConfig,
+    job: &'a PreparedJob,
     stream: &mut dyn ChangeStream,
-    cancel: &Arc<AtomicBool>,
-    progress: &Arc<Progress>,
+    cancel: &'a Arc<AtomicBool>,
+    progress: &'a Arc<Progress>,
     check: &dyn Fn() -> Result<CutoverCheck>,
-    watching: Option<&Watching<'_>>,
-    unserved: &Mutex<Option<u64>>,
+    watching: Option<&'a Watching<'a>>,
+    unserved: &'a Mutex<Option<u64>>,
+    scope: &'s Scope<'s, 'a>,
 ) -> Result<bool> {
-    let mut f = Follower::new(cfg, job, stream, cancel, progress, watching, unserved)?;
+    let mut f = Follower::new(cfg, job, stream, cancel, progress, watching, unserved, scope)?;
     progress.set_phase("catching up");
     loop {
         if cancel.load(Relaxed) {
@@ -217,8 +224,22 @@ fn follow_batches(
     }
 }
 
+/// A batch being applied on a thread of its own: it returns the batch with
+/// the targets that got it, and opens `gate` when done.
+struct InFlight<'s> {
+    applying: ScopedJoinHandle<'s, (StreamBatch, Result<Vec<usize>>)>,
+    gate: Arc<Gate>,
+    /// The watch mark of its keys (`Follower::mark`).
+    mark: u64,
+    /// Its keys, when the batch after it may overlap it.
+    keys: Option<HashSet<Key>>,
+    /// More was waiting when it was read.
+    backlog: bool,
+    started: Instant,
+}
+
 /// What the follow loop carries from one batch to the next.
-struct Follower<'a> {
+struct Follower<'a, 's> {
     cfg: &'a JobConfig,
     job: &'a PreparedJob,
     cancel: &'a Arc<AtomicBool>,
@@ -246,12 +267,24 @@ struct Follower<'a> {
     batch_changes: usize,
     /// The next batch, read while the one before it was applied.
     read_ahead: Option<StreamBatch>,
+    /// Or the next batch already being applied, its commit after this one's.
+    in_flight: Option<InFlight<'s>>,
+    /// That batch, finished early (before a reconcile applies its rows):
+    /// what the next read returns.
+    finished: Option<StreamBatch>,
+    /// Every target can apply two batches at once (`Sink::overlaps_changes`).
+    overlap: bool,
+    /// When the last applied batch was in (apply time is not counted twice
+    /// for batches that overlap).
+    applied_until: Option<Instant>,
+    scope: &'s Scope<'s, 'a>,
     /// The targets' segments not yet served, as last counted (`count_unserved`).
     unserved: &'a Mutex<Option<u64>>,
 }
 
-impl<'a> Follower<'a> {
+impl<'a, 's> Follower<'a, 's> {
     /// Positions the stream after what every target has applied.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: &'a JobConfig,
         job: &'a PreparedJob,
@@ -260,6 +293,7 @@ impl<'a> Follower<'a> {
         progress: &'a Arc<Progress>,
         watching: Option<&'a Watching<'a>>,
         unserved: &'a Mutex<Option<u64>>,
+        scope: &'s Scope<'s, 'a>,
     ) -> Result<Self> {
         let mut applied: Vec<AppliedPosition> = Vec::new();
         for t in &job.targets {
@@ -286,6 +320,11 @@ impl<'a> Follower<'a> {
             watching,
             batch_changes: job.targets.iter().map(|t| t.sink.change_batch_rows()).max().unwrap_or(5_000),
             read_ahead: None,
+            in_flight: None,
+            finished: None,
+            overlap: job.targets.iter().all(|t| t.sink.overlaps_changes()),
+            applied_until: None,
+            scope,
             unserved,
         })
     }
@@ -322,40 +361,100 @@ impl<'a> Follower<'a> {
     /// to every target that lacks them, then confirms them to the source.
     /// While a backlog waits (the batch was full), the next batch is read
     /// while this one is applied, so the source's decoding and the targets'
-    /// writes overlap; it is applied by the next call.
+    /// writes overlap; and where every target can and no key is in both,
+    /// the next batch is applied at once too, committing after this one
+    /// (the target's work overlaps itself). It is finished by the next call.
     fn read_and_apply(&mut self, stream: &mut dyn ChangeStream, upto: u64) -> Result<StreamBatch> {
-        let batch = match self.read_ahead.take() {
-            Some(b) => b,
-            None => self.read(stream, upto)?,
-        };
-        let set = &batch.set;
-        if !(set.has_rows() || set.counts.total() > 0) {
-            return Ok(batch);
+        if let Some(b) = self.finished.take() {
+            return Ok(b);
         }
-        let apply_started = Instant::now();
-        let mark = self.mark(set)?;
         let idempotent = stream.idempotent();
-        let backlog = batch.drained_to.is_none();
-        let this = &*self;
-        let (applied, ahead) = std::thread::scope(|s| {
-            let applying = s.spawn(|| this.apply_set(set, idempotent));
-            let ahead = backlog.then(|| this.read(stream, upto));
-            (applying.join().unwrap_or_else(|_| Err(anyhow::anyhow!("applying changes panicked"))), ahead)
-        });
+        let current = match self.in_flight.take() {
+            Some(f) => f,
+            None => {
+                let batch = match self.read_ahead.take() {
+                    Some(b) => b,
+                    None => self.read(stream, upto)?,
+                };
+                if !applies(&batch) {
+                    return Ok(batch);
+                }
+                self.start(batch, idempotent, None)?
+            }
+        };
+        let mut next = None;
+        if current.backlog && self.read_ahead.is_none() {
+            next = Some(self.read(stream, upto).and_then(|b| match &current.keys {
+                Some(keys) if applies(&b) && disjoint(keys, &self.keys(&b.set)?) => {
+                    self.in_flight = Some(self.start(b, idempotent, Some(current.gate.clone()))?);
+                    Ok(None)
+                }
+                _ => Ok(Some(b)),
+            }));
+        }
+        let batch = self.finish(stream, current)?;
+        if let Some(next) = next {
+            self.read_ahead = next?;
+        }
+        Ok(batch)
+    }
+
+    /// Waits for a batch being applied, then records it: the position each
+    /// target has, the watch mark, the source's confirmation, the counts.
+    fn finish(&mut self, stream: &mut dyn ChangeStream, f: InFlight<'s>) -> Result<StreamBatch> {
+        let (batch, applied) = f.applying.join().map_err(|_| anyhow::anyhow!("applying changes panicked"))?;
+        let set = &batch.set;
         for i in applied? {
             self.applied[i].position = set.position;
         }
-        self.read_ahead = ahead.transpose()?;
-        self.applied(mark);
+        self.applied(f.mark);
         stream.confirm(set.position)?;
-        let counters = &self.progress.counters;
-        counters.change_apply_ns.fetch_add(apply_started.elapsed().as_nanos() as u64, Relaxed);
+        self.progress.counters.change_batches.fetch_add(1, Relaxed);
+        let now = Instant::now();
+        let from = self.applied_until.map_or(f.started, |t| t.max(f.started));
+        self.progress.counters.change_apply_ns.fetch_add(now.saturating_duration_since(from).as_nanos() as u64, Relaxed);
+        self.applied_until = Some(now);
         self.applied_position = set.position;
         self.totals.add(&set.counts);
         if let Some(ts) = set.commit_time_us {
             self.lag_seconds = (chrono::Utc::now().timestamp_micros() - ts).max(0) as f64 / 1e6;
         }
         Ok(batch)
+    }
+
+    /// Marks the batch's keys and starts applying it on a thread of its own;
+    /// with `after`, it commits only once that batch is in.
+    fn start(&self, batch: StreamBatch, idempotent: bool, after: Option<Arc<Gate>>) -> Result<InFlight<'s>> {
+        let backlog = batch.drained_to.is_none();
+        let overlappable = self.overlap && backlog;
+        let keys = if self.watching.is_some() || overlappable { self.keys(&batch.set)? } else { Vec::new() };
+        let mark = match self.watching {
+            Some(w) => w.watch.mark(keys.clone())?,
+            None => 0,
+        };
+        let gate = Arc::new(Gate::default());
+        let opens = gate.clone();
+        let (cfg, job, cancel, progress) = (self.cfg, self.job, self.cancel, self.progress);
+        let had: Vec<u64> = self.applied.iter().map(|a| a.position).collect();
+        if after.is_some() {
+            progress.counters.change_batches_overlapped.fetch_add(1, Relaxed);
+        }
+        let applying = self.scope.spawn(move || {
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                apply_set(cfg, job, cancel, progress, &had, &batch.set, idempotent, after.as_deref())
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("applying changes panicked")));
+            opens.open(applied.is_ok());
+            (batch, applied)
+        });
+        Ok(InFlight {
+            applying,
+            gate,
+            mark,
+            keys: overlappable.then(|| keys.into_iter().collect()),
+            backlog,
+            started: Instant::now(),
+        })
     }
 
     /// One batch of the changes committed before `upto`.
@@ -371,19 +470,6 @@ impl<'a> Follower<'a> {
             self.progress.counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
         }
         Ok(batch)
-    }
-
-    /// Applies `set` to every target that lacks it; returns which got it.
-    fn apply_set(&self, set: &ChangeSet, idempotent: bool) -> Result<Vec<usize>> {
-        let mut got = Vec::new();
-        for (i, t) in self.job.targets.iter().enumerate() {
-            if self.applied[i].position >= set.position && !idempotent {
-                continue; // this target has it (a resume after a crash between targets)
-            }
-            self.retry(&format!("applying changes to {}", t.name), &mut || apply_to_target(self.cfg, t, set, self.progress))?;
-            got.push(i);
-        }
-        Ok(got)
     }
 
     /// Lag, phase, and (every second, and when drained for a cutover) the
@@ -459,16 +545,21 @@ impl<'a> Follower<'a> {
         set.counts.total() >= self.batch_changes as u64
     }
 
-    /// Marks every key a change set touches as changed, before any target
-    /// applies it.
-    fn mark(&self, set: &ChangeSet) -> Result<u64> {
-        let Some(w) = self.watching else { return Ok(0) };
+    /// Every key a change set touches (in the source's names).
+    fn keys(&self, set: &ChangeSet) -> Result<Vec<Key>> {
         let pk = &self.job.source.spec().primary_key;
         let mut keys = set.deletes.clone();
         for b in set.images.iter().chain(&set.partial) {
             keys.extend(keys_of(b, pk)?);
         }
-        w.watch.mark(keys)
+        Ok(keys)
+    }
+
+    /// Marks every key a change set touches as changed, before any target
+    /// applies it.
+    fn mark(&self, set: &ChangeSet) -> Result<u64> {
+        let Some(w) = self.watching else { return Ok(0) };
+        w.watch.mark(self.keys(set)?)
     }
 
     /// Every target has the changes marked up to `mark`.
@@ -485,18 +576,58 @@ impl<'a> Follower<'a> {
         if !set.has_rows() {
             return Ok(());
         }
+        // Its rows may be the batch's being applied: that one goes in first.
+        if let Some(f) = self.in_flight.take() {
+            self.finished = Some(self.finish(stream, f)?);
+        }
         let mark = self.mark(&set)?;
         for (i, t) in self.job.targets.iter().enumerate() {
             let mut at_position = set.clone();
             at_position.position = self.applied[i].position.max(self.applied_position);
             self.retry(&format!("applying reconciled rows to {}", t.name), &mut || {
-                apply_to_target(self.cfg, t, &at_position, self.progress)
+                apply_to_target(self.cfg, t, &at_position, self.progress, &|| Ok(()))
             })?;
         }
         self.applied(mark);
         self.totals.add(&set.counts);
         Ok(())
     }
+}
+
+/// A batch with something to apply (rows, or counts a target records).
+fn applies(batch: &StreamBatch) -> bool {
+    batch.set.has_rows() || batch.set.counts.total() > 0
+}
+
+fn disjoint(keys: &HashSet<Key>, other: &[Key]) -> bool {
+    !other.iter().any(|k| keys.contains(k))
+}
+
+/// Applies `set` to every target that lacks it (`had`: the position each
+/// has); returns which got it. With `after`, each commit waits for it.
+#[allow(clippy::too_many_arguments)]
+fn apply_set(
+    cfg: &JobConfig,
+    job: &PreparedJob,
+    cancel: &AtomicBool,
+    progress: &Progress,
+    had: &[u64],
+    set: &ChangeSet,
+    idempotent: bool,
+    after: Option<&Gate>,
+) -> Result<Vec<usize>> {
+    let before_commit = || after.map_or(Ok(()), Gate::wait);
+    let mut got = Vec::new();
+    for (i, t) in job.targets.iter().enumerate() {
+        if had[i] >= set.position && !idempotent {
+            continue; // this target has it (a resume after a crash between targets)
+        }
+        with_retries(&format!("applying changes to {}", t.name), cfg.retry_for, 2, cancel, &|m| progress.println(m), || {
+            apply_to_target(cfg, t, set, progress, &before_commit)
+        })?;
+        got.push(i);
+    }
+    Ok(got)
 }
 
 /// Changes per second over the last ~10 seconds.
