@@ -35,14 +35,12 @@ impl PgSink {
         Ok(out)
     }
 
-    /// Whether two change batches may be written at once: a unique index
-    /// besides the primary key could make the later one wait on a row the
-    /// earlier one holds, while the earlier one waits for nothing but the
-    /// later's commit would follow it: no overlap then. Asked once.
+    /// Whether two change batches may be written at once: with a unique
+    /// index besides the primary key, the later batch could wait on a row
+    /// the earlier one holds while the earlier one waits (outside the
+    /// server's deadlock detection) for nothing the later releases; then
+    /// one batch at a time.
     pub(super) async fn may_overlap(&self) -> bool {
-        if let Some(v) = self.overlaps.get() {
-            return *v;
-        }
         let found = async {
             let c = self.pool.get().await?;
             let only_pk: bool = c
@@ -58,7 +56,7 @@ impl PgSink {
         }
         .await;
         // Not knowing is no reason to fail a job: it applies one batch at a time.
-        *self.overlaps.get_or_init(|| found.unwrap_or(false))
+        found.unwrap_or(false)
     }
 
     /// Applies a batch in one transaction; with `before_commit`, its position

@@ -19,9 +19,6 @@ pub struct PgSink {
     foreign_check: Mutex<bool>,
     /// What prepare chose or found about the vector columns' storage.
     notes: Mutex<Vec<String>>,
-    /// Change batches may overlap (no unique index but the primary key:
-    /// two sessions writing disjoint keys cannot then wait on each other).
-    pub(super) overlaps: std::sync::OnceLock<bool>,
     /// `vmig_positions` exists (made by the first change batch).
     pub(super) positions_table: tokio::sync::OnceCell<()>,
 }
@@ -102,7 +99,6 @@ impl PgSink {
             subset: Default::default(),
             foreign_check: Mutex::new(false),
             notes: Mutex::new(Vec::new()),
-            overlaps: Default::default(),
             positions_table: Default::default(),
         })
     }

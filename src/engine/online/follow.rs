@@ -466,7 +466,7 @@ impl<'a, 's> Follower<'a, 's> {
             Ok(())
         })?;
         let batch = batch.unwrap();
-        if batch.set.has_rows() || batch.set.counts.total() > 0 {
+        if applies(&batch) {
             self.progress.counters.change_read_ns.fetch_add(read_started.elapsed().as_nanos() as u64, Relaxed);
         }
         Ok(batch)
